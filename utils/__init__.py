@@ -1,0 +1,1 @@
+"""Shared constants and logging for the project's scripts."""

@@ -1,0 +1,32 @@
+"""Command-line plumbing shared by the scripts: one-line usage errors with exit code 2."""
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+USAGE_EXIT_CODE = 2
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a single line naming it, instead of the usage block."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(USAGE_EXIT_CODE)
+
+
+def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> None:
+    """Run a script's main(); turn UsageError into one stderr line and exit code 2."""
+    try:
+        code = main(argv)
+    except UsageError as err:
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(USAGE_EXIT_CODE)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,35 @@
+"""True constants: file names, extensions and fixed defaults shared by the scripts.
+
+Tunables live in each script's CLI flags; only values that several scripts must agree on belong here.
+"""
+
+# Data preparation (create.py / format.py)
+IMAGES_DIRNAME = "rsicd_images"
+IMAGE_PREFIX = "image_"
+IMAGE_INDEX_DIGITS = 6
+IMAGE_EXTENSION = ".jpg"
+CAPTIONS_FILENAME = "captions.txt"
+METADATA_FILENAME = "metadata.jsonl"
+CREATE_REPORT_FILENAME = "create_report.json"
+FORMAT_REPORT_FILENAME = "format_report.json"
+PARQUET_EXTENSION = ".parquet"
+TMP_SUFFIX = ".tmp"
+CAPTION_SEPARATOR = "\t"
+
+DEFAULT_RESOLUTION = 512
+DEFAULT_JPEG_QUALITY = 95
+# Background that alpha is composited onto, so transparent pixels become a fixed, documented colour.
+ALPHA_BACKGROUND = (0, 0, 0)
+
+# Training
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CHECKPOINT_PREFIX = "checkpoint-"
+EMA_UNET_DIRNAME = "unet_ema"
+UNET_DIRNAME = "unet"
+VALIDATION_DIRNAME = "validation"
+MODEL_CARD_FILENAME = "README.md"
+TRAINING_STATE_FILENAME = "training_state.json"
+
+# Inference
+DEFAULT_NUM_INFERENCE_STEPS = 100
+DEFAULT_GUIDANCE_SCALE = 7.5
