@@ -1,0 +1,185 @@
+"""Generate a small Parquet file in the exact RSICD schema, from procedurally drawn aerial-like scenes.
+
+Each row is a 224x224 JPEG of fields, a river, a road, ponds and/or buildings, with five captions that say
+what is drawn, carrying RSICD's quirks: a repeated sentence that differs only in case and punctuation, and one
+junk caption (" ."). Deterministic from the seed.
+
+Run: python diffusion_model/sample_data.py --output data/sample/rsicd_sample.parquet --num_rows 64
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from utils.cli import ArgumentParser, UsageError, run_main
+from utils.constants import IMAGE_EXTENSION, IMAGES_DIRNAME, TMP_SUFFIX
+from utils.logger import get_logger, setup_logging
+
+SAMPLE_SIZE = 224
+SAMPLE_JPEG_QUALITY = 75
+JUNK_CAPTION = " ."
+SCENES = ("farmland", "river", "pond", "residential", "bareland")
+FIELD_COLOURS = ((74, 120, 52), (112, 150, 70), (150, 135, 90), (96, 110, 48), (170, 160, 110))
+WATER_COLOUR = (40, 70, 95)
+ROAD_COLOUR = (150, 150, 145)
+ROOF_COLOURS = ((170, 80, 60), (200, 200, 195), (90, 90, 100))
+BARE_COLOUR = (185, 165, 130)
+
+RSICD_SCHEMA = pa.schema(
+    [
+        ("filename", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+    ]
+)
+
+
+def draw_fields(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
+    """Tile the ground with rectangular fields of varied crop colours."""
+    xs = np.sort(np.concatenate([[0, SAMPLE_SIZE], rng.integers(20, SAMPLE_SIZE - 20, 2)]))
+    ys = np.sort(np.concatenate([[0, SAMPLE_SIZE], rng.integers(20, SAMPLE_SIZE - 20, 2)]))
+    for x0, x1 in zip(xs[:-1], xs[1:]):
+        for y0, y1 in zip(ys[:-1], ys[1:]):
+            colour = FIELD_COLOURS[rng.integers(len(FIELD_COLOURS))]
+            draw.rectangle([int(x0), int(y0), int(x1), int(y1)], fill=colour)
+
+
+def draw_river(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
+    """Draw a meandering river from the top edge to the bottom edge."""
+    ys = np.linspace(-10, SAMPLE_SIZE + 10, 8)
+    xs = SAMPLE_SIZE / 2 + np.cumsum(rng.normal(0, 18, len(ys)))
+    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=WATER_COLOUR, width=int(rng.integers(10, 22)), joint="curve")
+
+
+def draw_road(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
+    """Draw a straight road across the scene."""
+    y0, y1 = (int(v) for v in rng.integers(0, SAMPLE_SIZE, 2))
+    draw.line([(0, y0), (SAMPLE_SIZE, y1)], fill=ROAD_COLOUR, width=6)
+
+
+def draw_ponds(draw: ImageDraw.ImageDraw, rng: np.random.Generator, count: int) -> None:
+    """Draw a few dark oval ponds."""
+    for _ in range(count):
+        cx, cy = (int(v) for v in rng.integers(25, SAMPLE_SIZE - 25, 2))
+        rx, ry = (int(v) for v in rng.integers(8, 22, 2))
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=WATER_COLOUR)
+
+
+def draw_buildings(draw: ImageDraw.ImageDraw, rng: np.random.Generator, count: int) -> None:
+    """Draw rows of small rectangular roofs."""
+    for _ in range(count):
+        x, y = (int(v) for v in rng.integers(5, SAMPLE_SIZE - 25, 2))
+        w, h = (int(v) for v in rng.integers(8, 20, 2))
+        draw.rectangle([x, y, x + w, y + h], fill=ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))])
+
+
+def draw_scene(scene: str, rng: np.random.Generator) -> tuple:
+    """Draw one scene; return the RGB image and the list of things drawn, in caption words."""
+    image = Image.new("RGB", (SAMPLE_SIZE, SAMPLE_SIZE), BARE_COLOUR)
+    draw = ImageDraw.Draw(image)
+    things = ["some bare land"] if scene == "bareland" else []
+    if scene != "bareland":
+        draw_fields(draw, rng)
+        things.append("green fields")
+    if scene == "river":
+        draw_river(draw, rng)
+        things.append("a winding river")
+    if scene == "pond":
+        draw_ponds(draw, rng, int(rng.integers(2, 5)))
+        things.append("several dark ponds")
+    if scene == "residential":
+        draw_buildings(draw, rng, int(rng.integers(8, 20)))
+        things.append("many buildings")
+    if scene == "bareland" or rng.random() < 0.5:
+        draw_road(draw, rng)
+        things.append("a straight road")
+    return add_texture(image, rng), things
+
+
+def add_texture(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Add mild per-pixel noise so the JPEG looks like a photo rather than flat colour."""
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (SAMPLE_SIZE, SAMPLE_SIZE, 1), dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def describe(scene: str, things: list, rng: np.random.Generator) -> list:
+    """Five RSICD-like captions for the drawn things: three sentences, a case/punctuation repeat, one junk."""
+    whole = " and ".join(things)
+    sentences = [
+        f"an aerial view of {whole} .",
+        f"this is a {scene} scene with {whole} .",
+        f"{things[-1]} can be seen in this {scene} area .",
+    ]
+    repeat = sentences[0][0].upper() + sentences[0][1:-2] + "."
+    captions = sentences + [repeat]
+    captions.insert(int(rng.integers(0, len(captions) + 1)), JUNK_CAPTION)
+    return captions
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    """Encode the scene as RSICD does: JPEG in memory."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=SAMPLE_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def make_sample_row(index: int, seed: int) -> dict:
+    """One RSICD row, drawn from an RNG seeded by (seed, index) so any row can be regenerated alone."""
+    rng = np.random.default_rng([seed, index])
+    scene = SCENES[int(rng.integers(len(SCENES)))]
+    image, things = draw_scene(scene, rng)
+    return {
+        "filename": f"{IMAGES_DIRNAME}/{scene}_{index + 1}{IMAGE_EXTENSION}",
+        "captions": describe(scene, things, rng),
+        "image": {"bytes": encode_jpeg(image), "path": None},
+    }
+
+
+def make_sample_parquet(path, num_rows: int, seed: int = 0, row_group_size: int = 32) -> Path:
+    """Write num_rows sample rows to path (atomically) in the RSICD schema; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(path.name + TMP_SUFFIX)
+    with pq.ParquetWriter(tmp_path, RSICD_SCHEMA) as writer:
+        for start in range(0, num_rows, row_group_size):
+            rows = [make_sample_row(i, seed) for i in range(start, min(start + row_group_size, num_rows))]
+            writer.write_table(pa.Table.from_pylist(rows, schema=RSICD_SCHEMA), row_group_size=row_group_size)
+    tmp_path.replace(path)
+    return path
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    """Command line: output file, row count, seed, row-group size."""
+    parser = ArgumentParser(description="Write a small RSICD-schema Parquet of procedurally drawn aerial scenes.")
+    parser.add_argument("--output", required=True, help="Parquet file to write.")
+    parser.add_argument("--num_rows", type=int, default=64, help="Number of rows (default 64).")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed; the same seed gives the same file.")
+    parser.add_argument("--row_group_size", type=int, default=32, help="Rows per Parquet row group (default 32).")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Generate the sample Parquet file."""
+    setup_logging()
+    args = parse_args(argv)
+    if args.num_rows < 1:
+        raise UsageError(f"--num_rows must be at least 1, got {args.num_rows}")
+    if args.row_group_size < 1:
+        raise UsageError(f"--row_group_size must be at least 1, got {args.row_group_size}")
+    path = make_sample_parquet(args.output, args.num_rows, args.seed, args.row_group_size)
+    get_logger().info("wrote %d sample rows to %s", args.num_rows, path)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,40 @@
+"""Shared fixtures: the repository root, a subprocess runner for the entry scripts, a sample RSICD Parquet."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from diffusion_model.sample_data import make_sample_parquet  # noqa: E402
+
+SAMPLE_ROWS = 24
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (holds diffusion_model/, utils/, tests/)."""
+    return REPO_ROOT
+
+
+def run_script_at(script: str, args, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run repo script (path relative to the repo root) with this interpreter; capture text output."""
+    command = [sys.executable, str(REPO_ROOT / script), *[str(a) for a in args]]
+    return subprocess.run(command, cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """A helper run_script(script, args, cwd=None) -> CompletedProcess, for end-to-end tests."""
+    return run_script_at
+
+
+@pytest.fixture(scope="session")
+def sample_parquet(tmp_path_factory) -> Path:
+    """A small RSICD-schema Parquet from sample_data.py, shared by the whole session."""
+    path = tmp_path_factory.mktemp("sample") / "rsicd_sample.parquet"
+    return make_sample_parquet(path, SAMPLE_ROWS, seed=0, row_group_size=8)

@@ -1,0 +1,59 @@
+"""The sample generator: exact RSICD schema, real JPEGs, captions with RSICD's quirks, deterministic."""
+
+import io
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from conftest import SAMPLE_ROWS
+from diffusion_model.sample_data import JUNK_CAPTION, RSICD_SCHEMA, SAMPLE_SIZE, make_sample_parquet, make_sample_row
+
+
+def test_schema_rows_and_row_groups(sample_parquet):
+    parquet = pq.ParquetFile(sample_parquet)
+    assert parquet.schema_arrow.equals(RSICD_SCHEMA)
+    assert parquet.metadata.num_rows == SAMPLE_ROWS
+    assert parquet.metadata.num_row_groups == SAMPLE_ROWS // 8
+
+
+def test_rows_look_like_rsicd(sample_parquet):
+    rows = pq.read_table(sample_parquet).to_pylist()
+    for row in rows:
+        assert row["filename"].startswith("rsicd_images/") and row["filename"].endswith(".jpg")
+        assert len(row["captions"]) == 5
+        assert row["captions"].count(JUNK_CAPTION) == 1
+        lowered = {c.lower().replace(" .", ".") for c in row["captions"] if c != JUNK_CAPTION}
+        assert len(lowered) == 3, "one caption must repeat another up to case and punctuation"
+        image = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (SAMPLE_SIZE, SAMPLE_SIZE))
+    assert len({row["filename"] for row in rows}) == len(rows)
+
+
+def test_captions_say_what_is_drawn():
+    row = next(make_sample_row(i, seed=3) for i in range(50) if "river" in make_sample_row(i, seed=3)["filename"])
+    assert any("river" in caption for caption in row["captions"])
+    pixels = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").getdata()
+    bluish = sum(1 for r, g, b in pixels if b > r + 25 and b > g)
+    assert bluish > 500, "a river scene must contain water-coloured pixels"
+
+
+def test_deterministic_from_seed(tmp_path):
+    first = make_sample_parquet(tmp_path / "a.parquet", 6, seed=7, row_group_size=4)
+    second = make_sample_parquet(tmp_path / "b.parquet", 6, seed=7, row_group_size=4)
+    other = make_sample_parquet(tmp_path / "c.parquet", 6, seed=8, row_group_size=4)
+    assert pq.read_table(first).equals(pq.read_table(second))
+    assert not pq.read_table(first).equals(pq.read_table(other))
+
+
+def test_cli_from_another_directory(run_script, tmp_path):
+    output = tmp_path / "nested" / "s.parquet"
+    result = run_script("diffusion_model/sample_data.py", ["--output", output, "--num_rows", 3], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert pq.ParquetFile(output).metadata.num_rows == 3
+
+
+def test_cli_rejects_bad_row_count(run_script, tmp_path):
+    result = run_script("diffusion_model/sample_data.py", ["--output", tmp_path / "s.parquet", "--num_rows", 0])
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--num_rows" in result.stderr
+    assert "Traceback" not in result.stderr
