@@ -1,0 +1,237 @@
+"""Command line of train_text_to_image.py: the reference trainer's flags, names, defaults and meaning.
+
+Kept free of torch/diffusers imports so that `--help` and every usage error answer instantly.
+The parsed Namespace is never mutated afterwards: values derived from it get their own names.
+"""
+
+import argparse
+from typing import Optional, Sequence
+
+from utils.cli import ArgumentParser
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# accelerate's tracker names; "all" asks for every installed one.
+REPORT_TO_CHOICES = (
+    "tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive", "aim", "swanlab", "trackio", "all",
+)
+WANDB_REPORTS = ("wandb", "all")
+
+DESCRIPTION = "Fine-tune Stable Diffusion's UNet on image/caption pairs (drop-in for diffusers' text_to_image example)."
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags choosing the base pipeline and its weights."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="Base pipeline: a Hugging Face Hub id or a local diffusers pipeline folder.")
+    group.add_argument("--revision", type=str, default=None,
+                       help="Hub revision (branch, tag or commit) of the base pipeline.")
+    group.add_argument("--variant", type=str, default=None,
+                       help="Weight file variant to load, e.g. 'fp16' (text encoder, VAE and EMA UNet).")
+    group.add_argument("--non_ema_revision", type=str, default=None,
+                       help="Revision of the non-EMA UNet to train from; defaults to --revision.")
+    group.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
+                       help="Training target: 'epsilon' or 'v_prediction'. Unset: the scheduler's own.")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Flags choosing the dataset and how images are prepared."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset_name", type=str, default=None,
+                       help="Dataset to train on: a Hub dataset id or a local dataset path.")
+    group.add_argument("--dataset_config_name", type=str, default=None,
+                       help="Config of the dataset; leave unset if it has only one.")
+    group.add_argument("--train_data_dir", type=str, default=None,
+                       help="Local imagefolder: the folder holding metadata.jsonl (not the images subfolder).")
+    group.add_argument("--image_column", type=str, default="image",
+                       help="Dataset column holding the images.")
+    group.add_argument("--caption_column", type=str, default="text",
+                       help="Dataset column holding a caption or a list of captions (one picked at random per step).")
+    group.add_argument("--max_train_samples", type=int, default=None,
+                       help="Train on the first N examples after a seeded shuffle (for debugging or quick runs).")
+    group.add_argument("--cache_dir", type=str, default=None,
+                       help="Where downloaded models and datasets are cached.")
+    group.add_argument("--resolution", type=int, default=512,
+                       help="Images are resized so the shorter side is this, then cropped square. Multiple of 8.")
+    group.add_argument("--center_crop", action="store_true",
+                       help="Crop the centre of each image; otherwise a random crop.")
+    group.add_argument("--random_flip", action="store_true",
+                       help="Flip images horizontally at random.")
+    group.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
+                       help="Interpolation used when resizing images.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0,
+                       help="Data loading worker processes; 0 loads in the main process.")
+
+
+def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for the run length, batch and learning-rate schedule."""
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--output_dir", type=str, default="sd-model-finetuned",
+                       help="Where checkpoints, logs and the final pipeline are written.")
+    group.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
+    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    group.add_argument("--num_train_epochs", type=int, default=100,
+                       help="Epochs to train; ignored when --max_train_steps is given.")
+    group.add_argument("--max_train_steps", type=int, default=None,
+                       help="Total optimizer steps; overrides --num_train_epochs.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Batches accumulated before each optimizer step.")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in the backward pass to save memory.")
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warmup).")
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by accumulation steps, batch size and process count.")
+    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
+                       help="Learning-rate schedule.")
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the LR schedule.")
+    group.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR weighting gamma (arXiv:2303.09556); 5.0 is recommended. Unset: plain MSE.")
+    group.add_argument("--dream_training", action="store_true",
+                       help="Use DREaM (Diffusion Rectification and Estimation-Adaptive Models, arXiv:2312.00210).")
+    group.add_argument("--dream_detail_preservation", type=float, default=1.0,
+                       help="DREaM detail preservation factor p (> 0).")
+    group.add_argument("--input_perturbation", type=float, default=0,
+                       help="Scale of input perturbation noise; 0.1 is recommended.")
+    group.add_argument("--noise_offset", type=float, default=0, help="Scale of the noise offset.")
+
+
+def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for the optimizer, precision and hardware features."""
+    group = parser.add_argument_group("optimizer and precision")
+    group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    group.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISIONS,
+                       help="Mixed precision; overrides the accelerate config. bf16 needs an Ampere+ GPU.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (if installed).")
+    group.add_argument("--local_rank", type=int, default=-1,
+                       help="Accepted for launchers; the LOCAL_RANK environment variable takes precedence.")
+
+
+def _add_ema_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for the exponential moving average of the UNet."""
+    group = parser.add_argument_group("EMA")
+    group.add_argument("--use_ema", action="store_true",
+                       help="Keep an EMA of the UNet; validation and the final pipeline use it.")
+    group.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in pinned CPU memory.")
+    group.add_argument("--foreach_ema", action="store_true", help="Faster foreach EMA update (more memory).")
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for checkpoint saving, pruning and resuming."""
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument("--checkpointing_steps", type=int, default=500,
+                       help="Save a resumable checkpoint-<step> every N optimizer steps (not a pipeline).")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None,
+                       help="Keep at most this many checkpoints; the oldest are removed first.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="Resume from 'latest', a checkpoint-N folder name in --output_dir, or a path.")
+
+
+def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for validation images and experiment trackers."""
+    group = parser.add_argument_group("validation and tracking")
+    group.add_argument("--validation_prompts", "--validation_prompt", dest="validation_prompts", type=str,
+                       nargs="+", default=None,
+                       help="Prompts sampled every --validation_epochs epochs (both spellings accepted).")
+    group.add_argument("--validation_epochs", type=int, default=5,
+                       help="Validate when epoch %% N == 0 (epoch 0 included) and at the end.")
+    group.add_argument("--report_to", type=str, default="tensorboard", choices=REPORT_TO_CHOICES,
+                       help="Tracker to log to; 'all' uses every installed one.")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, under --output_dir.")
+    group.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune",
+                       help="Project name passed to the trackers.")
+
+
+def _add_hub_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for publishing the result on the Hugging Face Hub."""
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true",
+                       help="Create the Hub repo at start; upload the final pipeline and model card at the end.")
+    group.add_argument("--hub_token", type=str, default=None,
+                       help="Hub token. Prefer `hf auth login` or HF_TOKEN: a flag is visible to other users.")
+    group.add_argument("--hub_model_id", type=str, default=None,
+                       help="Hub repo id; defaults to the output folder's name under your namespace.")
+
+
+def build_parser() -> ArgumentParser:
+    """The trainer's argument parser, with every flag of the reference trainer."""
+    parser = ArgumentParser(prog="train_text_to_image.py", description=DESCRIPTION)
+    for add in (_add_model_args, _add_data_args, _add_optimisation_args, _add_optimizer_args,
+                _add_ema_args, _add_checkpoint_args, _add_tracking_args, _add_hub_args):
+        add(parser)
+    return parser
+
+
+def _positive_flags(args: argparse.Namespace) -> list:
+    """(flag, value) pairs that must be at least 1 when set."""
+    return [
+        ("--train_batch_size", args.train_batch_size),
+        ("--gradient_accumulation_steps", args.gradient_accumulation_steps),
+        ("--checkpointing_steps", args.checkpointing_steps),
+        ("--validation_epochs", args.validation_epochs),
+        ("--num_train_epochs", args.num_train_epochs),
+        ("--max_train_steps", args.max_train_steps),
+        ("--max_train_samples", args.max_train_samples),
+        ("--checkpoints_total_limit", args.checkpoints_total_limit),
+    ]
+
+
+def check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag combinations the run could never use; each through parser.error (one line, exit 2)."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("Need either a dataset name or a training folder.")
+    if args.hub_token is not None and args.report_to in WANDB_REPORTS:
+        parser.error("--hub_token with --report_to=wandb is a security risk (the token could reach the wandb run); "
+                     "run `hf auth login` or set HF_TOKEN instead.")
+    for flag, value in _positive_flags(args):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}.")
+    for flag, value in (("--lr_warmup_steps", args.lr_warmup_steps),
+                        ("--dataloader_num_workers", args.dataloader_num_workers)):
+        if value < 0:
+            parser.error(f"{flag} must not be negative, got {value}.")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the trainer's command line (sys.argv when argv is None)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def non_ema_revision(args: argparse.Namespace) -> Optional[str]:
+    """Revision of the UNet that is trained: --non_ema_revision, falling back to --revision like the reference."""
+    return args.non_ema_revision if args.non_ema_revision is not None else args.revision
+
+
+def _tracker_value(value):
+    """A value tensorboard's hparams accept (int, float, str, bool), or None to drop it."""
+    if isinstance(value, (list, tuple, dict, set)):
+        return None
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """Flat run config for accelerator.init_trackers: no token, no lists, None spelled as a string."""
+    config = {}
+    for key, value in sorted(vars(args).items()):
+        if key == "hub_token":
+            continue
+        converted = _tracker_value(value)
+        if converted is not None:
+            config[key] = converted
+    return config
