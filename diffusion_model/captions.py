@@ -1,0 +1,49 @@
+"""Caption cleaning: one line per caption, no junk, no near-duplicates."""
+
+import unicodedata
+from typing import Iterable, Optional, Union
+
+CAPTION_MODES = ("first", "all")
+MIN_LETTERS = 3
+
+
+def clean_caption(text) -> Optional[str]:
+    """Strip and collapse all whitespace (tabs, newlines, U+2028...) to single spaces; None if not a real caption."""
+    if not isinstance(text, str):
+        return None
+    # str.split() with no argument splits on every Unicode whitespace, so no line break can survive into captions.txt.
+    cleaned = " ".join(text.split())
+    if sum(ch.isalpha() for ch in cleaned) < MIN_LETTERS:
+        return None
+    return cleaned
+
+
+def dedup_key(caption: str) -> str:
+    """A caption's identity ignoring case and punctuation, so 'Lakes.' and 'lakes .' count as one."""
+    without_punctuation = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in caption)
+    return " ".join(without_punctuation.casefold().split())
+
+
+def as_caption_list(raw: Union[None, str, Iterable]) -> list:
+    """Accept a caption cell as a list of strings, a single string, or null."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [raw]
+    return list(raw)
+
+
+def select_captions(raw, mode: str = "first") -> list:
+    """Clean a row's captions, drop junk and near-duplicates (first seen wins); keep the first or all of them."""
+    if mode not in CAPTION_MODES:
+        raise ValueError(f"unknown caption mode {mode!r}; expected one of {', '.join(CAPTION_MODES)}")
+    kept, seen = [], set()
+    for text in as_caption_list(raw):
+        caption = clean_caption(text)
+        if caption is None or dedup_key(caption) in seen:
+            continue
+        seen.add(dedup_key(caption))
+        kept.append(caption)
+        if mode == "first":
+            break
+    return kept
