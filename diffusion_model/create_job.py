@@ -1,0 +1,250 @@
+"""The create job: turn numbered Parquet rows into JPEGs (in worker processes) and caption lines (in order).
+
+The main process reads rows, cleans captions and ships raw image bytes in small chunks to a pool; each worker
+decodes, resizes, encodes and writes its JPEG itself, returning only a tiny status. At most a fixed number of
+chunks are in flight, so memory stays flat however long the input is, and results are consumed in submission
+order, so captions.txt is streamed in row order.
+"""
+
+import json
+import multiprocessing
+import os
+import re
+import time
+import warnings
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from PIL import Image
+from tqdm import tqdm
+
+from diffusion_model.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
+from diffusion_model.captions import select_captions
+from diffusion_model.imaging import ImageRejected, prepare
+from utils.cli import UsageError
+from utils.constants import (
+    CAPTION_SEPARATOR,
+    CREATE_REPORT_FILENAME,
+    IMAGE_EXTENSION,
+    IMAGE_INDEX_DIGITS,
+    IMAGE_PREFIX,
+    IMAGES_DIRNAME,
+    TMP_SUFFIX,
+)
+
+REASON_NO_CAPTION = "no_caption"
+# Kept beside the images so a resume with different image settings is refused instead of mixing outputs.
+SETTINGS_FILENAME = "create_settings.json"
+CHUNK_ROWS = 8
+CHUNKS_IN_FLIGHT_PER_WORKER = 3
+OUR_IMAGE = re.compile(rf"^{re.escape(IMAGE_PREFIX)}\d{{{IMAGE_INDEX_DIGITS},}}{re.escape(IMAGE_EXTENSION)}$")
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Everything that decides an output JPEG's bytes (stored in the output folder to guard resumes)."""
+
+    resolution: int
+    resize_mode: str
+    jpeg_quality: int
+    max_pixels: int
+
+
+@dataclass
+class JobTally:
+    """Counts and failures gathered while the job runs."""
+
+    rows_processed: int = 0
+    images_written: int = 0
+    images_reused: int = 0
+    caption_lines: int = 0
+    failures: list = field(default_factory=list)
+
+    def fail(self, number: int, filename, reason: str, detail: str = "") -> None:
+        """Record a failed row."""
+        self.failures.append({"row": number, "filename": filename, "reason": reason, "detail": detail})
+
+    def failures_by_reason(self) -> dict:
+        """Failure counts per reason, most common first."""
+        return dict(Counter(f["reason"] for f in self.failures).most_common())
+
+
+def image_name(number: int) -> str:
+    """File name of the image made from input row `number` (1-based)."""
+    return f"{IMAGE_PREFIX}{number:0{IMAGE_INDEX_DIGITS}d}{IMAGE_EXTENSION}"
+
+
+def clear_images(images_dir: Path, finished_too: bool) -> int:
+    """Remove leftover temporary images (and, for --overwrite, finished ones); return how many went."""
+    removed = 0
+    for path in images_dir.iterdir():
+        is_tmp = path.name.endswith(TMP_SUFFIX) and OUR_IMAGE.match(path.name[: -len(TMP_SUFFIX)])
+        if is_tmp or (finished_too and OUR_IMAGE.match(path.name)):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+_worker_state = {}
+
+
+def init_worker(images_dir: str, settings: ImageSettings) -> None:
+    """Pool initializer: remember where to write and how; --max_pixels replaces Pillow's own bomb guard."""
+    _worker_state.update(images_dir=Path(images_dir), settings=settings)
+    Image.MAX_IMAGE_PIXELS = None
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def process_chunk(items: list) -> list:
+    """Worker: make and write the JPEG for each (row number, image bytes); return (number, reason, detail)."""
+    settings, images_dir = _worker_state["settings"], _worker_state["images_dir"]
+    statuses = []
+    for number, data in items:
+        try:
+            jpeg = prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels)
+        except ImageRejected as err:
+            statuses.append((number, err.reason, err.detail))
+            continue
+        write_bytes_atomic(images_dir / image_name(number), jpeg)
+        statuses.append((number, None, ""))
+    return statuses
+
+
+def plan_chunk(rows: list, images_dir: Path, caption_mode: str, overwrite: bool) -> tuple:
+    """Split a chunk of rows into per-row plans (captions, skip or fail) and the image work to send out."""
+    plans, work = [], []
+    for row in rows:
+        captions = select_captions(row.captions, caption_mode)
+        reuse = bool(captions) and not overwrite and (images_dir / image_name(row.number)).exists()
+        plans.append((row, captions, reuse))
+        if captions and not reuse:
+            work.append((row.number, row.image))
+    return plans, work
+
+
+def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out) -> None:
+    """Merge a finished chunk into the tally and append its caption lines, in row order."""
+    failed = {number: (reason, detail) for number, reason, detail in statuses if reason}
+    for row, captions, reuse in plans:
+        tally.rows_processed += 1
+        if not captions:
+            tally.fail(row.number, row.filename, REASON_NO_CAPTION)
+            continue
+        if row.number in failed:
+            tally.fail(row.number, row.filename, *failed[row.number])
+            continue
+        tally.images_reused += reuse
+        tally.images_written += not reuse
+        name = f"{IMAGES_DIRNAME}/{image_name(row.number)}"
+        captions_out.writelines(f"{name}{CAPTION_SEPARATOR}{caption}\n" for caption in captions)
+        tally.caption_lines += len(captions)
+
+
+def chunked(rows: Iterable, size: int):
+    """Group an iterable into lists of at most size items."""
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, settings: ImageSettings,
+            caption_mode: str, num_workers: int, overwrite: bool) -> tuple:
+    """Process all rows with a bounded pool; write captions.txt atomically; return (tally, seconds)."""
+    images_dir = output_dir / IMAGES_DIRNAME
+    started, tally, pending = time.monotonic(), JobTally(), deque()
+    max_in_flight = num_workers * CHUNKS_IN_FLIGHT_PER_WORKER
+    with multiprocessing.Pool(num_workers, init_worker, (str(images_dir), settings)) as pool, \
+            open_text_atomic(caption_file) as captions_out, \
+            tqdm(total=total, unit="row", desc="create", disable=None) as bar:
+        for chunk in chunked(rows, CHUNK_ROWS):
+            plans, work = plan_chunk(chunk, images_dir, caption_mode, overwrite)
+            pending.append((plans, pool.apply_async(process_chunk, (work,)) if work else None))
+            while len(pending) >= max_in_flight:
+                settle_oldest(pending, tally, captions_out, bar)
+        while pending:
+            settle_oldest(pending, tally, captions_out, bar)
+    return tally, time.monotonic() - started
+
+
+def settle_oldest(pending: deque, tally: JobTally, captions_out, bar) -> None:
+    """Wait for the oldest chunk in flight and fold it into the results."""
+    plans, result = pending.popleft()
+    settle_chunk(plans, result.get() if result else [], tally, captions_out)
+    bar.update(len(plans))
+
+
+def build_report(tally: JobTally, seconds: float, inputs: list, rows_total: int, settings: dict) -> dict:
+    """The create_report.json document."""
+    return {
+        "inputs": [str(p) for p in inputs],
+        "settings": settings,
+        "rows_in_inputs": rows_total,
+        "rows_processed": tally.rows_processed,
+        "images_ok": tally.images_written + tally.images_reused,
+        "images_written": tally.images_written,
+        "images_reused": tally.images_reused,
+        "caption_lines": tally.caption_lines,
+        "rows_failed": len(tally.failures),
+        "failures_by_reason": tally.failures_by_reason(),
+        "elapsed_seconds": round(seconds, 3),
+        "rows_per_second": round(tally.rows_processed / seconds, 2) if seconds > 0 else None,
+        "failures": tally.failures,
+    }
+
+
+def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds: float) -> str:
+    """One line saying what happened, failures included."""
+    ok = tally.images_written + tally.images_reused
+    reasons = ", ".join(f"{n} {r}" for r, n in tally.failures_by_reason().items())
+    failed = f"{len(tally.failures)} failed ({reasons})" if tally.failures else "0 failed"
+    return (f"create: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
+            f"{failed}; {tally.caption_lines} caption lines in {caption_file}; {seconds:.1f}s; report {report_path}")
+
+
+def settings_dict(settings: ImageSettings, inputs: list, image_column: Optional[str]) -> dict:
+    """What the output folder's images depend on, as stored beside them."""
+    return {**asdict(settings), "inputs": [str(p) for p in inputs], "image_column": image_column}
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def guard_settings(output_dir: Path, wanted: dict, overwrite: bool) -> None:
+    """Refuse to resume into a folder whose images were made with other settings, unless --overwrite."""
+    path = output_dir / SETTINGS_FILENAME
+    if overwrite or not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = {}
+    changed = [key for key in wanted if stored.get(key) != wanted[key]]
+    if changed:
+        before = ", ".join(f"{key}={stored.get(key)!r}" for key in changed)
+        raise UsageError(f"{output_dir} holds images made with {before}; rerun with the same settings or add --overwrite")
+
+
+def prepare_output(output_dir: Path, wanted: dict, overwrite: bool) -> Path:
+    """Create the output folders, clear stale or (with --overwrite) all our images, store the settings."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} exists and is not a folder")
+    guard_settings(output_dir, wanted, overwrite)
+    images_dir = output_dir / IMAGES_DIRNAME
+    try:
+        images_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create --output_dir {output_dir}: {err.strerror}") from None
+    clear_images(images_dir, finished_too=overwrite)
+    # A report from an earlier run would claim completion while this one is under way.
+    (output_dir / CREATE_REPORT_FILENAME).unlink(missing_ok=True)
+    write_json_atomic(output_dir / SETTINGS_FILENAME, wanted)
+    return images_dir
