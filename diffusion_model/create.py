@@ -88,10 +88,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     caption_file = resolve_caption_file(args.caption_file, output_dir)
     inputs = resolve_parquet_paths(args.parquet_path)
     columns, rows_total = inspect_sources(inputs, args.image_column, args.caption_column)
-    get_logger().info("%d rows in %d file(s); columns %s", rows_total, len(inputs), columns)
 
     settings = ImageSettings(args.resolution, args.resize_mode, args.jpeg_quality, args.max_pixels)
     prepare_output(output_dir, settings_dict(settings, inputs, columns.image), args.overwrite)
+    get_logger().info("%d rows in %d file(s); columns %s", rows_total, len(inputs), columns)
     rows = iter_rows(inputs, columns, BATCH_ROWS, args.limit)
     total = min(rows_total, args.limit or rows_total)
     tally, seconds = run_job(rows, total, output_dir, caption_file, settings, args.caption_mode,
