@@ -1,0 +1,88 @@
+"""Fine-tune Stable Diffusion's UNet on image/caption pairs: a drop-in for diffusers' text_to_image example.
+
+Flow: parse + fail fast → accelerator → models → data → optimizer/schedule → resume → loop → final pipeline.
+Run with `accelerate launch` or `torchrun`; every flag is described by --help.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trainer.args import parse_args  # noqa: E402
+from trainer.preflight import preflight  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.logger import get_logger, setup_logging  # noqa: E402
+
+
+def main(argv=None) -> int:
+    """Train, checkpoint, and write the final pipeline to --output_dir; 1 if the loss diverged."""
+    args = parse_args(argv)
+    checked = preflight(args)  # one-line usage errors before anything heavy is imported
+
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from trainer import data, export, loop, models
+    from trainer.checkpoints import register_state_hooks
+    from trainer.loss import LossOptions, TrainingDiverged
+    from trainer.validation import load_inference_scheduler
+
+    models.require_optional_packages(args)
+    accelerator = loop.make_accelerator(args)
+    setup_logging(is_main_process=accelerator.is_main_process)
+    logger = get_logger()
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Config: precision of the frozen parts; the UNet keeps fp32 master weights under autocast.
+    weight_dtype = models.weight_dtype_for(accelerator.mixed_precision)
+    components = models.load_components(args, weight_dtype, accelerator.device)
+    models.configure_unet(components.unet, args.gradient_checkpointing,
+                          args.enable_xformers_memory_efficient_attention)
+    ema = models.build_ema(args, components.unet, accelerator.device) if args.use_ema else None
+    register_state_hooks(accelerator, ema, args.offload_ema)
+
+    # Data
+    with accelerator.main_process_first():
+        dataset = data.build_train_dataset(args, components.tokenizer)
+    dataloader = data.build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers)
+
+    # Optimizer and schedule
+    plan = loop.plan_steps(len(dataloader), accelerator.num_processes, args.gradient_accumulation_steps,
+                           args.max_train_steps, args.num_train_epochs, args.lr_warmup_steps)
+    optimizer = models.build_optimizer(args, components.unet.parameters(),
+                                       models.learning_rate(args, accelerator.num_processes))
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=plan.scheduler_warmup_steps,
+                                 num_training_steps=plan.scheduler_total_steps)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
+                                                                    lr_scheduler)
+    loop.init_trackers(accelerator, args)
+    global_step = loop.resume_from(accelerator, args.output_dir, args.resume_from_checkpoint)
+    logger.info("%d examples, %d optimizer steps (%d per epoch), %d process(es), starting at step %d",
+                len(dataset), plan.max_train_steps, plan.steps_per_epoch, accelerator.num_processes, global_step)
+
+    # Loop
+    run = loop.TrainingRun(accelerator, args, components, unet, optimizer, lr_scheduler, dataloader, ema, plan,
+                           weight_dtype, load_inference_scheduler(args.pretrained_model_name_or_path,
+                                                                  args.revision, args.prediction_type),
+                           LossOptions.from_args(args))
+    try:
+        global_step = loop.train(run, global_step)
+    except TrainingDiverged as err:
+        logger.error("%s", err)
+        accelerator.end_training()
+        return 1
+
+    # Final pipeline, validation grid, model card, push
+    export.finish(run, global_step, checked.hub_repo_id)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

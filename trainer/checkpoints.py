@@ -1,0 +1,144 @@
+"""Checkpoints: atomic `checkpoint-<step>` folders holding accelerate's state plus loadable UNet/EMA models."""
+
+import re
+import shutil
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from utils.cli import UsageError
+from utils.constants import CHECKPOINT_PREFIX, EMA_UNET_DIRNAME, UNET_DIRNAME
+from utils.logger import get_logger
+
+CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+# Leading dot and suffix: never matched by CHECKPOINT_RE, so "latest" and pruning cannot pick a half-written save.
+PARTIAL_SUFFIX = ".partial"
+TRASH_SUFFIX = ".old"
+
+
+def checkpoint_step(name: str) -> Optional[int]:
+    """The step of a finished checkpoint folder name, or None for anything else (temp folders included)."""
+    match = CHECKPOINT_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: Path) -> List[Path]:
+    """Finished checkpoint folders of output_dir, oldest step first."""
+    if not Path(output_dir).is_dir():
+        return []
+    found = [(checkpoint_step(p.name), p) for p in Path(output_dir).iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def checkpoints_to_prune(checkpoints: List[Path], total_limit: Optional[int]) -> List[Path]:
+    """The oldest checkpoints to delete so that, after one more save, at most total_limit remain."""
+    if total_limit is None or len(checkpoints) < total_limit:
+        return []
+    return checkpoints[: len(checkpoints) - total_limit + 1]
+
+
+def partial_dir(output_dir: Path, step: int) -> Path:
+    """Where a checkpoint is written before the rename that publishes it."""
+    return Path(output_dir) / f".{CHECKPOINT_PREFIX}{step}{PARTIAL_SUFFIX}"
+
+
+def remove_stale_partials(output_dir: Path) -> List[Path]:
+    """Delete temp folders left by a save that was killed; return what was removed."""
+    if not Path(output_dir).is_dir():
+        return []
+    stale = [p for p in Path(output_dir).iterdir()
+             if p.is_dir() and p.name.startswith(f".{CHECKPOINT_PREFIX}") and p.name.endswith((PARTIAL_SUFFIX, TRASH_SUFFIX))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def resolve_resume(output_dir: Path, value: Optional[str]) -> Optional[Path]:
+    """The checkpoint to resume from: None, "latest" (None if there is none), a name under output_dir, or a path."""
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            get_logger().info("--resume_from_checkpoint=latest: no checkpoint in %s, starting a new run.", output_dir)
+            return None
+        return found[-1]
+    candidate = Path(value) if Path(value).is_dir() else Path(output_dir) / value
+    if not candidate.is_dir() or checkpoint_step(candidate.name) is None:
+        raise UsageError(f"--resume_from_checkpoint: no checkpoint folder '{value}' (expected 'latest', "
+                         f"'{CHECKPOINT_PREFIX}N' in {output_dir}, or the path of one).")
+    return candidate
+
+
+def resume_position(global_step: int, steps_per_epoch: int, gradient_accumulation_steps: int) -> Tuple[int, int]:
+    """(first epoch, batches of it already consumed) for a run resumed at global_step optimizer steps."""
+    first_epoch = global_step // steps_per_epoch
+    return first_epoch, (global_step % steps_per_epoch) * gradient_accumulation_steps
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; an existing final is moved aside first so no moment lacks a complete checkpoint."""
+    trash = final.with_name(f".{final.name}{TRASH_SUFFIX}")
+    if final.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+    tmp.rename(final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: Optional[int]) -> Path:
+    """Prune the oldest, save accelerate's state into a temp folder, then rename it to checkpoint-<step>."""
+    output_dir = Path(output_dir)
+    tmp, final = partial_dir(output_dir, step), output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        for old in checkpoints_to_prune(list_checkpoints(output_dir), total_limit):
+            get_logger().info("Removing %s (--checkpoints_total_limit=%s)", old.name, total_limit)
+            shutil.rmtree(old)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    # Every process calls save_state: each writes its own RNG state; only the main one writes the rest.
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish(tmp, final)
+        get_logger().info("Saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def make_state_hooks(accelerator, ema, offload_ema: bool = False):
+    """accelerate save/load hooks that store the UNet (and EMA) as diffusers models in the checkpoint."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from trainer.models import place_ema
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.save_pretrained(Path(output_dir) / EMA_UNET_DIRNAME)
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / UNET_DIRNAME,
+                                                                safe_serialization=True)
+        # Emptied so accelerate does not write a second, opaque copy of the weights.
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        if ema is not None:
+            loaded = EMAModel.from_pretrained(Path(input_dir) / EMA_UNET_DIRNAME, UNet2DConditionModel)
+            ema.load_state_dict(loaded.state_dict())
+            place_ema(ema, offload_ema, accelerator.device)
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            saved = UNet2DConditionModel.from_pretrained(Path(input_dir) / UNET_DIRNAME)
+            model.register_to_config(**saved.config)
+            model.load_state_dict(saved.state_dict())
+
+    return save_hook, load_hook
+
+
+def register_state_hooks(accelerator, ema, offload_ema: bool = False) -> None:
+    """Install the UNet/EMA save and load hooks on the accelerator."""
+    save_hook, load_hook = make_state_hooks(accelerator, ema, offload_ema)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

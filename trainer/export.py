@@ -1,0 +1,51 @@
+"""End of training: the final pipeline in OUTPUT_DIR, its validation images and grid, the model card, the push."""
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from utils.logger import get_logger
+
+
+def final_unet(accelerator, unet, ema):
+    """The UNet to ship: the unwrapped training UNet, carrying the EMA weights when EMA is on."""
+    model = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    return model
+
+
+def save_pipeline(model_path: str, revision: Optional[str], variant: Optional[str], unet, scheduler,
+                  output_dir: Path):
+    """Base VAE/text encoder/tokenizer + trained UNet + the trained scheduler config, saved as safetensors."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        model_path, unet=unet, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
+        revision=revision, variant=variant, torch_dtype=torch.float32)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    get_logger().info("Saved the trained pipeline to %s", output_dir)
+    return pipeline
+
+
+def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
+    """Main process: write the pipeline, validate it, write the grid and model card, push when asked."""
+    from trainer.hub import push_final, write_model_card
+    from trainer.validation import save_grid, validate
+
+    accelerator, args = run.accelerator, run.args
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    unet = final_unet(accelerator, run.unet, run.ema)
+    pipeline = save_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, unet,
+                             run.inference_scheduler, output_dir)
+    grid_path = None
+    if args.validation_prompts:
+        images = validate(accelerator, pipeline.to(accelerator.device), args, global_step, torch.float32)
+        grid_path = save_grid(images, output_dir)
+    write_model_card(output_dir, args, hub_repo_id, grid_path)
+    if args.push_to_hub:
+        push_final(output_dir, hub_repo_id, args)

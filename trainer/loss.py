@@ -1,0 +1,109 @@
+"""The diffusion training objective: noise, timesteps, target, min-SNR weighting, DREAM."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: training must stop before the state is saved."""
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss-related flags, gathered so the step function has one argument for them."""
+
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    snr_gamma: Optional[float] = None
+    dream_training: bool = False
+    dream_detail_preservation: float = 1.0
+
+    @classmethod
+    def from_args(cls, args) -> "LossOptions":
+        """Pick the loss flags out of the parsed command line."""
+        return cls(args.noise_offset, args.input_perturbation, args.snr_gamma, args.dream_training,
+                   args.dream_detail_preservation)
+
+
+def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
+    """Gaussian noise like latents, plus a per-channel offset that lets the model learn overall brightness."""
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    return noise
+
+
+def sample_timesteps(batch_size: int, num_train_timesteps: int, device) -> torch.Tensor:
+    """One uniform timestep in [0, num_train_timesteps) per sample."""
+    return torch.randint(0, num_train_timesteps, (batch_size,), device=device).long()
+
+
+def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity (v_prediction)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"Unknown prediction type {prediction_type}")
+
+
+def snr_loss_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weights: min(snr, γ)/snr for epsilon, min(snr, γ)/(snr + 1) for v_prediction."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """MSE in fp32, averaged per sample and weighted when weights are given."""
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_sample * weights).mean()
+
+
+def encode_latents(vae, pixel_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """VAE posterior sample scaled by the VAE's scaling factor."""
+    with torch.no_grad():
+        latents = vae.encode(pixel_values.to(dtype)).latent_dist.sample()
+    return latents * vae.config.scaling_factor
+
+
+def diffusion_loss(batch: dict, unet, vae, text_encoder, noise_scheduler, options: LossOptions,
+                   weight_dtype: torch.dtype) -> torch.Tensor:
+    """The loss of one batch, as the reference computes it."""
+    latents = encode_latents(vae, batch["pixel_values"], weight_dtype)
+    noise = sample_noise(latents, options.noise_offset)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, latents.device)
+    noised_with = noise + options.input_perturbation * torch.randn_like(noise) if options.input_perturbation else noise
+    noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
+    with torch.no_grad():
+        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    if options.dream_training:
+        from diffusers.training_utils import compute_dream_and_update_latents
+
+        noisy_latents, target = compute_dream_and_update_latents(
+            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
+            options.dream_detail_preservation)
+    pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    weights = snr_loss_weights(noise_scheduler, timesteps, options.snr_gamma) if options.snr_gamma else None
+    return weighted_mse(pred, target, weights)
+
+
+def check_finite(loss_value: float, step: int) -> None:
+    """Raise TrainingDiverged on a NaN or infinite loss, naming the optimizer step."""
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(
+            f"loss is {loss_value} at optimizer step {step + 1}: training stopped, nothing saved after the last "
+            "good checkpoint (try a lower --learning_rate, --mixed_precision=bf16 or --max_grad_norm).")

@@ -1,0 +1,119 @@
+"""Models: load the SD components, freeze what is not trained, build the EMA copy and the optimizer."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from utils.cli import UsageError
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Components:
+    """The pieces of a Stable Diffusion pipeline the trainer uses."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+def weight_dtype_for(mixed_precision: Optional[str]) -> torch.dtype:
+    """dtype of the frozen models: half precision under fp16/bf16, fp32 otherwise."""
+    return WEIGHT_DTYPES.get(mixed_precision or "no", torch.float32)
+
+
+def require_optional_packages(args) -> None:
+    """Fail before any model loads when a flag needs a package that is not installed."""
+    import importlib.util
+
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
+                         "(or drop the flag: PyTorch's SDPA attention is used by default)")
+
+
+def load_noise_scheduler(model_path: str, revision: Optional[str], prediction_type: Optional[str]):
+    """The base model's DDPM training scheduler, with the --prediction_type override applied."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=revision)
+    if prediction_type is not None:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    return scheduler
+
+
+def load_components(args, weight_dtype: torch.dtype, device) -> Components:
+    """Load tokenizer, text encoder, VAE (frozen, in weight_dtype, on device) and the fp32 trainable UNet."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from trainer.args import non_ema_revision
+
+    path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=non_ema_revision(args))
+    for frozen in (text_encoder, vae):
+        frozen.requires_grad_(False)
+        frozen.to(device, dtype=weight_dtype)
+    unet.train()
+    return Components(tokenizer, text_encoder, vae, unet,
+                      load_noise_scheduler(path, revision, args.prediction_type))
+
+
+def configure_unet(unet, gradient_checkpointing: bool, xformers: bool) -> None:
+    """Memory options: gradient checkpointing, and xformers attention only when asked (SDPA otherwise)."""
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if xformers:
+        unet.enable_xformers_memory_efficient_attention()
+
+
+def build_ema(args, unet, device):
+    """diffusers' EMAModel over the UNet; from the --revision UNet when a separate non-EMA revision is trained."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    source = unet
+    if args.non_ema_revision is not None:
+        source = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                      revision=args.revision, variant=args.variant)
+    ema = EMAModel(source.parameters(), model_cls=UNet2DConditionModel, model_config=source.config,
+                   foreach=args.foreach_ema)
+    place_ema(ema, args.offload_ema, device)
+    return ema
+
+
+def place_ema(ema, offload: bool, device) -> None:
+    """Shadow weights on the training device, or in pinned host memory with --offload_ema (CUDA only)."""
+    if not offload:
+        ema.to(device)
+    elif torch.cuda.is_available():
+        ema.pin_memory()
+    else:
+        ema.to("cpu")
+
+
+def learning_rate(args, num_processes: int) -> float:
+    """--learning_rate, scaled by GA × batch × processes with --scale_lr."""
+    if not args.scale_lr:
+        return args.learning_rate
+    return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+
+
+def build_optimizer(args, params, lr: float) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam (imported only then)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

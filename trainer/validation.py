@@ -1,0 +1,114 @@
+"""Validation: sample the prompts with the current (EMA) weights, save PNGs, send them to the trackers."""
+
+import contextlib
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from utils.constants import VALIDATION_DIRNAME
+from utils.logger import get_logger
+
+VALIDATION_INFERENCE_STEPS = 20
+# Without --seed, validation still uses a fixed seed so images of successive steps are comparable.
+DEFAULT_VALIDATION_SEED = 0
+GRID_FILENAME = "validation_grid.png"
+
+
+def load_inference_scheduler(model_path: str, revision: Optional[str], prediction_type: Optional[str]):
+    """The base pipeline's own inference scheduler, carrying the prediction type that was trained."""
+    import diffusers
+
+    model_index = diffusers.DiffusionPipeline.load_config(model_path, revision=revision)
+    scheduler_cls = getattr(diffusers, model_index["scheduler"][1])
+    scheduler = scheduler_cls.from_pretrained(model_path, subfolder="scheduler", revision=revision)
+    if prediction_type is not None:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    return scheduler
+
+
+def should_validate(epoch: int, validation_epochs: int, prompts: Optional[Sequence[str]]) -> bool:
+    """The reference's rule: validate after epochs where epoch % validation_epochs == 0 (epoch 0 included)."""
+    return bool(prompts) and epoch % validation_epochs == 0
+
+
+def autocast_for(device: torch.device, weight_dtype: torch.dtype):
+    """Autocast so the fp32 UNet and the half-precision VAE/text encoder can run together."""
+    if weight_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=weight_dtype)
+
+
+def generate(pipeline, prompts: Sequence[str], seed: Optional[int], device: torch.device,
+             weight_dtype: torch.dtype) -> List:
+    """One image per prompt, with a seeded generator and the reference's 20 steps."""
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=device).manual_seed(DEFAULT_VALIDATION_SEED if seed is None else seed)
+    images = []
+    with torch.no_grad(), autocast_for(device, weight_dtype):
+        for prompt in prompts:
+            images.append(pipeline(prompt, num_inference_steps=VALIDATION_INFERENCE_STEPS,
+                                   generator=generator).images[0])
+    return images
+
+
+def save_images(images: Sequence, output_dir: Path, step: int) -> List[Path]:
+    """Write images as OUTPUT_DIR/validation/step-<step>/<i>.png."""
+    folder = Path(output_dir) / VALIDATION_DIRNAME / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(folder / f"{index}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def log_images(trackers, images: Sequence, prompts: Sequence[str], step: int) -> None:
+    """Send the images to tensorboard (add_images) and wandb (captioned "i: prompt")."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            batch = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images("validation", batch, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {prompt}")
+                                        for i, (image, prompt) in enumerate(zip(images, prompts))]}, step=step)
+
+
+def validate(accelerator, pipeline, args, step: int, weight_dtype: torch.dtype) -> List:
+    """Generate, save and log the validation images of one step (main process only)."""
+    get_logger().info("Validation at step %d: %d prompt(s)", step, len(args.validation_prompts))
+    images = generate(pipeline, args.validation_prompts, args.seed, accelerator.device, weight_dtype)
+    save_images(images, Path(args.output_dir), step)
+    log_images(accelerator.trackers, images, args.validation_prompts, step)
+    return images
+
+
+def validate_during_training(accelerator, components, unet, ema, scheduler, args, step: int,
+                             weight_dtype: torch.dtype) -> List:
+    """Validate with the EMA weights swapped in, then put the training weights back untouched."""
+    from diffusers import StableDiffusionPipeline
+
+    model = accelerator.unwrap_model(unet)
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=model,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if ema is None:
+        return validate(accelerator, pipeline, args, step, weight_dtype)
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        return validate(accelerator, pipeline, args, step, weight_dtype)
+    finally:
+        ema.restore(model.parameters())
+
+
+def save_grid(images: Sequence, output_dir: Path) -> Path:
+    """All validation images side by side in OUTPUT_DIR/validation_grid.png (the model card shows it)."""
+    from diffusers.utils import make_image_grid
+
+    path = Path(output_dir) / GRID_FILENAME
+    make_image_grid(list(images), rows=1, cols=len(images)).save(path)
+    return path
