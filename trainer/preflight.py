@@ -2,7 +2,7 @@
 
 The reference trainer finds most of these problems minutes or hours into a run. Local checks come first,
 then the ones that touch the Hub. huggingface_hub is imported lazily so that this module stays light.
-The Hub token is never put in a message: any text that could carry it goes through _scrub.
+The Hub token is never put in a message: any text that could carry it goes through scrub_token.
 """
 
 import importlib.util
@@ -52,7 +52,7 @@ def resolve_token(args) -> Optional[str]:
     return get_token()
 
 
-def _scrub(text: str, token: Optional[str]) -> str:
+def scrub_token(text: str, token: Optional[str]) -> str:
     """First line of an error text, with the token masked in case a library echoed it."""
     line = (str(text).strip().splitlines() or [""])[0]
     return line.replace(token, "***") if token else line
@@ -245,7 +245,7 @@ def _check_remote_model(args) -> None:
         raise UsageError(f"--pretrained_model_name_or_path '{value}' was not found on the Hub "
                          f"(private? {LOGIN_HINT}).") from None
     except Exception as err:  # noqa: BLE001 - any network failure: fall back to the local cache
-        _check_cached_model(args, f"the Hub is unreachable: {_scrub(err, token)}")
+        _check_cached_model(args, f"the Hub is unreachable: {scrub_token(err, token)}")
         return
     names = {sibling.rfilename for sibling in (info.siblings or [])}
     if names and "model_index.json" not in names:
@@ -306,7 +306,7 @@ def _hub_repo_id(args, token: str) -> str:
     try:
         user = HfApi().whoami(token=token)["name"]
     except Exception as err:  # noqa: BLE001 - bad token or no network: both stop the run here
-        raise UsageError(f"cannot identify your Hub account ({_scrub(err, token)}): {LOGIN_HINT}.") from None
+        raise UsageError(f"cannot identify your Hub account ({scrub_token(err, token)}): {LOGIN_HINT}.") from None
     return f"{user}/{name}"
 
 
@@ -324,7 +324,7 @@ def create_hub_repo(args) -> str:
     try:
         url = HfApi().create_repo(repo_id, exist_ok=True, token=token, repo_type="model")
     except Exception as err:  # noqa: BLE001 - every Hub failure is the same user-facing stop
-        raise UsageError(f"cannot create Hub repo '{repo_id}': {_scrub(err, token)}") from None
+        raise UsageError(f"cannot create Hub repo '{repo_id}': {scrub_token(err, token)}") from None
     return getattr(url, "repo_id", None) or repo_id
 
 
