@@ -1,0 +1,101 @@
+"""captions.txt -> metadata.jsonl records: parse and check lines, group captions per image, locate the images.
+
+Pure functions over lines and paths; format.py does the reading and writing.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from utils.constants import CAPTION_SEPARATOR
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# "http:", "s3:", "file:" and Windows drives like "C:" all name something outside the data folder.
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A rejected captions.txt line: 1-based line number, why, and the line itself."""
+
+    line: int
+    reason: str
+    text: str
+
+
+def unsafe_name_reason(name: str) -> Optional[str]:
+    """Why an image name could point outside the data folder, or None when it is a plain relative path."""
+    if name.startswith(("/", "\\")):
+        return "absolute path"
+    if SCHEME.match(name):
+        return "URL scheme or drive"
+    if ".." in re.split(r"[/\\]", name):
+        return "'..' in path"
+    return None
+
+
+def parse_line(raw: bytes) -> tuple:
+    """Split one captions.txt line into (name, caption); raise ValueError with the reason if malformed."""
+    try:
+        line = raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        raise ValueError("not valid UTF-8") from None
+    if CAPTION_SEPARATOR not in line:
+        raise ValueError("no tab between image name and caption")
+    name, caption = (part.strip() for part in line.split(CAPTION_SEPARATOR, 1))
+    if not name:
+        raise ValueError("empty image name")
+    if not caption:
+        raise ValueError("empty caption")
+    reason = unsafe_name_reason(name)
+    if reason:
+        raise ValueError(f"unsafe image name ({reason})")
+    return name, caption
+
+
+def group_lines(lines: Iterable[bytes]) -> tuple:
+    """Group captions by image name in first-seen order; collect problems. Blank lines are ignored."""
+    groups, line_numbers, problems = {}, {}, []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            name, caption = parse_line(raw)
+        except ValueError as err:
+            problems.append(Problem(number, str(err), raw.decode("utf-8", "replace").rstrip("\r")))
+            continue
+        groups.setdefault(name, []).append(caption)
+        line_numbers.setdefault(name, []).append(number)
+    return groups, line_numbers, problems
+
+
+def drop_missing(groups: dict, line_numbers: dict, caption_dir: Path) -> list:
+    """Remove images that do not exist under caption_dir from groups; return a Problem per line naming them."""
+    problems = []
+    for name in [n for n in groups if not (caption_dir / n).is_file()]:
+        problems += [Problem(line, "image not found", f"{name}") for line in line_numbers[name]]
+        del groups[name]
+    return sorted(problems, key=lambda p: p.line)
+
+
+def unlisted_images(data_dir: Path, listed: Iterable[Path]) -> list:
+    """Image files under data_dir that no line names (the loader would silently leave them out)."""
+    known = {p.resolve() for p in listed}
+    found = (p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p.relative_to(data_dir).as_posix() for p in found if p.resolve() not in known)
+
+
+def relative_name(name: str, caption_dir: Path, data_dir: Path) -> str:
+    """An image name (relative to caption_dir) rewritten relative to data_dir, with forward slashes."""
+    return Path(os.path.relpath(caption_dir / name, data_dir)).as_posix()
+
+
+def build_records(groups: dict, caption_dir: Path, data_dir: Path) -> list:
+    """One {"file_name", "text"} record per image; text is a list for all rows when any image has several."""
+    as_list = any(len(captions) > 1 for captions in groups.values())
+    return [
+        {"file_name": relative_name(name, caption_dir, data_dir), "text": captions if as_list else captions[0]}
+        for name, captions in groups.items()
+    ]

@@ -1,0 +1,163 @@
+"""format.py: line checks, grouping, relative names, atomic all-or-nothing output, and loading with datasets."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image
+
+from diffusion_model.metadata import build_records, group_lines, parse_line, unsafe_name_reason
+from parquet_cases import write_odd_shards
+
+CREATE, FORMAT = "diffusion_model/create.py", "diffusion_model/format.py"
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("../x.jpg", "'..' in path"),
+        ("rsicd_images/../../x.jpg", "'..' in path"),
+        ("a\\..\\b.jpg", "'..' in path"),
+        ("/etc/passwd", "absolute path"),
+        ("http://example.com/x.jpg", "URL scheme or drive"),
+        ("s3://bucket/x.jpg", "URL scheme or drive"),
+        ("C:\\images\\x.jpg", "URL scheme or drive"),
+        ("rsicd_images/image_000001.jpg", None),
+        ("odd..name.jpg", None),
+    ],
+)
+def test_unsafe_names(name, reason):
+    assert unsafe_name_reason(name) == reason
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"no tab here", "no tab"),
+        (b"\ta caption", "empty image name"),
+        (b"a.jpg\t   ", "empty caption"),
+        (b"a.jpg\t\xff\xfe caption", "UTF-8"),
+        (b"../a.jpg\tcaption", "unsafe"),
+    ],
+)
+def test_parse_line_rejects(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_line(raw)
+
+
+def test_parse_line_strips_and_keeps_unicode():
+    assert parse_line("a.jpg\t  été 河流 \r".encode()) == ("a.jpg", "été 河流")
+
+
+def test_group_lines_keeps_first_seen_order():
+    lines = [b"b.jpg\tb one", b"a.jpg\ta one", b"", b"b.jpg\tb two", b"bad line"]
+    groups, line_numbers, problems = group_lines(lines)
+    assert list(groups.items()) == [("b.jpg", ["b one", "b two"]), ("a.jpg", ["a one"])]
+    assert line_numbers["b.jpg"] == [1, 4]
+    assert [(p.line, p.text) for p in problems] == [(5, "bad line")]
+
+
+def test_build_records_text_type_and_relative_names(tmp_path):
+    single = build_records({"i/a.jpg": ["x"], "i/b.jpg": ["y"]}, tmp_path, tmp_path)
+    assert single == [{"file_name": "i/a.jpg", "text": "x"}, {"file_name": "i/b.jpg", "text": "y"}]
+    mixed = build_records({"i/a.jpg": ["x"], "i/b.jpg": ["y", "z"]}, tmp_path / "sub", tmp_path)
+    assert mixed == [{"file_name": "sub/i/a.jpg", "text": ["x"]}, {"file_name": "sub/i/b.jpg", "text": ["y", "z"]}]
+
+
+def load_imagefolder(data_dir: Path, cache_dir: Path):
+    """Load DATA_DIR with the datasets imagefolder loader, offline, caching under cache_dir."""
+    return datasets.load_dataset("imagefolder", data_dir=str(data_dir), cache_dir=str(cache_dir), split="train")
+
+
+def test_create_then_format_loads_with_imagefolder(tmp_path, run_script):
+    write_odd_shards(tmp_path / "shards")
+    output_dir = tmp_path / "out"
+    created = run_script(CREATE, ["--parquet_path", tmp_path / "shards", "--output_dir", output_dir, "--resolution", 32,
+                                  "--caption_mode", "all", "--num_workers", 2])
+    assert created.returncode == 0, created.stderr
+    formatted = run_script(FORMAT, ["--caption_file", "out/captions.txt", "--output_file", "out/metadata.jsonl"],
+                           cwd=tmp_path)
+    assert formatted.returncode == 0, formatted.stderr
+    records = [json.loads(line) for line in (output_dir / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 10 and all(isinstance(r["text"], list) for r in records)
+    assert records[7] == {"file_name": "rsicd_images/image_000013.jpg", "text": ["河流 und Flußufer — été", "second caption ."]}
+    assert "河流" in (output_dir / "metadata.jsonl").read_text(encoding="utf-8"), "ensure_ascii must be off"
+
+    dataset = load_imagefolder(output_dir, tmp_path / "cache")
+    assert dataset.num_rows == 10 and set(dataset.column_names) == {"image", "text"}
+    assert dataset[7]["text"] == ["河流 und Flußufer — été", "second caption ."]
+    assert isinstance(dataset[0]["image"], Image.Image) and dataset[0]["image"].size == (32, 32)
+
+
+def make_folder(root: Path, lines: list) -> Path:
+    """A data folder with images a, b, c under rsicd_images/ and a captions.txt of the given lines."""
+    (root / "rsicd_images").mkdir(parents=True)
+    for letter in "abc":
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(root / "rsicd_images" / f"{letter}.jpg")
+    (root / "captions.txt").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+BAD_LINES = [
+    b"rsicd_images/a.jpg\ta first caption",
+    b"just words without a tab",
+    b"\tno name",
+    b"rsicd_images/a.jpg\t   ",
+    b"../outside.jpg\tescape",
+    b"/abs/path.jpg\tabsolute",
+    b"https://example.com/x.jpg\turl",
+    b"rsicd_images/missing.jpg\tnot there",
+    b"rsicd_images/b.jpg\tb caption",
+]
+
+
+def test_bad_lines_fail_and_write_nothing(tmp_path, run_script):
+    folder = make_folder(tmp_path / "d", BAD_LINES)
+    (folder / "metadata.jsonl").write_text("previous\n")
+    result = run_script(FORMAT, ["--caption_file", folder / "captions.txt", "--output_file", folder / "metadata.jsonl"])
+    assert result.returncode == 1
+    for line in range(2, 9):
+        assert f"line {line}:" in result.stderr
+    assert "line 1:" not in result.stderr and "line 9:" not in result.stderr
+    assert (folder / "metadata.jsonl").read_text() == "previous\n"
+    assert not (folder / "format_report.json").exists()
+
+
+def test_skip_invalid_reports_and_goes_on(tmp_path, run_script):
+    folder = make_folder(tmp_path / "d", BAD_LINES)
+    args = ["--caption_file", folder / "captions.txt", "--output_file", folder / "metadata.jsonl", "--skip_invalid"]
+    result = run_script(FORMAT, args)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert records == [{"file_name": "rsicd_images/a.jpg", "text": "a first caption"},
+                       {"file_name": "rsicd_images/b.jpg", "text": "b caption"}]
+    report = json.loads((folder / "format_report.json").read_text())
+    assert [p["line"] for p in report["skipped_lines"]] == list(range(2, 9))
+    assert report["skipped_lines"][6]["reason"] == "image not found"
+    assert report["unlisted_images"] == ["rsicd_images/c.jpg"]
+    assert "rsicd_images/c.jpg" in result.stderr
+    assert list((folder).glob("*.tmp")) == []
+
+
+def test_output_above_caption_folder_rewrites_names(tmp_path, run_script):
+    folder = make_folder(tmp_path / "data" / "part", [b"rsicd_images/a.jpg\tonly a", b"rsicd_images/b.jpg\tonly b",
+                                                      b"rsicd_images/c.jpg\tonly c"])
+    result = run_script(FORMAT, ["--caption_file", folder / "captions.txt", "--output_file", tmp_path / "data" / "m.jsonl"])
+    assert result.returncode == 0, result.stderr
+    names = [json.loads(line)["file_name"] for line in (tmp_path / "data" / "m.jsonl").read_text().splitlines()]
+    assert names == ["part/rsicd_images/a.jpg", "part/rsicd_images/b.jpg", "part/rsicd_images/c.jpg"]
+
+
+@pytest.mark.parametrize(
+    "caption_file, output_file, named",
+    [
+        ("nope/captions.txt", "d/metadata.jsonl", "nope/captions.txt"),
+        ("d/captions.txt", "elsewhere/metadata.jsonl", "elsewhere/metadata.jsonl"),
+    ],
+)
+def test_usage_errors(tmp_path, run_script, caption_file, output_file, named):
+    make_folder(tmp_path / "d", [b"rsicd_images/a.jpg\ta"])
+    result = run_script(FORMAT, ["--caption_file", caption_file, "--output_file", output_file], cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr and "Traceback" not in result.stderr
