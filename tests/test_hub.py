@@ -104,6 +104,7 @@ FAKE_OUTPUT = {
              "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"],
     "drop": ["checkpoint-2/unet/diffusion_pytorch_model.safetensors", "checkpoint-2/optimizer.bin",
              "checkpoint-4/unet_ema/config.json", "checkpoint-6.tmp/random_states_0.pkl",
+             ".checkpoint-8.partial/unet/config.json", ".checkpoint-2.old/optimizer.bin",
              "logs/text2image-fine-tune/events.out.tfevents.1.host", "validation/step-500/0.png",
              "wandb/run-1/files/config.yaml", ".cache/huggingface/upload/x.lock", "unet.tmp/config.json",
              "README.md.tmp", "tb/events.out.tfevents.2.host"],

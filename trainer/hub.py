@@ -27,7 +27,7 @@ EXAMPLE_PROMPT = "A satellite image of a crop field"
 LOCAL_ONLY_SETTINGS = ("cache_dir", "output_dir", "logging_dir", "local_rank", "hub_model_id", "push_to_hub")
 # Matched by huggingface_hub with fnmatch against paths relative to the output dir ('*' also matches '/').
 BASE_IGNORE_PATTERNS = (
-    f"{CHECKPOINT_PREFIX}*", f"{VALIDATION_DIRNAME}/*", "logs/*", "wandb/*", "*/wandb/*",
+    f"{CHECKPOINT_PREFIX}*", f".{CHECKPOINT_PREFIX}*", f"{VALIDATION_DIRNAME}/*", "logs/*", "wandb/*", "*/wandb/*",
     "*events.out.tfevents*", ".cache/*", "*/.cache/*", "__pycache__/*", "*/__pycache__/*", "*.pyc",
     f"*{TMP_SUFFIX}", f"*{TMP_SUFFIX}/*", "*.partial", "*.partial/*", "*.lock", "*.incomplete",
 )
