@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Fine-tune Stable Diffusion on RSICD: `accelerate launch train_text_to_image.py` with the project's settings.
+#
+# Settings, from the environment (all optional):
+#   MODEL_NAME    base pipeline, Hub id or local diffusers folder  (default: stable-diffusion-v1-5/stable-diffusion-v1-5)
+#   DATA_DIR      the folder holding metadata.jsonl (format.py's output) next to rsicd_images/, i.e. create.py's
+#                 --output_dir; NOT rsicd_images/ itself                                    (default: data/rsicd)
+#   OUTPUT_DIR    checkpoints, logs and the final pipeline; also the Hub repo name          (default: sd-rsicd-model)
+#   REPORT_TO     tracker: wandb, tensorboard, all, ...  (default: wandb; WANDB_MODE=offline needs no login)
+#   PUSH_TO_HUB   1: create the Hub repo at start and upload the final model; 0: do not     (default: 1)
+#                 Log in first with `hf auth login` or export HF_TOKEN; the token never goes on a command line.
+#   ACCELERATE_CONFIG_FILE  accelerate config to use. Without it, ${HF_HOME:-$HOME/.cache/huggingface}/accelerate/
+#                 default_config.yaml (written by `accelerate config`) when it exists, else one process on this machine.
+#   ACCELERATE    the accelerate command                                                    (default: accelerate)
+#
+# Extra arguments go to train_text_to_image.py after the defaults, so they win:
+#   ./train.sh --max_train_steps=10 --resolution=64
+#   REPORT_TO=tensorboard PUSH_TO_HUB=0 DATA_DIR=demo_output/data ./train.sh --max_train_steps=10
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+MODEL_NAME="${MODEL_NAME:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+DATA_DIR="${DATA_DIR:-data/rsicd}"
+OUTPUT_DIR="${OUTPUT_DIR:-sd-rsicd-model}"
+REPORT_TO="${REPORT_TO:-wandb}"
+PUSH_TO_HUB="${PUSH_TO_HUB:-1}"
+ACCELERATE="${ACCELERATE:-accelerate}"
+METADATA=metadata.jsonl
+
+# One line on stderr and exit 2, like every other usage error of the project.
+die() {
+  echo "train.sh: error: $*" >&2
+  exit 2
+}
+
+# DATA_DIR must be the folder with metadata.jsonl; the images subfolder is the usual mistake.
+check_data_dir() {
+  [[ -d "$DATA_DIR" ]] || die "DATA_DIR '$DATA_DIR' does not exist: set DATA_DIR to the folder holding $METADATA."
+  [[ -f "$DATA_DIR/$METADATA" ]] && return 0
+  local parent
+  parent="$(dirname "$DATA_DIR")"
+  if [[ -f "$parent/$METADATA" ]]; then
+    die "DATA_DIR '$DATA_DIR' holds only images; set DATA_DIR to its parent '$parent', which holds $METADATA."
+  fi
+  die "DATA_DIR '$DATA_DIR' holds no $METADATA: run format.py on create.py's captions.txt first."
+}
+
+# Cheap checks of the other settings; the trainer's own preflight checks the rest before loading models.
+check_settings() {
+  [[ -n "$MODEL_NAME" ]] || die "MODEL_NAME is empty: set it to a Hub id or a local pipeline folder."
+  if [[ "$MODEL_NAME" == /* || "$MODEL_NAME" == .* || "$MODEL_NAME" == "~"* ]] && [[ ! -d "$MODEL_NAME" ]]; then
+    die "MODEL_NAME '$MODEL_NAME' does not exist."
+  fi
+  [[ -n "$OUTPUT_DIR" ]] || die "OUTPUT_DIR is empty."
+  [[ -n "$REPORT_TO" ]] || die "REPORT_TO is empty: use wandb or tensorboard."
+  case "$PUSH_TO_HUB" in
+    0 | 1) ;;
+    *) die "PUSH_TO_HUB '$PUSH_TO_HUB' must be 1 or 0." ;;
+  esac
+  if [[ -n "${ACCELERATE_CONFIG_FILE:-}" && ! -f "$ACCELERATE_CONFIG_FILE" ]]; then
+    die "ACCELERATE_CONFIG_FILE '$ACCELERATE_CONFIG_FILE' does not exist."
+  fi
+}
+
+# A token on the command line is visible to every user of the machine (ps, shell history).
+refuse_token_args() {
+  local arg
+  for arg in "$@"; do
+    [[ "$arg" == --hub_token || "$arg" == --hub_token=* ]] &&
+      die "do not pass --hub_token: run \`hf auth login\` or export HF_TOKEN instead."
+  done
+  return 0
+}
+
+# The last --mixed_precision among the given arguments (argparse's rule), or "no".
+last_mixed_precision() {
+  local value=no take_next=0 arg
+  for arg in "$@"; do
+    if ((take_next)); then
+      value="$arg"
+      take_next=0
+    elif [[ "$arg" == --mixed_precision=* ]]; then
+      value="${arg#--mixed_precision=}"
+    elif [[ "$arg" == --mixed_precision ]]; then
+      take_next=1
+    fi
+  done
+  echo "$value"
+}
+
+# The user's accelerate config when there is one, else a single-process launch on this machine.
+launch_options() {
+  local default_config="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}/accelerate/default_config.yaml"
+  if [[ -n "${ACCELERATE_CONFIG_FILE:-}" ]]; then
+    printf '%s\n' --config_file "$ACCELERATE_CONFIG_FILE"
+  elif [[ -f "$default_config" ]]; then
+    printf '%s\n' --config_file "$default_config"
+  else
+    printf '%s\n' --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision "$1"
+  fi
+}
+
+main() {
+  check_settings
+  check_data_dir
+  refuse_token_args "$@"
+  local -a accelerate_cmd train_args launch_args
+  read -r -a accelerate_cmd <<<"$ACCELERATE"
+  command -v "${accelerate_cmd[0]}" >/dev/null ||
+    die "'${accelerate_cmd[0]}' not found: activate the project's virtualenv (it has accelerate) or set ACCELERATE."
+  train_args=(
+    --pretrained_model_name_or_path="$MODEL_NAME" --train_data_dir="$DATA_DIR" --output_dir="$OUTPUT_DIR"
+    --resolution=512 --train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing
+    --mixed_precision=fp16 --use_ema
+    --max_train_steps=3500 --learning_rate=1e-06 --max_grad_norm=1 --lr_scheduler=constant --lr_warmup_steps=0
+    --checkpointing_steps=500 --validation_prompt="A satellite image of a crop field" --validation_epochs=10
+    --report_to="$REPORT_TO"
+  )
+  [[ "$PUSH_TO_HUB" == 1 ]] && train_args+=(--push_to_hub)
+  mapfile -t launch_args < <(launch_options "$(last_mixed_precision "${train_args[@]}" "$@")")
+  exec "${accelerate_cmd[@]}" launch "${launch_args[@]}" "$SCRIPT_DIR/train_text_to_image.py" \
+    "${train_args[@]}" "$@"
+}
+
+main "$@"
