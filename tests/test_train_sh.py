@@ -1,0 +1,178 @@
+"""train.sh: the seed's flags, env overrides, last-wins extra args, accelerate config detection, checks, end to end."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.args import parse_args
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SH = REPO_ROOT / "train.sh"
+ENTRY = REPO_ROOT / "train_text_to_image.py"
+SEED_FLAGS = [
+    "--resolution=512", "--train_batch_size=1", "--gradient_accumulation_steps=4", "--gradient_checkpointing",
+    "--mixed_precision=fp16", "--use_ema", "--max_train_steps=3500", "--learning_rate=1e-06", "--max_grad_norm=1",
+    "--lr_scheduler=constant", "--lr_warmup_steps=0", "--checkpointing_steps=500",
+    "--validation_prompt=A satellite image of a crop field", "--validation_epochs=10",
+]
+# Writes each argument on its own line, so the test sees exactly what train.sh passed.
+FAKE_ACCELERATE = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGV_FILE"\n'
+ISOLATED_VARS = ("HF_HOME", "XDG_CACHE_HOME", "ACCELERATE_CONFIG_FILE", "MODEL_NAME", "DATA_DIR", "OUTPUT_DIR",
+                 "REPORT_TO", "PUSH_TO_HUB", "ACCELERATE", "HF_TOKEN")
+
+
+@pytest.fixture()
+def sandbox(tmp_path) -> dict:
+    """A fake `accelerate` first on PATH, an empty HOME, and a data dir holding metadata.jsonl."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accelerate").write_text(FAKE_ACCELERATE)
+    (bin_dir / "accelerate").chmod(0o755)
+    data = tmp_path / "data"
+    (data / "rsicd_images").mkdir(parents=True)
+    (data / "metadata.jsonl").write_text('{"file_name": "rsicd_images/a.jpg", "text": "x"}\n')
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ISOLATED_VARS}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HOME=str(tmp_path / "home"),
+               ARGV_FILE=str(tmp_path / "argv.txt"), DATA_DIR=str(data))
+    return {"env": env, "tmp": tmp_path, "data": data, "argv_file": tmp_path / "argv.txt"}
+
+
+def run_train_sh(sandbox, *args, **env):
+    """Run train.sh from a foreign cwd; return (CompletedProcess, argv given to accelerate or None)."""
+    full_env = {**sandbox["env"], **{k: str(v) for k, v in env.items()}}
+    done = subprocess.run([str(TRAIN_SH), *args], cwd=sandbox["tmp"], env=full_env, capture_output=True,
+                          text=True, timeout=60)
+    argv_file = sandbox["argv_file"]
+    return done, (argv_file.read_text().splitlines() if argv_file.exists() else None)
+
+
+def script_args(argv) -> list:
+    """The arguments after the entry script in accelerate's argv."""
+    assert str(ENTRY) in argv, argv
+    return argv[argv.index(str(ENTRY)) + 1:]
+
+
+def test_default_flags(sandbox):
+    """Without overrides: the seed's flags, wandb, push, and a single-process launch with fp16 from the flags."""
+    done, argv = run_train_sh(sandbox)
+    assert done.returncode == 0, done.stderr
+    assert argv[:10] == ["launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
+                         "--mixed_precision", "fp16", str(ENTRY)]
+    passed = script_args(argv)
+    assert passed == [
+        "--pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5",
+        f"--train_data_dir={sandbox['data']}", "--output_dir=sd-rsicd-model", *SEED_FLAGS, "--report_to=wandb",
+        "--push_to_hub",
+    ]
+    args = parse_args(passed)
+    assert args.validation_prompts == ["A satellite image of a crop field"] and args.push_to_hub
+
+
+def test_report_to_and_push_overrides(sandbox):
+    """REPORT_TO and PUSH_TO_HUB=0 come from the environment."""
+    done, argv = run_train_sh(sandbox, REPORT_TO="tensorboard", PUSH_TO_HUB=0, MODEL_NAME="org/model",
+                              OUTPUT_DIR="out")
+    assert done.returncode == 0, done.stderr
+    passed = script_args(argv)
+    assert "--report_to=tensorboard" in passed and "--push_to_hub" not in passed
+    assert "--pretrained_model_name_or_path=org/model" in passed and "--output_dir=out" in passed
+
+
+def test_extra_args_last_and_win(sandbox):
+    """Extra arguments are appended after the defaults, so argparse's last-wins applies to them."""
+    done, argv = run_train_sh(sandbox, "--max_train_steps=10", "--resolution=64", "--mixed_precision", "no")
+    assert done.returncode == 0, done.stderr
+    passed = script_args(argv)
+    assert passed[-4:] == ["--max_train_steps=10", "--resolution=64", "--mixed_precision", "no"]
+    args = parse_args(passed)
+    assert (args.max_train_steps, args.resolution, args.mixed_precision) == (10, 64, "no")
+    assert argv[argv.index("--mixed_precision") + 1] == "no"
+
+
+@pytest.mark.parametrize("where", ["home", "hf_home", "explicit"])
+def test_uses_accelerate_config_when_present(sandbox, where):
+    """A config from `accelerate config` (HOME or HF_HOME) or ACCELERATE_CONFIG_FILE replaces the default launch."""
+    env = {}
+    if where == "home":
+        config = sandbox["tmp"] / "home" / ".cache" / "huggingface" / "accelerate" / "default_config.yaml"
+    elif where == "hf_home":
+        config = sandbox["tmp"] / "hf" / "accelerate" / "default_config.yaml"
+        env["HF_HOME"] = sandbox["tmp"] / "hf"
+    else:
+        config = sandbox["tmp"] / "my_config.yaml"
+        env["ACCELERATE_CONFIG_FILE"] = config
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("compute_environment: LOCAL_MACHINE\n")
+    done, argv = run_train_sh(sandbox, **env)
+    assert done.returncode == 0, done.stderr
+    assert argv[:4] == ["launch", "--config_file", str(config), str(ENTRY)]
+
+
+def assert_usage_error(done, argv, *fragments):
+    """Exit 2, one stderr line with the fragments, accelerate never started."""
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert argv is None
+
+
+def test_missing_data_dir(sandbox):
+    """A DATA_DIR that does not exist stops before launching."""
+    done, argv = run_train_sh(sandbox, DATA_DIR=sandbox["tmp"] / "nope")
+    assert_usage_error(done, argv, "DATA_DIR", "does not exist")
+
+
+def test_images_folder_hint(sandbox):
+    """DATA_DIR=rsicd_images/ names the parent to use instead."""
+    done, argv = run_train_sh(sandbox, DATA_DIR=sandbox["data"] / "rsicd_images")
+    assert_usage_error(done, argv, "set DATA_DIR to its parent", str(sandbox["data"]))
+
+
+def test_folder_without_metadata(sandbox):
+    """A folder with no metadata.jsonl (and none above it) says to run format.py."""
+    (sandbox["tmp"] / "empty").mkdir()
+    done, argv = run_train_sh(sandbox, DATA_DIR=sandbox["tmp"] / "empty")
+    assert_usage_error(done, argv, "holds no metadata.jsonl", "format.py")
+
+
+@pytest.mark.parametrize("env,fragment", [({"PUSH_TO_HUB": "yes"}, "PUSH_TO_HUB 'yes'"),
+                                          ({"ACCELERATE_CONFIG_FILE": "/no/such.yaml"}, "ACCELERATE_CONFIG_FILE"),
+                                          ({"ACCELERATE": "/no/such/accelerate"}, "not found"),
+                                          ({"MODEL_NAME": "./no/such/model"}, "MODEL_NAME")])
+def test_bad_settings(sandbox, env, fragment):
+    """Each bad setting is one line, exit 2."""
+    done, argv = run_train_sh(sandbox, **env)
+    assert_usage_error(done, argv, fragment)
+
+
+def test_hub_token_argument_refused(sandbox):
+    """A token must not travel on a command line; the message does not echo it."""
+    done, argv = run_train_sh(sandbox, "--hub_token=hf_SECRETvalue123")
+    assert_usage_error(done, argv, "HF_TOKEN")
+    assert "hf_SECRETvalue123" not in done.stderr
+
+
+def test_real_run_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The real accelerate and trainer: the tiny model for 2 steps at 64 px gives a loadable pipeline and a card."""
+    env = {k: v for k, v in os.environ.items() if k not in ISOLATED_VARS}
+    out = tmp_path / "out"
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", HOME=str(tmp_path),
+               MODEL_NAME=str(tiny_model_dir), DATA_DIR=str(tiny_data_dir), OUTPUT_DIR=str(out),
+               REPORT_TO="tensorboard", PUSH_TO_HUB="0", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    done = subprocess.run([str(TRAIN_SH), "--max_train_steps=2", "--resolution=64", "--mixed_precision=no",
+                           "--checkpointing_steps=1000", "--validation_epochs=1000", "--dataloader_num_workers=0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("checkpoint-*"))
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["pipeline_tag"] == "text-to-image"
+    assert list((out / "logs").rglob("events.out.tfevents*"))
