@@ -2,7 +2,8 @@
 # Fine-tune Stable Diffusion on RSICD: `accelerate launch train_text_to_image.py` with the project's settings.
 #
 # Settings, from the environment (all optional):
-#   MODEL_NAME    base pipeline, Hub id or local diffusers folder  (default: stable-diffusion-v1-5/stable-diffusion-v1-5)
+#   MODEL_NAME    base pipeline, a Hub id or a local diffusers folder
+#                 (default: stable-diffusion-v1-5/stable-diffusion-v1-5)
 #   DATA_DIR      the folder holding metadata.jsonl (format.py's output) next to rsicd_images/, i.e. create.py's
 #                 --output_dir; NOT rsicd_images/ itself                                    (default: data/rsicd)
 #   OUTPUT_DIR    checkpoints, logs and the final pipeline; also the Hub repo name          (default: sd-rsicd-model)

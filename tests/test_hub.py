@@ -146,6 +146,7 @@ def test_push_final_excludes_checkpoints_and_logs(tmp_path, monkeypatch, caplog,
 def test_push_final_failure_is_clear_and_token_free(tmp_path, monkeypatch, caplog):
     """A failed upload names the repo and the retry, and masks the token even if the library echoed it."""
     def fail(self, **kw):
+        """An upload that fails with a message echoing the token."""
         raise RuntimeError(f"403 forbidden for token {TOKEN}")
 
     monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", fail)
@@ -162,6 +163,7 @@ def test_create_repo_with_env_token_and_namespace(tmp_path, monkeypatch, caplog,
     calls = []
 
     def fake_create(self, repo_id, **kw):
+        """Record the call; answer like create_repo's RepoUrl."""
         calls.append((repo_id, kw))
         return type("RepoUrl", (), {"repo_id": repo_id})()
 

@@ -243,6 +243,7 @@ def hub_error(cls, message="hub says no"):
 def raising(exc):
     """A stand-in Hub method that raises exc."""
     def method(*args, **kwargs):
+        """Fail like the Hub would."""
         raise exc
     return method
 
@@ -280,6 +281,7 @@ def test_online_model_not_a_pipeline(data_dir, tmp_path, monkeypatch):
 def test_dataset_name_checks(model_dir, tmp_path, monkeypatch):
     """--dataset_name: a missing path or an unknown Hub id fails; an existing local path passes."""
     def args_for(name):
+        """Args training on dataset `name`."""
         return parse_args(["--pretrained_model_name_or_path", str(model_dir), "--dataset_name", str(name),
                            "--output_dir", str(tmp_path / "out")])
 

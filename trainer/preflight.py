@@ -37,10 +37,8 @@ class Preflight:
 
 
 def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE asks for no network (read now, not at huggingface_hub import time)."""
-    from huggingface_hub import is_offline_mode
-
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in OFFLINE_VALUES or is_offline_mode()
+    """True when HF_HUB_OFFLINE asks for no network (read now: huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in OFFLINE_VALUES
 
 
 def resolve_token(args) -> Optional[str]:
