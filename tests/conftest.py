@@ -38,3 +38,34 @@ def sample_parquet(tmp_path_factory) -> Path:
     """A small RSICD-schema Parquet from sample_data.py, shared by the whole session."""
     path = tmp_path_factory.mktemp("sample") / "rsicd_sample.parquet"
     return make_sample_parquet(path, SAMPLE_ROWS, seed=0, row_group_size=8)
+
+
+# --- Trainer fixtures (helper "trainer"): a tiny SD pipeline and 64 px training data from the project's tools.
+
+TRAIN_ROWS = 8
+TRAIN_RESOLUTION = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline saved once per session (trainer.tiny_model)."""
+    from trainer.tiny_model import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_model") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """DATA_DIR as users build it: sample Parquet → create.py (64 px) → format.py → metadata.jsonl."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    parquet = make_sample_parquet(root / "rsicd.parquet", TRAIN_ROWS, seed=0)
+    data_dir = root / "data"
+    for script, args in (
+        ("diffusion_model/create.py", ["--parquet_path", parquet, "--output_dir", data_dir,
+                                       "--resolution", TRAIN_RESOLUTION]),
+        ("diffusion_model/format.py", ["--caption_file", data_dir / "captions.txt",
+                                       "--output_file", data_dir / "metadata.jsonl"]),
+    ):
+        done = run_script_at(script, args)
+        assert done.returncode == 0, f"{script} failed:\n{done.stderr}"
+    return data_dir

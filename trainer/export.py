@@ -23,7 +23,7 @@ def save_pipeline(model_path: str, revision: Optional[str], variant: Optional[st
 
     pipeline = StableDiffusionPipeline.from_pretrained(
         model_path, unet=unet, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
-        revision=revision, variant=variant, torch_dtype=torch.float32)
+        revision=revision, variant=variant, dtype=torch.float32)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     get_logger().info("Saved the trained pipeline to %s", output_dir)
     return pipeline

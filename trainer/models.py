@@ -61,7 +61,8 @@ def load_components(args, weight_dtype: torch.dtype, device) -> Components:
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=non_ema_revision(args))
     for frozen in (text_encoder, vae):
         frozen.requires_grad_(False)
-        frozen.to(device, dtype=weight_dtype)
+        # Cast only when needed: diffusers warns on any dtype cast of the VAE, even a no-op one.
+        frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
     unet.train()
     return Components(tokenizer, text_encoder, vae, unet,
                       load_noise_scheduler(path, revision, args.prediction_type))

@@ -1,0 +1,129 @@
+"""trainer/checkpoints.py: naming, pruning, resume resolution and position, atomic publish, exact state restore."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoints as C
+from utils.cli import UsageError
+
+
+def make_dirs(root: Path, *names: str) -> None:
+    """Create empty folders under root."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+
+
+def test_checkpoint_step_ignores_temp_and_odd_names():
+    """Only checkpoint-<digits> counts."""
+    assert C.checkpoint_step("checkpoint-12") == 12
+    for name in (".checkpoint-12.partial", "checkpoint-12.tmp", "checkpoint-x", "checkpoint-", "logs"):
+        assert C.checkpoint_step(name) is None
+
+
+def test_list_sorts_numerically(tmp_path):
+    """checkpoint-10 comes after checkpoint-9 (not string order); temp folders are skipped."""
+    make_dirs(tmp_path, "checkpoint-10", "checkpoint-9", ".checkpoint-11.partial", "logs")
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10"]
+    assert C.list_checkpoints(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("existing, limit, pruned", [
+    (["checkpoint-2", "checkpoint-4"], 2, ["checkpoint-2"]),
+    (["checkpoint-2", "checkpoint-4", "checkpoint-6"], 2, ["checkpoint-2", "checkpoint-4"]),
+    (["checkpoint-2"], 2, []),
+    (["checkpoint-2", "checkpoint-4"], None, []),
+    (["checkpoint-2", "checkpoint-4"], 1, ["checkpoint-2", "checkpoint-4"]),
+])
+def test_prune_before_save_keeps_limit_minus_one(tmp_path, existing, limit, pruned):
+    """Before a save, the oldest len − limit + 1 go, so the new one makes exactly `limit`."""
+    make_dirs(tmp_path, *existing)
+    chosen = C.checkpoints_to_prune(C.list_checkpoints(tmp_path), limit)
+    assert [p.name for p in chosen] == pruned
+
+
+def test_resolve_resume(tmp_path):
+    """latest → newest finished; a name or a path → that folder; none → None; a bad value → usage error."""
+    assert C.resolve_resume(tmp_path, None) is None
+    assert C.resolve_resume(tmp_path, "latest") is None
+    make_dirs(tmp_path, "checkpoint-2", "checkpoint-4", ".checkpoint-6.partial")
+    assert C.resolve_resume(tmp_path, "latest").name == "checkpoint-4"
+    assert C.resolve_resume(tmp_path, "checkpoint-2") == tmp_path / "checkpoint-2"
+    assert C.resolve_resume(Path("/nonexistent"), str(tmp_path / "checkpoint-2")) == tmp_path / "checkpoint-2"
+    with pytest.raises(UsageError, match="checkpoint-8"):
+        C.resolve_resume(tmp_path, "checkpoint-8")
+
+
+@pytest.mark.parametrize("step, per_epoch, ga, expected", [
+    (0, 5, 1, (0, 0)), (4, 8, 1, (0, 4)), (8, 8, 1, (1, 0)), (3, 2, 4, (1, 4)),
+])
+def test_resume_position(step, per_epoch, ga, expected):
+    """Epoch to restart in, and how many of its batches were already consumed (× accumulation)."""
+    assert C.resume_position(step, per_epoch, ga) == expected
+
+
+def test_publish_and_stale_cleanup(tmp_path):
+    """publish renames the temp folder into place (replacing an old one); stale temp folders are removed."""
+    tmp, final = C.partial_dir(tmp_path, 4), tmp_path / "checkpoint-4"
+    make_dirs(tmp_path, tmp.name, "checkpoint-4/old")
+    (tmp / "new").mkdir()
+    C.publish(tmp, final)
+    assert (final / "new").is_dir() and not (final / "old").exists() and not tmp.exists()
+    make_dirs(tmp_path, ".checkpoint-6.partial", ".checkpoint-2.old")
+    removed = {p.name for p in C.remove_stale_partials(tmp_path)}
+    assert removed == {".checkpoint-6.partial", ".checkpoint-2.old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
+
+
+def build_state(accelerator, seed: int):
+    """A prepared tiny UNet, AdamW, LR scheduler and EMA with the trainer's checkpoint hooks."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from trainer.tiny_model import build_unet
+
+    torch.manual_seed(seed)
+    unet = build_unet()
+    ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=2, num_training_steps=10)
+    C.register_state_hooks(accelerator, ema)
+    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    return unet, optimizer, scheduler, ema
+
+
+def test_resume_restores_optimizer_ema_scheduler_and_weights_exactly(tmp_path):
+    """Save after 3 steps, load into fresh objects: every tensor and counter comes back equal."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    unet, optimizer, scheduler, ema = build_state(accelerator, seed=0)
+    for _ in range(3):
+        sample = torch.randn(1, 4, 8, 8)
+        out = unet(sample, torch.tensor([5]), torch.randn(1, 77, 32)).sample
+        accelerator.backward(out.pow(2).mean())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        ema.step(unet.parameters())
+    C.save_checkpoint(accelerator, tmp_path, 3, total_limit=None)
+    assert (tmp_path / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "checkpoint-3" / "unet_ema" / "config.json").is_file()
+
+    fresh = Accelerator(cpu=True)
+    unet2, optimizer2, scheduler2, ema2 = build_state(fresh, seed=1)
+    fresh.load_state(str(C.resolve_resume(tmp_path, "latest")))
+    for a, b in zip(unet.parameters(), unet2.parameters()):
+        assert torch.equal(a, b)
+    assert ema2.optimization_step == ema.optimization_step == 3
+    for a, b in zip(ema.shadow_params, ema2.shadow_params):
+        assert torch.equal(a, b)
+    state, state2 = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
+    assert state.keys() == state2.keys()
+    for key in state:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[key][name], state2[key][name]), (key, name)
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+    assert scheduler2.scheduler.last_epoch == scheduler.scheduler.last_epoch

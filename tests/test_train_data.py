@@ -1,0 +1,113 @@
+"""trainer/data.py: transforms, caption choice, column checks, subsampling, and the real imagefolder load."""
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer import data
+from utils.cli import UsageError
+
+
+def gradient_image(width: int, height: int) -> Image.Image:
+    """An RGB image whose red channel encodes x and green encodes y, so crops and flips are traceable."""
+    image = Image.new("RGB", (width, height))
+    image.putdata([(x * 255 // (width - 1), y * 255 // (height - 1), 0) for y in range(height) for x in range(width)])
+    return image
+
+
+def test_resize_shorter_side_keeps_aspect_ratio():
+    """The shorter side becomes the resolution, the other scales with it."""
+    resized = data.resize_shorter_side(gradient_image(80, 40), 20, Image.Resampling.BILINEAR)
+    assert resized.size == (40, 20)
+    portrait = data.resize_shorter_side(gradient_image(30, 90), 60, Image.Resampling.LANCZOS)
+    assert portrait.size == (60, 180)
+
+
+def test_center_crop_takes_the_middle():
+    """A centred crop of a wide image keeps the middle columns."""
+    crop = data.crop_square(gradient_image(40, 20), 20, center=True)
+    assert crop.size == (20, 20)
+    assert crop.getpixel((0, 0))[0] == gradient_image(40, 20).getpixel((10, 0))[0]
+
+
+def test_random_crop_stays_inside_and_varies():
+    """Random crops are square, inside the image, and not always at the same offset."""
+    image = gradient_image(60, 20)
+    lefts = {data.crop_square(image, 20, center=False, rng=random.Random(seed)).getpixel((0, 0))[0]
+             for seed in range(20)}
+    assert len(lefts) > 1
+
+
+def test_transform_range_shape_and_flip():
+    """Output is CHW in [-1, 1]; with random_flip some draws mirror the image left-right."""
+    transform = data.make_image_transform(16, center_crop=True, random_flip=False, interpolation="bilinear")
+    tensor = transform(gradient_image(32, 16))
+    assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32
+    assert tensor.min() >= -1.0 and tensor.max() <= 1.0
+    assert tensor[0, 0, 0] < tensor[0, 0, -1], "red should grow left to right"
+    flipping = data.make_image_transform(16, center_crop=True, random_flip=True, interpolation="nearest")
+    random.seed(0)
+    firsts = {float(flipping(gradient_image(16, 16))[0, 0, 0]) for _ in range(20)}
+    assert firsts == {-1.0, 1.0}
+
+
+def test_every_interpolation_mode_is_mapped():
+    """All of the reference's --image_interpolation_mode choices resolve to a Pillow filter."""
+    from trainer.args import INTERPOLATION_MODES
+
+    assert set(INTERPOLATION_MODES) == set(data.INTERPOLATIONS)
+
+
+def test_pick_caption_string_list_and_bad():
+    """A string is kept; a list gives a random member; anything else is the reference's error."""
+    assert data.pick_caption("a farm", "text") == "a farm"
+    rng = random.Random(0)
+    picks = {data.pick_caption(["a", "b", "c"], "text", rng) for _ in range(30)}
+    assert picks == {"a", "b", "c"}
+    with pytest.raises(UsageError, match="strings or lists of strings"):
+        data.pick_caption(3, "text")
+
+
+def test_check_column_message():
+    """An unknown column gives the reference's message listing the real ones."""
+    assert data.check_column("--image_column", "image", ["image", "text"]) == "image"
+    with pytest.raises(UsageError, match="--caption_column' value 'caption' needs to be one of: image, text"):
+        data.check_column("--caption_column", "caption", ["image", "text"])
+
+
+def test_subsample_is_seeded_shuffle_then_take():
+    """max_train_samples keeps N rows chosen by a seeded shuffle; None keeps all."""
+    import datasets
+
+    table = datasets.Dataset.from_dict({"n": list(range(20))})
+    first = data.subsample(table, 5, seed=1)["n"]
+    assert len(first) == 5 and first == data.subsample(table, 5, seed=1)["n"]
+    assert first != list(range(5))
+    assert len(data.subsample(table, None, seed=1)) == 20
+
+
+def test_imagefolder_from_create_and_format_batches(tiny_data_dir, tiny_model_dir):
+    """DATA_DIR from create.py + format.py loads as an imagefolder and batches to pixels and token ids."""
+    from transformers import CLIPTokenizer
+
+    from trainer.args import parse_args
+
+    args = parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                       str(tiny_data_dir), "--resolution", "32", "--max_train_samples", "3", "--seed", "0"])
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
+    dataset = data.build_train_dataset(args, tokenizer)
+    assert len(dataset) == 3
+    batch = next(iter(data.build_dataloader(dataset, batch_size=2, num_workers=0)))
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["input_ids"].shape == (2, tokenizer.model_max_length)
+
+
+def test_saved_dataset_is_detected(tmp_path):
+    """A save_to_disk folder is recognised (load_from_disk), a plain folder is not."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "saved"))
+    assert data.is_saved_dataset(tmp_path / "saved")
+    assert not data.is_saved_dataset(tmp_path)
