@@ -1,10 +1,13 @@
 """Caption cleaning: one line per caption, no junk, no near-duplicates."""
 
-import unicodedata
+import re
 from typing import Iterable, Optional, Union
 
 CAPTION_MODES = ("first", "all")
 MIN_LETTERS = 3
+# Letters are word characters that are neither digits nor the underscore; everything else non-space is punctuation.
+LETTER = re.compile(r"[^\W\d_]")
+PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
 def clean_caption(text) -> Optional[str]:
@@ -13,15 +16,14 @@ def clean_caption(text) -> Optional[str]:
         return None
     # str.split() with no argument splits on every Unicode whitespace, so no line break can survive into captions.txt.
     cleaned = " ".join(text.split())
-    if sum(ch.isalpha() for ch in cleaned) < MIN_LETTERS:
+    if len(LETTER.findall(cleaned)) < MIN_LETTERS:
         return None
     return cleaned
 
 
 def dedup_key(caption: str) -> str:
     """A caption's identity ignoring case and punctuation, so 'Lakes.' and 'lakes .' count as one."""
-    without_punctuation = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in caption)
-    return " ".join(without_punctuation.casefold().split())
+    return " ".join(PUNCTUATION.sub(" ", caption).casefold().split())
 
 
 def as_caption_list(raw: Union[None, str, Iterable]) -> list:
@@ -40,9 +42,10 @@ def select_captions(raw, mode: str = "first") -> list:
     kept, seen = [], set()
     for text in as_caption_list(raw):
         caption = clean_caption(text)
-        if caption is None or dedup_key(caption) in seen:
+        key = caption and dedup_key(caption)
+        if caption is None or key in seen:
             continue
-        seen.add(dedup_key(caption))
+        seen.add(key)
         kept.append(caption)
         if mode == "first":
             break

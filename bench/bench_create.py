@@ -1,0 +1,145 @@
+"""Benchmark create.py against a plain sequential Pillow loop, and check its memory stays flat with file size.
+
+Builds RSICD-format Parquet files (224x224 JPEGs) of N and 10N rows, then in the same run measures:
+  - the sequential loop: read the whole table, then decode, resize to 512 and encode each row with Pillow;
+  - the bare decode-resize-encode chain on one core (the "2-core limit" is twice its rate);
+  - create.py as a subprocess with its default workers: wall time and peak RSS (via bench/peak_rss.py).
+Bar: >= 1.8x the sequential loop, >= 85% of the 2-core limit, peak RSS within 20% between the two sizes.
+
+Run: python bench/bench_create.py [--rows 200] [--repeats 2] [--work_dir /tmp/bench_create]
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import io
+import os
+import shutil
+import subprocess
+import time
+from typing import Optional, Sequence
+
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from diffusion_model.sample_data import make_sample_parquet
+from utils.cli import ArgumentParser, UsageError, run_main
+from utils.constants import DEFAULT_JPEG_QUALITY, DEFAULT_RESOLUTION
+
+CREATE = Path(__file__).resolve().parents[1] / "diffusion_model" / "create.py"
+PEAK_RSS = Path(__file__).resolve().with_name("peak_rss.py")
+BAR_SPEEDUP, BAR_OF_LIMIT, BAR_RSS_SPREAD = 1.8, 0.85, 0.20
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    """Command line."""
+    parser = ArgumentParser(description="Time create.py against a sequential Pillow loop.")
+    parser.add_argument("--rows", type=int, default=200, help="Rows in the small file; the large one has 10x (default 200).")
+    parser.add_argument("--row_group_size", type=int, default=100, help="Parquet row-group size (default 100).")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs of each measurement; the best one counts (default 2).")
+    parser.add_argument("--work_dir", default="/tmp/bench_create", help="Scratch folder (deleted and recreated).")
+    return parser.parse_args(argv)
+
+
+def chain(data: bytes) -> bytes:
+    """The bare per-row work: decode, resize (shorter side to 512, centre crop), encode as JPEG."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = ImageOps.fit(image, (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION), method=Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=DEFAULT_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def sequential_loop(path: Path) -> tuple:
+    """Read the whole table, then run the chain on every row; return (total seconds, chain-only seconds)."""
+    started = time.perf_counter()
+    images = [cell["bytes"] for cell in pq.read_table(path, columns=["image"]).column("image").to_pylist()]
+    chain_started = time.perf_counter()
+    for data in images:
+        chain(data)
+    finished = time.perf_counter()
+    return finished - started, finished - chain_started
+
+
+def busy_core_seconds() -> float:
+    """CPU time spent by everything on this machine so far (from /proc/stat), in core-seconds."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+def run_create(path: Path, output_dir: Path) -> dict:
+    """Run create.py (default workers) under peak_rss.py: wall and CPU seconds, peak RSS, CPU others used meanwhile."""
+    shutil.rmtree(output_dir, ignore_errors=True)
+    command = [sys.executable, str(PEAK_RSS), sys.executable, str(CREATE), "--parquet_path", str(path),
+               "--output_dir", str(output_dir)]
+    busy_before, started = busy_core_seconds(), time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds, busy = time.perf_counter() - started, busy_core_seconds() - busy_before
+    if result.returncode != 0:
+        raise RuntimeError(f"create.py exited {result.returncode} on {path}: {result.stderr.strip()[-500:]}")
+    fields = result.stdout.strip().splitlines()[-1].split()
+    rss_mib, cpu_seconds = float(fields[1]), float(fields[3])
+    return {"seconds": seconds, "rss_mib": rss_mib, "others_core_s": max(0.0, busy - cpu_seconds)}
+
+
+def measure(rows: int, work_dir: Path, row_group_size: int, repeats: int) -> dict:
+    """Build an N-row file; time the loop and create.py alternately, keeping each one's best of `repeats`."""
+    path = make_sample_parquet(work_dir / f"rsicd_{rows}.parquet", rows, seed=rows, row_group_size=row_group_size)
+    loops, creates = [], []
+    for _ in range(repeats):
+        # Alternating the two spreads any load from other processes over both instead of one.
+        loops.append(sequential_loop(path))
+        creates.append(run_create(path, work_dir / f"out_{rows}"))
+    loop_seconds = min(total for total, _ in loops)
+    best = min(creates, key=lambda c: c["seconds"])
+    return {"rows": rows, "loop_s": loop_seconds, "chain_s": min(c for _, c in loops), "create_s": best["seconds"],
+            "rss_mib": max(c["rss_mib"] for c in creates), "others_share": best["others_core_s"] / best["seconds"],
+            "file_mib": path.stat().st_size / 2**20}
+
+
+def results_block(small: dict, large: dict, cores: int) -> list:
+    """The copy-pasteable results lines and whether each bar holds (judged on the large file)."""
+    create_rate = large["rows"] / large["create_s"]
+    limit_rate = 2 * large["rows"] / large["chain_s"]
+    speedup = large["loop_s"] / large["create_s"]
+    spread = abs(large["rss_mib"] - small["rss_mib"]) / small["rss_mib"]
+    lines = [f"cores available: {cores}; create.py default workers; 224x224 RSICD-format JPEGs -> 512x512 q95"]
+    for m in (small, large):
+        lines.append(f"  {m['rows']:>6} rows ({m['file_mib']:.1f} MiB): loop {m['rows'] / m['loop_s']:.1f} rows/s, "
+                     f"create.py {m['rows'] / m['create_s']:.1f} rows/s, peak RSS {m['rss_mib']:.0f} MiB; "
+                     f"other processes used {m['others_share']:.2f} cores meanwhile")
+    lines += [
+        f"speed ratio vs sequential loop: {speedup:.2f}x  (bar >= {BAR_SPEEDUP}x: {'PASS' if speedup >= BAR_SPEEDUP else 'FAIL'})",
+        f"2-core limit: {limit_rate:.1f} rows/s; create.py at {create_rate / limit_rate:.0%} "
+        f"(bar >= {BAR_OF_LIMIT:.0%}: {'PASS' if create_rate / limit_rate >= BAR_OF_LIMIT else 'FAIL'})",
+        f"peak RSS {small['rss_mib']:.0f} MiB vs {large['rss_mib']:.0f} MiB at 10x rows: spread {spread:.1%} "
+        f"(bar <= {BAR_RSS_SPREAD:.0%}: {'PASS' if spread <= BAR_RSS_SPREAD else 'FAIL'})",
+    ]
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Build both files, measure, print the results block."""
+    args = parse_args(argv)
+    if args.rows < 10:
+        raise UsageError(f"--rows must be at least 10, got {args.rows}")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    work_dir = Path(args.work_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    small = measure(args.rows, work_dir, args.row_group_size, args.repeats)
+    large = measure(args.rows * 10, work_dir, args.row_group_size, args.repeats)
+    cores = len(os.sched_getaffinity(0))
+    print("\n".join(["----- bench_create results -----", *results_block(small, large, cores), "-" * 32]))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
