@@ -88,55 +88,54 @@ def clear_images(images_dir: Path, finished_too: bool) -> int:
 
 
 _worker_state = {}
+WRITTEN, REUSED = "written", "reused"
 
 
-def init_worker(images_dir: str, settings: ImageSettings) -> None:
+def init_worker(images_dir: str, settings: ImageSettings, overwrite: bool) -> None:
     """Pool initializer: remember where to write and how; --max_pixels replaces Pillow's own bomb guard."""
-    _worker_state.update(images_dir=Path(images_dir), settings=settings)
+    _worker_state.update(images_dir=Path(images_dir), settings=settings, overwrite=overwrite)
     Image.MAX_IMAGE_PIXELS = None
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 def process_chunk(items: list) -> list:
-    """Worker: make and write the JPEG for each (row number, image bytes); return (number, reason, detail)."""
+    """Worker: for each (row number, image bytes) reuse or make and write the JPEG; return (number, outcome, detail)."""
     settings, images_dir = _worker_state["settings"], _worker_state["images_dir"]
     statuses = []
     for number, data in items:
+        path = images_dir / image_name(number)
+        # The existence check runs here rather than in the main process, so resuming costs the reader nothing.
+        if not _worker_state["overwrite"] and path.exists():
+            statuses.append((number, REUSED, ""))
+            continue
         try:
             jpeg = prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels)
         except ImageRejected as err:
             statuses.append((number, err.reason, err.detail))
             continue
-        write_bytes_atomic(images_dir / image_name(number), jpeg)
-        statuses.append((number, None, ""))
+        write_bytes_atomic(path, jpeg)
+        statuses.append((number, WRITTEN, ""))
     return statuses
 
 
-def plan_chunk(rows: list, images_dir: Path, caption_mode: str, overwrite: bool) -> tuple:
-    """Split a chunk of rows into per-row plans (captions, skip or fail) and the image work to send out."""
-    plans, work = [], []
-    for row in rows:
-        captions = select_captions(row.captions, caption_mode)
-        reuse = bool(captions) and not overwrite and (images_dir / image_name(row.number)).exists()
-        plans.append((row, captions, reuse))
-        if captions and not reuse:
-            work.append((row.number, row.image))
+def plan_chunk(rows: list, caption_mode: str) -> tuple:
+    """Clean each row's captions; return per-row plans and the image work (rows with a caption) to send out."""
+    plans = [(row, select_captions(row.captions, caption_mode)) for row in rows]
+    work = [(row.number, row.image) for row, captions in plans if captions]
     return plans, work
 
 
 def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out) -> None:
     """Merge a finished chunk into the tally and append its caption lines, in row order."""
-    failed = {number: (reason, detail) for number, reason, detail in statuses if reason}
-    for row, captions, reuse in plans:
+    outcomes = {number: (outcome, detail) for number, outcome, detail in statuses}
+    for row, captions in plans:
         tally.rows_processed += 1
-        if not captions:
-            tally.fail(row.number, row.filename, REASON_NO_CAPTION)
+        outcome, detail = outcomes.get(row.number, (REASON_NO_CAPTION, ""))
+        if outcome not in (WRITTEN, REUSED):
+            tally.fail(row.number, row.filename, outcome, detail)
             continue
-        if row.number in failed:
-            tally.fail(row.number, row.filename, *failed[row.number])
-            continue
-        tally.images_reused += reuse
-        tally.images_written += not reuse
+        tally.images_reused += outcome == REUSED
+        tally.images_written += outcome == WRITTEN
         name = f"{IMAGES_DIRNAME}/{image_name(row.number)}"
         captions_out.writelines(f"{name}{CAPTION_SEPARATOR}{caption}\n" for caption in captions)
         tally.caption_lines += len(captions)
@@ -160,11 +159,11 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
     images_dir = output_dir / IMAGES_DIRNAME
     started, tally, pending = time.monotonic(), JobTally(), deque()
     max_in_flight = num_workers * CHUNKS_IN_FLIGHT_PER_WORKER
-    with multiprocessing.Pool(num_workers, init_worker, (str(images_dir), settings)) as pool, \
+    with multiprocessing.Pool(num_workers, init_worker, (str(images_dir), settings, overwrite)) as pool, \
             open_text_atomic(caption_file) as captions_out, \
             tqdm(total=total, unit="row", desc="create", disable=None) as bar:
         for chunk in chunked(rows, CHUNK_ROWS):
-            plans, work = plan_chunk(chunk, images_dir, caption_mode, overwrite)
+            plans, work = plan_chunk(chunk, caption_mode)
             pending.append((plans, pool.apply_async(process_chunk, (work,)) if work else None))
             while len(pending) >= max_in_flight:
                 settle_oldest(pending, tally, captions_out, bar)

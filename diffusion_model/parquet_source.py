@@ -149,7 +149,8 @@ def iter_rows(paths: Sequence[Path], columns: Columns, batch_size: int, limit: O
     for path in paths:
         parquet = open_parquet(path)
         try:
-            for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted):
+            # Single-threaded decoding: the worker processes own the cores, the reader should not compete with them.
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted, use_threads=False):
                 for row in batch_rows(batch, columns, number):
                     if limit is not None and row.number > limit:
                         return
