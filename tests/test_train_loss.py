@@ -104,7 +104,16 @@ def test_loss_composes_target_snr_and_dream(monkeypatch, tiny_parts):
     assert dream == pytest.approx(((1 + lam) ** 2).mean().item(), rel=1e-5)
 
 
-def test_loss_falls_when_overfitting_four_images(tiny_model_dir, tiny_data_dir):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: two threads stall badly when the 2-core box is shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_loss_falls_when_overfitting_four_images(tiny_model_dir, tiny_data_dir, one_thread):
     """A few high-LR steps on 4 fixed images: the mean loss of the last steps is well below the first ones."""
     from trainer import data, models
     from trainer.args import parse_args
