@@ -1,0 +1,72 @@
+"""trainer/loop.py and trainer/models.py: step arithmetic under several processes, LR scaling, optional packages."""
+
+import argparse
+
+import pytest
+import torch
+
+from trainer import loop, models
+from utils.cli import UsageError
+
+
+def test_plan_single_process_with_max_steps():
+    """8 batches, GA 1: 8 steps per epoch; max 20 steps → 3 epochs; scheduler sees the same numbers."""
+    plan = loop.plan_steps(8, 1, 1, max_train_steps=20, num_train_epochs=100, lr_warmup_steps=5)
+    assert plan == loop.StepPlan(8, 20, 3, 5, 20)
+
+
+def test_plan_from_epochs_with_accumulation():
+    """Without --max_train_steps: epochs × ceil(batches / GA); a partial accumulation still steps."""
+    plan = loop.plan_steps(10, 1, 4, max_train_steps=None, num_train_epochs=2, lr_warmup_steps=0)
+    assert (plan.steps_per_epoch, plan.max_train_steps, plan.num_epochs) == (3, 6, 2)
+
+
+def test_plan_multiprocess_scales_scheduler_steps():
+    """Two processes: each sees half the batches; warmup and total are × num_processes for the scheduler."""
+    plan = loop.plan_steps(8, 2, 1, max_train_steps=4, num_train_epochs=100, lr_warmup_steps=3)
+    assert plan.steps_per_epoch == 4 and plan.num_epochs == 1
+    assert (plan.scheduler_warmup_steps, plan.scheduler_total_steps) == (6, 8)
+
+
+def options(**overrides) -> argparse.Namespace:
+    """The optimizer-related flags with the reference's defaults."""
+    values = dict(learning_rate=1e-4, scale_lr=False, gradient_accumulation_steps=4, train_batch_size=2,
+                  use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8,
+                  enable_xformers_memory_efficient_attention=False)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_scale_lr_multiplies_by_accumulation_batch_and_processes():
+    """--scale_lr: lr × GA × batch × processes; otherwise the flag's value."""
+    assert models.learning_rate(options(), 2) == 1e-4
+    assert models.learning_rate(options(scale_lr=True), 2) == pytest.approx(1e-4 * 4 * 2 * 2)
+
+
+def test_adamw_gets_the_hyper_parameters():
+    """AdamW with the flags' betas, weight decay and epsilon."""
+    optimizer = models.build_optimizer(options(adam_beta1=0.8), [torch.nn.Parameter(torch.zeros(2))], 0.1)
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (0.1, (0.8, 0.999), 1e-2, 1e-8)
+
+
+def test_missing_optional_packages_are_usage_errors(monkeypatch):
+    """--use_8bit_adam / xformers without the package: a one-line usage error naming the package."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("bitsandbytes", "xformers") else real_find_spec(name, *a))
+    models.require_optional_packages(options())
+    with pytest.raises(UsageError, match="bitsandbytes"):
+        models.require_optional_packages(options(use_8bit_adam=True))
+    with pytest.raises(UsageError, match="xformers"):
+        models.require_optional_packages(options(enable_xformers_memory_efficient_attention=True))
+
+
+def test_weight_dtype_follows_mixed_precision():
+    """fp16/bf16 for the frozen models under mixed precision, fp32 otherwise."""
+    assert models.weight_dtype_for("fp16") == torch.float16
+    assert models.weight_dtype_for("bf16") == torch.bfloat16
+    assert models.weight_dtype_for("no") == models.weight_dtype_for(None) == torch.float32

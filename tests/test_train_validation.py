@@ -1,0 +1,99 @@
+"""trainer/validation.py: the epoch rule, PNG paths, tracker logging, EMA swap-in/restore, scheduler config."""
+
+import argparse
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer import validation as V
+
+
+def test_should_validate_every_n_epochs_including_zero():
+    """epoch % n == 0, epoch 0 included; never without prompts."""
+    assert [e for e in range(7) if V.should_validate(e, 3, ["a"])] == [0, 3, 6]
+    assert not V.should_validate(0, 1, None)
+
+
+def test_save_images_layout(tmp_path):
+    """OUTPUT_DIR/validation/step-<N>/<i>.png."""
+    paths = V.save_images([Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4))], tmp_path, 7)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["validation/step-7/0.png", "validation/step-7/1.png"]
+    assert all(p.is_file() for p in paths)
+
+
+class FakeWriter:
+    """Records SummaryWriter.add_images calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_images(self, tag, images, step, dataformats):
+        self.calls.append((tag, images.shape, step, dataformats))
+
+
+class FakeWandbTracker:
+    """Records accelerate's wandb tracker log calls."""
+
+    name = "wandb"
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values, step):
+        self.logged.append((values, step))
+
+
+def test_log_images_to_tensorboard_and_wandb(monkeypatch):
+    """tensorboard: one NHWC batch under "validation"; wandb: images captioned "i: prompt"."""
+    import sys
+
+    fake_wandb = SimpleNamespace(Image=lambda image, caption: ("image", caption))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    tensorboard = SimpleNamespace(name="tensorboard", writer=FakeWriter())
+    wandb_tracker = FakeWandbTracker()
+    images = [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8))]
+    V.log_images([tensorboard, wandb_tracker], images, ["a farm", "a river"], 3)
+    assert tensorboard.writer.calls == [("validation", (2, 8, 8, 3), 3, "NHWC")]
+    assert wandb_tracker.logged == [({"validation": [("image", "0: a farm"), ("image", "1: a river")]}, 3)]
+
+
+def test_validation_uses_ema_weights_then_restores_training_weights(monkeypatch, tmp_path):
+    """During validate() the UNet holds the EMA weights; afterwards the training weights, bit for bit."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from trainer.tiny_model import build_scheduler, build_tokenizer, build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet()
+    ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+    ema.shadow_params = [torch.full_like(p, 0.5) for p in ema.shadow_params]
+    training = [p.detach().clone() for p in unet.parameters()]
+    seen = {}
+
+    def fake_validate(accelerator, pipeline, args, step, weight_dtype):
+        seen["ema_in_use"] = all(torch.all(p == 0.5) for p in pipeline.unet.parameters())
+        return []
+
+    monkeypatch.setattr(V, "validate", fake_validate)
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model)
+    components = SimpleNamespace(vae=None, text_encoder=None, tokenizer=build_tokenizer())
+    V.validate_during_training(accelerator, components, unet, ema, build_scheduler(),
+                               argparse.Namespace(), 1, torch.float32)
+    assert seen["ema_in_use"]
+    assert all(torch.equal(a, b) for a, b in zip(training, unet.parameters()))
+
+
+def test_inference_scheduler_carries_the_trained_prediction_type(tiny_model_dir):
+    """The base pipeline's scheduler class, with --prediction_type written into its config."""
+    scheduler = V.load_inference_scheduler(str(tiny_model_dir), None, "v_prediction")
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert V.load_inference_scheduler(str(tiny_model_dir), None, None).config.prediction_type == "epsilon"
+
+
+def test_grid_is_one_row(tmp_path):
+    """validation_grid.png holds the images side by side."""
+    path = V.save_grid([Image.fromarray(np.zeros((4, 4, 3), np.uint8))] * 3, tmp_path)
+    assert Image.open(path).size == (12, 4)
