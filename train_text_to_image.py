@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     try:
         global_step = loop.train(run, global_step)
     except TrainingDiverged as err:
-        logger.error("%s", err)
+        if accelerator.is_main_process:
+            logger.error("%s", err)
         accelerator.end_training()
         return 1
 

@@ -113,6 +113,7 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
     from trainer.models import place_ema
 
     def save_hook(models, weights, output_dir):
+        """Write unet/ (and unet_ema/) as diffusers models; keep accelerate from saving its own copy."""
         if accelerator.is_main_process:
             if ema is not None:
                 ema.save_pretrained(Path(output_dir) / EMA_UNET_DIRNAME)
@@ -124,6 +125,7 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
             weights.pop()
 
     def load_hook(models, input_dir):
+        """Load unet/ (and unet_ema/) back in place; the popped models are then skipped by accelerate."""
         if ema is not None:
             loaded = EMAModel.from_pretrained(Path(input_dir) / EMA_UNET_DIRNAME, UNet2DConditionModel)
             ema.load_state_dict(loaded.state_dict())

@@ -95,6 +95,7 @@ def make_image_transform(resolution: int, center_crop: bool, random_flip: bool,
     resample = INTERPOLATIONS[interpolation]
 
     def transform(image: Image.Image) -> torch.Tensor:
+        """One training view of image."""
         image = crop_square(resize_shorter_side(image.convert("RGB"), resolution, resample), resolution, center_crop)
         if random_flip and random.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -113,6 +114,7 @@ def make_preprocess(tokenizer, image_transform, image_column: str, caption_colum
     """A datasets on-the-fly transform: rows → pixel_values and input_ids (random crop/flip/caption each time)."""
 
     def preprocess(examples: dict) -> dict:
+        """Transform a batch of rows."""
         captions = [pick_caption(c, caption_column) for c in examples[caption_column]]
         return {
             "pixel_values": [image_transform(image) for image in examples[image_column]],
