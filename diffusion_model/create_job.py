@@ -37,7 +37,10 @@ from utils.constants import (
 REASON_NO_CAPTION = "no_caption"
 # Kept beside the images so a resume with different image settings is refused instead of mixing outputs.
 SETTINGS_FILENAME = "create_settings.json"
-CHUNK_ROWS = 8
+# A chunk is one task for the pool: large enough that per-task overhead is small, small enough in bytes that
+# the chunks in flight stay a few MiB whatever the size of the source images.
+CHUNK_ROWS = 32
+CHUNK_BYTES = 4 << 20
 CHUNKS_IN_FLIGHT_PER_WORKER = 3
 OUR_IMAGE = re.compile(rf"^{re.escape(IMAGE_PREFIX)}\d{{{IMAGE_INDEX_DIGITS},}}{re.escape(IMAGE_EXTENSION)}$")
 
@@ -141,14 +144,16 @@ def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out) -> 
         tally.caption_lines += len(captions)
 
 
-def chunked(rows: Iterable, size: int):
-    """Group an iterable into lists of at most size items."""
-    chunk = []
+def chunked(rows: Iterable, max_rows: int, max_bytes: int):
+    """Group rows into lists of at most max_rows rows and (past the first row) max_bytes of image bytes."""
+    chunk, size = [], 0
     for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
+        row_bytes = len(row.image) if row.image else 0
+        if chunk and (len(chunk) == max_rows or size + row_bytes > max_bytes):
             yield chunk
-            chunk = []
+            chunk, size = [], 0
+        chunk.append(row)
+        size += row_bytes
     if chunk:
         yield chunk
 
@@ -162,7 +167,7 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
     with multiprocessing.Pool(num_workers, init_worker, (str(images_dir), settings, overwrite)) as pool, \
             open_text_atomic(caption_file) as captions_out, \
             tqdm(total=total, unit="row", desc="create", disable=None) as bar:
-        for chunk in chunked(rows, CHUNK_ROWS):
+        for chunk in chunked(rows, CHUNK_ROWS, CHUNK_BYTES):
             plans, work = plan_chunk(chunk, caption_mode)
             pending.append((plans, pool.apply_async(process_chunk, (work,)) if work else None))
             while len(pending) >= max_in_flight:

@@ -67,7 +67,9 @@ def decode(data: Optional[bytes], max_pixels: int) -> Image.Image:
 
 def orient(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag so the pixels stand the way the camera meant."""
-    return ImageOps.exif_transpose(image)
+    # In place: the usual untagged image would otherwise be copied for nothing, on every row.
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def scale_to_8bit(pixels: np.ndarray) -> np.ndarray:
