@@ -31,6 +31,7 @@ class ImageRejected(Exception):
     """A row's bytes cannot become a training image; .reason is the report's category."""
 
     def __init__(self, reason: str, detail: str = ""):
+        """Keep the reason (report category) and a human-readable detail."""
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
