@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,27 @@ def trainer_command(model, data, output, *extra) -> list:
             "--seed", "0", *[str(e) for e in extra]]
 
 
-def train(model, data, output, *extra, timeout=180) -> subprocess.CompletedProcess:
-    """Run the trainer; fail the test with its stderr if it does not exit 0."""
-    done = subprocess.run(trainer_command(model, data, output, *extra), capture_output=True, text=True,
-                          env=trainer_env(), timeout=timeout, cwd=REPO_ROOT)
+def run_command(command: list, timeout=300) -> subprocess.CompletedProcess:
+    """Run one trainer command line, capturing its output."""
+    return subprocess.run(command, capture_output=True, text=True, env=trainer_env(), timeout=timeout, cwd=REPO_ROOT)
+
+
+def run_parallel(commands: dict) -> dict:
+    """Run independent trainer commands two at a time (each is single-threaded; the box has 2 cores)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_command, command) for name, command in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def succeeded(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """done, after failing the test with the trainer's stderr unless it exited 0."""
     assert done.returncode == 0, done.stderr[-4000:]
     return done
+
+
+def train(model, data, output, *extra) -> subprocess.CompletedProcess:
+    """Run the trainer and require success."""
+    return succeeded(run_command(trainer_command(model, data, output, *extra)))
 
 
 def checkpoints(output: Path) -> set:
@@ -68,13 +84,62 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "ema"])
-def run4(request, tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    """4 steps, a checkpoint every 2, one validation prompt: (output dir, use_ema)."""
-    output = tmp_path_factory.mktemp("run4") / "out"
-    train(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 4, "--checkpointing_steps", 2,
-          "--validation_prompt", PROMPT, "--validation_epochs", 1, *ema_flags(request.param))
-    return output, request.param
+MODES = {"plain": False, "ema": True}
+
+
+@pytest.fixture(scope="module")
+def fresh_runs(tiny_model_dir, tiny_data_dir, caption_list_dataset, tmp_path_factory) -> dict:
+    """Every run that starts from nothing, two at a time: name → (output dir, CompletedProcess)."""
+    root = tmp_path_factory.mktemp("fresh")
+    commands, outputs = {}, {}
+    for mode, use_ema in MODES.items():
+        outputs[f"run4-{mode}"] = root / f"run4-{mode}"
+        commands[f"run4-{mode}"] = trainer_command(
+            tiny_model_dir, tiny_data_dir, outputs[f"run4-{mode}"], "--max_train_steps", 4,
+            "--checkpointing_steps", 2, "--validation_prompt", PROMPT, "--validation_epochs", 1, *ema_flags(use_ema))
+        # --resume_from_checkpoint=latest on an empty folder: the reference's notice and a fresh start.
+        outputs[f"limit-{mode}"] = root / f"limit-{mode}"
+        commands[f"limit-{mode}"] = trainer_command(
+            tiny_model_dir, tiny_data_dir, outputs[f"limit-{mode}"], "--max_train_steps", 6, "--checkpointing_steps",
+            2, "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "latest", *ema_flags(use_ema))
+    outputs["captions"] = root / "captions"
+    commands["captions"] = caption_list_command(tiny_model_dir, caption_list_dataset, outputs["captions"])
+    outputs["nan"] = root / "nan"
+    commands["nan"] = nan_command(tiny_model_dir, tiny_data_dir, outputs["nan"])
+    results = run_parallel(commands)
+    return {name: (outputs[name], results[name]) for name in commands}
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(fresh_runs, tiny_model_dir, tiny_data_dir, tmp_path_factory) -> dict:
+    """Copies of the 4-step runs, resumed from checkpoint-4: to the same 4 steps, and to 8 with limit 2."""
+    root = tmp_path_factory.mktemp("resumed")
+    commands, outputs = {}, {}
+    for mode, use_ema in MODES.items():
+        source, done = fresh_runs[f"run4-{mode}"]
+        succeeded(done)
+        finished = outputs[f"finished-{mode}"] = root / f"finished-{mode}"
+        shutil.copytree(source, finished)
+        shutil.rmtree(finished / "unet")
+        (finished / "model_index.json").unlink()
+        commands[f"finished-{mode}"] = trainer_command(
+            tiny_model_dir, tiny_data_dir, finished, "--max_train_steps", 4, "--checkpointing_steps", 2,
+            "--resume_from_checkpoint", "checkpoint-4", *ema_flags(use_ema))
+        to8 = outputs[f"to8-{mode}"] = root / f"to8-{mode}"
+        shutil.copytree(source, to8)
+        commands[f"to8-{mode}"] = trainer_command(
+            tiny_model_dir, tiny_data_dir, to8, "--max_train_steps", 8, "--checkpointing_steps", 2,
+            "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "checkpoint-4", *ema_flags(use_ema))
+    results = run_parallel(commands)
+    return {name: (outputs[name], results[name]) for name in commands}
+
+
+@pytest.fixture(params=list(MODES))
+def run4(request, fresh_runs):
+    """The 4-step run (a checkpoint every 2, one validation prompt) of one mode: (output dir, use_ema)."""
+    output, done = fresh_runs[f"run4-{request.param}"]
+    succeeded(done)
+    return output, MODES[request.param]
 
 
 def test_run_writes_unet_scheduler_and_exactly_two_checkpoints(run4):
@@ -127,45 +192,35 @@ def test_validation_images_grid_and_tensorboard_loss(run4):
     assert {"train_loss", "lr", "grad_norm"} <= tags
 
 
-def test_resume_of_a_finished_run_trains_no_more_but_writes_the_pipeline(run4, tiny_model_dir, tiny_data_dir,
-                                                                       tmp_path):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resume_of_a_finished_run_trains_no_more_but_writes_the_pipeline(mode, resumed_runs, fresh_runs):
     """Resuming at max_train_steps: no new checkpoint, final pipeline rewritten from checkpoint-4's weights."""
-    source, use_ema = run4
-    output = tmp_path / "out"
-    shutil.copytree(source, output)
-    shutil.rmtree(output / "unet")
-    (output / "model_index.json").unlink()
-    done = train(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 4, "--checkpointing_steps", 2,
-                 "--resume_from_checkpoint", "checkpoint-4", *ema_flags(use_ema))
+    output, done = resumed_runs[f"finished-{mode}"]
+    succeeded(done)
     assert "starting at step 4" in done.stderr
     assert checkpoints(output) == {"checkpoint-2", "checkpoint-4"}
     assert (output / "model_index.json").is_file()
+    source, _ = fresh_runs[f"run4-{mode}"]
     assert_same_weights(load_weights(output / "unet"), load_weights(source / "unet"))
 
 
-def test_total_limit_keeps_the_newest_two(run4, tiny_model_dir, tiny_data_dir, tmp_path):
-    """6 steps, a checkpoint every 2, limit 2: exactly {checkpoint-4, checkpoint-6}.
-
-    Run with --resume_from_checkpoint=latest on an empty folder: the reference's notice and a fresh start.
-    """
-    _, use_ema = run4
-    output = tmp_path / "out"
-    done = train(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 6, "--checkpointing_steps", 2,
-                 "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "latest", *ema_flags(use_ema))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_total_limit_keeps_the_newest_two(mode, fresh_runs):
+    """6 steps, a checkpoint every 2, limit 2: exactly {checkpoint-4, checkpoint-6}; "latest" with none is fresh."""
+    output, done = fresh_runs[f"limit-{mode}"]
+    succeeded(done)
     assert "no checkpoint" in done.stderr and "starting at step 0" in done.stderr
     assert checkpoints(output) == {"checkpoint-4", "checkpoint-6"}
 
 
-def test_resume_with_limit_continues_to_eight(run4, tiny_model_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resume_with_limit_continues_to_eight(mode, resumed_runs):
     """From {2, 4}, resume at checkpoint-4 up to 8 steps with limit 2: exactly {checkpoint-6, checkpoint-8}."""
-    source, use_ema = run4
-    output = tmp_path / "out"
-    shutil.copytree(source, output)
-    done = train(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 8, "--checkpointing_steps", 2,
-                 "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "checkpoint-4", *ema_flags(use_ema))
+    output, done = resumed_runs[f"to8-{mode}"]
+    succeeded(done)
     assert "starting at step 4" in done.stderr
     assert checkpoints(output) == {"checkpoint-6", "checkpoint-8"}
-    if use_ema:
+    if MODES[mode]:
         config = json.loads((output / "checkpoint-8" / "unet_ema" / "config.json").read_text())
         assert config["optimization_step"] == 8, "EMA step count not restored on resume"
 
@@ -208,33 +263,43 @@ def caption_list_dataset(tiny_data_dir, tmp_path_factory) -> Path:
     return path
 
 
-def test_caption_lists_v_prediction_wandb_offline(caption_list_dataset, tiny_model_dir, tmp_path):
-    """A caption-list saved dataset trains with v_prediction + min-SNR + offsets; wandb runs offline."""
+def caption_list_command(model, dataset, output) -> list:
+    """Caption lists, 2 of the rows (2 steps per epoch), v_prediction + min-SNR + offsets, EMA, wandb, 2 prompts."""
+    command = trainer_command(model, "unused", output, "--max_train_steps", 3, "--checkpointing_steps", 10,
+                              "--max_train_samples", 2, "--validation_epochs", 1, "--use_ema",
+                              "--prediction_type", "v_prediction", "--snr_gamma", 5, "--noise_offset", 0.1,
+                              "--input_perturbation", 0.1, "--report_to", "wandb", "--validation_prompts", PROMPT,
+                              "a river", "--caption_column", "captions")
+    data_at = command.index("--train_data_dir")
+    command[data_at:data_at + 2] = ["--dataset_name", str(dataset)]
+    return command
+
+
+def test_caption_lists_v_prediction_wandb_offline(fresh_runs):
+    """A caption-list dataset trains; v_prediction persists; validation after epoch 0 and at the end; wandb offline."""
     from diffusers import StableDiffusionPipeline
 
-    output = tmp_path / "out"
-    command = trainer_command(tiny_model_dir, "unused", output, "--max_train_steps", 2,
-                              "--checkpointing_steps", 10, "--prediction_type", "v_prediction", "--snr_gamma", 5,
-                              "--noise_offset", 0.1, "--input_perturbation", 0.1, "--report_to", "wandb",
-                              "--validation_prompts", PROMPT, "a river", "--caption_column", "captions")
-    data_at = command.index("--train_data_dir")
-    command[data_at:data_at + 2] = ["--dataset_name", str(caption_list_dataset)]
-    done = subprocess.run(command, capture_output=True, text=True, env=trainer_env(), timeout=180, cwd=REPO_ROOT)
-    assert done.returncode == 0, done.stderr[-4000:]
+    output, done = fresh_runs["captions"]
+    succeeded(done)
     config = json.loads((output / "scheduler" / "scheduler_config.json").read_text())
     assert config["prediction_type"] == "v_prediction"
     assert StableDiffusionPipeline.from_pretrained(output).scheduler.config.prediction_type == "v_prediction"
-    assert sorted(p.name for p in (output / "validation" / "step-2").iterdir()) == ["0.png", "1.png"]
+    for step in (2, 3):
+        assert sorted(p.name for p in (output / "validation" / f"step-{step}").iterdir()) == ["0.png", "1.png"]
     assert list((output / "logs").rglob("wandb/offline-run-*")), "no offline wandb run under logs/"
 
 
-def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
-    """An absurd LR blows the weights up: the run stops with a clear message, exit 1, no later checkpoint."""
-    output = tmp_path / "out"
-    command = trainer_command(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 8,
-                              "--checkpointing_steps", 1, "--max_grad_norm", "1e38")
+def nan_command(model, data, output) -> list:
+    """An absurd LR (and no clipping) that blows the weights up within a couple of steps."""
+    command = trainer_command(model, data, output, "--max_train_steps", 8, "--checkpointing_steps", 1,
+                              "--max_grad_norm", "1e38")
     command[command.index("5.0e-04")] = "1e35"
-    done = subprocess.run(command, capture_output=True, text=True, env=trainer_env(), timeout=180, cwd=REPO_ROOT)
+    return command
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(fresh_runs):
+    """The run stops with a clear message, exit 1, no final pipeline, and only finite checkpoints."""
+    output, done = fresh_runs["nan"]
     assert done.returncode == 1, done.stderr[-4000:]
     assert "loss is nan" in done.stderr.lower() or "loss is inf" in done.stderr.lower()
     assert "Traceback" not in done.stderr
@@ -244,12 +309,21 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tiny_mode
         assert all(torch.isfinite(t).all() for t in weights.values()), f"{name} holds non-finite weights"
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for torchrun's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes_with_torchrun(tiny_model_dir, tiny_data_dir, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process."""
     output = tmp_path / "out"
     command = trainer_command(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 4,
                               "--checkpointing_steps", 2, "--use_ema")
-    command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(SCRIPT)]
+    command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT)]
     done = subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
                           timeout=240, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
