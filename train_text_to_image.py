@@ -48,8 +48,9 @@ def main(argv=None) -> int:
 
     # Data
     with accelerator.main_process_first():
-        dataset = data.build_train_dataset(args, components.tokenizer)
-    dataloader = data.build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers)
+        dataset = data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed))
+    dataloader = data.build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers,
+                                       data.data_seed(args.seed))
 
     # Optimizer and schedule
     plan = loop.plan_steps(len(dataloader), accelerator.num_processes, args.gradient_accumulation_steps,

@@ -43,14 +43,37 @@ def test_random_crop_stays_inside_and_varies():
 def test_transform_range_shape_and_flip():
     """Output is CHW in [-1, 1]; with random_flip some draws mirror the image left-right."""
     transform = data.make_image_transform(16, center_crop=True, random_flip=False, interpolation="bilinear")
-    tensor = transform(gradient_image(32, 16))
+    tensor = transform(gradient_image(32, 16), random.Random(0))
     assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32
     assert tensor.min() >= -1.0 and tensor.max() <= 1.0
     assert tensor[0, 0, 0] < tensor[0, 0, -1], "red should grow left to right"
     flipping = data.make_image_transform(16, center_crop=True, random_flip=True, interpolation="nearest")
-    random.seed(0)
-    firsts = {float(flipping(gradient_image(16, 16))[0, 0, 0]) for _ in range(20)}
+    rng = random.Random(0)
+    firsts = {float(flipping(gradient_image(16, 16), rng)[0, 0, 0]) for _ in range(20)}
     assert firsts == {-1.0, 1.0}
+
+
+def test_training_dataset_is_reproducible_per_epoch_and_row(tiny_model_dir):
+    """Same (seed, epoch, row) → same sample whatever was drawn before; a new epoch draws new captions."""
+    import datasets
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
+    table = datasets.Dataset.from_dict({"image": [gradient_image(24, 16)] * 2,
+                                        "text": [[f"caption {i}" for i in range(10)]] * 2})
+    transform = data.make_image_transform(16, center_crop=False, random_flip=True, interpolation="bilinear")
+    dataset = data.TrainingDataset(table, tokenizer, transform, "image", "text", seed=3)
+    first = dataset[1]
+    random.random()
+    dataset[0]
+    again = dataset[1]
+    assert torch.equal(first["pixel_values"], again["pixel_values"])
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    captions = set()
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        captions.add(tuple(dataset[1]["input_ids"].tolist()))
+    assert len(captions) > 1, "caption lists must give a random caption each time a row is seen"
 
 
 def test_every_interpolation_mode_is_mapped():
@@ -97,9 +120,9 @@ def test_imagefolder_from_create_and_format_batches(tiny_data_dir, tiny_model_di
     args = parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
                        str(tiny_data_dir), "--resolution", "32", "--max_train_samples", "3", "--seed", "0"])
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
-    dataset = data.build_train_dataset(args, tokenizer)
+    dataset = data.build_train_dataset(args, tokenizer, data_seed=0)
     assert len(dataset) == 3
-    batch = next(iter(data.build_dataloader(dataset, batch_size=2, num_workers=0)))
+    batch = next(iter(data.build_dataloader(dataset, batch_size=2, num_workers=0, data_seed=0)))
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["input_ids"].shape == (2, tokenizer.model_max_length)
 

@@ -214,12 +214,20 @@ def test_total_limit_keeps_the_newest_two(mode, fresh_runs):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_resume_with_limit_continues_to_eight(mode, resumed_runs):
-    """From {2, 4}, resume at checkpoint-4 up to 8 steps with limit 2: exactly {checkpoint-6, checkpoint-8}."""
+def test_resume_with_limit_continues_to_eight(mode, resumed_runs, fresh_runs):
+    """From {2, 4}, resume at checkpoint-4 up to 8 steps with limit 2: exactly {checkpoint-6, checkpoint-8}.
+
+    The resumed run's step 6 is bit-identical to the uninterrupted 6-step run's: optimizer, LR schedule, EMA
+    and RNG state came back, and the batches of the resumed epoch already seen were skipped, not replayed.
+    """
     output, done = resumed_runs[f"to8-{mode}"]
     succeeded(done)
     assert "starting at step 4" in done.stderr
     assert checkpoints(output) == {"checkpoint-6", "checkpoint-8"}
+    uninterrupted, _ = fresh_runs[f"limit-{mode}"]
+    for model in ("unet", "unet_ema") if MODES[mode] else ("unet",):
+        assert_same_weights(load_weights(output / "checkpoint-6" / model),
+                            load_weights(uninterrupted / "checkpoint-6" / model))
     if MODES[mode]:
         config = json.loads((output / "checkpoint-8" / "unet_ema" / "config.json").read_text())
         assert config["optimization_step"] == 8, "EMA step count not restored on resume"

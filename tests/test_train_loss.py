@@ -123,7 +123,7 @@ def test_loss_falls_when_overfitting_four_images(tiny_model_dir, tiny_data_dir, 
                        "--center_crop"])
     torch.manual_seed(0)
     parts = models.load_components(args, torch.float32, "cpu")
-    batch = next(iter(data.build_dataloader(data.build_train_dataset(args, parts.tokenizer), 4, 0)))
+    batch = next(iter(data.build_dataloader(data.build_train_dataset(args, parts.tokenizer, 0), 4, 0, 0)))
     optimizer = models.build_optimizer(args, parts.unet.parameters(), 1e-3)
     losses = []
     for _ in range(16):

@@ -23,6 +23,16 @@ INTERPOLATIONS = {
 }
 
 
+# Shuffling and augmentation need a fixed seed even without --seed: every process must shuffle alike,
+# and a resumed run must replay the same epoch order.
+DEFAULT_DATA_SEED = 0
+
+
+def data_seed(seed: Optional[int]) -> int:
+    """Seed of the data order and augmentations: --seed, or a fixed default."""
+    return DEFAULT_DATA_SEED if seed is None else seed
+
+
 def is_saved_dataset(path: Path) -> bool:
     """True when path is a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
     return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
@@ -90,14 +100,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def make_image_transform(resolution: int, center_crop: bool, random_flip: bool,
-                         interpolation: str) -> Callable[[Image.Image], torch.Tensor]:
+                         interpolation: str) -> Callable[[Image.Image, random.Random], torch.Tensor]:
     """The training transform: shorter side to resolution, square crop, optional flip, to [-1, 1]."""
     resample = INTERPOLATIONS[interpolation]
 
-    def transform(image: Image.Image) -> torch.Tensor:
-        """One training view of image."""
-        image = crop_square(resize_shorter_side(image.convert("RGB"), resolution, resample), resolution, center_crop)
-        if random_flip and random.random() < 0.5:
+    def transform(image: Image.Image, rng: random.Random) -> torch.Tensor:
+        """One training view of image, its random choices drawn from rng."""
+        image = crop_square(resize_shorter_side(image.convert("RGB"), resolution, resample), resolution, center_crop,
+                            rng)
+        if random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(image)
 
@@ -110,18 +121,34 @@ def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def make_preprocess(tokenizer, image_transform, image_column: str, caption_column: str):
-    """A datasets on-the-fly transform: rows → pixel_values and input_ids (random crop/flip/caption each time)."""
+class TrainingDataset(torch.utils.data.Dataset):
+    """Rows → pixel_values and input_ids, with crop/flip/caption drawn from a per-(seed, epoch, row) RNG.
 
-    def preprocess(examples: dict) -> dict:
-        """Transform a batch of rows."""
-        captions = [pick_caption(c, caption_column) for c in examples[caption_column]]
-        return {
-            "pixel_values": [image_transform(image) for image in examples[image_column]],
-            "input_ids": list(tokenize(tokenizer, captions)),
-        }
+    Global RNG state would make a resumed run see other augmentations than an uninterrupted one: accelerate
+    prefetches a batch before a checkpoint is saved, and workers each hold their own RNG.
+    """
 
-    return preprocess
+    def __init__(self, table, tokenizer, image_transform, image_column: str, caption_column: str, seed: int):
+        """Wrap a datasets table; seed fixes the augmentation of each (epoch, row)."""
+        self.table, self.tokenizer, self.image_transform = table, tokenizer, image_transform
+        self.image_column, self.caption_column, self.seed = image_column, caption_column, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return len(self.table)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's DataLoader at each epoch: fresh augmentations every epoch."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        """The transformed row; the same (seed, epoch, index) always gives the same sample."""
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        row = self.table[int(index)]
+        caption = pick_caption(row[self.caption_column], self.caption_column, rng)
+        return {"pixel_values": self.image_transform(row[self.image_column], rng),
+                "input_ids": tokenize(self.tokenizer, [caption])[0]}
 
 
 def collate(examples: Sequence[dict]) -> dict:
@@ -132,18 +159,20 @@ def collate(examples: Sequence[dict]) -> dict:
     }
 
 
-def build_train_dataset(args, tokenizer):
-    """Load, check, subsample and attach the transform: the dataset the DataLoader reads."""
+def build_train_dataset(args, tokenizer, data_seed: int) -> TrainingDataset:
+    """Load, check and subsample the table; wrap it with the training transform."""
     raw = load_raw_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     image_column = check_column("--image_column", args.image_column, raw.column_names)
     caption_column = check_column("--caption_column", args.caption_column, raw.column_names)
     transform = make_image_transform(args.resolution, args.center_crop, args.random_flip,
                                      args.image_interpolation_mode)
     subset = subsample(raw, args.max_train_samples, args.seed)
-    return subset.with_transform(make_preprocess(tokenizer, transform, image_column, caption_column))
+    return TrainingDataset(subset, tokenizer, transform, image_column, caption_column, data_seed)
 
 
-def build_dataloader(dataset, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
-    """A shuffling DataLoader over the transformed dataset."""
+def build_dataloader(dataset, batch_size: int, num_workers: int, data_seed: int) -> torch.utils.data.DataLoader:
+    """A shuffling DataLoader; its own generator keeps worker seeding off the global RNG that training uses."""
+    # Workers are re-created each epoch (not persistent) so they pick up the dataset's new epoch.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                                       num_workers=num_workers, persistent_workers=num_workers > 0)
+                                       num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(data_seed))

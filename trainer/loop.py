@@ -45,10 +45,10 @@ def make_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    from trainer.data import data_seed
+
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir)))
-    # The same shuffle order is needed on every process and after a resume, even without --seed.
-    loader_config = DataLoaderConfiguration(use_seedable_sampler=True,
-                                            data_seed=args.seed if args.seed is not None else 0)
+    loader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args.seed))
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision, log_with=args.report_to,
                        project_config=project, dataloader_config=loader_config)
