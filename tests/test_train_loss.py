@@ -68,6 +68,7 @@ class ZeroUNet:
     """Predicts zeros; answers both call styles the trainer and diffusers' DREAM helper use."""
 
     def __call__(self, sample, timesteps, encoder_hidden_states, return_dict=True):
+        """Zeros shaped like the sample."""
         out = torch.zeros_like(sample)
         return (out,) if not return_dict else SimpleNamespace(sample=out)
 

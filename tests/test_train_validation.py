@@ -27,9 +27,11 @@ class FakeWriter:
     """Records SummaryWriter.add_images calls."""
 
     def __init__(self):
+        """No calls yet."""
         self.calls = []
 
     def add_images(self, tag, images, step, dataformats):
+        """Record the call."""
         self.calls.append((tag, images.shape, step, dataformats))
 
 
@@ -39,9 +41,11 @@ class FakeWandbTracker:
     name = "wandb"
 
     def __init__(self):
+        """Nothing logged yet."""
         self.logged = []
 
     def log(self, values, step):
+        """Record the call."""
         self.logged.append((values, step))
 
 
@@ -74,6 +78,7 @@ def test_validation_uses_ema_weights_then_restores_training_weights(monkeypatch,
     seen = {}
 
     def fake_validate(accelerator, pipeline, args, step, weight_dtype):
+        """Note whether the pipeline's UNet holds the EMA weights."""
         seen["ema_in_use"] = all(torch.all(p == 0.5) for p in pipeline.unet.parameters())
         return []
 
