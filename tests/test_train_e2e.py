@@ -147,7 +147,10 @@ def test_run_writes_unet_scheduler_and_exactly_two_checkpoints(run4):
     output, use_ema = run4
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (output / "scheduler" / "scheduler_config.json").is_file()
-    assert not list(output.rglob("*.bin")) or all("checkpoint-" in str(p) for p in output.rglob("*.bin"))
+    assert (output / "README.md").read_text().startswith("---")
+    pickled = [p for p in output.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
+               and not p.relative_to(output).parts[0].startswith("checkpoint-")]
+    assert not pickled, f"the final pipeline must be safetensors only: {pickled}"
     assert checkpoints(output) == {"checkpoint-2", "checkpoint-4"}
     assert (output / "checkpoint-2" / "unet_ema").is_dir() == use_ema
     assert not [p for p in output.iterdir() if p.name.startswith(".")], "temp folders left behind"

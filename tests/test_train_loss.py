@@ -64,6 +64,15 @@ def test_check_finite():
             L.check_finite(bad, 4)
 
 
+def test_check_finite_parameters():
+    """Finite weights pass; one NaN anywhere raises before a checkpoint could store it."""
+    weights = [torch.zeros(3), torch.ones(2, 2)]
+    L.check_finite_parameters(weights, 2)
+    weights[1][0, 1] = math.nan
+    with pytest.raises(L.TrainingDiverged, match="step 2"):
+        L.check_finite_parameters(weights, 2)
+
+
 class ZeroUNet:
     """Predicts zeros; answers both call styles the trainer and diffusers' DREAM helper use."""
 

@@ -9,7 +9,7 @@ import torch
 
 from trainer.checkpoints import (checkpoint_step, remove_stale_partials, resolve_resume, resume_position,
                                  save_checkpoint)
-from trainer.loss import LossOptions, check_finite, diffusion_loss
+from trainer.loss import LossOptions, check_finite, check_finite_parameters, diffusion_loss
 from trainer.validation import should_validate, validate_during_training
 from utils.logger import get_logger
 
@@ -136,6 +136,7 @@ def after_optimizer_step(run: TrainingRun, global_step: int, train_loss: float, 
         logs["grad_norm"] = float(grad_norm)
     accelerator.log(logs, step=global_step)
     if global_step % args.checkpointing_steps == 0:
+        check_finite_parameters(run.unet.parameters(), global_step)
         save_checkpoint(accelerator, Path(args.output_dir), global_step, args.checkpoints_total_limit)
 
 

@@ -107,3 +107,13 @@ def check_finite(loss_value: float, step: int) -> None:
         raise TrainingDiverged(
             f"loss is {loss_value} at optimizer step {step + 1}: training stopped, nothing saved after the last "
             "good checkpoint (try a lower --learning_rate, --mixed_precision=bf16 or --max_grad_norm).")
+
+
+def check_finite_parameters(parameters, step: int) -> None:
+    """Raise TrainingDiverged if an optimizer step left NaN/inf weights, so such a state is never checkpointed."""
+    with torch.no_grad():
+        if all(torch.isfinite(p).all() for p in parameters):
+            return
+    raise TrainingDiverged(
+        f"weights became NaN or infinite at optimizer step {step}: training stopped, nothing saved after the last "
+        "good checkpoint (try a lower --learning_rate or --max_grad_norm).")
