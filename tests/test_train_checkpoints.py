@@ -94,7 +94,16 @@ def build_state(accelerator, seed: int):
     return unet, optimizer, scheduler, ema
 
 
-def test_resume_restores_optimizer_ema_scheduler_and_weights_exactly(tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state: reset it after the test so later in-process users start clean."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_resume_restores_optimizer_ema_scheduler_and_weights_exactly(tmp_path, fresh_accelerate_state):
     """Save after 3 steps, load into fresh objects: every tensor and counter comes back equal."""
     from accelerate import Accelerator
 
