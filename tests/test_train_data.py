@@ -120,9 +120,9 @@ def test_imagefolder_from_create_and_format_batches(tiny_data_dir, tiny_model_di
     args = parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
                        str(tiny_data_dir), "--resolution", "32", "--max_train_samples", "3", "--seed", "0"])
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
-    dataset = data.build_train_dataset(args, tokenizer, data_seed=0)
+    dataset = data.build_train_dataset(args, tokenizer, seed=0)
     assert len(dataset) == 3
-    batch = next(iter(data.build_dataloader(dataset, batch_size=2, num_workers=0, data_seed=0)))
+    batch = next(iter(data.build_dataloader(dataset, batch_size=2, num_workers=0, seed=0)))
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["input_ids"].shape == (2, tokenizer.model_max_length)
 

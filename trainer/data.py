@@ -59,7 +59,7 @@ def check_column(flag: str, value: str, column_names: Sequence[str]) -> str:
     return value
 
 
-def subsample(dataset, max_train_samples: Optional[int], seed: Optional[int]):
+def subsample(dataset, max_train_samples: Optional[int], seed: int):
     """Shuffle with the seed and keep the first max_train_samples rows (the whole set when None)."""
     if max_train_samples is None:
         return dataset
@@ -159,20 +159,21 @@ def collate(examples: Sequence[dict]) -> dict:
     }
 
 
-def build_train_dataset(args, tokenizer, data_seed: int) -> TrainingDataset:
+def build_train_dataset(args, tokenizer, seed: int) -> TrainingDataset:
     """Load, check and subsample the table; wrap it with the training transform."""
     raw = load_raw_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     image_column = check_column("--image_column", args.image_column, raw.column_names)
     caption_column = check_column("--caption_column", args.caption_column, raw.column_names)
     transform = make_image_transform(args.resolution, args.center_crop, args.random_flip,
                                      args.image_interpolation_mode)
-    subset = subsample(raw, args.max_train_samples, args.seed)
-    return TrainingDataset(subset, tokenizer, transform, image_column, caption_column, data_seed)
+    # The data seed, not --seed: every process must keep the same rows even when --seed is not given.
+    subset = subsample(raw, args.max_train_samples, seed)
+    return TrainingDataset(subset, tokenizer, transform, image_column, caption_column, seed)
 
 
-def build_dataloader(dataset, batch_size: int, num_workers: int, data_seed: int) -> torch.utils.data.DataLoader:
+def build_dataloader(dataset, batch_size: int, num_workers: int, seed: int) -> torch.utils.data.DataLoader:
     """A shuffling DataLoader; its own generator keeps worker seeding off the global RNG that training uses."""
     # Workers are re-created each epoch (not persistent) so they pick up the dataset's new epoch.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
                                        num_workers=num_workers,
-                                       generator=torch.Generator().manual_seed(data_seed))
+                                       generator=torch.Generator().manual_seed(seed))
