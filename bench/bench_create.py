@@ -6,7 +6,7 @@ Builds RSICD-format Parquet files (224x224 JPEGs) of N and 10N rows, then in the
   - create.py as a subprocess with its default workers: wall time and peak RSS (via bench/peak_rss.py).
 Bar: >= 1.8x the sequential loop, >= 85% of the 2-core limit, peak RSS within 20% between the two sizes.
 
-Run: python bench/bench_create.py [--rows 200] [--repeats 2] [--work_dir /dev/shm/bench_create]
+Run: python bench/bench_create.py [--rows 200] [--repeats 2] [--max_background 0.2] [--max_attempts 6]
 """
 
 import sys
@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from diffusion_model.imaging import RESAMPLE
 from diffusion_model.sample_data import make_sample_parquet
 from utils.cli import ArgumentParser, UsageError, run_main
 from utils.constants import DEFAULT_JPEG_QUALITY, DEFAULT_RESOLUTION
@@ -54,7 +55,8 @@ def parse_args(argv: Optional[Sequence[str]]):
 def chain(data: bytes) -> bytes:
     """The bare per-row work: decode, resize (shorter side to 512, centre crop), encode as JPEG."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
-    image = ImageOps.fit(image, (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION), method=Image.Resampling.LANCZOS)
+    # Same filter as create.py, so both sides do the same work per row.
+    image = ImageOps.fit(image, (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION), method=RESAMPLE)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=DEFAULT_JPEG_QUALITY)
     return buffer.getvalue()
