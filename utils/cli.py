@@ -11,8 +11,22 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2, no traceback."""
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" to a flag's help when it has a real default the help does not already state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a single line naming it, instead of the usage block."""
+    """argparse that reports a bad flag as a single line naming it, and shows every default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
