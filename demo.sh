@@ -4,7 +4,8 @@
 # and format.py (captions.txt -> metadata.jsonl). Output goes to demo_output/ (or $1).
 set -euo pipefail
 cd "$(dirname "$0")"
-. scripts/setup_env.sh
+scripts/setup_env.sh
+. .venv/bin/activate
 OUT="${1:-demo_output}"
 mkdir -p "$OUT"
 python diffusion_model/sample_data.py --output "$OUT/rsicd_sample.parquet" --num_rows 64
