@@ -8,13 +8,13 @@ The Hub token is never put in a message: any text that could carry it goes throu
 import importlib.util
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from trainer.checkpoints import list_checkpoints
 from utils.cli import UsageError
-from utils.constants import CHECKPOINT_PREFIX, IMAGES_DIRNAME, METADATA_FILENAME
+from utils.constants import IMAGES_DIRNAME, METADATA_FILENAME
 
 HUB_TIMEOUT_S = 10
 OFFLINE_VALUES = ("1", "on", "yes", "true")
@@ -23,7 +23,6 @@ PIPELINE_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "te
                   "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json")
 IMAGEFOLDER_FILE_KEY = "file_name"
 IMAGEFOLDER_IMAGE_COLUMN = "image"
-CHECKPOINT_NAME = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
 
 
@@ -267,22 +266,14 @@ def check_base_model(args) -> bool:
     return False
 
 
-def _checkpoints_in(output_dir: Path) -> list:
-    """Names of complete checkpoint-N folders in output_dir, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p.name) for p in output_dir.iterdir()
-             if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
-    return [name for _, name in sorted(found)]
-
-
 def resolve_resume(args) -> Optional[Path]:
     """The checkpoint folder to resume from; None for a fresh start ('latest' with none saved yet)."""
     value = args.resume_from_checkpoint
     if value is None:
         return None
     output_dir = Path(args.output_dir).expanduser()
-    existing = _checkpoints_in(output_dir)
+    # The trainer's own listing, so preflight and the resume itself agree on what a finished checkpoint is.
+    existing = [path.name for path in list_checkpoints(output_dir)]
     if value == "latest":
         return output_dir / existing[-1] if existing else None
     # A bare checkpoint-N name lives in the output dir (the reference's reading); anything else is a path.
