@@ -234,6 +234,12 @@ def test_resume_with_limit_continues_to_eight(mode, resumed_runs, fresh_runs):
     if MODES[mode]:
         config = json.loads((output / "checkpoint-8" / "unet_ema" / "config.json").read_text())
         assert config["optimization_step"] == 8, "EMA step count not restored on resume"
+    # The loss log was cut back to step 4 on resume: every step once, and the replayed steps match.
+    from trainer.loss_log import loss_log_path, read_loss_log
+
+    resumed_log = read_loss_log(loss_log_path(output))
+    assert [row[0] for row in resumed_log] == list(range(1, 9))
+    assert resumed_log[:6] == read_loss_log(loss_log_path(uninterrupted))
 
 
 def test_kill_minus_9_then_resume_latest_matches_an_uninterrupted_run(tiny_model_dir, tiny_data_dir, tmp_path):

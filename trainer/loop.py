@@ -10,6 +10,7 @@ import torch
 from trainer.checkpoints import (checkpoint_step, remove_stale_partials, resolve_resume, resume_position,
                                  save_checkpoint)
 from trainer.loss import LossOptions, check_finite, check_finite_parameters, diffusion_loss
+from trainer.loss_log import append_loss, truncate_loss_log
 from trainer.validation import should_validate, validate_during_training
 from utils.logger import get_logger
 
@@ -72,11 +73,14 @@ def resume_from(accelerator, output_dir: str, value: Optional[str]) -> int:
             get_logger().info("Removed an unfinished checkpoint save: %s", stale.name)
     accelerator.wait_for_everyone()
     path = resolve_resume(Path(output_dir), value)
+    step = 0 if path is None else checkpoint_step(path.name)
+    if accelerator.is_main_process:
+        truncate_loss_log(output_dir, step)
     if path is None:
         return 0
     get_logger().info("Resuming from %s", path)
     accelerator.load_state(str(path))
-    return checkpoint_step(path.name)
+    return step
 
 
 @dataclass
@@ -135,6 +139,8 @@ def after_optimizer_step(run: TrainingRun, global_step: int, train_loss: float, 
     if grad_norm is not None:
         logs["grad_norm"] = float(grad_norm)
     accelerator.log(logs, step=global_step)
+    if accelerator.is_main_process:
+        append_loss(args.output_dir, global_step, train_loss, logs["lr"])
     if global_step % args.checkpointing_steps == 0:
         check_finite_parameters(run.unet.parameters(), global_step)
         save_checkpoint(accelerator, Path(args.output_dir), global_step, args.checkpoints_total_limit)

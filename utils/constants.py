@@ -29,6 +29,8 @@ UNET_DIRNAME = "unet"
 VALIDATION_DIRNAME = "validation"
 MODEL_CARD_FILENAME = "README.md"
 TRAINING_STATE_FILENAME = "training_state.json"
+LOSS_LOG_FILENAME = "loss_log.csv"
+LOSS_CURVE_FILENAME = "loss_curve.png"
 
 # Inference
 DEFAULT_NUM_INFERENCE_STEPS = 100
