@@ -9,7 +9,7 @@ can be regenerated alone.
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -185,20 +185,24 @@ def batches(count: int, batch_size: int) -> List[range]:
 
 def generate(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, negative_prompt: Optional[str],
              num_inference_steps: int, guidance_scale: float, height: Optional[int], width: Optional[int],
-             batch_size: int = 1) -> List:
+             batch_size: int = 1, on_image: Optional[Callable[[int, object], None]] = None) -> List:
     """One image per (prompt, seed) pair; image i comes from its own torch.Generator seeded with seeds[i], so
-    any subset regenerates exactly the pixels an uninterrupted run would give (evaluate.py resumes on this)."""
+    any subset regenerates exactly the pixels an uninterrupted run would give (evaluate.py resumes on this).
+    on_image(i, image) is called as each image is ready, so callers can save as they go."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     check_size("--height", height)
     check_size("--width", width)
     images = []
     for chunk in tqdm(batches(len(prompts), batch_size), desc="images", unit="batch"):
-        # CPU generators give the same starting noise on every device, so a seed means the same image anywhere.
+        # CPU generators draw the same starting noise on every device (GPU arithmetic still differs slightly).
         generators = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in chunk]
         negatives = [negative_prompt] * len(chunk) if negative_prompt else None
         result = pipeline(prompt=[prompts[i] for i in chunk], negative_prompt=negatives, generator=generators,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           height=height, width=width)
-        images.extend(result.images)
+        for index, image in zip(chunk, result.images):
+            if on_image is not None:
+                on_image(index, image)
+            images.append(image)
     return images

@@ -1,0 +1,85 @@
+"""Sample a fine-tuned Stable Diffusion model: a run's OUTPUT_DIR, or one of its checkpoint-N folders.
+
+Flow: prompts and seeds → output folder → device → model (a checkpoint's UNet goes into its base pipeline) →
+sampler → images, each saved with a JSON sidecar of its settings as it is drawn → grid.png.
+Run: python generate.py --model sd-rsicd-model --prompt "A satellite image of a crop field" --seed 0
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from inference.args import parse_args  # noqa: E402
+from inference.outputs import grid_columns, prepare_output_dir, save_grid, save_image  # noqa: E402
+from inference.pipeline import check_size, pick_device, resolve_model  # noqa: E402
+from inference.prompts import base_seed, collect_prompts, plan_images  # noqa: E402
+from utils.cli import UsageError, run_main  # noqa: E402
+from utils.logger import get_logger, setup_logging  # noqa: E402
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers to errors and no loading bars: their notices drown our own lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def settings_record(args, source, pipeline, device, dtype) -> dict:
+    """What every image's sidecar repeats: the model, weights and sampling settings."""
+    return {"negative_prompt": args.negative_prompt, "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": args.guidance_scale, "scheduler": type(pipeline.scheduler).__name__,
+            "model": args.model, "pipeline": source.pipeline,
+            "unet": str(source.unet) if source.unet is not None else None, "weights": source.weights,
+            "device": device.type, "dtype": str(dtype).replace("torch.", "")}
+
+
+def main(argv=None) -> int:
+    """Generate the requested images into --output_dir; usage errors are one line with exit code 2."""
+    args = parse_args(argv)
+    setup_logging()
+    logger = get_logger()
+
+    # What to draw: every prompt, each image with its own seed.
+    prompts = collect_prompts(args.prompt, args.prompts_file)
+    first_seed = base_seed(args.seed)
+    plan = plan_images(prompts, args.num_images_per_prompt, first_seed)
+    check_size("--height", args.height)
+    check_size("--width", args.width)
+    if args.num_inference_steps < 1:
+        raise UsageError(f"--num_inference_steps {args.num_inference_steps} must be at least 1.")
+
+    # Where it goes and what draws it; every path is checked before the model loads.
+    output_dir = prepare_output_dir(args.output_dir, args.overwrite)
+    device, dtype = pick_device(args.device)
+    source = resolve_model(args.model, args.base_model, args.weights)
+    quiet_libraries()
+    from inference.pipeline import generate, load_source
+
+    pipeline = load_source(source, device, dtype, args.scheduler)
+    logger.info("Model %s (UNet: %s weights) on %s/%s; %d image(s) of %d prompt(s), seeds %d..%d",
+                source.pipeline, source.weights, device.type, str(dtype).replace("torch.", ""), len(plan),
+                len(prompts), first_seed, plan[-1][1])
+
+    # Draw, saving each image and its sidecar as soon as it exists.
+    shared = settings_record(args, source, pipeline, device, dtype)
+
+    def save(index, image):
+        """Write image index with its own prompt and seed."""
+        prompt, seed = plan[index]
+        save_image(output_dir, index, image, {"prompt": prompt, "seed": seed, **shared})
+
+    images = generate(pipeline, [p for p, _ in plan], [s for _, s in plan], negative_prompt=args.negative_prompt,
+                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                      height=args.height, width=args.width, batch_size=args.batch_size, on_image=save)
+    grid = save_grid(output_dir, images, grid_columns(len(images), args.num_images_per_prompt))
+    logger.info("Wrote %d image(s) with JSON sidecars to %s; grid: %s", len(images), output_dir, grid)
+    print(grid)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,48 @@
+"""generate.py's command line."""
+
+from typing import Optional, Sequence
+
+from inference.pipeline import WEIGHTS_CHOICES
+from inference.schedulers import SCHEDULERS
+from utils.cli import ArgumentParser
+from utils.constants import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+
+DEFAULT_OUTPUT_DIR = "generated"
+
+
+def build_parser() -> ArgumentParser:
+    """Every flag of generate.py with its default and help."""
+    parser = ArgumentParser(description="Sample images from a fine-tuned Stable Diffusion run or one of its "
+                                        "checkpoints: PNGs, a JSON sidecar of settings per image, and a grid.")
+    parser.add_argument("--model", required=True,
+                        help="a training OUTPUT_DIR (the saved pipeline), a checkpoint-N folder of it, or a Hub id")
+    parser.add_argument("--base_model", default=None,
+                        help="pipeline whose VAE/text encoder/tokenizer/scheduler a checkpoint's UNet goes into "
+                             "(default: the run's own pipeline in the checkpoint's parent folder when training "
+                             f"finished, else {DEFAULT_BASE_MODEL})")
+    parser.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
+                        help="for a checkpoint: its unet_ema/ (ema), its unet/ (unet), or auto = EMA when present")
+    parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat the flag for several")
+    parser.add_argument("--prompts_file", default=None, help="UTF-8 text file, one prompt per line (blank lines skipped)")
+    parser.add_argument("--negative_prompt", default=None, help="what to steer away from, for every image")
+    parser.add_argument("--num_images_per_prompt", type=int, default=1, help="images drawn for each prompt")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="image i uses seed+i, so a seed reproduces the pixels (default: drawn at random and "
+                             "written to each image's sidecar)")
+    parser.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's, 512 for SD1.5)")
+    parser.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's, 512 for SD1.5)")
+    parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="denoising steps")
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                        help="classifier-free guidance; 1 turns it off")
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
+                        help="sampler, built from the model's scheduler config (default: the model's own)")
+    parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (memory vs speed)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda with fp16 when present, else cpu)")
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="where the PNGs, sidecars and grid.png go")
+    parser.add_argument("--overwrite", action="store_true", help="replace images a previous run left in --output_dir")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    """Parse the command line (bad flags: one line, exit 2)."""
+    return build_parser().parse_args(argv)
