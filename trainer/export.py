@@ -30,8 +30,9 @@ def save_pipeline(model_path: str, revision: Optional[str], variant: Optional[st
 
 
 def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
-    """Main process: write the pipeline, validate it, write the grid and model card, push when asked."""
+    """Main process: write the pipeline, validate it, write the grid, model card and loss curve, push when asked."""
     from trainer.hub import push_final, write_model_card
+    from trainer.loss_log import write_loss_curve
     from trainer.validation import save_grid, validate
 
     accelerator, args = run.accelerator, run.args
@@ -47,5 +48,8 @@ def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
         images = validate(accelerator, pipeline.to(accelerator.device), args, global_step, torch.float32)
         grid_path = save_grid(images, output_dir)
     write_model_card(output_dir, args, hub_repo_id, grid_path)
+    curve = write_loss_curve(output_dir)
+    if curve is not None:
+        get_logger().info("Loss curve: %s", curve)
     if args.push_to_hub:
         push_final(output_dir, hub_repo_id, args)
