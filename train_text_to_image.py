@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from trainer import data, export, loop, models
+    from trainer import data, export, latent_cache, loop, models
     from trainer.checkpoints import register_state_hooks
     from trainer.loss import LossOptions, TrainingDiverged
     from trainer.validation import load_inference_scheduler
@@ -46,17 +46,24 @@ def main(argv=None) -> int:
     ema = models.build_ema(args, components.unet, accelerator.device) if args.use_ema else None
     register_state_hooks(accelerator, ema, args.offload_ema)
 
-    # Data
+    # Data; with --cache_latents the frozen encoders run once here, then leave the accelerator.
+    num_workers = data.resolve_num_workers(args.dataloader_num_workers, accelerator.num_processes)
     with accelerator.main_process_first():
         dataset = data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed))
-    dataloader = data.build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers,
-                                       data.data_seed(args.seed))
+    collate = data.collate
+    if args.cache_latents:
+        dataset = latent_cache.cached_training_dataset(accelerator, args, components, dataset, weight_dtype,
+                                                       num_workers)
+        models.move_frozen(components, "cpu")
+        collate = latent_cache.collate_cached
+    dataloader = data.build_dataloader(dataset, args.train_batch_size, num_workers, data.data_seed(args.seed),
+                                       collate)
 
     # Optimizer and schedule
     plan = loop.plan_steps(len(dataloader), accelerator.num_processes, args.gradient_accumulation_steps,
                            args.max_train_steps, args.num_train_epochs, args.lr_warmup_steps)
     optimizer = models.build_optimizer(args, components.unet.parameters(),
-                                       models.learning_rate(args, accelerator.num_processes))
+                                       models.learning_rate(args, accelerator.num_processes), accelerator.device.type)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=plan.scheduler_warmup_steps,
                                  num_training_steps=plan.scheduler_total_steps)

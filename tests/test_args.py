@@ -13,12 +13,13 @@ REQUIRED = ["--pretrained_model_name_or_path", "some/model", "--train_data_dir",
 NO_DEFAULT = object()
 
 # The reference trainer's 57 flags and defaults (trainer_facts.md). store_true flags default to False.
+# One deliberate difference: --dataloader_num_workers defaults to None (derived from the cores), not 0.
 REFERENCE_FLAGS = {
     "pretrained_model_name_or_path": NO_DEFAULT, "revision": None, "variant": None, "non_ema_revision": None,
     "prediction_type": None, "dataset_name": None, "dataset_config_name": None, "train_data_dir": None,
     "image_column": "image", "caption_column": "text", "max_train_samples": None, "cache_dir": None,
     "resolution": 512, "center_crop": False, "random_flip": False, "image_interpolation_mode": "lanczos",
-    "dataloader_num_workers": 0, "output_dir": "sd-model-finetuned", "seed": None, "train_batch_size": 16,
+    "dataloader_num_workers": None, "output_dir": "sd-model-finetuned", "seed": None, "train_batch_size": 16,
     "num_train_epochs": 100, "max_train_steps": None, "gradient_accumulation_steps": 1,
     "gradient_checkpointing": False, "learning_rate": 1e-4, "scale_lr": False, "lr_scheduler": "constant",
     "lr_warmup_steps": 500, "snr_gamma": None, "dream_training": False, "dream_detail_preservation": 1.0,
@@ -135,6 +136,23 @@ def test_non_positive_counts_rejected(flag, capsys):
 def test_bad_values_name_the_value(argv, named, capsys):
     """Typos fail at parse time, naming the bad value."""
     assert named in _usage_error(REQUIRED + argv, capsys)
+
+
+@pytest.mark.parametrize("argv,named", [(["--cache_latents"], "--center_crop"),
+                                        (["--use_8bit_adam", "--optimizer_impl=fused"], "fused"),
+                                        (["--vae_batch_size=0"], "--vae_batch_size"),
+                                        (["--optimizer_impl=apex"], "apex")])
+def test_cache_and_optimizer_flags_checked(argv, named, capsys):
+    """Random crop with the cache, an AdamW kernel with 8-bit Adam, a zero batch: one line naming the problem."""
+    assert named in _usage_error(REQUIRED + argv, capsys)
+
+
+def test_cache_and_memory_flags_parse():
+    """The new flags parse with centre crop; the cache dir is not the reference's --cache_dir."""
+    args = parse_args(REQUIRED + ["--cache_latents", "--center_crop", "--latents_cache_dir", "lc",
+                                  "--optimizer_impl", "foreach", "--dataloader_num_workers", "3"])
+    assert (args.cache_latents, args.latents_cache_dir, args.cache_dir) == (True, "lc", None)
+    assert (args.optimizer_impl, args.dataloader_num_workers, args.vae_batch_size) == ("foreach", 3, 8)
 
 
 def test_local_rank_accepted_and_args_not_mutated(monkeypatch):

@@ -31,7 +31,7 @@ def test_plan_multiprocess_scales_scheduler_steps():
 def options(**overrides) -> argparse.Namespace:
     """The optimizer-related flags with the reference's defaults."""
     values = dict(learning_rate=1e-4, scale_lr=False, gradient_accumulation_steps=4, train_batch_size=2,
-                  use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8,
+                  use_8bit_adam=False, optimizer_impl="auto", adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8,
                   enable_xformers_memory_efficient_attention=False)
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -49,6 +49,51 @@ def test_adamw_gets_the_hyper_parameters():
     group = optimizer.param_groups[0]
     assert isinstance(optimizer, torch.optim.AdamW)
     assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (0.1, (0.8, 0.999), 1e-2, 1e-8)
+
+
+@pytest.mark.parametrize("impl,device,expected", [
+    ("auto", "cuda", {"fused": True}), ("auto", "cpu", {}), ("fused", "cpu", {"fused": True}),
+    ("foreach", "cuda", {"foreach": True}), ("loop", "cuda", {"foreach": False, "fused": False})])
+def test_optimizer_impl_picks_the_adamw_kernel(impl, device, expected):
+    """--optimizer_impl maps to AdamW's fused/foreach switches; auto is fused on CUDA only."""
+    assert models.adamw_kernel_options(impl, device) == expected
+
+
+def adamw_steps(impl: str, steps: int = 3) -> torch.Tensor:
+    """Weights of a small linear model after a few real AdamW steps with the given kernel."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = models.build_optimizer(options(optimizer_impl=impl), model.parameters(), 1e-2)
+    for _ in range(steps):
+        model(torch.randn(5, 8)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.weight.detach()
+
+
+def test_adamw_kernels_agree():
+    """fused, foreach and the per-tensor loop run on CPU and take the same steps (to float tolerance)."""
+    reference = adamw_steps("loop")
+    torch.manual_seed(0)
+    assert not torch.equal(reference, torch.nn.Linear(8, 4).weight)  # the steps moved the weights
+    for impl in ("fused", "foreach", "auto"):
+        torch.testing.assert_close(adamw_steps(impl), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_8bit_adam_takes_real_steps_on_cpu():
+    """bitsandbytes' AdamW8bit runs on CPU: weights move, optimizer states are 8-bit."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    before = model.weight.detach().clone()
+    optimizer = models.build_optimizer(options(use_8bit_adam=True), model.parameters(), 1e-2)
+    for _ in range(2):
+        model(torch.randn(5, 64)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert type(optimizer).__name__ == "AdamW8bit"
+    assert not torch.equal(model.weight, before)
+    assert optimizer.state[model.weight]["state1"].dtype == torch.uint8
 
 
 def test_missing_optional_packages_are_usage_errors(monkeypatch):

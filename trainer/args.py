@@ -18,6 +18,7 @@ REPORT_TO_CHOICES = (
     "tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive", "aim", "swanlab", "trackio", "all",
 )
 WANDB_REPORTS = ("wandb", "all")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 
 DESCRIPTION = "Fine-tune Stable Diffusion's UNet on image/caption pairs (drop-in for diffusers' text_to_image example)."
 
@@ -62,8 +63,25 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="Flip images horizontally at random.")
     group.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
                        help="Interpolation used when resizing images.")
-    group.add_argument("--dataloader_num_workers", type=int, default=0,
-                       help="Data loading worker processes; 0 loads in the main process.")
+    group.add_argument("--dataloader_num_workers", type=int, default=None,
+                       help="Data loading worker processes per training process (persistent, prefetching); 0 loads "
+                            "in the main process. Unset: the process's share of the CPU cores minus one, at most 8.")
+
+
+def _add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the cache of frozen-model outputs (VAE latents, text-encoder states)."""
+    group = parser.add_argument_group("latent cache")
+    group.add_argument("--cache_latents", action="store_true",
+                       help="Before training, encode every image with the VAE (and its mirror image with "
+                            "--random_flip) and every distinct caption with the text encoder, once; train from that "
+                            "cache, sampling each step's latents from the stored mean and std. Needs --center_crop. "
+                            "The VAE and text encoder then stay off the accelerator except for validation.")
+    group.add_argument("--latents_cache_dir", type=str, default=None,
+                       help="Folder of the latent cache (not --cache_dir, which is the datasets/models download "
+                            "cache). Unset: OUTPUT_DIR/.cache/latents. A rerun with the same model, data and image "
+                            "settings reuses it; any change builds a new one.")
+    group.add_argument("--vae_batch_size", type=int, default=8,
+                       help="Images (and captions) per encoder batch while building the latent cache.")
 
 
 def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +119,12 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
 def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     """Flags for the optimizer, precision and hardware features."""
     group = parser.add_argument_group("optimizer and precision")
-    group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    group.add_argument("--use_8bit_adam", action="store_true",
+                       help="Use bitsandbytes' 8-bit AdamW (optimizer states in 1 byte per value instead of 4 each).")
+    group.add_argument("--optimizer_impl", type=str, default="auto", choices=OPTIMIZER_IMPLS,
+                       help="torch AdamW kernel: 'fused' (one kernel for all tensors), 'foreach' (batched ops), "
+                            "'loop' (one tensor at a time, least temporary memory), or 'auto' (fused on CUDA, "
+                            "torch's default elsewhere). Not used with --use_8bit_adam.")
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
@@ -165,7 +188,7 @@ def _add_hub_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> ArgumentParser:
     """The trainer's argument parser, with every flag of the reference trainer."""
     parser = ArgumentParser(prog="train_text_to_image.py", description=DESCRIPTION)
-    for add in (_add_model_args, _add_data_args, _add_optimisation_args, _add_optimizer_args,
+    for add in (_add_model_args, _add_data_args, _add_cache_args, _add_optimisation_args, _add_optimizer_args,
                 _add_ema_args, _add_checkpoint_args, _add_tracking_args, _add_hub_args):
         add(parser)
     return parser
@@ -182,6 +205,7 @@ def _positive_flags(args: argparse.Namespace) -> list:
         ("--max_train_steps", args.max_train_steps),
         ("--max_train_samples", args.max_train_samples),
         ("--checkpoints_total_limit", args.checkpoints_total_limit),
+        ("--vae_batch_size", args.vae_batch_size),
     ]
 
 
@@ -197,8 +221,13 @@ def check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"{flag} must be at least 1, got {value}.")
     for flag, value in (("--lr_warmup_steps", args.lr_warmup_steps),
                         ("--dataloader_num_workers", args.dataloader_num_workers)):
-        if value < 0:
+        if value is not None and value < 0:
             parser.error(f"{flag} must not be negative, got {value}.")
+    if args.cache_latents and not args.center_crop:
+        parser.error("--cache_latents needs --center_crop: a random crop differs every step, so cached latents would "
+                     "be wrong (for square images at --resolution, e.g. create.py's output, both crops are the same).")
+    if args.use_8bit_adam and args.optimizer_impl != "auto":
+        parser.error(f"--optimizer_impl={args.optimizer_impl} applies to torch's AdamW, not to --use_8bit_adam.")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

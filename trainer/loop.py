@@ -11,6 +11,7 @@ from trainer.checkpoints import (checkpoint_step, remove_stale_partials, resolve
                                  save_checkpoint)
 from trainer.loss import LossOptions, check_finite, check_finite_parameters, diffusion_loss
 from trainer.loss_log import append_loss, truncate_loss_log
+from trainer.models import frozen_models_on
 from trainer.validation import should_validate, validate_during_training
 from utils.logger import get_logger
 
@@ -110,6 +111,11 @@ def ema_step(ema, unet, offload: bool, device) -> None:
         ema.to("cpu", non_blocking=True)
 
 
+def batch_size(batch: dict) -> int:
+    """Rows in a batch, whether it holds images and token ids or cached latents and text states."""
+    return next(iter(batch.values())).shape[0]
+
+
 def micro_step(run: TrainingRun, batch: dict, global_step: int):
     """Forward/backward of one batch under accumulation; returns (mean loss over processes, grad norm or None)."""
     accelerator, args = run.accelerator, run.args
@@ -118,7 +124,7 @@ def micro_step(run: TrainingRun, batch: dict, global_step: int):
         loss = diffusion_loss(batch, run.unet, c.vae, c.text_encoder, c.noise_scheduler, run.loss_options,
                               run.weight_dtype)
         # Gathered before backward so every process sees the same value and stops together on a NaN.
-        mean_loss = accelerator.gather(loss.detach().repeat(batch["input_ids"].shape[0])).mean().item()
+        mean_loss = accelerator.gather(loss.detach().repeat(batch_size(batch))).mean().item()
         check_finite(mean_loss, global_step)
         accelerator.backward(loss)
         grad_norm = None
@@ -178,7 +184,8 @@ def train(run: TrainingRun, global_step: int) -> int:
         # The last epoch is validated by the final pipeline at the end; doing it here too would repeat it.
         if global_step < plan.max_train_steps and accelerator.is_main_process and \
                 should_validate(epoch, args.validation_epochs, args.validation_prompts):
-            validate_during_training(accelerator, run.components, run.unet, run.ema, run.inference_scheduler,
-                                     args, global_step, run.weight_dtype)
+            with frozen_models_on(run.components, accelerator.device, args.cache_latents):
+                validate_during_training(accelerator, run.components, run.unet, run.ema, run.inference_scheduler,
+                                         args, global_step, run.weight_dtype)
     progress.close()
     return global_step

@@ -79,16 +79,36 @@ def encode_latents(vae, pixel_values: torch.Tensor, dtype: torch.dtype) -> torch
     return latents * vae.config.scaling_factor
 
 
+def batch_latents(batch: dict, vae, dtype: torch.dtype) -> torch.Tensor:
+    """Scaled latents of a batch: sampled from the cached posterior when the batch carries one, else encoded."""
+    if "latent_mean" not in batch:
+        return encode_latents(vae, batch["pixel_values"], dtype)
+    from trainer.latent_cache import sample_posterior
+
+    return sample_posterior(batch["latent_mean"], batch["latent_std"]) * vae.config.scaling_factor
+
+
+def batch_text_states(batch: dict, text_encoder) -> torch.Tensor:
+    """Text-encoder hidden states of a batch: cached ones when present, else encoded from the token ids."""
+    if "encoder_hidden_states" in batch:
+        return batch["encoder_hidden_states"]
+    with torch.no_grad():
+        return text_encoder(batch["input_ids"], return_dict=False)[0]
+
+
 def diffusion_loss(batch: dict, unet, vae, text_encoder, noise_scheduler, options: LossOptions,
                    weight_dtype: torch.dtype) -> torch.Tensor:
-    """The loss of one batch, as the reference computes it."""
-    latents = encode_latents(vae, batch["pixel_values"], weight_dtype)
+    """The loss of one batch, as the reference computes it (from the latent cache's batches too).
+
+    The global RNG is consumed in the same order either way (latent sample, noise, timesteps), so a cached run
+    with the same seed draws the same noise as an uncached one.
+    """
+    latents = batch_latents(batch, vae, weight_dtype)
     noise = sample_noise(latents, options.noise_offset)
     timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, latents.device)
     noised_with = noise + options.input_perturbation * torch.randn_like(noise) if options.input_perturbation else noise
     noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
-    with torch.no_grad():
-        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+    encoder_hidden_states = batch_text_states(batch, text_encoder)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     if options.dream_training:
         from diffusers.training_utils import compute_dream_and_update_latents

@@ -1,5 +1,6 @@
 """Models: load the SD components, freeze what is not trained, build the EMA copy and the optimizer."""
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,6 +69,25 @@ def load_components(args, weight_dtype: torch.dtype, device) -> Components:
                       load_noise_scheduler(path, revision, args.prediction_type))
 
 
+def move_frozen(components: Components, device) -> None:
+    """Move the VAE and text encoder (not the UNet) to device, e.g. off the accelerator while a cache serves them."""
+    components.vae.to(device)
+    components.text_encoder.to(device)
+
+
+@contextlib.contextmanager
+def frozen_models_on(components: Components, device, enabled: bool = True):
+    """Bring the VAE and text encoder to device for the block (validation), then back to the CPU; no-op if disabled."""
+    if not enabled:
+        yield
+        return
+    move_frozen(components, device)
+    try:
+        yield
+    finally:
+        move_frozen(components, "cpu")
+
+
 def configure_unet(unet, gradient_checkpointing: bool, xformers: bool) -> None:
     """Memory options: gradient checkpointing, and xformers attention only when asked (SDPA otherwise)."""
     if gradient_checkpointing:
@@ -108,13 +128,20 @@ def learning_rate(args, num_processes: int) -> float:
     return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
 
 
-def build_optimizer(args, params, lr: float) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam (imported only then)."""
+def adamw_kernel_options(impl: str, device_type: str) -> dict:
+    """torch AdamW keyword arguments for --optimizer_impl; auto picks fused on CUDA, torch's own default elsewhere."""
+    if impl == "auto":
+        impl = "fused" if device_type == "cuda" else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False, "fused": False},
+            "default": {}}[impl]
+
+
+def build_optimizer(args, params, lr: float, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW with the --optimizer_impl kernel, or bitsandbytes' AdamW8bit with --use_8bit_adam (imported only then)."""
+    hyper = {"lr": lr, "betas": (args.adam_beta1, args.adam_beta2), "weight_decay": args.adam_weight_decay,
+             "eps": args.adam_epsilon}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bnb.optim.AdamW8bit(params, **hyper)
+    return torch.optim.AdamW(params, **hyper, **adamw_kernel_options(args.optimizer_impl, device_type))
