@@ -134,3 +134,42 @@ def test_saved_dataset_is_detected(tmp_path):
     datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "saved"))
     assert data.is_saved_dataset(tmp_path / "saved")
     assert not data.is_saved_dataset(tmp_path)
+
+
+def row_key(pixels: torch.Tensor, ids: torch.Tensor) -> tuple:
+    """A hashable summary of one sample, to compare batches regardless of their shuffled order."""
+    return (round(float(pixels.sum()), 3), round(float(pixels[..., 0].sum()), 3), tuple(ids.tolist()))
+
+
+def test_persistent_workers_see_each_new_epoch():
+    """With a persistent worker, epoch 1's batch holds epoch 1's flips and captions, not a replay of epoch 0's."""
+    from trainer.tiny_model import build_tokenizer
+
+    table = [{"image": gradient_image(24, 16), "text": [f"caption {i}" for i in range(6)]} for _ in range(6)]
+    transform = data.make_image_transform(16, center_crop=True, random_flip=True, interpolation="bilinear")
+    dataset = data.TrainingDataset(table, build_tokenizer(), transform, "image", "text", seed=3)
+    loader = data.build_dataloader(dataset, batch_size=len(table), num_workers=1, seed=0)
+    assert loader.persistent_workers and loader.prefetch_factor > 1
+    seen = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        expected = sorted(row_key(dataset[i]["pixel_values"], dataset[i]["input_ids"]) for i in range(len(table)))
+        (batch,) = list(loader)
+        got = sorted(row_key(p, ids) for p, ids in zip(batch["pixel_values"], batch["input_ids"]))
+        assert got == expected, f"epoch {epoch}: the worker did not draw this epoch's augmentations"
+        seen.append(got)
+    assert seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("cores,processes,expected", [(2, 1, 1), (1, 1, 0), (16, 2, 7), (64, 1, 8), (8, 8, 0)])
+def test_default_worker_count(cores, processes, expected):
+    """A process's share of the cores minus one (for the training process), at most 8, never negative."""
+    assert data.default_num_workers(cores, processes) == expected
+
+
+def test_explicit_worker_count_wins():
+    """--dataloader_num_workers as given (0 included); unset derives from the usable cores."""
+    assert data.resolve_num_workers(0, 1) == 0 and data.resolve_num_workers(5, 4) == 5
+    import os
+
+    assert data.resolve_num_workers(None, 1) == data.default_num_workers(len(os.sched_getaffinity(0)), 1)
