@@ -336,10 +336,10 @@ def free_port() -> int:
 
 
 def test_two_processes_with_torchrun(tiny_model_dir, tiny_data_dir, tmp_path):
-    """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process."""
+    """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process; each builds half the latent cache."""
     output = tmp_path / "out"
     command = trainer_command(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 4,
-                              "--checkpointing_steps", 2, "--use_ema")
+                              "--checkpointing_steps", 2, "--use_ema", "--cache_latents")
     command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT)]
     done = subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
                           timeout=240, cwd=REPO_ROOT)
@@ -349,3 +349,6 @@ def test_two_processes_with_torchrun(tiny_model_dir, tiny_data_dir, tmp_path):
     assert (output / "checkpoint-4" / "random_states_1.pkl").is_file()
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (output / "model_index.json").is_file()
+    (cache,) = (output / ".cache" / "latents").iterdir()
+    assert sorted(p.name for p in cache.glob("latents-*")) == ["latents-0000000-0000004.safetensors",
+                                                               "latents-0000004-0000008.safetensors"]
