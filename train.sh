@@ -13,6 +13,9 @@
 #   ACCELERATE_CONFIG_FILE  accelerate config to use. Without it, ${HF_HOME:-$HOME/.cache/huggingface}/accelerate/
 #                 default_config.yaml (written by `accelerate config`) when it exists, else one process on this machine.
 #   ACCELERATE    the accelerate command                                                    (default: accelerate)
+#   CACHE_LATENTS 1: --cache_latents --center_crop (encode images and captions once, before training: faster
+#                 steps; the centre crop equals any crop for create.py's square images at --resolution=512);
+#                 0: encode every step with random crops, as the reference does                 (default: 1)
 #
 # Extra arguments go to train_text_to_image.py after the defaults, so they win:
 #   ./train.sh --max_train_steps=10 --resolution=64
@@ -25,6 +28,7 @@ DATA_DIR="${DATA_DIR:-data/rsicd}"
 OUTPUT_DIR="${OUTPUT_DIR:-sd-rsicd-model}"
 REPORT_TO="${REPORT_TO:-wandb}"
 PUSH_TO_HUB="${PUSH_TO_HUB:-1}"
+CACHE_LATENTS="${CACHE_LATENTS:-1}"
 ACCELERATE="${ACCELERATE:-accelerate}"
 METADATA=metadata.jsonl
 
@@ -57,6 +61,10 @@ check_settings() {
   case "$PUSH_TO_HUB" in
     0 | 1) ;;
     *) die "PUSH_TO_HUB '$PUSH_TO_HUB' must be 1 or 0." ;;
+  esac
+  case "$CACHE_LATENTS" in
+    0 | 1) ;;
+    *) die "CACHE_LATENTS '$CACHE_LATENTS' must be 1 or 0." ;;
   esac
   if [[ -n "${ACCELERATE_CONFIG_FILE:-}" && ! -f "$ACCELERATE_CONFIG_FILE" ]]; then
     die "ACCELERATE_CONFIG_FILE '$ACCELERATE_CONFIG_FILE' does not exist."
@@ -118,6 +126,7 @@ main() {
     --report_to="$REPORT_TO"
   )
   [[ "$PUSH_TO_HUB" == 1 ]] && train_args+=(--push_to_hub)
+  [[ "$CACHE_LATENTS" == 1 ]] && train_args+=(--center_crop --cache_latents)
   mapfile -t launch_args < <(launch_options "$(last_mixed_precision "${train_args[@]}" "$@")")
   exec "${accelerate_cmd[@]}" launch "${launch_args[@]}" "$SCRIPT_DIR/train_text_to_image.py" \
     "${train_args[@]}" "$@"

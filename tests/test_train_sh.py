@@ -22,7 +22,7 @@ SEED_FLAGS = [
 # Writes each argument on its own line, so the test sees exactly what train.sh passed.
 FAKE_ACCELERATE = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGV_FILE"\n'
 ISOLATED_VARS = ("HF_HOME", "XDG_CACHE_HOME", "ACCELERATE_CONFIG_FILE", "MODEL_NAME", "DATA_DIR", "OUTPUT_DIR",
-                 "REPORT_TO", "PUSH_TO_HUB", "ACCELERATE", "HF_TOKEN")
+                 "REPORT_TO", "PUSH_TO_HUB", "ACCELERATE", "HF_TOKEN", "CACHE_LATENTS")
 
 
 @pytest.fixture()
@@ -67,10 +67,19 @@ def test_default_flags(sandbox):
     assert passed == [
         "--pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5",
         f"--train_data_dir={sandbox['data']}", "--output_dir=sd-rsicd-model", *SEED_FLAGS, "--report_to=wandb",
-        "--push_to_hub",
+        "--push_to_hub", "--center_crop", "--cache_latents",
     ]
     args = parse_args(passed)
     assert args.validation_prompts == ["A satellite image of a crop field"] and args.push_to_hub
+    assert args.cache_latents and args.center_crop
+
+
+def test_cache_latents_off(sandbox):
+    """CACHE_LATENTS=0: neither the cache nor the centre crop (random crops, as the reference)."""
+    done, argv = run_train_sh(sandbox, CACHE_LATENTS=0)
+    assert done.returncode == 0, done.stderr
+    passed = script_args(argv)
+    assert "--cache_latents" not in passed and "--center_crop" not in passed
 
 
 def test_report_to_and_push_overrides(sandbox):
@@ -143,6 +152,7 @@ def test_folder_without_metadata(sandbox):
 
 
 @pytest.mark.parametrize("env,fragment", [({"PUSH_TO_HUB": "yes"}, "PUSH_TO_HUB 'yes'"),
+                                          ({"CACHE_LATENTS": "on"}, "CACHE_LATENTS 'on'"),
                                           ({"ACCELERATE_CONFIG_FILE": "/no/such.yaml"}, "ACCELERATE_CONFIG_FILE"),
                                           ({"ACCELERATE": "/no/such/accelerate"}, "not found"),
                                           ({"MODEL_NAME": "./no/such/model"}, "MODEL_NAME")])
@@ -176,3 +186,4 @@ def test_real_run_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
     card = (out / "README.md").read_text()
     assert yaml.safe_load(card.split("---\n")[1])["pipeline_tag"] == "text-to-image"
     assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert list((out / ".cache" / "latents").glob("*/manifest.json"))  # train.sh caches by default
