@@ -16,8 +16,8 @@ from pathlib import Path
 from diffusion_model.atomic import write_json_atomic
 from evaluation.args import parse_args
 from evaluation.data import load_rows
-from evaluation.generation import (GENERATED_DIRNAME, generate_missing, guard_settings, missing_rows,
-                                   settings_from_args)
+from evaluation.generation import (GENERATED_DIRNAME, check_settings, generate_missing, missing_rows,
+                                   record_settings, settings_from_args)
 from evaluation.metrics import (clip_cosine, clip_info, inception_info, load_clip, load_inception, make_clip_score,
                                 make_fid)
 from evaluation.report import REPORT_FILENAME, build_report, write_sheet
@@ -37,10 +37,14 @@ def main(argv=None) -> int:
     if eval_dir.exists() and not eval_dir.is_dir():
         raise UsageError(f"--output_dir {eval_dir} exists and is not a folder")
 
-    # Held-out pairs: the first --num_samples rows, each with the caption at --caption_index.
+    # Held-out pairs: the first --num_samples rows, each with the caption at --caption_index; a folder that holds
+    # images made with other settings is refused now, before anything loads.
     rows, bad, rows_read = load_rows(args.data_dir, args.parquet_path, args.caption_index, args.num_samples)
     if args.num_samples and rows_read < args.num_samples:
         log.warning("--num_samples %d asked, but the data has only %d rows", args.num_samples, rows_read)
+    settings = settings_from_args(args)
+    generated_dir = eval_dir / GENERATED_DIRNAME
+    check_settings(generated_dir, settings, args.overwrite)
 
     # Metric models from local paths; a wrong file is refused here, before anything is generated.
     device, dtype = pick_device(args.device)
@@ -49,11 +53,9 @@ def main(argv=None) -> int:
     clip_score = make_clip_score(*load_clip(clip_path)).to(device)
     inception, clip = inception_info(inception_path), clip_info(clip_path)
 
-    # The model to evaluate, and the guard that keeps one folder to one set of generation settings.
+    # The model to evaluate; its settings are kept beside the images, so a rerun with others is refused.
     pipeline = load_pipeline(args.model, args.base_model, device, dtype, args.scheduler, args.weights)
-    settings = settings_from_args(args)
-    generated_dir = eval_dir / GENERATED_DIRNAME
-    guard_settings(generated_dir, settings, args.overwrite)
+    record_settings(generated_dir, settings, args.overwrite)
     clock["loaded"] = time.monotonic()
 
     # Real side of FID first: it streams, and it finds undecodable images before we spend time generating.

@@ -32,20 +32,25 @@ def row_seed(seed: int, row: EvalRow) -> int:
     return seed + row.number - 1
 
 
-def guard_settings(generated_dir: Path, settings: dict, overwrite: bool) -> None:
-    """Record the generation settings; refuse a folder whose images came from other settings, unless overwriting."""
-    generated_dir.mkdir(parents=True, exist_ok=True)
+def check_settings(generated_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse a folder whose images came from other settings, unless overwriting (cheap: runs before any loading)."""
     path = generated_dir / SETTINGS_FILENAME
-    if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        if previous != settings and not overwrite:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise UsageError(f"{generated_dir} holds images made with other settings ({', '.join(changed)}); "
-                             "use another --output_dir or --overwrite")
+    if overwrite or not path.is_file():
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if previous != settings:
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        raise UsageError(f"{generated_dir} holds images made with other settings ({', '.join(changed)}); "
+                         "use another --output_dir or --overwrite")
+
+
+def record_settings(generated_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Write the settings beside the images (once the model has loaded); with overwrite, drop the old images."""
+    generated_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for old in generated_dir.glob(f"*{PNG_SUFFIX}"):
             old.unlink()
-    write_json_atomic(path, settings)
+    write_json_atomic(generated_dir / SETTINGS_FILENAME, settings)
 
 
 def settings_from_args(args) -> dict:

@@ -1,5 +1,6 @@
 """Shared fixtures: the repository root, a subprocess runner for the entry scripts, a sample RSICD Parquet."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,22 @@ def tiny_data_dir(tmp_path_factory) -> Path:
         done = run_script_at(script, args)
         assert done.returncode == 0, f"{script} failed:\n{done.stderr}"
     return data_dir
+
+
+# --- Evaluation fixtures (helper "evaluate"): random stand-ins for the Inception and CLIP models, made once.
+
+
+@pytest.fixture(scope="session")
+def stand_in_models(tmp_path_factory) -> dict:
+    """inception_random.pth and clip_tiny/ from `python -m evaluation.stand_ins DIR`'s main, run in-process
+    (a subprocess would spend seconds importing torch, transformers and torchmetrics again)."""
+    from evaluation.stand_ins import main
+
+    out = tmp_path_factory.mktemp("stand_ins")
+    assert main([str(out)]) == 0
+    return {"inception_weights": out / "inception_random.pth", "clip_model": out / "clip_tiny"}
+
+
+def single_thread_env() -> dict:
+    """The environment with one thread per process, so subprocess runs do not fight over the two cores."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

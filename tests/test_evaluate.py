@@ -1,0 +1,167 @@
+"""evaluate.py end to end, as users run it: the tiny pipeline, stand-in metric models, metadata.jsonl and Parquet
+inputs, resuming after lost images, and one-line usage errors."""
+
+import io
+import json
+import math
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT, single_thread_env
+
+RESOLUTION = 32
+STEPS = 2
+METADATA_ROWS = 4
+
+
+def evaluate_command(model, source_flag, source, stand_ins, out, *extra) -> list:
+    """The evaluate.py command line for a quick run on the tiny pipeline with the stand-in models."""
+    return [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(model), source_flag, str(source),
+            "--inception_weights", str(stand_ins["inception_weights"]), "--clip_model", str(stand_ins["clip_model"]),
+            "--output_dir", str(out), "--num_inference_steps", str(STEPS), "--resolution", str(RESOLUTION),
+            "--metric_batch_size", "4", *map(str, extra)]
+
+
+def start(command) -> subprocess.Popen:
+    """Start a run single-threaded, so two can share the two cores."""
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=single_thread_env())
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a run; fail with its stderr if it failed."""
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def png_bytes(seed: int) -> bytes:
+    """A small noise PNG."""
+    image = Image.effect_noise((48, 40), 60 + seed).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_image_text_shards(folder) -> None:
+    """A folder of two image+text Parquet shards: 4 rows, the third one's bytes are not an image."""
+    folder.mkdir()
+    rows = [(png_bytes(0), "a pond next to a road"), (png_bytes(1), "fields and a river"),
+            (b"not an image at all", "a town"), (png_bytes(3), "bare land")]
+    for index, part in enumerate((rows[:2], rows[2:])):
+        table = pa.table({"image": pa.array([r[0] for r in part], pa.binary()), "text": [r[1] for r in part]})
+        pq.write_table(table, folder / f"test-{index:05d}.parquet")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models):
+    """A metadata.jsonl run and a Parquet-shards run side by side; then the first resumed after losing 2 images."""
+    root = tmp_path_factory.mktemp("evaluate")
+    shards = root / "shards"
+    write_image_text_shards(shards)
+    meta_cmd = evaluate_command(tiny_model_dir, "--data_dir", tiny_data_dir, stand_in_models, root / "meta",
+                                "--num_samples", METADATA_ROWS, "--seed", 7)
+    parquet_cmd = evaluate_command(tiny_model_dir, "--parquet_path", shards, stand_in_models, root / "parquet",
+                                   "--sheet_pairs", 2)
+    meta_process, parquet_process = start(meta_cmd), start(parquet_cmd)
+    meta, parquet = finish(meta_process), finish(parquet_process)
+    generated = root / "meta" / "generated"
+    first = {p.name: p.read_bytes() for p in sorted(generated.glob("*.png"))}
+    report = json.loads((root / "meta" / "eval_report.json").read_text())
+    lost = ["000002.png", "000004.png"]
+    for name in lost:
+        (generated / name).unlink()
+    kept_mtimes = {name: (generated / name).stat().st_mtime_ns for name in first if name not in lost}
+    # Beside the resume: the same folder with another seed, which must be refused without touching anything.
+    other_seed = start(meta_cmd[:-1] + ["8"])
+    resumed = finish(start(meta_cmd))
+    refused = other_seed.communicate(timeout=300)
+    return {"root": root, "meta": meta, "parquet": parquet, "first_images": first, "first_report": report,
+            "lost": lost, "kept_mtimes": kept_mtimes, "resumed": resumed,
+            "refused": (other_seed.returncode, refused[1])}
+
+
+def test_report_has_n_settings_and_both_figures(runs, tiny_model_dir):
+    report = runs["first_report"]
+    assert report["num_samples"] == METADATA_ROWS and report["rows_read"] == METADATA_ROWS
+    assert math.isfinite(report["fid"]) and report["fid"] > 0
+    assert report["clip_score"] == pytest.approx(max(100 * report["clip_cosine"], 0.0), abs=1e-3)
+    assert report["stand_in_models"] is True
+    assert any("N=4 is small" in w for w in report["warnings"])
+    assert report["settings"]["num_inference_steps"] == STEPS and report["settings"]["seed"] == 7
+    assert report["settings"]["resolution"] == RESOLUTION and report["data"]["caption_index"] == 0
+    assert report["model"] == str(tiny_model_dir)
+    assert report["fid_details"]["inception_weights"]["matches_standard_name"] is False
+    assert report["bad_rows"]["count"] == 0
+
+
+def test_one_image_per_row_at_the_resolution_and_a_sheet(runs):
+    assert sorted(runs["first_images"]) == [f"{n:06d}.png" for n in range(1, METADATA_ROWS + 1)]
+    for data in runs["first_images"].values():
+        assert Image.open(io.BytesIO(data)).size == (RESOLUTION, RESOLUTION)
+    sheet = (runs["root"] / "meta" / "sheet.html").read_text()
+    for n in range(1, METADATA_ROWS + 1):
+        assert f"generated/{n:06d}.png" in sheet and (runs["root"] / "meta" / "sheet" / f"real_{n:06d}.png").is_file()
+
+
+def test_resume_generates_only_the_lost_images_with_the_same_pixels_and_figures(runs):
+    generated = runs["root"] / "meta" / "generated"
+    assert "generating 2 of 4 images (2 already on disk)" in runs["resumed"].stderr
+    for name, mtime in runs["kept_mtimes"].items():
+        assert (generated / name).stat().st_mtime_ns == mtime
+    for name in runs["lost"]:
+        assert (generated / name).read_bytes() == runs["first_images"][name]
+    report = json.loads((runs["root"] / "meta" / "eval_report.json").read_text())
+    assert report["timings_s"]["images_generated"] == 2
+    for key in ("fid", "clip_score", "clip_cosine"):
+        assert report[key] == runs["first_report"][key]
+
+
+def test_parquet_shards_with_an_undecodable_row_are_measured_and_the_row_reported(runs):
+    report = json.loads((runs["root"] / "parquet" / "eval_report.json").read_text())
+    assert report["rows_read"] == 4 and report["num_samples"] == 3
+    assert report["bad_rows"]["count"] == 1
+    assert report["bad_rows"]["rows"][0]["row"] == 3 and report["bad_rows"]["rows"][0]["reason"] == "undecodable"
+    assert sorted(p.name for p in (runs["root"] / "parquet" / "generated").glob("*.png")) == [
+        "000001.png", "000002.png", "000004.png"]
+    assert "1 of 4 rows left out" in runs["parquet"].stderr
+    assert math.isfinite(report["fid"])
+    assert len(list((runs["root"] / "parquet" / "sheet").glob("*.png"))) == 2
+
+
+def test_other_settings_in_the_same_folder_are_refused_in_one_line(runs):
+    code, stderr = runs["refused"]
+    assert code == 2
+    meta = runs["root"] / "meta" / "generated"
+    assert stderr.strip() == (f"error: {meta} holds images made with other settings (seed); "
+                              "use another --output_dir or --overwrite")
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--num_samples", "1"], "--num_samples 1 must be at least 2"),
+    (["--caption_index", "9"], "--caption_index 9 is out of range"),
+    (["--resolution", "30"], "--resolution 30 must be a positive multiple of 8"),
+    (["--inception_weights", "/nonexistent/inception.pth"], "--inception_weights /nonexistent/inception.pth"),
+    (["--clip_model", "/nonexistent/clip"], "--clip_model /nonexistent/clip"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_usage_errors_are_one_line_naming_the_value(change, words, tmp_path, tiny_model_dir, tiny_data_dir,
+                                                   stand_in_models):
+    """In-process through main(); run_main turns each into one stderr line and exit 2 (checked once below)."""
+    import evaluate
+    from utils.cli import UsageError
+
+    argv = evaluate_command(tiny_model_dir, "--data_dir", tiny_data_dir, stand_in_models, tmp_path / "out")[2:]
+    flag, value = change
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += change
+    with pytest.raises(UsageError, match=words):
+        evaluate.main(argv)
+    assert not (tmp_path / "out" / "generated").exists()
