@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -269,6 +270,7 @@ def prepare_cache(root: Path, key: str, settings: CacheSettings, table, builder:
         get_logger().info("Reusing the latent cache %s", folder)
         return folder, False
     get_logger().info("Building the latent cache %s (%d images, flip=%s)", folder, len(table), settings.random_flip)
+    started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     captions, row_captions = index_captions(table[settings.caption_column], settings.caption_column)
     build_shards(builder, folder, table, settings.image_column, captions, settings.random_flip)
@@ -277,6 +279,8 @@ def prepare_cache(root: Path, key: str, settings: CacheSettings, table, builder:
         write_json_atomic(manifest_for(key, settings, len(table), captions, row_captions, builder.world),
                           folder / MANIFEST_FILENAME)
     builder.barrier()
+    get_logger().info("Latent cache built in %.2f s: %d images, %d distinct captions", time.perf_counter() - started,
+                      len(table), len(captions))
     return folder, True
 
 

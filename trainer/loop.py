@@ -1,6 +1,7 @@
 """The training loop: accelerator set-up, step arithmetic, resume, and the epoch/step iteration."""
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -160,6 +161,9 @@ def train(run: TrainingRun, global_step: int) -> int:
     first_epoch, skip_batches = resume_position(global_step, plan.steps_per_epoch, args.gradient_accumulation_steps)
     progress = accelerate_tqdm(total=plan.max_train_steps, initial=global_step, desc="Steps",
                                main_process_only=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the peak of the loop, not of model loading or the cache build
+    started, first_step = time.perf_counter(), global_step
     for epoch in range(first_epoch, plan.num_epochs):
         if global_step >= plan.max_train_steps:
             break
@@ -188,4 +192,17 @@ def train(run: TrainingRun, global_step: int) -> int:
                 validate_during_training(accelerator, run.components, run.unet, run.ema, run.inference_scheduler,
                                          args, global_step, run.weight_dtype)
     progress.close()
+    log_throughput(accelerator, args, global_step - first_step, time.perf_counter() - started)
     return global_step
+
+
+def log_throughput(accelerator, args, steps: int, seconds: float) -> None:
+    """One line with the loop's optimizer steps/s and samples/s (and peak CUDA memory): what bench/ reads."""
+    if not steps or not accelerator.is_main_process:
+        return
+    samples = steps * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    peak = ""
+    if torch.cuda.is_available():
+        peak = f", peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    get_logger().info("Training loop: %d optimizer steps in %.2f s: %.4f steps/s, %.3f samples/s%s",
+                      steps, seconds, steps / seconds, samples / seconds, peak)

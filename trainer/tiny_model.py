@@ -2,7 +2,8 @@
 
 No weights can be downloaded here, so this makes a pipeline with the same structure as SD1.5 (UNet, VAE,
 CLIP text encoder, byte-level CLIP tokenizer, DDPM-style scheduler with SD's betas) but tiny sizes.
-Run: python -m trainer.tiny_model OUTPUT_DIR [--seed 0]
+Run: python -m trainer.tiny_model OUTPUT_DIR [--seed 0] [--preset tiny|vae_realistic|sd15]
+(the larger presets exist for bench/bench_train.py).
 """
 
 import argparse
@@ -68,20 +69,68 @@ def build_scheduler() -> DDPMScheduler:
     )
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """Assemble the tiny pipeline, deterministically for a given seed."""
+def build_sd15_vae() -> AutoencoderKL:
+    """A KL autoencoder with Stable Diffusion 1.5's configuration (83.7M parameters, downscale 8), random weights."""
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, in_channels=3, out_channels=3,
+        latent_channels=4, sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215,
+    )
+
+
+def build_sd_unet(block_out_channels: tuple, layers_per_block: int, cross_attention_dim: int,
+                  sample_size: int) -> UNet2DConditionModel:
+    """A UNet with SD1.5's block layout (cross-attention in all but the deepest level) at the given widths."""
+    levels = len(block_out_channels)
+    return UNet2DConditionModel(
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block, sample_size=sample_size,
+        in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+    )
+
+
+def build_sd15_text_encoder(vocab_size: int) -> CLIPTextModel:
+    """A CLIP text encoder shaped like SD1.5's (ViT-L/14 text tower: 12 layers, width 768), our vocabulary."""
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_components(preset: str, vocab_size: int) -> tuple:
+    """(vae, text_encoder, unet) of a preset: tiny (64 px tests), vae_realistic (SD1.5's VAE, small UNet), sd15."""
+    if preset == "tiny":
+        return build_vae(), build_text_encoder(vocab_size), build_unet()
+    if preset == "vae_realistic":
+        return (build_sd15_vae(), build_text_encoder(vocab_size, hidden_size=256),
+                build_sd_unet((64, 128, 256, 256), 1, 256, 32))
+    if preset == "sd15":
+        return (build_sd15_vae(), build_sd15_text_encoder(vocab_size),
+                build_sd_unet((320, 640, 1280, 1280), 2, 768, 64))
+    raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+
+
+PRESETS = ("tiny", "vae_realistic", "sd15")
+
+
+def build_tiny_pipeline(seed: int = 0, preset: str = "tiny") -> StableDiffusionPipeline:
+    """Assemble a random pipeline of the preset (tiny by default), deterministically for a given seed."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
+    vae, text_encoder, unet = build_components(preset, len(tokenizer))
     return StableDiffusionPipeline(
-        vae=build_vae(), text_encoder=build_text_encoder(len(tokenizer)), tokenizer=tokenizer, unet=build_unet(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def save_tiny_pipeline(output_dir: str, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it (safetensors) to output_dir."""
+def save_tiny_pipeline(output_dir: str, seed: int = 0, preset: str = "tiny") -> Path:
+    """Build the preset's pipeline and save it (safetensors) to output_dir."""
     out = Path(output_dir)
-    build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
+    build_tiny_pipeline(seed, preset).save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -89,9 +138,12 @@ def main(argv=None) -> int:
     """CLI: write the tiny pipeline to a folder."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", help="folder to write the pipeline to")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
+    parser.add_argument("--preset", choices=PRESETS, default="tiny",
+                        help="tiny (tests), vae_realistic (SD1.5's VAE + a small UNet, for CPU benchmarks) or sd15 "
+                             "(SD1.5-shaped UNet, VAE and text encoder; ~1.1B parameters) (default tiny)")
     args = parser.parse_args(argv)
-    print(save_tiny_pipeline(args.output_dir, args.seed))
+    print(save_tiny_pipeline(args.output_dir, args.seed, args.preset))
     return 0
 
 

@@ -1,0 +1,244 @@
+"""Benchmark the trainer with and without --cache_latents, in the seed's configuration, in the same run.
+
+Seed configuration: batch 1, gradient accumulation 4, gradient checkpointing, EMA, constant LR (train.sh's recipe),
+--center_crop in both runs so they do the same work. Each run is a real `train_text_to_image.py` subprocess on a
+randomly initialised pipeline from trainer/tiny_model.py and a data folder made by create.py + format.py.
+
+What is timed (read from the trainer's own log lines):
+  - loop: the training loop only (first to last optimizer step), as optimizer steps/s and samples/s;
+  - build: the latent cache build (cached runs only; every image and caption encoded once);
+  - loop + build: what a single fresh cached run pays; the build is reused by every later run on the same data.
+Peak memory: the run's peak RSS on CPU (bench/peak_rss.py), torch.cuda.max_memory_allocated of the loop on GPU.
+
+Configurations:
+  CPU  tiny           the test model at 64 px
+       vae_realistic  SD1.5's VAE (83.7M parameters, random weights) + a small UNet (23.6M) at 256 px;
+                      bar: cached loop >= 1.3x the uncached loop
+  GPU  sd15           SD1.5-shaped UNet, VAE and text encoder at 512 px, fp16, through every memory mode
+Run: python bench/bench_train.py [--configs tiny vae_realistic] [--max_attempts 3] [--work_dir DIR]
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import List, Optional, Sequence
+
+from bench.bench_create import cpu_counters
+from utils.cli import ArgumentParser, UsageError, run_main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAINER = REPO_ROOT / "train_text_to_image.py"
+PEAK_RSS = Path(__file__).resolve().with_name("peak_rss.py")
+BAR_SPEEDUP = 1.3
+SEED_FLAGS = ["--train_batch_size", "1", "--gradient_accumulation_steps", "4", "--gradient_checkpointing",
+              "--use_ema", "--learning_rate", "1e-06", "--max_grad_norm", "1", "--lr_scheduler", "constant",
+              "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--report_to", "tensorboard",
+              "--center_crop", "--seed", "0"]
+LOOP_RE = re.compile(r"Training loop: (\d+) optimizer steps in ([\d.]+) s: ([\d.]+) steps/s, ([\d.]+) samples/s"
+                     r"(?:, peak CUDA memory allocated ([\d.]+) GiB)?")
+BUILD_RE = re.compile(r"Latent cache built in ([\d.]+) s")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark configuration: model preset, resolution, data size, run length, precision."""
+
+    preset: str
+    resolution: int
+    images: int
+    steps: int
+    mixed_precision: str
+
+
+CONFIGS = {
+    "tiny": Config("tiny", 64, 16, 8, "no"),
+    "vae_realistic": Config("vae_realistic", 256, 8, 2, "no"),
+    "sd15": Config("sd15", 512, 64, 12, "fp16"),
+}
+# GPU memory modes: flags added to the seed configuration.
+MEMORY_MODES = {
+    "AdamW fused (auto)": [],
+    "AdamW foreach": ["--optimizer_impl", "foreach"],
+    "8-bit AdamW": ["--use_8bit_adam"],
+    "offload EMA": ["--offload_ema"],
+    "foreach EMA": ["--foreach_ema"],
+    "8-bit AdamW + offload EMA": ["--use_8bit_adam", "--offload_ema"],
+}
+
+
+@dataclass
+class RunResult:
+    """What one trainer run measured."""
+
+    steps_per_s: float
+    samples_per_s: float
+    loop_s: float
+    build_s: Optional[float]
+    peak_rss_mib: float
+    peak_cuda_gib: Optional[float]
+    others_cores: float
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    """Command line."""
+    import torch
+
+    default = ["sd15"] if torch.cuda.is_available() else ["tiny", "vae_realistic"]
+    parser = ArgumentParser(description="Time the trainer with and without --cache_latents.")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=default,
+                        help=f"Configurations to run (default here: {' '.join(default)}).")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Optimizer steps per run (default: the configuration's own: tiny 8, vae_realistic 2, "
+                             "sd15 12).")
+    parser.add_argument("--max_background", type=float, default=0.3,
+                        help="Cores other processes may use during a run for it to count as quiet (default 0.3).")
+    parser.add_argument("--max_attempts", type=int, default=2,
+                        help="Runs of each pair before giving up waiting for a quiet one (default 2).")
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "bench_train"),
+                        help="Scratch folder for models, data and outputs, deleted and recreated (default: "
+                             "$TMPDIR/bench_train).")
+    return parser.parse_args(argv)
+
+
+def make_model(preset: str, folder: Path) -> Path:
+    """Save the preset's random pipeline (in a subprocess, so this process stays small)."""
+    subprocess.run([sys.executable, "-m", "trainer.tiny_model", str(folder), "--preset", preset], cwd=REPO_ROOT,
+                   check=True, capture_output=True)
+    return folder
+
+
+def make_data(images: int, resolution: int, folder: Path) -> Path:
+    """DATA_DIR as users build it: a sample RSICD Parquet → create.py → format.py."""
+    from diffusion_model.sample_data import make_sample_parquet
+
+    parquet = make_sample_parquet(folder / "rsicd.parquet", images, seed=0)
+    data = folder / "data"
+    for script, args in (("create.py", ["--parquet_path", parquet, "--output_dir", data, "--resolution", resolution]),
+                         ("format.py", ["--caption_file", data / "captions.txt", "--output_file",
+                                        data / "metadata.jsonl"])):
+        subprocess.run([sys.executable, str(REPO_ROOT / "diffusion_model" / script), *map(str, args)], check=True,
+                       capture_output=True)
+    return data
+
+
+def trainer_command(model: Path, data: Path, config: Config, steps: int, output: Path, extra: Sequence[str]) -> list:
+    """The trainer under peak_rss.py, in the seed configuration."""
+    return [sys.executable, str(PEAK_RSS), sys.executable, str(TRAINER), "--pretrained_model_name_or_path",
+            str(model), "--train_data_dir", str(data), "--output_dir", str(output), "--resolution",
+            str(config.resolution), "--max_train_steps", str(steps), "--mixed_precision", config.mixed_precision,
+            *SEED_FLAGS, *extra]
+
+
+def run_trainer(command: list, output: Path) -> RunResult:
+    """Run one training, parse its throughput lines, and measure what other processes used meanwhile."""
+    shutil.rmtree(output, ignore_errors=True)
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    (busy_before, _), started = cpu_counters(), time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    (busy_after, _), seconds = cpu_counters(), time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"trainer exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    loop = LOOP_RE.search(done.stderr)
+    build = BUILD_RE.search(done.stderr)
+    fields = done.stdout.strip().splitlines()[-1].split()
+    rss_mib, cpu_s = float(fields[1]), float(fields[3])
+    return RunResult(steps_per_s=float(loop.group(3)), samples_per_s=float(loop.group(4)),
+                     loop_s=float(loop.group(2)), build_s=float(build.group(1)) if build else None,
+                     peak_rss_mib=rss_mib, peak_cuda_gib=float(loop.group(5)) if loop.group(5) else None,
+                     others_cores=max(0.0, busy_after - busy_before - cpu_s) / seconds)
+
+
+def quiet_pair(make_command, output: Path, args) -> tuple:
+    """(uncached, cached) results, repeating the pair until both runs were quiet or attempts run out."""
+    pairs = []
+    for _ in range(args.max_attempts):
+        uncached = run_trainer(make_command(output / "uncached", []), output / "uncached")
+        shutil.rmtree(output / "cache", ignore_errors=True)  # the cached run pays for its build every time
+        cached = run_trainer(make_command(output / "cached", ["--cache_latents", "--latents_cache_dir",
+                                                              str(output / "cache")]), output / "cached")
+        pairs.append((uncached, cached))
+        if max(uncached.others_cores, cached.others_cores) <= args.max_background:
+            break
+    return min(pairs, key=lambda pair: pair[0].others_cores + pair[1].others_cores)
+
+
+def describe(name: str, result: RunResult) -> str:
+    """One results line of a run."""
+    memory = (f"peak CUDA {result.peak_cuda_gib:.2f} GiB" if result.peak_cuda_gib is not None
+              else f"peak RSS {result.peak_rss_mib:.0f} MiB")
+    build = f", cache build {result.build_s:.1f} s" if result.build_s is not None else ""
+    return (f"    {name:<9} loop {result.loop_s:7.1f} s: {result.steps_per_s:.4f} opt-steps/s, "
+            f"{result.samples_per_s:.3f} samples/s{build}; {memory}; others used {result.others_cores:.2f} cores")
+
+
+def cpu_report(name: str, config: Config, steps: int, uncached: RunResult, cached: RunResult) -> List[str]:
+    """The results block of one CPU configuration, with the ratios and the bar."""
+    ratio = cached.samples_per_s / uncached.samples_per_s
+    with_build = uncached.loop_s / (cached.loop_s + (cached.build_s or 0.0))
+    epochs = steps * 4 / config.images
+    lines = [f"  {name}: {config.resolution} px, {config.images} images, {steps} optimizer steps "
+             f"({steps * 4} samples, {epochs:.1f} epochs)",
+             describe("uncached", uncached), describe("cached", cached),
+             f"    ratio cached/uncached, loop only: {ratio:.2f}x; loop + one cache build: {with_build:.2f}x; "
+             f"frozen-encoder share of an uncached step: {1 - 1 / ratio:.0%}"]
+    if name == "vae_realistic":
+        lines.append(f"    bar: loop ratio >= {BAR_SPEEDUP}x: {'PASS' if ratio >= BAR_SPEEDUP else 'FAIL'}")
+    return lines
+
+
+def gpu_report(config: Config, steps: int, model: Path, data: Path, work: Path, args) -> List[str]:
+    """Every memory mode with the cache, plus the uncached default, at 512 px fp16: one table."""
+    command = partial(trainer_command, model, data, config, steps)
+    uncached, cached = quiet_pair(command, work, args)
+    lines = [f"  sd15: {config.resolution} px fp16, {steps} optimizer steps; cache build {cached.build_s:.1f} s",
+             "    | mode | cache | samples/s | opt-steps/s | peak VRAM (GiB) |", "    |---|---|---|---|---|",
+             f"    | AdamW fused (auto) | no | {uncached.samples_per_s:.2f} | {uncached.steps_per_s:.3f} | "
+             f"{uncached.peak_cuda_gib:.2f} |",
+             f"    | AdamW fused (auto) | yes | {cached.samples_per_s:.2f} | {cached.steps_per_s:.3f} | "
+             f"{cached.peak_cuda_gib:.2f} |"]
+    for mode, flags in list(MEMORY_MODES.items())[1:]:
+        result = run_trainer(command(work / "mode", [*flags, "--cache_latents", "--latents_cache_dir",
+                                                     str(work / "cache")]), work / "mode")
+        lines.append(f"    | {mode} | yes | {result.samples_per_s:.2f} | {result.steps_per_s:.3f} | "
+                     f"{result.peak_cuda_gib:.2f} |")
+    lines.append(f"    caching: {cached.samples_per_s / uncached.samples_per_s:.2f}x samples/s (goal >= 1.4x)")
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Build each configuration's model and data, run the pairs, print the results block."""
+    args = parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    root = Path(args.work_dir)
+    shutil.rmtree(root, ignore_errors=True)
+    lines = [f"cores available: {len(os.sched_getaffinity(0))}; seed configuration: batch 1, GA 4, gradient "
+             "checkpointing, EMA, centre crop"]
+    for name in args.configs:
+        config, work = CONFIGS[name], root / name
+        steps = args.steps or config.steps
+        model = make_model(config.preset, work / "model")
+        data = make_data(config.images, config.resolution, work)
+        if config.mixed_precision == "fp16":
+            lines += gpu_report(config, steps, model, data, work, args)
+            continue
+        lines += cpu_report(name, config, steps,
+                            *quiet_pair(partial(trainer_command, model, data, config, steps), work, args))
+    print("\n".join(["----- bench_train results -----", *lines, "-" * 31]))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

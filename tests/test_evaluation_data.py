@@ -1,0 +1,101 @@
+"""evaluation.data: held-out rows from metadata.jsonl and Parquet, caption choice, bad rows, real image decoding."""
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from diffusion_model.captions import select_captions
+from diffusion_model.imaging import ImageRejected
+from evaluation.data import EvalRow, load_rows, real_image
+from utils.cli import UsageError
+
+
+def png(size=(40, 30), color=(200, 10, 10)) -> bytes:
+    """PNG bytes of a solid image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A DATA_DIR with list captions, a junk first caption, a broken line, an unsafe name and a missing image."""
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "img" / name).write_bytes(png())
+    lines = [json.dumps({"file_name": "img/a.png", "text": ["fields and a road", "a river"]}),
+             json.dumps({"file_name": "img/b.png", "text": [" .", "ponds near houses", "Ponds near houses!"]}),
+             "{not json",
+             json.dumps({"file_name": "../outside.png", "text": "escape"}),
+             json.dumps({"file_name": "img/missing.png", "text": "a town"})]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_metadata_rows_keep_their_numbers_and_the_chosen_caption(data_dir):
+    rows, bad, read = load_rows(str(data_dir), None, 0, None)
+    assert read == 5
+    assert [(r.number, r.caption) for r in rows] == [(1, "fields and a road"), (2, "ponds near houses"),
+                                                    (5, "a town")]
+    assert rows[0].image == data_dir / "img" / "a.png"
+    assert [(b.number, b.reason) for b in bad] == [(3, "bad_metadata_line"), (4, "bad_metadata_line")]
+    assert "'..' in path" in bad[1].detail
+
+
+def test_caption_index_counts_clean_distinct_captions(data_dir):
+    """Row 2's junk " ." and its near-duplicate do not count: it has one caption, so index 1 makes it a bad row."""
+    rows, bad, _ = load_rows(str(data_dir), None, 1, None)
+    assert [(r.number, r.caption) for r in rows] == [(1, "a river")]
+    assert {(b.number, b.reason) for b in bad} >= {(2, "no_caption_at_index"), (5, "no_caption_at_index")}
+
+
+def test_num_samples_reads_only_the_first_rows(data_dir):
+    rows, bad, read = load_rows(str(data_dir), None, 0, 2)
+    assert read == 2 and [r.number for r in rows] == [1, 2] and not bad
+
+
+def test_caption_index_beyond_every_row_is_a_usage_error(data_dir):
+    with pytest.raises(UsageError, match="--caption_index 3 is out of range: rows have at most 2 caption"):
+        load_rows(str(data_dir), None, 3, None)
+
+
+def test_missing_folder_or_metadata_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="is not a folder"):
+        load_rows(str(tmp_path / "nope"), None, 0, None)
+    with pytest.raises(UsageError, match="has no metadata.jsonl"):
+        load_rows(str(tmp_path), None, 0, None)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_rows(None, str(tmp_path / "nope.parquet"), 0, None)
+
+
+def test_rsicd_parquet_rows_use_the_first_clean_caption(sample_parquet):
+    rows, bad, read = load_rows(None, str(sample_parquet), 0, 5)
+    table = pq.read_table(sample_parquet).slice(0, 5).to_pylist()
+    assert read == 5 and [r.number for r in rows] + [b.number for b in bad] == sorted(range(1, 6))
+    for row in rows:
+        source = table[row.number - 1]
+        assert row.caption == select_captions(source["captions"])[0]
+        assert row.image == source["image"]["bytes"]
+
+
+def test_real_image_is_centre_cropped_to_the_resolution(tmp_path):
+    wide = Image.new("RGB", (60, 20), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 20, 20))  # the left third is cut away by a centre crop
+    buffer = io.BytesIO()
+    wide.save(buffer, format="PNG")
+    image = real_image(EvalRow(1, "x", buffer.getvalue()), 16)
+    assert image.size == (16, 16) and image.mode == "RGB"
+    red, _, blue = image.getpixel((1, 8))
+    assert red < 30 and blue > 225  # Lanczos may pull a little red across the crop edge, never the red third
+
+
+def test_real_image_rejects_junk_and_missing_files(tmp_path):
+    with pytest.raises(ImageRejected) as caught:
+        real_image(EvalRow(1, "x", b"junk"), 16)
+    assert caught.value.reason == "undecodable"
+    with pytest.raises(ImageRejected) as caught:
+        real_image(EvalRow(2, "x", tmp_path / "gone.png"), 16)
+    assert caught.value.reason == "missing_image"
