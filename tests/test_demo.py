@@ -1,0 +1,70 @@
+"""demo.sh end to end at small sizes: every step runs and everything the closing summary names exists."""
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"DEMO_ROWS": "8", "DEMO_STEPS": "2", "DEMO_RESOLUTION": "32", "DEMO_SAMPLE_STEPS": "2",
+         "DEMO_EVAL_SAMPLES": "4"}
+
+
+def run_demo(out: Path) -> subprocess.CompletedProcess:
+    """./demo.sh OUT with the small sizes, as a user runs it."""
+    env = {**os.environ, **SMALL, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["./demo.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One small demo run: (its output folder, the finished process)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_demo(out)
+
+
+def summary_paths(stdout: str) -> dict:
+    """'label: path' lines of the closing summary, first path of each."""
+    tail = stdout.split("Where everything is:", 1)[1]
+    return {label.strip(): value.split()[0] for label, value in re.findall(r"^  ([^:]+):\s+(\S.*)$", tail, re.M)}
+
+
+def test_every_step_runs_and_each_path_in_the_summary_exists(demo):
+    out, done = demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    for step in range(1, 8):
+        assert f"=== {step}/7" in done.stdout
+    paths = summary_paths(done.stdout)
+    expected = {"images (create.py)", "metadata.jsonl", "checkpoints", "validation images", "trained pipeline",
+                "loss curve", "generated grid", "evaluation report"}
+    assert expected <= set(paths)
+    for label in expected:
+        assert Path(paths[label]).exists(), f"{label}: {paths[label]}"
+
+
+def test_outputs_hold_what_the_pipeline_made(demo):
+    out, done = demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((out / "data" / "rsicd_images").glob("*.jpg"))) == int(SMALL["DEMO_ROWS"])
+    assert len((out / "data" / "metadata.jsonl").read_text().splitlines()) == int(SMALL["DEMO_ROWS"])
+    assert sorted(p.name for p in (out / "model").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "model" / "model_index.json").is_file() and (out / "model" / "loss_curve.png").is_file()
+    # 4 prompts x 2 images, each with its sidecar
+    assert len(list((out / "generated").glob("*.json"))) == 8 and (out / "generated" / "grid.png").is_file()
+    report = json.loads((out / "eval" / "eval_report.json").read_text())
+    assert report["num_samples"] == int(SMALL["DEMO_EVAL_SAMPLES"])
+
+
+def test_a_foreign_non_empty_folder_is_refused_and_left_alone(demo, tmp_path):
+    out, done = demo
+    assert done.returncode == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    refused = run_demo(foreign)
+    assert refused.returncode == 2
+    assert str(foreign) in refused.stderr and "Traceback" not in refused.stderr
+    assert (foreign / "thesis.tex").read_text() == "keep me"
