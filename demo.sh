@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default, on CPU, with nothing downloaded but the Python packages:
 # a small RSICD-schema Parquet drawn by the project's own code -> a tiny random Stable Diffusion model ->
-# create.py -> format.py -> ./train.sh (tiny model, small images, a few hundred steps) -> generate.py ->
+# create.py -> format.py -> ./train.sh (tiny model, 64 px, 120 steps) -> generate.py ->
 # evaluate.py (with stand-in Inception/CLIP weights, so its figures only show the plumbing works).
 # Usage: ./demo.sh [OUT]   (default OUT: demo_output; a previous demo's OUT is replaced, any other non-empty
 # folder is refused)
@@ -69,25 +69,21 @@ python generate.py --model "$OUT/model" --output_dir "$OUT/generated" --seed 0 -
   --prompt "A satellite image of ponds and buildings"
 
 step "7/7 evaluate.py: FID and CLIP score on $EVAL_SAMPLES held-out captions (stand-in weights: figures meaningless)"
-if [[ -f evaluate.py ]]; then
-  python -m evaluation.stand_ins "$OUT/eval_models"
-  python evaluate.py --model "$OUT/model" --parquet_path "$OUT/rsicd_test.parquet" --num_samples "$EVAL_SAMPLES" \
-    --inception_weights "$OUT/eval_models/inception_random.pth" --clip_model "$OUT/eval_models/clip_tiny" \
-    --output_dir "$OUT/eval" --num_inference_steps "$SAMPLE_STEPS" --resolution "$RESOLUTION" --seed 0 --batch_size 4
-  EVAL_REPORT="$OUT/eval/eval_report.json"
-else
-  EVAL_REPORT="(skipped: evaluate.py is not in this checkout)"
-fi
+python -m evaluation.stand_ins "$OUT/eval_models"
+python evaluate.py --model "$OUT/model" --parquet_path "$OUT/rsicd_test.parquet" --num_samples "$EVAL_SAMPLES" \
+  --inception_weights "$OUT/eval_models/inception_random.pth" --clip_model "$OUT/eval_models/clip_tiny" \
+  --output_dir "$OUT/eval" --num_inference_steps "$SAMPLE_STEPS" --resolution "$RESOLUTION" --seed 0 --batch_size 4
 
-last_checkpoint="$(ls -d "$OUT"/model/checkpoint-* | sort -t- -k2 -n | tail -1)"
+checkpoints="$(ls -d "$OUT"/model/checkpoint-* | sort -V)"
+last_checkpoint="$(tail -1 <<< "$checkpoints")"
 echo
 echo "Done. Where everything is:"
 echo "  images (create.py):    $OUT/data/rsicd_images/"
 echo "  metadata.jsonl:        $OUT/data/metadata.jsonl   (DATA_DIR: $OUT/data)"
-echo "  checkpoints:           $(ls -d "$OUT"/model/checkpoint-* | tr '\n' ' ')"
+echo "  checkpoints:           $(tr '\n' ' ' <<< "$checkpoints")"
 echo "  validation images:     $OUT/model/validation/"
 echo "  trained pipeline:      $OUT/model"
 echo "  loss curve:            $OUT/model/loss_curve.png   (values: $OUT/model/loss_log.csv)"
 echo "  generated grid:        $OUT/generated/grid.png   (PNGs + JSON sidecars beside it)"
-echo "  evaluation report:     $EVAL_REPORT"
+echo "  evaluation report:     $OUT/eval/eval_report.json   (real vs generated: $OUT/eval/sheet.html)"
 echo "Sample a checkpoint:     python generate.py --model $last_checkpoint --prompt \"$PROMPT\" --num_inference_steps 20 --output_dir $OUT/generated_checkpoint"
