@@ -182,7 +182,8 @@ def describe(name: str, result: RunResult) -> str:
             f"{result.samples_per_s:.3f} samples/s{build}; {memory}; others used {result.others_cores:.2f} cores")
 
 
-def cpu_report(name: str, config: Config, steps: int, uncached: RunResult, cached: RunResult) -> List[str]:
+def cpu_report(name: str, config: Config, steps: int, uncached: RunResult, cached: RunResult,
+               max_background: float) -> List[str]:
     """The results block of one CPU configuration, with the ratios and the bar."""
     ratio = cached.samples_per_s / uncached.samples_per_s
     with_build = uncached.loop_s / (cached.loop_s + (cached.build_s or 0.0))
@@ -194,6 +195,9 @@ def cpu_report(name: str, config: Config, steps: int, uncached: RunResult, cache
              f"frozen-encoder share of an uncached step: {1 - 1 / ratio:.0%}"]
     if name == "vae_realistic":
         lines.append(f"    bar: loop ratio >= {BAR_SPEEDUP}x: {'PASS' if ratio >= BAR_SPEEDUP else 'FAIL'}")
+    if max(uncached.others_cores, cached.others_cores) > max_background:
+        lines.append(f"    NOT QUIET: other processes used more than {max_background} cores during a run; the ratio "
+                     "is not trustworthy, rerun on an idle machine")
     return lines
 
 
@@ -234,7 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             lines += gpu_report(config, steps, model, data, work, args)
             continue
         lines += cpu_report(name, config, steps,
-                            *quiet_pair(partial(trainer_command, model, data, config, steps), work, args))
+                            *quiet_pair(partial(trainer_command, model, data, config, steps), work, args),
+                            args.max_background)
     print("\n".join(["----- bench_train results -----", *lines, "-" * 31]))
     shutil.rmtree(root, ignore_errors=True)
     return 0
