@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference.args import parse_args  # noqa: E402
 from inference.outputs import grid_columns, prepare_output_dir, save_grid, save_image  # noqa: E402
-from inference.pipeline import check_size, pick_device, resolve_model  # noqa: E402
+from inference.pipeline import batches, check_size, pick_device, resolve_model  # noqa: E402
 from inference.prompts import base_seed, collect_prompts, plan_images  # noqa: E402
 from utils.cli import UsageError, run_main  # noqa: E402
 from utils.logger import get_logger, setup_logging  # noqa: E402
@@ -52,10 +52,11 @@ def main(argv=None) -> int:
     if args.num_inference_steps < 1:
         raise UsageError(f"--num_inference_steps {args.num_inference_steps} must be at least 1.")
 
-    # Where it goes and what draws it; every path is checked before the model loads.
-    output_dir = prepare_output_dir(args.output_dir, args.overwrite)
+    # What draws it and where it goes; every flag is checked before --overwrite deletes a previous run's images.
+    batches(len(plan), args.batch_size)
     device, dtype = pick_device(args.device)
     source = resolve_model(args.model, args.base_model, args.weights)
+    output_dir = prepare_output_dir(args.output_dir, args.overwrite)
     quiet_libraries()
     from inference.pipeline import generate, load_source
 

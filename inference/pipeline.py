@@ -109,11 +109,17 @@ def check_pipeline(flag: str, value: str) -> None:
     check_hub_model(flag, value)
 
 
+def local_or_hub(value: str) -> str:
+    """A checked --model/--base_model as from_pretrained needs it: a folder with ~ expanded, else the Hub id."""
+    folder = Path(value).expanduser()
+    return str(folder) if folder.is_dir() else value
+
+
 def base_for_checkpoint(checkpoint: Path, base_model: Optional[str]) -> str:
     """--base_model, else the finished run's own pipeline beside the checkpoint, else the default SD1.5 id."""
     if base_model is not None:
         check_pipeline("--base_model", base_model)
-        return base_model
+        return local_or_hub(base_model)
     if (checkpoint.parent / MODEL_INDEX).is_file():
         return str(checkpoint.parent)
     try:
@@ -136,7 +142,7 @@ def resolve_model(model: str, base_model: Optional[str], weights: str = "auto") 
     if weights != "auto":
         raise UsageError(f"--weights {weights} applies to checkpoint-N folders; '{model}' is a pipeline "
                          "(a run's final pipeline already carries the EMA weights when EMA was on).")
-    return ModelSource(model, None, "pipeline")
+    return ModelSource(local_or_hub(model), None, "pipeline")
 
 
 def load_failure(what, err: Exception) -> UsageError:

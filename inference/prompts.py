@@ -8,6 +8,8 @@ from utils.cli import UsageError
 
 # Seeds drawn when none is given stay below 2**31 so they are easy to pass back as --seed.
 MAX_DRAWN_SEED = 2**31
+# The largest seed torch.Generator.manual_seed accepts; above it torch raises instead of seeding.
+MAX_SEED = 2**64 - 1
 
 
 def read_prompts_file(path: str) -> List[str]:
@@ -54,4 +56,7 @@ def plan_images(prompts: Sequence[str], num_images_per_prompt: int, seed: int) -
     if num_images_per_prompt < 1:
         raise UsageError(f"--num_images_per_prompt {num_images_per_prompt} must be at least 1.")
     pairs = [(prompt, None) for prompt in prompts for _ in range(num_images_per_prompt)]
+    if seed + len(pairs) - 1 > MAX_SEED:
+        raise UsageError(f"--seed {seed} is too large: {len(pairs)} image(s) need seeds up to "
+                         f"{seed + len(pairs) - 1}, above {MAX_SEED}, the largest torch accepts.")
     return [(prompt, seed + index) for index, (prompt, _) in enumerate(pairs)]

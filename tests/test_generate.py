@@ -1,0 +1,418 @@
+"""generate.py end to end on a 2-step training run of the tiny pipeline (with EMA and one checkpoint): run folder
+and checkpoint inputs, prompts, seeds, outputs, schedulers, defaults and refusals.
+
+Each generate.py process costs ~4 s of imports, so the runs are made once per module and the tests read their
+folders: the main ones as users run them (subprocesses, one thread each), the variations on them and most refusals
+through generate.main in this process, and two refusals again through the real script.
+"""
+
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO_ROOT, single_thread_env
+from inference.args import build_parser
+from inference.schedulers import SCHEDULERS
+from utils.cli import run_main
+from utils.constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+from utils.logger import LOGGER_NAME
+
+PROMPTS = ["a satellite image of a crop field", "a river through a forest"]
+FILE_PROMPTS = ["an airport with two runways", "a harbour full of boats"]
+NEGATIVE = "clouds"
+SEED = 11
+HEIGHT, WIDTH = 32, 48
+STEPS = 2
+GUIDANCE = 5.0
+PER_PROMPT = 2
+
+
+def run(command) -> subprocess.CompletedProcess:
+    """A repo script as users run it from the repo root: offline, one thread, wandb without login."""
+    environment = {**single_thread_env(), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, *map(str, command)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=environment, timeout=300)
+
+
+def run_two_at_a_time(commands: dict) -> dict:
+    """name -> CompletedProcess for name -> command, two processes at a time (the box has 2 cores)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, command) for name, command in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def generate_command(model, output_dir, *extra) -> list:
+    """generate.py with the shared quick settings; P0 with NEGATIVE and SEED is every run's comparable image."""
+    return ["generate.py", "--model", model, "--output_dir", output_dir, "--height", HEIGHT, "--width", WIDTH,
+            "--num_inference_steps", STEPS, "--guidance_scale", GUIDANCE, "--negative_prompt", NEGATIVE, *extra]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def sidecar(folder, index: int = 0) -> dict:
+    return json.loads((folder / f"{index:06d}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """OUTPUT_DIR of a 2-step EMA run at 32 px: the final pipeline plus checkpoint-2/{unet,unet_ema}."""
+    output = tmp_path_factory.mktemp("generate_run") / "run"
+    done = run(["train_text_to_image.py", "--pretrained_model_name_or_path", tiny_model_dir,
+                "--train_data_dir", tiny_data_dir, "--output_dir", output, "--resolution", 32, "--center_crop",
+                "--train_batch_size", 1, "--max_train_steps", 2, "--checkpointing_steps", 2, "--use_ema",
+                "--learning_rate", "5e-4", "--lr_scheduler", "constant", "--seed", 0])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (output / "model_index.json").is_file() and (output / "checkpoint-2" / "unet_ema").is_dir()
+    return output
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """Another random tiny pipeline: other VAE and text encoder than the run's, same UNet shape."""
+    from trainer.tiny_model import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("other_base") / "pipeline", seed=1)
+
+
+@contextlib.contextmanager
+def restored_process_state():
+    """Put back what generate.main changes process-wide: torch threads, library verbosity and bars, our logger."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    logger = logging.getLogger(LOGGER_NAME)
+    saved_logger = (list(logger.handlers), logger.level, logger.propagate)
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for lib, (verbosity, bars) in zip(libraries, saved):
+            lib.set_verbosity(verbosity)
+            lib.enable_progress_bar() if bars else lib.disable_progress_bar()
+        logger.handlers[:] = saved_logger[0]
+        logger.setLevel(saved_logger[1])
+        logger.propagate = saved_logger[2]
+
+
+def generate_here(command) -> None:
+    """generate.py's main in this process, one thread like the subprocesses: the variations on a run would each
+    cost seconds of imports as processes, and main is everything the script runs but the exit."""
+    import generate
+
+    with restored_process_state():
+        torch.set_num_threads(1)
+        assert generate.main([str(a) for a in command[1:]]) == 0
+
+
+@pytest.fixture(scope="module")
+def runs(trained_run, other_base, tmp_path_factory):
+    """Every successful generate.py run: name -> (output folder, stdout or None when run in process)."""
+    root = tmp_path_factory.mktemp("generated")
+    prompts_file = root / "prompts.txt"
+    prompts_file.write_text(f"{FILE_PROMPTS[0]}\n\n   \n{FILE_PROMPTS[1]}\n", encoding="utf-8")
+    # A previous run's leftovers that --overwrite must remove, and a file of the user's that it must keep.
+    stale = root / "next_seed"
+    stale.mkdir()
+    for name in ("000005.png", "000005.json", "grid.png", "notes.txt"):
+        (stale / name).write_bytes(b"old")
+    checkpoint = trained_run / "checkpoint-2"
+    one = ["--prompt", PROMPTS[0], "--seed", SEED]
+    scripts = {
+        "pipeline": generate_command(trained_run, root / "pipeline", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                                     "--prompts_file", prompts_file, "--num_images_per_prompt", PER_PROMPT,
+                                     "--seed", SEED),
+        "checkpoint_auto": generate_command(checkpoint, root / "checkpoint_auto", *one),
+        # Defaults everywhere but the sampler, which no other run changes.
+        "defaults": ["generate.py", "--model", trained_run, "--prompt", PROMPTS[0], "--output_dir",
+                     root / "defaults", "--scheduler", "dpm++"],
+    }
+    in_process = {
+        "same_seed": generate_command(trained_run, root / "same_seed", "--prompt", PROMPTS[0],
+                                      "--num_images_per_prompt", PER_PROMPT, "--seed", SEED),
+        "next_seed": generate_command(trained_run, stale, "--prompt", PROMPTS[0], "--seed", SEED + 1, "--overwrite"),
+        "no_negative": [arg for arg in generate_command(trained_run, root / "no_negative", *one)
+                        if arg not in ("--negative_prompt", NEGATIVE)],
+        "checkpoint_unet": generate_command(checkpoint, root / "checkpoint_unet", *one, "--weights", "unet"),
+        "checkpoint_base": generate_command(checkpoint, root / "checkpoint_base", *one, "--weights", "ema",
+                                            "--base_model", other_base),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, command) for name, command in scripts.items()}
+        for command in in_process.values():
+            generate_here(command)
+        results = {name: future.result() for name, future in futures.items()}
+    for name, done in results.items():
+        assert done.returncode == 0, f"{name}:\n{done.stderr[-4000:]}"
+    return {**{name: (root / name, done.stdout) for name, done in results.items()},
+            **{name: (root / name, None) for name in in_process}}
+
+
+def folder_of(runs, name):
+    return runs[name][0]
+
+
+# --- the command line
+
+
+def test_default_steps_and_guidance_are_the_shared_constants():
+    args = build_parser().parse_args(["--model", "m"])
+    assert args.num_inference_steps == DEFAULT_NUM_INFERENCE_STEPS == 100
+    assert args.guidance_scale == DEFAULT_GUIDANCE_SCALE == 7.5
+    assert (args.weights, args.scheduler, args.seed, args.prompt) == ("auto", None, None, None)
+
+
+def test_help_lists_every_scheduler_and_the_defaults():
+    text = " ".join(build_parser().format_help().split())
+    assert all(name in text for name in SCHEDULERS)
+    assert "(default: 100)" in text and "(default: 7.5)" in text
+
+
+# --- a run's OUTPUT_DIR
+
+
+def test_one_png_and_sidecar_per_image_plus_grid(runs):
+    folder, stdout = runs["pipeline"]
+    count = (len(PROMPTS) + len(FILE_PROMPTS)) * PER_PROMPT
+    expected = {f"{i:06d}{suffix}" for i in range(count) for suffix in (".png", ".json")} | {"grid.png"}
+    assert {p.name for p in folder.iterdir()} == expected
+    assert stdout.strip().splitlines()[-1] == str(folder / "grid.png")
+
+
+def test_flag_prompts_then_file_prompts_each_repeated_with_seed_plus_index(runs):
+    folder = folder_of(runs, "pipeline")
+    records = [sidecar(folder, i) for i in range(8)]
+    expected_prompts = [p for p in PROMPTS + FILE_PROMPTS for _ in range(PER_PROMPT)]
+    assert [r["prompt"] for r in records] == expected_prompts
+    assert [r["seed"] for r in records] == list(range(SEED, SEED + 8))
+    assert [r["index"] for r in records] == list(range(8))
+
+
+def test_sidecar_records_the_flags(runs, trained_run):
+    record = sidecar(folder_of(runs, "pipeline"), 3)
+    assert record["file_name"] == "000003.png"
+    assert record["negative_prompt"] == NEGATIVE and record["num_inference_steps"] == STEPS
+    assert record["guidance_scale"] == GUIDANCE and record["scheduler"] == "DDPMScheduler"
+    assert record["model"] == record["pipeline"] == str(trained_run)
+    assert record["unet"] is None and record["weights"] == "pipeline"
+    assert (record["width"], record["height"]) == (WIDTH, HEIGHT)
+    assert (record["device"], record["dtype"]) == ("cpu", "float32")
+
+
+def test_negative_prompt_reaches_the_sampler(runs):
+    without = folder_of(runs, "no_negative")
+    assert sidecar(without)["negative_prompt"] is None
+    assert not np.array_equal(pixels(without / "000000.png"), pixels(folder_of(runs, "pipeline") / "000000.png"))
+
+
+def test_height_and_width_are_respected_and_grid_is_a_row_per_prompt(runs):
+    folder = folder_of(runs, "pipeline")
+    images = [pixels(folder / f"{i:06d}.png") for i in range(8)]
+    assert all(image.shape == (HEIGHT, WIDTH, 3) for image in images)
+    grid = pixels(folder / "grid.png")
+    assert grid.shape == (4 * HEIGHT, PER_PROMPT * WIDTH, 3)
+    # Image 5 is the second image of the third prompt: row 2, column 1.
+    assert np.array_equal(grid[2 * HEIGHT:3 * HEIGHT, WIDTH:], images[5])
+
+
+def test_same_seed_gives_the_same_pixels(runs):
+    # The rerun asks only for the first prompt's images: the first run's images 0 and 1.
+    first, again = folder_of(runs, "pipeline"), folder_of(runs, "same_seed")
+    for i in range(PER_PROMPT):
+        assert np.array_equal(pixels(first / f"{i:06d}.png"), pixels(again / f"{i:06d}.png")), i
+
+
+def test_other_seed_gives_other_pixels_and_seed_plus_i_redraws_image_i(runs):
+    first, other = folder_of(runs, "pipeline"), folder_of(runs, "next_seed")
+    redrawn = pixels(other / "000000.png")
+    assert not np.array_equal(redrawn, pixels(first / "000000.png"))
+    # Image 1 of the first run is the same prompt drawn with SEED + 1.
+    assert np.array_equal(redrawn, pixels(first / "000001.png"))
+
+
+def test_overwrite_replaces_previous_images_and_keeps_other_files(runs):
+    folder = folder_of(runs, "next_seed")
+    assert {p.name for p in folder.iterdir()} == {"000000.png", "000000.json", "grid.png", "notes.txt"}
+    assert (folder / "notes.txt").read_bytes() == b"old" and (folder / "grid.png").read_bytes() != b"old"
+
+
+def test_defaults_are_100_steps_guidance_7_5_the_models_size_and_a_recorded_seed(runs, trained_run):
+    record = sidecar(folder_of(runs, "defaults"))
+    assert record["num_inference_steps"] == DEFAULT_NUM_INFERENCE_STEPS
+    assert record["guidance_scale"] == DEFAULT_GUIDANCE_SCALE and record["negative_prompt"] is None
+    assert isinstance(record["seed"], int) and 0 <= record["seed"] < 2**31
+    unet = json.loads((trained_run / "unet" / "config.json").read_text())
+    vae = json.loads((trained_run / "vae" / "config.json").read_text())
+    side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    assert (record["width"], record["height"]) == (side, side)
+
+
+def test_scheduler_flag_samples_with_that_scheduler(runs):
+    folder = folder_of(runs, "defaults")
+    assert sidecar(folder)["scheduler"] == SCHEDULERS["dpm++"]
+    assert pixels(folder / "000000.png").std() > 0
+
+
+# --- a checkpoint-N folder
+
+
+def test_checkpoint_auto_puts_unet_ema_into_the_runs_own_pipeline(runs, trained_run):
+    folder = folder_of(runs, "checkpoint_auto")
+    record = sidecar(folder)
+    assert record["model"] == str(trained_run / "checkpoint-2") and record["pipeline"] == str(trained_run)
+    assert record["unet"] == str(trained_run / "checkpoint-2" / "unet_ema") and record["weights"] == "ema"
+    # The final pipeline of an EMA run ships the EMA UNet of the last step: the same pixels.
+    assert np.array_equal(pixels(folder / "000000.png"), pixels(folder_of(runs, "pipeline") / "000000.png"))
+
+
+def test_checkpoint_weights_unet_samples_the_raw_unet(runs, trained_run):
+    folder = folder_of(runs, "checkpoint_unet")
+    record = sidecar(folder)
+    assert record["unet"] == str(trained_run / "checkpoint-2" / "unet") and record["weights"] == "unet"
+    assert not np.array_equal(pixels(folder / "000000.png"), pixels(folder_of(runs, "checkpoint_auto") / "000000.png"))
+
+
+def test_checkpoint_with_base_model_takes_the_other_pieces_from_it(runs, other_base, trained_run):
+    folder = folder_of(runs, "checkpoint_base")
+    record = sidecar(folder)
+    assert record["pipeline"] == str(other_base)
+    assert record["unet"] == str(trained_run / "checkpoint-2" / "unet_ema")
+    assert not np.array_equal(pixels(folder / "000000.png"), pixels(folder_of(runs, "checkpoint_auto") / "000000.png"))
+
+
+# --- refusals: one line on stderr naming the bad value, exit code 2, nothing deleted
+
+PREVIOUS = ("000000.png", "000000.json", "grid.png")
+
+
+def with_previous_images(folder):
+    folder.mkdir()
+    for name in PREVIOUS:
+        (folder / name).write_bytes(b"old")
+    return folder
+
+
+def kept_previous_images(folder) -> bool:
+    return sorted(p.name for p in folder.iterdir()) == sorted(PREVIOUS) and all(
+        (folder / name).read_bytes() == b"old" for name in PREVIOUS)
+
+
+@pytest.fixture
+def paths(tmp_path, tiny_model_dir, trained_run) -> dict:
+    """The pieces bad command lines are made of; 'kept' holds a previous run's images."""
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    # A checkpoint of a run that has not finished: no pipeline beside it.
+    shutil.copytree(trained_run / "checkpoint-2" / "unet", tmp_path / "unfinished" / "checkpoint-2" / "unet")
+    return {"model": tiny_model_dir, "out": tmp_path / "out", "missing": tmp_path / "no-run",
+            "blank": tmp_path / "blank.txt", "kept": with_previous_images(tmp_path / "kept"),
+            "unfinished": tmp_path / "unfinished" / "checkpoint-2"}
+
+
+# name -> (argv, text the one stderr line must hold), with {placeholders} filled from the paths fixture.
+REFUSALS = {
+    "missing_model": (["--model", "{missing}", "--prompt", "a", "--output_dir", "{out}"],
+                      "--model '{missing}' does not exist"),
+    "height": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}", "--height", "30"],
+               "--height 30 must be a positive multiple of 8"),
+    "empty_prompts_file": (["--model", "{model}", "--prompts_file", "{blank}", "--output_dir", "{out}"],
+                           "--prompts_file '{blank}' holds no prompt (only blank lines)"),
+    "unknown_scheduler": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}", "--scheduler", "lms"],
+                          "argument --scheduler: invalid choice: 'lms'"),
+    "no_prompt": (["--model", "{model}", "--output_dir", "{out}"], "no prompt: pass --prompt TEXT"),
+    "no_model": (["--prompt", "a", "--output_dir", "{out}"], "the following arguments are required: --model"),
+    "zero_steps": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}", "--num_inference_steps", "0"],
+                   "--num_inference_steps 0 must be at least 1"),
+    "seed_past_torchs_limit": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
+                                "--seed", str(2**64 - 1), "--num_images_per_prompt", "2"],
+                               f"--seed {2**64 - 1} is too large"),
+    "previous_images": (["--model", "{model}", "--prompt", "a", "--output_dir", "{kept}"],
+                        "--output_dir '{kept}' already holds generated images (000000"),
+    "overwrite_with_missing_model": (["--model", "{missing}", "--prompt", "a", "--output_dir", "{kept}",
+                                      "--overwrite"], "--model '{missing}' does not exist"),
+    "overwrite_with_zero_batch": (["--model", "{model}", "--prompt", "a", "--output_dir", "{kept}", "--overwrite",
+                                   "--batch_size", "0"], "--batch_size 0 must be at least 1"),
+    "unfinished_checkpoint_offline": (["--model", "{unfinished}", "--prompt", "a", "--output_dir", "{out}"],
+                                      "checkpoint '{unfinished}' is not a pipeline and its run folder holds none "
+                                      "yet; pass the pipeline it was trained from as --base_model"),
+}
+
+
+def refusal(case: str, paths: dict) -> tuple:
+    """(argv, expected text) of a REFUSALS case for these paths."""
+    argv, expected = REFUSALS[case]
+    return [arg.format(**paths) for arg in argv], expected.format(**paths)
+
+
+@pytest.fixture
+def in_process(monkeypatch, tmp_path):
+    """generate.main in this process (a subprocess per case costs seconds of imports), offline with an empty Hub
+    cache so the machine's cache cannot decide the outcome."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
+    with restored_process_state():
+        yield
+
+
+def refuse(argv, capsys) -> tuple:
+    """(exit code, stderr lines) of generate.py's main run as the script runs it."""
+    import generate
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(generate.main, argv)
+    return exited.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_input_is_one_stderr_line_naming_it_with_exit_code_2(case, paths, in_process, capsys):
+    argv, expected = refusal(case, paths)
+    code, lines = refuse(argv, capsys)
+    assert code == 2 and len(lines) == 1 and expected in lines[0], lines
+
+
+@pytest.mark.parametrize("case", ["previous_images", "overwrite_with_missing_model", "overwrite_with_zero_batch"])
+def test_refused_run_leaves_previous_images_in_place(case, paths, in_process, capsys):
+    # --overwrite must not delete a previous run's images when the command is refused anyway.
+    refuse(refusal(case, paths)[0], capsys)
+    assert kept_previous_images(paths["kept"])
+
+
+@pytest.fixture(scope="module")
+def script_refusals(tmp_path_factory, tiny_model_dir) -> dict:
+    """The real script on two refusals, one from argparse and one from main: name -> CompletedProcess, and
+    'kept', the previous images the second must not delete."""
+    kept = with_previous_images(tmp_path_factory.mktemp("script_refusals") / "kept")
+    commands = {
+        "unknown_scheduler": ["generate.py", "--model", tiny_model_dir, "--prompt", "a", "--output_dir",
+                              kept.parent / "out", "--scheduler", "lms"],
+        "overwrite_with_missing_model": ["generate.py", "--model", kept.parent / "no-run", "--prompt", "a",
+                                         "--output_dir", kept, "--overwrite"],
+    }
+    return {"kept": kept, **run_two_at_a_time(commands)}
+
+
+@pytest.mark.parametrize("case, expected", [("unknown_scheduler", "generate.py: error: argument --scheduler"),
+                                            ("overwrite_with_missing_model", "error: --model '")])
+def test_script_refusal_is_one_line_exit_2_and_no_traceback(script_refusals, case, expected):
+    done = script_refusals[case]
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_script_refusal_with_overwrite_deletes_nothing(script_refusals):
+    assert kept_previous_images(script_refusals["kept"])
