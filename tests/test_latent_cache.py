@@ -165,7 +165,7 @@ def test_build_then_reuse_then_rebuild_on_change(tiny_parts, tmp_path, caplog):
 
 def test_manifest_of_another_key_is_not_a_cache(tmp_path):
     """A folder whose manifest names another key (or none) is not reused."""
-    lc.write_json_atomic({"key": "abc", "version": lc.CACHE_VERSION}, tmp_path / lc.MANIFEST_FILENAME)
+    lc.write_json_atomic(tmp_path / lc.MANIFEST_FILENAME, {"key": "abc", "version": lc.CACHE_VERSION})
     assert lc.read_manifest(tmp_path, "abc") is not None
     assert lc.read_manifest(tmp_path, "abd") is None
     assert lc.read_manifest(tmp_path / "missing", "abc") is None

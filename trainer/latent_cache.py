@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from diffusion_model.atomic import write_json_atomic
 from utils.cli import UsageError
 from utils.logger import get_logger
 
@@ -133,13 +134,6 @@ def save_atomic(tensors: dict, path: Path) -> None:
 
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
-    os.replace(partial, path)
-
-
-def write_json_atomic(data: dict, path: Path) -> None:
-    """JSON to a temporary name, then rename."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(data), encoding="utf-8")
     os.replace(partial, path)
 
 
@@ -276,8 +270,8 @@ def prepare_cache(root: Path, key: str, settings: CacheSettings, table, builder:
     build_shards(builder, folder, table, settings.image_column, captions, settings.random_flip)
     builder.barrier()
     if builder.rank == 0:
-        write_json_atomic(manifest_for(key, settings, len(table), captions, row_captions, builder.world),
-                          folder / MANIFEST_FILENAME)
+        write_json_atomic(folder / MANIFEST_FILENAME,
+                          manifest_for(key, settings, len(table), captions, row_captions, builder.world))
     builder.barrier()
     get_logger().info("Latent cache built in %.2f s: %d images, %d distinct captions", time.perf_counter() - started,
                       len(table), len(captions))
