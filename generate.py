@@ -5,6 +5,7 @@ sampler → images, each saved with a JSON sidecar of its settings as it is draw
 Run: python generate.py --model sd-rsicd-model --prompt "A satellite image of a crop field" --seed 0
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     check_size("--width", args.width)
     if args.num_inference_steps < 1:
         raise UsageError(f"--num_inference_steps {args.num_inference_steps} must be at least 1.")
+    if not math.isfinite(args.guidance_scale):  # argparse's float() accepts nan and inf: black images, no error
+        raise UsageError(f"--guidance_scale {args.guidance_scale} must be a finite number.")
 
     # What draws it and where it goes; every flag is checked before --overwrite deletes a previous run's images.
     batches(len(plan), args.batch_size)

@@ -335,6 +335,8 @@ REFUSALS = {
     "no_model": (["--prompt", "a", "--output_dir", "{out}"], "the following arguments are required: --model"),
     "zero_steps": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}", "--num_inference_steps", "0"],
                    "--num_inference_steps 0 must be at least 1"),
+    "nan_guidance": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}", "--guidance_scale", "nan"],
+                     "--guidance_scale nan must be a finite number"),
     "seed_past_torchs_limit": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
                                 "--seed", str(2**64 - 1), "--num_images_per_prompt", "2"],
                                f"--seed {2**64 - 1} is too large"),
