@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     check_size("--width", args.width)
     if args.num_inference_steps < 1:
         raise UsageError(f"--num_inference_steps {args.num_inference_steps} must be at least 1.")
-    if not math.isfinite(args.guidance_scale):  # argparse's float() accepts nan and inf: black images, no error
+    if not math.isfinite(args.guidance_scale):  # argparse's float() accepts nan and inf, which make every pixel NaN
         raise UsageError(f"--guidance_scale {args.guidance_scale} must be a finite number.")
 
     # What draws it and where it goes; every flag is checked before --overwrite deletes a previous run's images.
