@@ -97,29 +97,26 @@ def check_hub_model(flag: str, value: str) -> None:
                          f"pass a local pipeline folder as {flag}, or `hf download {value}` first.")
 
 
-def check_pipeline(flag: str, value: str) -> None:
-    """A local folder must be a saved pipeline (model_index.json); anything else must be a usable Hub id."""
+def check_pipeline(flag: str, value: str) -> str:
+    """A local folder must be a saved pipeline (model_index.json); anything else must be a usable Hub id.
+
+    Returns the value as from_pretrained needs it: the folder with ~ expanded, or the Hub id.
+    """
     folder = Path(value).expanduser()
     if folder.is_dir():
         if not (folder / MODEL_INDEX).is_file():
             raise UsageError(f"{flag} '{value}' holds no {MODEL_INDEX}: it is not a diffusers pipeline folder.")
-        return
+        return str(folder)
     if folder.exists():
         raise UsageError(f"{flag} '{value}' is a file; pass a pipeline folder.")
     check_hub_model(flag, value)
-
-
-def local_or_hub(value: str) -> str:
-    """A checked --model/--base_model as from_pretrained needs it: a folder with ~ expanded, else the Hub id."""
-    folder = Path(value).expanduser()
-    return str(folder) if folder.is_dir() else value
+    return value
 
 
 def base_for_checkpoint(checkpoint: Path, base_model: Optional[str]) -> str:
     """--base_model, else the finished run's own pipeline beside the checkpoint, else the default SD1.5 id."""
     if base_model is not None:
-        check_pipeline("--base_model", base_model)
-        return local_or_hub(base_model)
+        return check_pipeline("--base_model", base_model)
     if (checkpoint.parent / MODEL_INDEX).is_file():
         return str(checkpoint.parent)
     try:
@@ -138,11 +135,11 @@ def resolve_model(model: str, base_model: Optional[str], weights: str = "auto") 
     if folder.is_dir() and is_checkpoint(folder):
         unet, kind = checkpoint_unet(folder, weights)
         return ModelSource(base_for_checkpoint(folder, base_model), unet, kind)
-    check_pipeline("--model", model)
+    pipeline = check_pipeline("--model", model)
     if weights != "auto":
         raise UsageError(f"--weights {weights} applies to checkpoint-N folders; '{model}' is a pipeline "
                          "(a run's final pipeline already carries the EMA weights when EMA was on).")
-    return ModelSource(local_or_hub(model), None, "pipeline")
+    return ModelSource(pipeline, None, "pipeline")
 
 
 def load_failure(what, err: Exception) -> UsageError:
