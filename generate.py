@@ -5,7 +5,6 @@ sampler → images, each saved with a JSON sidecar of its settings as it is draw
 Run: python generate.py --model sd-rsicd-model --prompt "A satellite image of a crop field" --seed 0
 """
 
-import math
 import sys
 from pathlib import Path
 
@@ -13,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference.args import parse_args  # noqa: E402
 from inference.outputs import grid_columns, prepare_output_dir, save_grid, save_image  # noqa: E402
-from inference.pipeline import batches, check_size, pick_device, resolve_model  # noqa: E402
+from inference.pipeline import pick_device, resolve_model  # noqa: E402
 from inference.prompts import base_seed, collect_prompts, plan_images  # noqa: E402
-from utils.cli import UsageError, run_main  # noqa: E402
+from utils.cli import run_main  # noqa: E402
 from utils.logger import get_logger, setup_logging  # noqa: E402
 
 
@@ -48,15 +47,8 @@ def main(argv=None) -> int:
     prompts = collect_prompts(args.prompt, args.prompts_file)
     first_seed = base_seed(args.seed)
     plan = plan_images(prompts, args.num_images_per_prompt, first_seed)
-    check_size("--height", args.height)
-    check_size("--width", args.width)
-    if args.num_inference_steps < 1:
-        raise UsageError(f"--num_inference_steps {args.num_inference_steps} must be at least 1.")
-    if not math.isfinite(args.guidance_scale):  # argparse's float() accepts nan and inf, which make every pixel NaN
-        raise UsageError(f"--guidance_scale {args.guidance_scale} must be a finite number.")
 
     # What draws it and where it goes; every flag is checked before --overwrite deletes a previous run's images.
-    batches(len(plan), args.batch_size)
     device, dtype = pick_device(args.device)
     source = resolve_model(args.model, args.base_model, args.weights)
     output_dir = prepare_output_dir(args.output_dir, args.overwrite)

@@ -1,11 +1,10 @@
 """evaluate.py's command line: flags with defaults and help, checked up front with one-line errors."""
 
-import math
 from typing import Optional, Sequence
 
 from inference.pipeline import WEIGHTS_CHOICES
 from inference.schedulers import check_scheduler
-from utils.cli import ArgumentParser, UsageError
+from utils.cli import ArgumentParser, UsageError, check_at_least, check_finite
 from utils.constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_RESOLUTION
 
 LATENT_MULTIPLE = 8
@@ -49,12 +48,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def check_at_least(flag: str, value: Optional[int], minimum: int) -> None:
-    """A usage error naming flag unless value is None or >= minimum."""
-    if value is not None and value < minimum:
-        raise UsageError(f"{flag} {value} must be at least {minimum}")
-
-
 def check_args(args) -> None:
     """Value checks argparse cannot express; every one names the flag and the value."""
     check_at_least("--num_samples", args.num_samples, 2)  # FID needs two samples per side for a covariance
@@ -65,8 +58,7 @@ def check_args(args) -> None:
     check_at_least("--sheet_pairs", args.sheet_pairs, 0)
     if args.resolution <= 0 or args.resolution % LATENT_MULTIPLE:
         raise UsageError(f"--resolution {args.resolution} must be a positive multiple of {LATENT_MULTIPLE}")
-    if not math.isfinite(args.guidance_scale):
-        raise UsageError(f"--guidance_scale {args.guidance_scale} must be a finite number")
+    check_finite("--guidance_scale", args.guidance_scale)
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
 

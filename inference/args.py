@@ -2,9 +2,9 @@
 
 from typing import Optional, Sequence
 
-from inference.pipeline import WEIGHTS_CHOICES
+from inference.pipeline import WEIGHTS_CHOICES, check_size
 from inference.schedulers import SCHEDULERS
-from utils.cli import ArgumentParser
+from utils.cli import ArgumentParser, check_at_least, check_finite
 from utils.constants import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
 DEFAULT_OUTPUT_DIR = "generated"
@@ -43,6 +43,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def check_args(args) -> None:
+    """Value checks argparse cannot express, so every flag is checked before --overwrite deletes anything."""
+    check_size("--height", args.height)
+    check_size("--width", args.width)
+    check_at_least("--num_inference_steps", args.num_inference_steps, 1)
+    check_at_least("--batch_size", args.batch_size, 1)
+    check_finite("--guidance_scale", args.guidance_scale)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None):
-    """Parse the command line (bad flags: one line, exit 2)."""
-    return build_parser().parse_args(argv)
+    """Parse and check the command line (bad flags: one line, exit 2)."""
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args

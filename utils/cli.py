@@ -1,6 +1,7 @@
 """Command-line plumbing shared by the scripts: one-line usage errors with exit code 2."""
 
 import argparse
+import math
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +32,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(USAGE_EXIT_CODE)
+
+
+def check_at_least(flag: str, value: Optional[int], minimum: int) -> None:
+    """A usage error naming flag unless value is None or >= minimum."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} {value} must be at least {minimum}")
+
+
+def check_finite(flag: str, value: float) -> None:
+    """A usage error naming flag when value is nan or infinite (argparse's float() accepts both)."""
+    if not math.isfinite(value):
+        raise UsageError(f"{flag} {value} must be a finite number")
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> None:
