@@ -41,7 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINER = REPO_ROOT / "train_text_to_image.py"
 PEAK_RSS = Path(__file__).resolve().with_name("peak_rss.py")
 BAR_SPEEDUP = 1.3
-SEED_FLAGS = ["--train_batch_size", "1", "--gradient_accumulation_steps", "4", "--gradient_checkpointing",
+GRADIENT_ACCUMULATION = 4  # the seed's recipe, batch 1
+SEED_FLAGS = ["--train_batch_size", "1", "--gradient_accumulation_steps", str(GRADIENT_ACCUMULATION), "--gradient_checkpointing",
               "--use_ema", "--learning_rate", "1e-06", "--max_grad_norm", "1", "--lr_scheduler", "constant",
               "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--report_to", "tensorboard",
               "--center_crop", "--seed", "0"]
@@ -187,9 +188,9 @@ def cpu_report(name: str, config: Config, steps: int, uncached: RunResult, cache
     """The results block of one CPU configuration, with the ratios and the bar."""
     ratio = cached.samples_per_s / uncached.samples_per_s
     with_build = uncached.loop_s / (cached.loop_s + (cached.build_s or 0.0))
-    epochs = steps * 4 / config.images
+    samples = steps * GRADIENT_ACCUMULATION
     lines = [f"  {name}: {config.resolution} px, {config.images} images, {steps} optimizer steps "
-             f"({steps * 4} samples, {epochs:.1f} epochs)",
+             f"({samples} samples, {samples / config.images:.1f} epochs)",
              describe("uncached", uncached), describe("cached", cached),
              f"    ratio cached/uncached, loop only: {ratio:.2f}x; loop + one cache build: {with_build:.2f}x; "
              f"frozen-encoder share of an uncached step: {1 - 1 / ratio:.0%}"]

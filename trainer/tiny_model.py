@@ -33,12 +33,14 @@ def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH)
 
 
-def build_text_encoder(vocab_size: int, hidden_size: int = 32) -> CLIPTextModel:
-    """A small CLIP text encoder whose hidden size is the UNet's cross-attention dim."""
+def build_text_encoder(vocab_size: int, hidden_size: int = 32, intermediate_size: int = 37, num_layers: int = 2,
+                       num_heads: int = 4) -> CLIPTextModel:
+    """A CLIP text encoder over our vocabulary (small by default) whose hidden size is the UNet's cross-attention dim."""
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH, bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        hidden_act="quick_gelu", bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
     return CLIPTextModel(config)
 
@@ -90,16 +92,6 @@ def build_sd_unet(block_out_channels: tuple, layers_per_block: int, cross_attent
     )
 
 
-def build_sd15_text_encoder(vocab_size: int) -> CLIPTextModel:
-    """A CLIP text encoder shaped like SD1.5's (ViT-L/14 text tower: 12 layers, width 768), our vocabulary."""
-    config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="quick_gelu",
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-    )
-    return CLIPTextModel(config)
-
-
 def build_components(preset: str, vocab_size: int) -> tuple:
     """(vae, text_encoder, unet) of a preset: tiny (64 px tests), vae_realistic (SD1.5's VAE, small UNet), sd15."""
     if preset == "tiny":
@@ -108,7 +100,8 @@ def build_components(preset: str, vocab_size: int) -> tuple:
         return (build_sd15_vae(), build_text_encoder(vocab_size, hidden_size=256),
                 build_sd_unet((64, 128, 256, 256), 1, 256, 32))
     if preset == "sd15":
-        return (build_sd15_vae(), build_sd15_text_encoder(vocab_size),
+        # SD1.5's text tower is CLIP ViT-L/14's: 12 layers, width 768, 12 heads
+        return (build_sd15_vae(), build_text_encoder(vocab_size, 768, 3072, num_layers=12, num_heads=12),
                 build_sd_unet((320, 640, 1280, 1280), 2, 768, 64))
     raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
 
