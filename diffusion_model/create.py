@@ -1,10 +1,12 @@
-"""Parquet (RSICD or image+text schema) -> OUTPUT_DIR/rsicd_images/image_NNNNNN.jpg + OUTPUT_DIR/captions.txt.
+"""Captioned images -> OUTPUT_DIR/rsicd_images/image_NNNNNN.jpg + OUTPUT_DIR/captions.txt.
 
-NNNNNN is the 1-based input row number across all files in sorted order. captions.txt holds one
+Sources: Parquet (RSICD or image+text schema), Karpathy JSON, NWPU-Captions JSON, CSV, JSONL, webdataset shards
+(diffusion_model/sources). NNNNNN is the 1-based input row number across all files in sorted order; --append
+adds another source to the folder, numbered after the rows already there. captions.txt holds one
 `rsicd_images/image_NNNNNN.jpg<TAB>caption` line per caption, the name relative to the folder holding it.
 Failed rows leave a gap that OUTPUT_DIR/create_report.json explains. Re-running resumes; --overwrite redoes all.
 
-Run: python diffusion_model/create.py --parquet_path P --output_dir O [--caption_file captions.txt]
+Run: python diffusion_model/create.py --input P [P ...] --output_dir O [--format auto] [--split train] [--append]
 """
 
 import sys
@@ -13,26 +15,28 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 from diffusion_model.atomic import write_json_atomic
 from diffusion_model.captions import CAPTION_MODES
-from diffusion_model.create_job import (ImageSettings, build_report, default_workers, prepare_output, run_job,
-                                        settings_dict, summary_line)
+from diffusion_model.create_job import (PREVIOUS_REPORT_FILENAME, SETTINGS_FILENAME, ImageSettings, build_report,
+                                        default_workers, prepare_output, run_job, summary_line)
 from diffusion_model.imaging import RESIZE_MODES
-from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
+from diffusion_model.ledger import other_failures, place
+from diffusion_model.sources import FORMATS, SPLITS, SourceOptions, open_source
 from utils.cli import ArgumentParser, UsageError, run_main
 from utils.constants import CAPTIONS_FILENAME, CREATE_REPORT_FILENAME, DEFAULT_JPEG_QUALITY, DEFAULT_RESOLUTION
 from utils.logger import get_logger, setup_logging
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
-BATCH_ROWS = 64
 
 
 def parse_args(argv: Optional[Sequence[str]]):
     """Command line, with every tunable's default and meaning."""
-    parser = ArgumentParser(description="Turn a Parquet of images and captions into JPEGs plus captions.txt.")
-    parser.add_argument("--parquet_path", nargs="+", required=True, help="Parquet file(s) or folder(s) of shards.")
+    parser = ArgumentParser(description="Turn captioned images (Parquet, Karpathy or NWPU JSON, CSV, JSONL, "
+                                        "webdataset) into JPEGs plus captions.txt.")
+    add_source_flags(parser)
     parser.add_argument("--output_dir", required=True, help="Folder for rsicd_images/, captions.txt and the report.")
     parser.add_argument("--caption_file", default=CAPTIONS_FILENAME,
                         help="Captions file; a bare name is placed in --output_dir, and it must lie directly in it.")
@@ -44,13 +48,43 @@ def parse_args(argv: Optional[Sequence[str]]):
                         help="center_crop (shorter side to resolution, then crop), stretch, or pad.")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="Refuse images whose header declares more pixels than this (decompression bombs).")
-    parser.add_argument("--image_column", help="Image column (default: auto-detect, e.g. 'image').")
-    parser.add_argument("--caption_column", help="Caption column (default: auto-detect 'captions' or 'text').")
+    parser.add_argument("--image_column", help="Image column (default: auto-detect: Parquet 'image'; CSV/JSONL the "
+                                               "first of file_name, filename, image).")
+    parser.add_argument("--caption_column", help="Caption column (default: auto-detect: Parquet 'captions' or 'text'; "
+                                                 "CSV/JSONL the first of text, caption, captions).")
     parser.add_argument("--num_workers", type=int, default=default_workers(), help="Worker processes (default: all cores).")
     parser.add_argument("--limit", type=int, help="Process only the first N rows.")
     parser.add_argument("--strict", action="store_true", help="Exit 1 if any row failed.")
     parser.add_argument("--overwrite", action="store_true", help="Redo every image instead of resuming.")
     return parser.parse_args(argv)
+
+
+def add_source_flags(parser: ArgumentParser) -> None:
+    """Where the rows come from: files, form, split, image folder, and --append for a further source."""
+    parser.add_argument("--input", "--parquet_path", dest="input", nargs="+", required=True, metavar="PATH",
+                        help="Source file(s) or folder: Parquet file(s)/folder of shards, a Karpathy or NWPU-Captions "
+                             ".json, a .csv or .jsonl index, or webdataset .tar shards (--parquet_path is an alias).")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="Source form; auto tells it from the name (and a .json from its structure).")
+    parser.add_argument("--split", choices=SPLITS,
+                        help="Split to read (val also reads 'valid'/'validation'). Default: train for JSON "
+                             "indexes and CSV/JSONL with a split column; Parquet and tar shards: all files, else "
+                             "the shards whose names start with the split.")
+    parser.add_argument("--images_dir", help="Folder an index's image names resolve in (default: the index's own "
+                                             "folder, or the one subfolder of it that holds the images).")
+    parser.add_argument("--append", action="store_true",
+                        help="Add this source to an existing output folder, numbered after the rows already there; "
+                             "rerunning the same command resumes it.")
+
+
+def source_options(args) -> SourceOptions:
+    """The reader options from the command line."""
+    return SourceOptions(args.format, args.split, args.images_dir, args.image_column, args.caption_column)
+
+
+def renumbered(rows, offset: int):
+    """Rows moved to their output numbers (after the sources already in the folder)."""
+    return rows if offset == 0 else (row._replace(number=row.number + offset) for row in rows)
 
 
 def check_range(flag: str, value: Optional[int], low: int, high: Optional[int] = None) -> None:
@@ -80,28 +114,39 @@ def resolve_caption_file(value: str, output_dir: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Create images and captions from Parquet; exit 1 under --strict if any row failed."""
+    """Create images and captions from one source; exit 1 under --strict if any row failed."""
     setup_logging()
     args = parse_args(argv)
     check_numbers(args)
     output_dir = Path(args.output_dir).resolve()
     caption_file = resolve_caption_file(args.caption_file, output_dir)
-    inputs = resolve_parquet_paths(args.parquet_path)
-    columns, rows_total = inspect_sources(inputs, args.image_column, args.caption_column)
+    source = open_source(args.input, source_options(args))
 
     settings = ImageSettings(args.resolution, args.resize_mode, args.jpeg_quality, args.max_pixels)
-    prepare_output(output_dir, settings_dict(settings, inputs, columns.image), args.overwrite)
-    get_logger().info("%d rows in %d file(s); columns %s", rows_total, len(inputs), columns)
-    rows = iter_rows(inputs, columns, BATCH_ROWS, args.limit)
-    total = min(rows_total, args.limit or rows_total)
+    # Where this source's rows go among the folder's sources; a rerun finds its own place again.
+    columns = source.details.get("columns", {})
+    spot = place(output_dir / SETTINGS_FILENAME, asdict(settings), source.record(), columns.get("image"),
+                 source.rows_total, args.append, args.overwrite)
+    own_rows = range(spot.first_row, spot.last_row + 1)
+    prepare_output(output_dir, spot.guarded, args.overwrite, spot.document, own_rows if spot.appended else None)
+    get_logger().info("%s: %d rows in %d file(s) -> rows %d-%d; %s", source.label(), source.rows_total,
+                      len(source.inputs), spot.first_row, spot.last_row, source.details)
+    rows = renumbered(source.rows(args.limit), spot.offset)
+    total = min(source.rows_total, args.limit or source.rows_total)
+    keep = None if args.overwrite and not spot.appended else own_rows
     tally, seconds = run_job(rows, total, output_dir, caption_file, settings, args.caption_mode,
-                             args.num_workers, args.overwrite)
+                             args.num_workers, args.overwrite, keep)
 
     report_path = output_dir / CREATE_REPORT_FILENAME
-    used = {**vars(args), "parquet_path": [str(p) for p in inputs], "output_dir": str(output_dir),
-            "caption_file": str(caption_file), "columns": vars(columns)}
-    write_json_atomic(report_path, build_report(tally, seconds, inputs, rows_total, used))
-    print(summary_line(tally, caption_file, report_path, seconds))
+    used = {**vars(args), "input": [str(p) for p in source.inputs], "output_dir": str(output_dir),
+            "caption_file": str(caption_file), "columns": columns}
+    report = build_report(tally, seconds, source.inputs, source.rows_total, used,
+                          {**source.record(), "first_row": spot.first_row, "rows": source.rows_total})
+    report.update(sources=spot.document["sources"], other_sources_failures=other_failures(
+        output_dir, (PREVIOUS_REPORT_FILENAME,), own_rows) if keep else [])
+    write_json_atomic(report_path, report)
+    (output_dir / PREVIOUS_REPORT_FILENAME).unlink(missing_ok=True)
+    print(summary_line(tally, caption_file, report_path, seconds, source.label()))
     return 1 if args.strict and tally.failures else 0
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from diffusion_model.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
 from diffusion_model.captions import select_captions
 from diffusion_model.imaging import ImageRejected, prepare
+from diffusion_model.ledger import LEGACY
 from utils.cli import UsageError
 from utils.constants import (
     CAPTION_SEPARATOR,
@@ -37,6 +38,7 @@ from utils.constants import (
 REASON_NO_CAPTION = "no_caption"
 # Kept beside the images so a resume with different image settings is refused instead of mixing outputs.
 SETTINGS_FILENAME = "create_settings.json"
+PREVIOUS_REPORT_FILENAME = "create_report.previous.json"
 # A chunk is one task for the pool: large enough that per-task overhead is small, small enough in bytes that
 # the chunks in flight stay a few MiB whatever the size of the source images.
 CHUNK_ROWS = 32
@@ -79,12 +81,31 @@ def image_name(number: int) -> str:
     return f"{IMAGE_PREFIX}{number:0{IMAGE_INDEX_DIGITS}d}{IMAGE_EXTENSION}"
 
 
-def clear_images(images_dir: Path, finished_too: bool) -> int:
-    """Remove leftover temporary images (and, for --overwrite, finished ones); return how many went."""
+def image_number(name: str) -> Optional[int]:
+    """The row number in one of our image names (a bare name or rsicd_images/name), or None."""
+    base = name.rpartition("/")[2]
+    return int(base[len(IMAGE_PREFIX): -len(IMAGE_EXTENSION)]) if OUR_IMAGE.match(base) else None
+
+
+def kept_caption_lines(caption_file: Path, rows: range, before: bool):
+    """Existing caption lines of other sources' rows: those numbered before rows, or (before=False) after them."""
+    if not caption_file.is_file():
+        return
+    with open(caption_file, encoding="utf-8", newline="\n") as handle:
+        for line in handle:
+            number = image_number(line.partition(CAPTION_SEPARATOR)[0])
+            # A line that is not ours (hand-edited) is kept at the top rather than lost.
+            if (number is None or number < rows.start) if before else (number is not None and number >= rows.stop):
+                yield line if line.endswith("\n") else line + "\n"
+
+
+def clear_images(images_dir: Path, finished_too: bool, rows: Optional[range] = None) -> int:
+    """Remove leftover temporary images (and, for --overwrite, finished ones of rows, default all); return how many."""
     removed = 0
     for path in images_dir.iterdir():
         is_tmp = path.name.endswith(TMP_SUFFIX) and OUR_IMAGE.match(path.name[: -len(TMP_SUFFIX)])
-        if is_tmp or (finished_too and OUR_IMAGE.match(path.name)):
+        ours = OUR_IMAGE.match(path.name) and (rows is None or image_number(path.name) in rows)
+        if is_tmp or (finished_too and ours):
             path.unlink()
             removed += 1
     return removed
@@ -124,7 +145,7 @@ def process_chunk(items: list) -> list:
 def plan_chunk(rows: list, caption_mode: str) -> tuple:
     """Clean each row's captions; return per-row plans and the image work (rows with a caption) to send out."""
     plans = [(row, select_captions(row.captions, caption_mode)) for row in rows]
-    work = [(row.number, row.image) for row, captions in plans if captions]
+    work = [(row.number, row.image) for row, captions in plans if captions and not row.failure]
     return plans, work
 
 
@@ -133,7 +154,7 @@ def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out) -> 
     outcomes = {number: (outcome, detail) for number, outcome, detail in statuses}
     for row, captions in plans:
         tally.rows_processed += 1
-        outcome, detail = outcomes.get(row.number, (REASON_NO_CAPTION, ""))
+        outcome, detail = outcomes.get(row.number, row.failure or (REASON_NO_CAPTION, ""))
         if outcome not in (WRITTEN, REUSED):
             tally.fail(row.number, row.filename, outcome, detail)
             continue
@@ -159,14 +180,19 @@ def chunked(rows: Iterable, max_rows: int, max_bytes: int):
 
 
 def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, settings: ImageSettings,
-            caption_mode: str, num_workers: int, overwrite: bool) -> tuple:
-    """Process all rows with a bounded pool; write captions.txt atomically; return (tally, seconds)."""
+            caption_mode: str, num_workers: int, overwrite: bool, keep_outside: Optional[range] = None) -> tuple:
+    """Process all rows with a bounded pool; write captions.txt atomically; return (tally, seconds).
+
+    keep_outside: this run's output rows; the caption lines other sources wrote outside them stay, in row order.
+    """
     images_dir = output_dir / IMAGES_DIRNAME
     started, tally, pending = time.monotonic(), JobTally(), deque()
     max_in_flight = num_workers * CHUNKS_IN_FLIGHT_PER_WORKER
     with multiprocessing.Pool(num_workers, init_worker, (str(images_dir), settings, overwrite)) as pool, \
             open_text_atomic(caption_file) as captions_out, \
             tqdm(total=total, unit="row", desc="create", disable=None) as bar:
+        if keep_outside is not None:
+            captions_out.writelines(kept_caption_lines(caption_file, keep_outside, before=True))
         for chunk in chunked(rows, CHUNK_ROWS, CHUNK_BYTES):
             plans, work = plan_chunk(chunk, caption_mode)
             pending.append((plans, pool.apply_async(process_chunk, (work,)) if work else None))
@@ -174,6 +200,8 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
                 settle_oldest(pending, tally, captions_out, bar)
         while pending:
             settle_oldest(pending, tally, captions_out, bar)
+        if keep_outside is not None:
+            captions_out.writelines(kept_caption_lines(caption_file, keep_outside, before=False))
     return tally, time.monotonic() - started
 
 
@@ -184,10 +212,12 @@ def settle_oldest(pending: deque, tally: JobTally, captions_out, bar) -> None:
     bar.update(len(plans))
 
 
-def build_report(tally: JobTally, seconds: float, inputs: list, rows_total: int, settings: dict) -> dict:
+def build_report(tally: JobTally, seconds: float, inputs: list, rows_total: int, settings: dict,
+                 source: Optional[dict] = None) -> dict:
     """The create_report.json document."""
     return {
         "inputs": [str(p) for p in inputs],
+        "source": source,
         "settings": settings,
         "rows_in_inputs": rows_total,
         "rows_processed": tally.rows_processed,
@@ -203,12 +233,12 @@ def build_report(tally: JobTally, seconds: float, inputs: list, rows_total: int,
     }
 
 
-def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds: float) -> str:
-    """One line saying what happened, failures included."""
+def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds: float, source: str = "") -> str:
+    """One line saying what happened (and, given a source label, what was read), failures included."""
     ok = tally.images_written + tally.images_reused
     reasons = ", ".join(f"{n} {r}" for r, n in tally.failures_by_reason().items())
     failed = f"{len(tally.failures)} failed ({reasons})" if tally.failures else "0 failed"
-    return (f"create: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
+    return (f"create{f' ({source})' if source else ''}: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
             f"{failed}; {tally.caption_lines} caption lines in {caption_file}; {seconds:.1f}s; report {report_path}")
 
 
@@ -222,7 +252,7 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def guard_settings(output_dir: Path, wanted: dict, overwrite: bool) -> None:
+def guard_settings(output_dir: Path, wanted: dict, overwrite: bool, hint: str = "add --overwrite") -> None:
     """Refuse to resume into a folder whose images were made with other settings, unless --overwrite."""
     path = output_dir / SETTINGS_FILENAME
     if overwrite or not path.exists():
@@ -231,24 +261,33 @@ def guard_settings(output_dir: Path, wanted: dict, overwrite: bool) -> None:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         stored = {}
-    changed = [key for key in wanted if stored.get(key) != wanted[key]]
+    changed = [key for key in wanted if stored.get(key, LEGACY.get(key)) != wanted[key]]
     if changed:
-        before = ", ".join(f"{key}={stored.get(key)!r}" for key in changed)
-        raise UsageError(f"{output_dir} holds images made with {before}; rerun with the same settings or add --overwrite")
+        before = ", ".join(f"{key}={stored.get(key, LEGACY.get(key))!r}" for key in changed)
+        raise UsageError(f"{output_dir} holds images made with {before}; rerun with the same settings or {hint}")
 
 
-def prepare_output(output_dir: Path, wanted: dict, overwrite: bool) -> Path:
-    """Create the output folders, clear stale or (with --overwrite) all our images, store the settings."""
+def prepare_output(output_dir: Path, wanted: dict, overwrite: bool, document: Optional[dict] = None,
+                   rows: Optional[range] = None) -> Path:
+    """Create the output folders, clear stale or (with --overwrite) our images, store the settings.
+
+    document: the settings file to write (default: wanted). rows: this run's rows when others share the folder
+    (--append); then --overwrite clears only those images, and the image settings are checked even so.
+    """
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {output_dir} exists and is not a folder")
-    guard_settings(output_dir, wanted, overwrite)
+    guard_settings(output_dir, wanted, overwrite and rows is None,
+                   "--overwrite without --append" if rows is not None else "add --overwrite")
     images_dir = output_dir / IMAGES_DIRNAME
     try:
         images_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create --output_dir {output_dir}: {err.strerror}") from None
-    clear_images(images_dir, finished_too=overwrite)
-    # A report from an earlier run would claim completion while this one is under way.
-    (output_dir / CREATE_REPORT_FILENAME).unlink(missing_ok=True)
-    write_json_atomic(output_dir / SETTINGS_FILENAME, wanted)
+    clear_images(images_dir, finished_too=overwrite, rows=rows)
+    # A report from an earlier run would claim completion while this one is under way; it is set aside (not
+    # deleted) because it names the failed rows of the other sources in the folder, which the new report carries.
+    report = output_dir / CREATE_REPORT_FILENAME
+    if report.exists():
+        os.replace(report, output_dir / PREVIOUS_REPORT_FILENAME)
+    write_json_atomic(output_dir / SETTINGS_FILENAME, document or wanted)
     return images_dir

@@ -32,12 +32,16 @@ class Columns:
 
 
 class Row(NamedTuple):
-    """One input row: 1-based number across all files, source filename (or None), image bytes, raw captions."""
+    """One input row: 1-based number across all files, source filename (or None), image bytes, raw captions.
+
+    failure is (reason, detail) when the reader already knows the row is bad (say, its image file is missing).
+    """
 
     number: int
     filename: Optional[str]
     image: Optional[bytes]
     captions: object
+    failure: Optional[tuple] = None
 
 
 def resolve_parquet_paths(specs: Sequence[str]) -> list:

@@ -1,0 +1,126 @@
+"""Readers for every caption source form; open_source picks the form (or takes --format) and opens it.
+
+Forms: Parquet (file, files or folder of shards), Karpathy JSON, NWPU-Captions JSON, CSV, JSONL, webdataset tar
+shards. Each reader yields the same numbered Rows, so nothing after the reader knows which form it read.
+"""
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
+from diffusion_model.sources.base import FORMATS, SPLIT_NAMES, SPLITS, Source, SourceOptions
+from diffusion_model.sources.karpathy import is_karpathy, open_karpathy
+from diffusion_model.sources.nwpu import is_nwpu, open_nwpu
+from diffusion_model.sources.table import open_table
+from diffusion_model.sources.webdataset import open_webdataset
+from utils.cli import UsageError
+from utils.constants import PARQUET_EXTENSION
+
+__all__ = ["FORMATS", "SPLITS", "Source", "SourceOptions", "open_source"]
+
+PARQUET_BATCH_ROWS = 64
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+INDEX_FORMS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
+
+
+def suffix_form(path: Path) -> str:
+    """The form a file's name says it is ("json" still needs a look inside), or "" when it says nothing."""
+    name = path.name.lower()
+    if name.endswith(PARQUET_EXTENSION):
+        return "parquet"
+    if name.endswith(TAR_SUFFIXES):
+        return "webdataset"
+    return INDEX_FORMS.get(path.suffix.lower(), "")
+
+
+def folder_files(folder: Path) -> tuple:
+    """(form, files) for a folder: its Parquet shards, else its tar shards, else its one index file."""
+    for form, pattern in (("parquet", f"*{PARQUET_EXTENSION}"), ("webdataset", "*.tar")):
+        files = sorted(p for p in folder.rglob(pattern) if p.is_file())
+        if files:
+            return form, files
+    indexes = sorted(p for p in folder.iterdir() if p.is_file() and suffix_form(p) in ("csv", "jsonl", "json"))
+    if len(indexes) != 1:
+        found = ", ".join(p.name for p in indexes) or "no Parquet, tar, JSON, CSV or JSONL file"
+        raise UsageError(f"--input folder {folder}: cannot tell which source to read ({found}); name the file")
+    return suffix_form(indexes[0]), indexes
+
+
+def resolve_inputs(specs: Sequence[str]) -> tuple:
+    """(form by name, sorted unique files) for the --input paths; all must be of one form."""
+    forms, files = set(), set()
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            form, found = folder_files(path)
+        elif path.is_file():
+            form, found = suffix_form(path), [path]
+        else:
+            raise UsageError(f"--input {spec} does not exist")
+        forms.add(form)
+        files.update(p.resolve() for p in found)
+    if len(forms) > 1:
+        raise UsageError(f"--input mixes source forms ({', '.join(sorted(f or '?' for f in forms))}); "
+                         "give one form per run and add the others with --append")
+    return forms.pop(), sorted(files, key=str)
+
+
+def load_json(path: Path):
+    """A JSON index, whole; an unreadable one is a usage error naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read JSON {path}: {err}") from None
+
+
+def json_form(doc, path: Path, wanted: str) -> str:
+    """karpathy or nwpu, from the document's shape; a usage error when it is neither (or not the one asked for)."""
+    form = "karpathy" if is_karpathy(doc) else "nwpu" if is_nwpu(doc) else ""
+    if not form:
+        raise UsageError(f"{path} is neither a Karpathy JSON (images[] with sentences[]) nor an NWPU-Captions JSON "
+                         "(class -> entries with filename, split, raw)")
+    if wanted not in ("auto", form):
+        raise UsageError(f"--format {wanted}: {path} looks like a {form} JSON")
+    return form
+
+
+def shards_of_split(paths: list, split: str) -> list:
+    """Parquet or tar shards whose file name starts with the split's name (train-..., valid-..., test-...)."""
+    if split == "all":
+        return paths
+    names = SPLIT_NAMES[split]
+    chosen = [p for p in paths if any(p.name.lower().startswith((f"{n}-", f"{n}_", f"{n}.")) for n in names)]
+    if not chosen:
+        raise UsageError(f"--split {split}: no shard name starts with {' or '.join(names)} among {len(paths)} file(s)")
+    return chosen
+
+
+def open_parquet_source(paths: list, options: SourceOptions) -> Source:
+    """Parquet as before: columns detected once, rows streamed by record batches."""
+    paths = resolve_parquet_paths([str(p) for p in paths])
+    paths = shards_of_split(paths, options.split) if options.split else paths
+    columns, total = inspect_sources(paths, options.image_column, options.caption_column)
+    return Source("parquet", paths, total, lambda limit: iter_rows(paths, columns, PARQUET_BATCH_ROWS, limit),
+                  options.split, [], {"columns": vars(columns)})
+
+
+def open_source(specs: Sequence[str], options: SourceOptions) -> Source:
+    """Open --input in the form given or detected; every check that can fail fails here, before any output."""
+    by_name, files = resolve_inputs(specs)
+    form = options.form if options.form != "auto" else by_name
+    if form in ("json", "karpathy", "nwpu"):
+        if len(files) != 1:
+            raise UsageError(f"--input: give one JSON index at a time, got {len(files)}")
+        doc = load_json(files[0])
+        opener = open_karpathy if json_form(doc, files[0], options.form) == "karpathy" else open_nwpu
+        return opener(files[0], doc, options)
+    if form in ("csv", "jsonl"):
+        return open_table(files, form, options)
+    if form == "webdataset":
+        return open_webdataset(shards_of_split(files, options.split) if options.split else files, options.split)
+    if form == "parquet":
+        return open_parquet_source(files, options)
+    raise UsageError(f"--input {specs[0]}: cannot tell its form from the name; give --format "
+                     f"({', '.join(f for f in FORMATS if f != 'auto')})")

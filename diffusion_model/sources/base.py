@@ -1,0 +1,171 @@
+"""What every reader shares: the options it is opened with, the Source it returns, splits, and the image folder.
+
+A reader turns one source form into numbered Rows (diffusion_model.parquet_source.Row); everything after the
+reader (captions, imaging, the create job) is the same for every form. A row the reader already knows is bad
+(missing file, unsafe name, broken entry) carries a failure reason instead of stopping the run.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+from diffusion_model.metadata import unsafe_name_reason
+from diffusion_model.parquet_source import Row
+from utils.cli import UsageError
+
+FORMATS = ("auto", "parquet", "karpathy", "nwpu", "csv", "jsonl", "webdataset")
+SPLITS = ("train", "val", "test", "all")
+# The names releases use for each split; `val` is `valid` in RSICD's Parquet and `validation` elsewhere.
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"), "test": ("test", "testing")}
+
+# Reasons a row fails before its image is decoded, as they appear in create_report.json.
+REASON_MISSING_IMAGE = "missing_image"
+REASON_UNSAFE_PATH = "unsafe_path"
+REASON_UNREADABLE = "unreadable_image"
+REASON_BAD_ENTRY = "bad_entry"
+REASON_NO_CAPTION = "no_caption"
+# Entries looked at to find where an index's images live (the folder itself or one of its subfolders).
+PROBE_ENTRIES = 32
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to read a source: form, split, image folder and column names (None = detect)."""
+
+    form: str = "auto"
+    split: Optional[str] = None
+    images_dir: Optional[str] = None
+    image_column: Optional[str] = None
+    caption_column: Optional[str] = None
+    # create.py trains on `train` unless told otherwise; the evaluator reads `test`.
+    default_split: str = "train"
+
+
+@dataclass
+class Source:
+    """An opened source: its form, files, the split read, its row count, and how to stream its rows."""
+
+    form: str
+    inputs: list
+    rows_total: int
+    read_rows: Callable[[Optional[int]], Iterator[Row]]
+    split: Optional[str] = None
+    split_names: list = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    def rows(self, limit: Optional[int] = None) -> Iterator[Row]:
+        """Rows numbered from 1 in a fixed order, at most limit of them."""
+        return self.read_rows(limit)
+
+    def label(self) -> str:
+        """Short description for the summary line: form and split read."""
+        if self.split is None:
+            return self.form
+        mapped = [name for name in self.split_names if name != self.split]
+        note = f" (read as {', '.join(repr(n) for n in mapped)})" if mapped else ""
+        return f"{self.form}, split {self.split}{note}"
+
+    def record(self) -> dict:
+        """The source's identity, as kept in the output folder's settings and the report."""
+        return {"format": self.form, "inputs": [str(p) for p in self.inputs], "split": self.split,
+                "split_names": self.split_names, **self.details}
+
+
+def split_matcher(wanted: str) -> Callable[[object], bool]:
+    """A test for a file's split value: `all` takes every value, else the wanted split under any of its names."""
+    if wanted == "all":
+        return lambda value: True
+    names = SPLIT_NAMES[wanted]
+    return lambda value: isinstance(value, str) and value.strip().lower() in names
+
+
+def seen_split_names(values: Iterable, wanted: str) -> list:
+    """The distinct split values a file used for the wanted split, sorted (reported so a mapping is visible)."""
+    match = split_matcher(wanted)
+    return sorted({v.strip().lower() if isinstance(v, str) else str(v) for v in values if match(v)})
+
+
+def limited(rows: Iterable[Row], limit: Optional[int]) -> Iterator[Row]:
+    """Stop after row number limit."""
+    for row in rows:
+        if limit is not None and row.number > limit:
+            return
+        yield row
+
+
+def failed_row(number: int, filename, reason: str, detail: str = "") -> Row:
+    """A row that is already known to fail, with its reason."""
+    return Row(number, filename, None, None, (reason, detail))
+
+
+class ImageFolder:
+    """Resolves an index's image names inside one folder, refusing any name that would lead out of it."""
+
+    def __init__(self, root: Path, base: Path, patterns: Sequence[Callable[[dict], Optional[str]]]):
+        """root: the folder names may not leave; base: where names resolve (root or a subfolder of it)."""
+        self.root = root.resolve()
+        self.base = base
+        self.patterns = patterns
+
+    def candidates(self, entry: dict) -> list:
+        """Relative names this entry's image may have, most specific first."""
+        return [name for name in (pattern(entry) for pattern in self.patterns) if name]
+
+    def read(self, entry: dict) -> tuple:
+        """(bytes, None) for the entry's image, or (None, (reason, detail)) when it cannot be read safely."""
+        names = self.candidates(entry)
+        if not names:
+            return None, (REASON_BAD_ENTRY, "no file name")
+        for name in names:
+            unsafe = unsafe_name_reason(name)
+            if unsafe:
+                return None, (REASON_UNSAFE_PATH, f"{name!r}: {unsafe}")
+        for name in names:
+            path = self.base / name
+            if not path.exists():
+                continue
+            if not path.resolve().is_relative_to(self.root):
+                return None, (REASON_UNSAFE_PATH, f"{name!r} resolves outside {self.root}")
+            try:
+                return path.read_bytes(), None
+            except OSError as err:
+                return None, (REASON_UNREADABLE, f"{name}: {err.strerror or err}")
+        return None, (REASON_MISSING_IMAGE, f"{names[0]} not found under {self.base}")
+
+
+def open_image_folder(root: Path, entries: Sequence[dict], patterns: Sequence[Callable]) -> ImageFolder:
+    """Find where the first entries' images live: root itself or one subfolder of it (RSICD_images/, imgs/)."""
+    if not root.is_dir():
+        raise UsageError(f"--images_dir {root} is not a folder")
+    probe = [entry for entry in entries[:PROBE_ENTRIES] if isinstance(entry, dict)]
+    bases = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    best, best_found = root, 0
+    for base in bases:
+        folder = ImageFolder(root, base, patterns)
+        found = sum(any((base / n).is_file() for n in folder.candidates(e) if not unsafe_name_reason(n)) for e in probe)
+        if found > best_found:
+            best, best_found = base, found
+    return ImageFolder(root, best, patterns)
+
+
+def index_rows(entries: Iterable[dict], folder: ImageFolder, limit: Optional[int]) -> Iterator[Row]:
+    """Rows from index entries (dicts with a `captions` list or a `failure`), images read from the folder."""
+    for number, entry in enumerate(entries, start=1):
+        if limit is not None and number > limit:
+            return
+        name = entry.get("name")
+        if entry.get("failure"):
+            yield Row(number, name, None, entry.get("captions"), entry["failure"])
+            continue
+        data, failure = folder.read(entry)
+        yield Row(number, name, data, entry.get("captions"), failure)
+
+
+def images_root(options: SourceOptions, index_path: Path) -> Path:
+    """--images_dir, else the index's own folder."""
+    return Path(options.images_dir) if options.images_dir else index_path.parent
+
+
+def effective_split(options: SourceOptions) -> str:
+    """The split to read from a source that carries splits."""
+    return options.split or options.default_split

@@ -1,0 +1,59 @@
+"""Karpathy-style caption JSON (RSICD, UCM-Captions, Sydney-Captions, RSITMD releases): an image folder plus
+`{"images": [{"filename", "split", "sentences": [{"raw", "tokens", ...}]}, ...]}`.
+
+The JSON is an index of file names and sentences (a few MiB even for RSICD), so it is read whole; the images it
+names are read one row at a time.
+"""
+
+from collections import Counter
+from pathlib import Path
+
+from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, effective_split, images_root,
+                                          index_rows, open_image_folder, seen_split_names, split_matcher)
+
+
+def is_karpathy(doc) -> bool:
+    """True for a document shaped like Karpathy's: an `images` list."""
+    return isinstance(doc, dict) and isinstance(doc.get("images"), list)
+
+
+def sentence_text(sentence) -> object:
+    """A sentence's raw text, else its tokens joined (some releases carry only tokens)."""
+    if not isinstance(sentence, dict):
+        return None
+    raw = sentence.get("raw")
+    if isinstance(raw, str):
+        return raw
+    tokens = sentence.get("tokens")
+    return " ".join(t for t in tokens if isinstance(t, str)) if isinstance(tokens, list) else None
+
+
+def karpathy_entry(item) -> dict:
+    """One image entry as an index entry: its name, optional filepath, captions, or a failure."""
+    if not isinstance(item, dict):
+        return {"name": None, "failure": (REASON_BAD_ENTRY, f"image entry is a {type(item).__name__}, not an object")}
+    filename, filepath = item.get("filename"), item.get("filepath")
+    if not isinstance(filename, str) or not filename.strip():
+        return {"name": None, "failure": (REASON_BAD_ENTRY, f"image entry {item.get('imgid')!r} has no filename")}
+    sentences = item.get("sentences")
+    captions = [sentence_text(s) for s in sentences] if isinstance(sentences, list) else []
+    filepath = filepath if isinstance(filepath, str) and filepath.strip() else None
+    name = f"{filepath}/{filename}" if filepath else filename
+    return {"name": name, "filename": filename, "filepath": filepath, "captions": captions}
+
+
+PATTERNS = (lambda e: e.get("filepath") and f"{e['filepath']}/{e['filename']}", lambda e: e.get("filename"))
+
+
+def open_karpathy(path: Path, doc: dict, options: SourceOptions) -> Source:
+    """Select the split's entries and locate the image folder; rows stream from the entries."""
+    split = effective_split(options)
+    match = split_matcher(split)
+    items = [item for item in doc["images"] if not isinstance(item, dict) or match(item.get("split"))]
+    entries = [karpathy_entry(item) for item in items]
+    folder = open_image_folder(images_root(options, path), entries, PATTERNS)
+    others = Counter(str(i.get("split")) for i in doc["images"] if isinstance(i, dict) and not match(i.get("split")))
+    details = {"images_dir": str(folder.base), "splits_not_read": dict(others)}
+    names = seen_split_names((i.get("split") for i in items if isinstance(i, dict)), split)
+    return Source("karpathy", [path], len(entries), lambda limit: index_rows(entries, folder, limit), split, names,
+                  details)

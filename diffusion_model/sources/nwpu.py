@@ -1,0 +1,57 @@
+"""NWPU-Captions JSON: `{"<class>": [{"filename", "split", "raw", "raw_1", ..., "raw_4"}, ...], ...}`, with the
+images in one subfolder per class (`NWPU_images/<class>/<filename>`) or all in one folder.
+
+Rows are numbered in the file's own order: class by class, entry by entry.
+"""
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, effective_split, images_root,
+                                          index_rows, open_image_folder, seen_split_names, split_matcher)
+
+EXTRA_RAW = re.compile(r"^raw_(\d+)$")
+
+
+def is_nwpu(doc) -> bool:
+    """True for a document keyed by class whose entries carry `filename` and `raw`."""
+    if not isinstance(doc, dict) or not doc or "images" in doc:
+        return False
+    if not all(isinstance(entries, list) for entries in doc.values()):
+        return False
+    first = next((entries[0] for entries in doc.values() if entries), None)
+    return isinstance(first, dict) and "filename" in first and "raw" in first
+
+
+def raw_captions(item: dict) -> list:
+    """`raw` then `raw_1`, `raw_2`, ... in number order."""
+    extra = sorted((int(m.group(1)), key) for key in item if (m := EXTRA_RAW.match(key)))
+    return [item.get("raw")] + [item[key] for _, key in extra]
+
+
+def nwpu_entry(scene: str, item) -> dict:
+    """One entry of a class as an index entry, or a failure."""
+    if not isinstance(item, dict):
+        return {"name": None, "failure": (REASON_BAD_ENTRY, f"entry of {scene!r} is a {type(item).__name__}")}
+    filename = item.get("filename")
+    if not isinstance(filename, str) or not filename.strip():
+        return {"name": None, "failure": (REASON_BAD_ENTRY, f"entry of {scene!r} has no filename")}
+    return {"name": f"{scene}/{filename}", "scene": scene, "filename": filename, "captions": raw_captions(item)}
+
+
+PATTERNS = (lambda e: f"{e['scene']}/{e['filename']}", lambda e: e.get("filename"))
+
+
+def open_nwpu(path: Path, doc: dict, options: SourceOptions) -> Source:
+    """Select the split's entries class by class and locate the image folder (per-class subfolders or flat)."""
+    split = effective_split(options)
+    match = split_matcher(split)
+    pairs = [(scene, item) for scene, items in doc.items() for item in items]
+    chosen = [(scene, item) for scene, item in pairs if not isinstance(item, dict) or match(item.get("split"))]
+    entries = [nwpu_entry(scene, item) for scene, item in chosen]
+    folder = open_image_folder(images_root(options, path), entries, PATTERNS)
+    others = Counter(str(item.get("split")) for _, item in pairs if isinstance(item, dict) and not match(item.get("split")))
+    details = {"images_dir": str(folder.base), "classes": len(doc), "splits_not_read": dict(others)}
+    names = seen_split_names((item.get("split") for _, item in chosen if isinstance(item, dict)), split)
+    return Source("nwpu", [path], len(entries), lambda limit: index_rows(entries, folder, limit), split, names, details)

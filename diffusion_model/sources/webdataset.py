@@ -1,0 +1,116 @@
+"""webdataset tar shards (RS5M and the like): each sample is a run of consecutive members sharing a key
+(`dir/key.jpg`, `dir/key.caption`, `dir/key.json`, ...).
+
+Shards are read member by member with tarfile in streaming mode and never unpacked: only the image and caption
+members of the current sample are in memory. Counting the samples first reads only the tar headers (an
+uncompressed shard is seeked through). Samples are numbered across shards in sorted path order.
+"""
+
+import json
+import tarfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from diffusion_model.parquet_source import Row
+from diffusion_model.sources.base import REASON_MISSING_IMAGE, REASON_NO_CAPTION, Source
+from utils.cli import UsageError
+
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "img_content"}
+CAPTION_EXTENSIONS = ("caption", "txt")
+JSON_CAPTION_KEYS = ("caption", "captions", "text")
+WANTED = IMAGE_EXTENSIONS | set(CAPTION_EXTENSIONS) | {"json"}
+
+
+def sample_key(member_name: str) -> tuple:
+    """(key, extension) the webdataset way: the key runs to the first dot of the file name, lower-cased extension."""
+    folder, _, base = member_name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def open_tar(path: Path, mode: str) -> tarfile.TarFile:
+    """Open a shard; an unreadable one is a usage error naming it."""
+    try:
+        return tarfile.open(path, mode)
+    except (OSError, tarfile.TarError) as err:
+        raise UsageError(f"cannot read webdataset shard {path}: {err}") from None
+
+
+def count_samples(path: Path) -> int:
+    """Samples in a shard, from its headers alone."""
+    tar, count, key = open_tar(path, "r:*"), 0, None
+    try:
+        for info in tar:
+            if info.isfile() and sample_key(info.name)[0] != key:
+                key, count = sample_key(info.name)[0], count + 1
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise UsageError(f"cannot read webdataset shard {path}: {err}") from None
+    finally:
+        tar.close()
+    return count
+
+
+def shard_samples(path: Path) -> Iterator[tuple]:
+    """(key, {extension: bytes}) per sample, reading only the members that matter."""
+    tar, key, members = open_tar(path, "r|*"), None, {}
+    try:
+        for info in tar:
+            if not info.isfile():
+                continue
+            this_key, extension = sample_key(info.name)
+            if this_key != key and key is not None:
+                yield key, members
+                members = {}
+            key = this_key
+            last = extension.rpartition(".")[2]
+            if (extension in WANTED or last in IMAGE_EXTENSIONS) and extension not in members:
+                members[extension] = tar.extractfile(info).read()
+        if key is not None:
+            yield key, members
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise UsageError(f"cannot read webdataset shard {path}: {err}") from None
+    finally:
+        tar.close()
+
+
+def json_caption(data: Optional[bytes]) -> object:
+    """The caption field of a sample's .json member, or None when there is none or it is not JSON."""
+    if data is None:
+        return None
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    return next((document[k] for k in JSON_CAPTION_KEYS if document.get(k) is not None), None)
+
+
+def sample_row(number: int, name: str, members: dict) -> Row:
+    """One sample as a Row: image member, caption from .caption, .txt or .json, or the reason it fails."""
+    image = next((data for ext, data in members.items() if ext.rpartition(".")[2] in IMAGE_EXTENSIONS), None)
+    caption = next((members[e].decode("utf-8", "replace") for e in CAPTION_EXTENSIONS if e in members), None)
+    if caption is None:
+        caption = json_caption(members.get("json"))
+    if image is None:
+        return Row(number, name, None, caption, (REASON_MISSING_IMAGE, f"no image member ({', '.join(members) or 'none'})"))
+    if caption is None:
+        return Row(number, name, image, None, (REASON_NO_CAPTION, "no .caption, .txt or .json caption member"))
+    return Row(number, name, image, caption)
+
+
+def webdataset_rows(paths: Sequence[Path], limit: Optional[int]) -> Iterator[Row]:
+    """Samples across shards, numbered from 1."""
+    number = 0
+    for path in paths:
+        for key, members in shard_samples(path):
+            number += 1
+            if limit is not None and number > limit:
+                return
+            yield sample_row(number, f"{path.name}:{key}", members)
+
+
+def open_webdataset(paths: Sequence[Path], split: Optional[str] = None) -> Source:
+    """Count every shard's samples (headers only) so the total and the numbering are known up front."""
+    total = sum(count_samples(path) for path in paths)
+    return Source("webdataset", list(paths), total, lambda limit: webdataset_rows(paths, limit), split)
