@@ -58,12 +58,11 @@ class Source:
         return self.read_rows(limit)
 
     def label(self) -> str:
-        """Short description for the summary line: form and split read."""
+        """Short description for the summary line: form, split read, and the file's own split names if others."""
         if self.split is None:
             return self.form
-        mapped = [name for name in self.split_names if name != self.split]
-        note = f" (read as {', '.join(repr(n) for n in mapped)})" if mapped else ""
-        return f"{self.form}, split {self.split}{note}"
+        names = "" if self.split_names in ([], [self.split]) else f" (as {', '.join(map(repr, self.split_names))} in the file)"
+        return f"{self.form}, split {self.split}{names}"
 
     def record(self) -> dict:
         """The source's identity, as kept in the output folder's settings and the report."""

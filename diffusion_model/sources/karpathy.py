@@ -28,13 +28,14 @@ def sentence_text(sentence) -> object:
     return " ".join(t for t in tokens if isinstance(t, str)) if isinstance(tokens, list) else None
 
 
-def karpathy_entry(item) -> dict:
-    """One image entry as an index entry: its name, optional filepath, captions, or a failure."""
+def karpathy_entry(position: int, item) -> dict:
+    """One image entry (images[position]) as an index entry: its name, optional filepath, captions, or a failure."""
+    where = f"images[{position}]"
     if not isinstance(item, dict):
-        return {"name": None, "failure": (REASON_BAD_ENTRY, f"image entry is a {type(item).__name__}, not an object")}
+        return {"name": where, "failure": (REASON_BAD_ENTRY, f"{where} is a {type(item).__name__}, not an object")}
     filename, filepath = item.get("filename"), item.get("filepath")
     if not isinstance(filename, str) or not filename.strip():
-        return {"name": None, "failure": (REASON_BAD_ENTRY, f"image entry {item.get('imgid')!r} has no filename")}
+        return {"name": where, "failure": (REASON_BAD_ENTRY, f"{where} has no filename")}
     sentences = item.get("sentences")
     captions = [sentence_text(s) for s in sentences] if isinstance(sentences, list) else []
     filepath = filepath if isinstance(filepath, str) and filepath.strip() else None
@@ -49,11 +50,11 @@ def open_karpathy(path: Path, doc: dict, options: SourceOptions) -> Source:
     """Select the split's entries and locate the image folder; rows stream from the entries."""
     split = effective_split(options)
     match = split_matcher(split)
-    items = [item for item in doc["images"] if not isinstance(item, dict) or match(item.get("split"))]
-    entries = [karpathy_entry(item) for item in items]
+    items = [(i, item) for i, item in enumerate(doc["images"]) if not isinstance(item, dict) or match(item.get("split"))]
+    entries = [karpathy_entry(i, item) for i, item in items]
     folder = open_image_folder(images_root(options, path), entries, PATTERNS)
     others = Counter(str(i.get("split")) for i in doc["images"] if isinstance(i, dict) and not match(i.get("split")))
     details = {"images_dir": str(folder.base), "splits_not_read": dict(others)}
-    names = seen_split_names((i.get("split") for i in items if isinstance(i, dict)), split)
+    names = seen_split_names((item.get("split") for _, item in items if isinstance(item, dict)), split)
     return Source("karpathy", [path], len(entries), lambda limit: index_rows(entries, folder, limit), split, names,
                   details)

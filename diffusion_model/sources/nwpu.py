@@ -30,13 +30,14 @@ def raw_captions(item: dict) -> list:
     return [item.get("raw")] + [item[key] for _, key in extra]
 
 
-def nwpu_entry(scene: str, item) -> dict:
-    """One entry of a class as an index entry, or a failure."""
+def nwpu_entry(scene: str, position: int, item) -> dict:
+    """Entry number position of a class as an index entry, or a failure."""
+    where = f"{scene}[{position}]"
     if not isinstance(item, dict):
-        return {"name": None, "failure": (REASON_BAD_ENTRY, f"entry of {scene!r} is a {type(item).__name__}")}
+        return {"name": where, "failure": (REASON_BAD_ENTRY, f"{where} is a {type(item).__name__}, not an object")}
     filename = item.get("filename")
     if not isinstance(filename, str) or not filename.strip():
-        return {"name": None, "failure": (REASON_BAD_ENTRY, f"entry of {scene!r} has no filename")}
+        return {"name": where, "failure": (REASON_BAD_ENTRY, f"{where} has no filename")}
     return {"name": f"{scene}/{filename}", "scene": scene, "filename": filename, "captions": raw_captions(item)}
 
 
@@ -47,11 +48,12 @@ def open_nwpu(path: Path, doc: dict, options: SourceOptions) -> Source:
     """Select the split's entries class by class and locate the image folder (per-class subfolders or flat)."""
     split = effective_split(options)
     match = split_matcher(split)
-    pairs = [(scene, item) for scene, items in doc.items() for item in items]
-    chosen = [(scene, item) for scene, item in pairs if not isinstance(item, dict) or match(item.get("split"))]
-    entries = [nwpu_entry(scene, item) for scene, item in chosen]
+    pairs = [(scene, i, item) for scene, items in doc.items() for i, item in enumerate(items)]
+    chosen = [(scene, i, item) for scene, i, item in pairs if not isinstance(item, dict) or match(item.get("split"))]
+    entries = [nwpu_entry(scene, i, item) for scene, i, item in chosen]
     folder = open_image_folder(images_root(options, path), entries, PATTERNS)
-    others = Counter(str(item.get("split")) for _, item in pairs if isinstance(item, dict) and not match(item.get("split")))
+    others = Counter(str(item.get("split")) for _, _, item in pairs
+                     if isinstance(item, dict) and not match(item.get("split")))
     details = {"images_dir": str(folder.base), "classes": len(doc), "splits_not_read": dict(others)}
-    names = seen_split_names((item.get("split") for _, item in chosen if isinstance(item, dict)), split)
+    names = seen_split_names((item.get("split") for _, _, item in chosen if isinstance(item, dict)), split)
     return Source("nwpu", [path], len(entries), lambda limit: index_rows(entries, folder, limit), split, names, details)

@@ -99,7 +99,7 @@ def table_entries(path: Path, form: str, columns: dict, match, seen: Optional[Co
             continue
         name = record.get(columns["image"])
         if not isinstance(name, str) or not name.strip():
-            yield {"name": None, "failure": (REASON_BAD_ENTRY, f"{path.name} line {line}: no {columns['image']}")}
+            yield {"name": f"{path.name}:{line}", "failure": (REASON_BAD_ENTRY, f"no {columns['image']}")}
             continue
         yield {"name": name.strip(), "captions": caption_cell(record.get(columns["caption"]))}
 

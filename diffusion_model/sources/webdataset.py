@@ -28,12 +28,17 @@ def sample_key(member_name: str) -> tuple:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
+def shard_error(path: Path, err: Exception) -> UsageError:
+    """A usage error naming the shard, on one line (tarfile lists every compression it tried on separate lines)."""
+    return UsageError(f"cannot read webdataset shard {path}: {' '.join(str(err).split()) or type(err).__name__}")
+
+
 def open_tar(path: Path, mode: str) -> tarfile.TarFile:
     """Open a shard; an unreadable one is a usage error naming it."""
     try:
         return tarfile.open(path, mode)
     except (OSError, tarfile.TarError) as err:
-        raise UsageError(f"cannot read webdataset shard {path}: {err}") from None
+        raise shard_error(path, err) from None
 
 
 def count_samples(path: Path) -> int:
@@ -44,7 +49,7 @@ def count_samples(path: Path) -> int:
             if info.isfile() and sample_key(info.name)[0] != key:
                 key, count = sample_key(info.name)[0], count + 1
     except (OSError, tarfile.TarError, EOFError) as err:
-        raise UsageError(f"cannot read webdataset shard {path}: {err}") from None
+        raise shard_error(path, err) from None
     finally:
         tar.close()
     return count
@@ -68,7 +73,7 @@ def shard_samples(path: Path) -> Iterator[tuple]:
         if key is not None:
             yield key, members
     except (OSError, tarfile.TarError, EOFError) as err:
-        raise UsageError(f"cannot read webdataset shard {path}: {err}") from None
+        raise shard_error(path, err) from None
     finally:
         tar.close()
 
