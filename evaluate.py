@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from diffusion_model.atomic import write_json_atomic
-from evaluation.args import parse_args
+from evaluation.args import parse_args, source_options
 from evaluation.data import load_rows
 from evaluation.generation import (GENERATED_DIRNAME, check_settings, generate_missing, missing_rows,
                                    record_settings, settings_from_args)
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
 
     # Held-out pairs: the first --num_samples rows, each with the caption at --caption_index; a folder that holds
     # images made with other settings is refused now, before anything loads.
-    rows, bad, rows_read = load_rows(args.data_dir, args.parquet_path, args.caption_index, args.num_samples)
+    rows, bad, rows_read = load_rows(args.data_dir, args.parquet_path, args.caption_index, args.num_samples,
+                                     args.input, source_options(args))
     if args.num_samples and rows_read < args.num_samples:
         log.warning("--num_samples %d asked, but the data has only %d rows", args.num_samples, rows_read)
     settings = settings_from_args(args)

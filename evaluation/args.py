@@ -2,6 +2,7 @@
 
 from typing import Optional, Sequence
 
+from diffusion_model.sources import FORMATS, SPLITS, SourceOptions
 from inference.pipeline import WEIGHTS_CHOICES
 from inference.schedulers import check_scheduler
 from utils.cli import ArgumentParser, UsageError, check_at_least, check_finite
@@ -25,6 +26,11 @@ def build_parser() -> ArgumentParser:
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_dir", help="folder holding metadata.jsonl (format.py's output)")
     source.add_argument("--parquet_path", help="Parquet split: a file or a folder of shards (RSICD or image+text)")
+    source.add_argument("--input", help="any create.py source: a Karpathy or NWPU .json (read at --split), a .csv or "
+                                        ".jsonl index or a folder holding one, webdataset .tar shards, Parquet")
+    data.add_argument("--format", choices=FORMATS, default="auto", help="--input's form (auto: from the name)")
+    data.add_argument("--split", choices=SPLITS, default="test", help="split of an --input that carries splits")
+    data.add_argument("--images_dir", help="folder an --input index's image names resolve in (default: its own)")
     data.add_argument("--caption_index", type=int, default=0,
                       help="which of a row's captions to use, counted after dropping junk and near-duplicates as "
                            "create.py does (0 = first, the standard protocol)")
@@ -61,6 +67,11 @@ def check_args(args) -> None:
     check_finite("--guidance_scale", args.guidance_scale)
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
+
+
+def source_options(args) -> SourceOptions:
+    """How to read --input (held-out data defaults to the test split)."""
+    return SourceOptions(args.format, args.split, args.images_dir, default_split="test")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):

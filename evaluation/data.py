@@ -1,4 +1,5 @@
-"""Held-out pairs for evaluation: captions and real images from a metadata.jsonl folder or a Parquet split.
+"""Held-out pairs for evaluation: captions and real images from a metadata.jsonl folder, a Parquet split, or any
+source create.py reads (Karpathy/NWPU JSON at a split, CSV/JSONL index, webdataset shards).
 
 Each row keeps its 1-based number in the source, which names its generated image and fixes its seed, so the same
 row gets the same file and the same pixels in every run. A row that cannot be used (no caption at the chosen index,
@@ -16,6 +17,7 @@ from diffusion_model.captions import select_captions
 from diffusion_model.imaging import ImageRejected, decode, orient, resize, to_rgb
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
+from diffusion_model.sources import SourceOptions, open_source
 from utils.cli import UsageError
 from utils.constants import METADATA_FILENAME
 
@@ -95,10 +97,24 @@ def parquet_triples(spec: str, limit: Optional[int]) -> Tuple[list, list]:
     return [(row.number, row.captions, row.image) for row in rows], []
 
 
+def source_triples(spec: str, options: SourceOptions, limit: Optional[int]) -> Tuple[list, list]:
+    """Read any create.py source; a row its reader already failed (missing file, unsafe name) is a BadRow."""
+    triples, bad = [], []
+    for row in open_source([spec], options).rows(limit):
+        if row.failure:
+            bad.append(BadRow(row.number, *row.failure))
+        else:
+            triples.append((row.number, row.captions, row.image))
+    return triples, bad
+
+
 def load_rows(data_dir: Optional[str], parquet_path: Optional[str], caption_index: int,
-              limit: Optional[int]) -> Tuple[List[EvalRow], List[BadRow], int]:
+              limit: Optional[int], source: Optional[str] = None,
+              options: Optional[SourceOptions] = None) -> Tuple[List[EvalRow], List[BadRow], int]:
     """The first `limit` rows of the source as EvalRows and BadRows, plus the number of rows read."""
-    if data_dir is not None:
+    if source is not None:
+        triples, bad = source_triples(source, options or SourceOptions(default_split="test"), limit)
+    elif data_dir is not None:
         folder = Path(data_dir)
         if not folder.is_dir():
             raise UsageError(f"--data_dir {data_dir} is not a folder")
@@ -110,7 +126,7 @@ def load_rows(data_dir: Optional[str], parquet_path: Optional[str], caption_inde
         raise UsageError(f"--caption_index {caption_index} is out of range: rows have at most {most} caption(s)")
     read = len(triples) + len(bad)
     if read == 0:
-        raise UsageError(f"{data_dir or parquet_path} holds no rows")
+        raise UsageError(f"{data_dir or parquet_path or source} holds no rows")
     return rows, sorted(bad + no_caption, key=lambda b: b.number), read
 
 

@@ -55,11 +55,16 @@ def record_settings(generated_dir: Path, settings: dict, overwrite: bool) -> Non
 
 def settings_from_args(args) -> dict:
     """What decides a generated image's pixels, besides its row: kept beside the images to guard resumes."""
-    source = args.data_dir or args.parquet_path
+    source = args.data_dir or args.parquet_path or getattr(args, "input", None)
     return {"model": str(Path(args.model).resolve()), "base_model": args.base_model, "weights": args.weights,
             "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "resolution": args.resolution, "seed": args.seed,
-            "caption_index": args.caption_index, "data": str(Path(source).resolve())}
+            "caption_index": args.caption_index, "data": str(Path(source).resolve()) + input_split(args)}
+
+
+def input_split(args) -> str:
+    """The split an --input is read at, so a rerun on another split of the same file is refused."""
+    return f" (split {args.split})" if getattr(args, "input", None) else ""
 
 
 def missing_rows(rows: Sequence[EvalRow], generated_dir: Path) -> List[EvalRow]:

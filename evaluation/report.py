@@ -77,7 +77,9 @@ def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Seque
         "model": args.model,
         "base_model": args.base_model,
         "weights": args.weights,
-        "data": {"data_dir": args.data_dir, "parquet_path": args.parquet_path, "caption_index": args.caption_index},
+        "data": {"data_dir": args.data_dir, "parquet_path": args.parquet_path, "caption_index": args.caption_index,
+                 **({"input": args.input, "format": args.format, "split": args.split} if getattr(args, "input", None)
+                    else {})},
         "settings": {**settings, "batch_size": args.batch_size, "device": device},
         "fid_details": {"inception_weights": inception, "feature_dim": 2048, "real_images":
                         f"centre-cropped and resized to {args.resolution}x{args.resolution} (Pillow Lanczos)",

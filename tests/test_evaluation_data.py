@@ -99,3 +99,35 @@ def test_real_image_rejects_junk_and_missing_files(tmp_path):
     with pytest.raises(ImageRejected) as caught:
         real_image(EvalRow(2, "x", tmp_path / "gone.png"), 16)
     assert caught.value.reason == "missing_image"
+
+
+def test_karpathy_test_split_rows_and_reader_failures(tmp_path):
+    """--input dataset.json reads the test split by default: its rows numbered from 1, the entry with no split
+    (not an object) a bad row, the train/val rows not read."""
+    import source_cases as cases
+    from diffusion_model.sources import SourceOptions
+
+    expected = cases.write_karpathy(tmp_path)["test"]
+    rows, bad, read = load_rows(None, None, 0, None, str(tmp_path / "dataset_test.json"),
+                                SourceOptions(default_split="test"))
+    assert read == len(expected) == 4
+    assert [(r.number, r.caption) for r in rows] == [(i + 1, c) for i, (reason, c) in enumerate(expected) if not reason]
+    assert [(b.number, b.reason) for b in bad] == [(4, "bad_entry")]
+    assert Image.open(io.BytesIO(rows[0].image)).format == "TIFF"
+    val_rows, _, _ = load_rows(None, None, 0, None, str(tmp_path / "dataset_test.json"), SourceOptions(split="val"))
+    assert len(val_rows) == 4
+
+
+def test_csv_folder_rows_and_missing_or_escaping_images(tmp_path):
+    """A folder holding index.csv and images/: good rows keep their captions, the rest are bad rows with reasons."""
+    import source_cases as cases
+    from diffusion_model.sources import SourceOptions
+
+    folder = tmp_path / "held_out"
+    expected = cases.write_csv(folder)
+    rows, bad, read = load_rows(None, None, 0, None, str(folder), SourceOptions(default_split="test"))
+    assert read == len(expected)
+    assert [(r.number, r.caption) for r in rows] == [(i + 1, c) for i, (reason, c) in enumerate(expected) if not reason]
+    evaluator_reason = {"no_caption": "no_caption_at_index"}
+    assert {(b.number, b.reason) for b in bad} == {(i + 1, evaluator_reason.get(r, r)) for i, (r, _) in enumerate(expected) if r}
+    assert real_image(rows[0], 16).size == (16, 16)
