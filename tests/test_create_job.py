@@ -1,11 +1,12 @@
 """The create job's pieces: naming, chunking, clean-up of stale files, the settings guard."""
 
+import io
 import json
 
 import pytest
 
-from diffusion_model.create_job import (SETTINGS_FILENAME, chunked, clear_images, guard_settings, image_name,
-                                        plan_chunk)
+from diffusion_model.create_job import (SETTINGS_FILENAME, JobTally, chunked, clear_images, guard_settings,
+                                        image_name, kept_caption_lines, plan_chunk, settle_chunk)
 from diffusion_model.parquet_source import Row
 from utils.cli import UsageError
 
@@ -52,3 +53,34 @@ def test_guard_settings(tmp_path):
     with pytest.raises(UsageError, match="resolution=512"):
         guard_settings(tmp_path, changed, overwrite=False)
     guard_settings(tmp_path, changed, overwrite=True)
+
+
+def test_guard_reads_a_folder_from_before_source_forms_as_parquet(tmp_path):
+    (tmp_path / SETTINGS_FILENAME).write_text(json.dumps({"resolution": 512, "inputs": ["/a.parquet"]}))
+    guard_settings(tmp_path, {"resolution": 512, "inputs": ["/a.parquet"], "format": "parquet", "split": None}, False)
+    with pytest.raises(UsageError, match="format='parquet'"):
+        guard_settings(tmp_path, {"resolution": 512, "format": "csv"}, False)
+
+
+def test_a_row_failed_by_its_reader_is_not_sent_and_keeps_its_reason():
+    rows = [Row(1, "a", b"x", ["a road ."]), Row(2, "b", None, ["a road ."], ("missing_image", "b not found"))]
+    plans, work = plan_chunk(rows, "first")
+    assert [number for number, _ in work] == [1]
+    tally = JobTally()
+    settle_chunk(plans, [(1, "written", "")], tally, io.StringIO())
+    assert tally.failures == [{"row": 2, "filename": "b", "reason": "missing_image", "detail": "b not found"}]
+
+
+def test_kept_caption_lines_are_those_outside_the_run(tmp_path):
+    lines = [f"rsicd_images/{image_name(n)}\tcaption {n}\n" for n in (1, 2, 5, 9)] + ["hand/edited.jpg\tx"]
+    (tmp_path / "c.txt").write_text("".join(lines))
+    assert list(kept_caption_lines(tmp_path / "c.txt", range(2, 6), True)) == [lines[0], "hand/edited.jpg\tx\n"]
+    assert list(kept_caption_lines(tmp_path / "c.txt", range(2, 6), False)) == [lines[3]]
+    assert list(kept_caption_lines(tmp_path / "none.txt", range(1, 2), True)) == []
+
+
+def test_clear_images_of_some_rows_only(tmp_path):
+    for number in (1, 2, 3):
+        (tmp_path / image_name(number)).write_bytes(b"x")
+    assert clear_images(tmp_path, finished_too=True, rows=range(2, 4)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [image_name(1)]

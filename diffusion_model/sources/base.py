@@ -136,7 +136,7 @@ def open_image_folder(root: Path, entries: Sequence[dict], patterns: Sequence[Ca
     """Find where the first entries' images live: root itself or one subfolder of it (RSICD_images/, imgs/)."""
     if not root.is_dir():
         raise UsageError(f"--images_dir {root} is not a folder")
-    probe = [entry for entry in entries[:PROBE_ENTRIES] if isinstance(entry, dict)]
+    probe = [entry for entry in entries[:PROBE_ENTRIES] if not entry.get("failure")]
     bases = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     best, best_found = root, 0
     for base in bases:

@@ -1,0 +1,32 @@
+"""diffusion_model.sources.karpathy: entries, sentences (raw or tokens), filepath, splits, numbering."""
+
+import json
+
+from diffusion_model.sources.base import SourceOptions
+from diffusion_model.sources.karpathy import is_karpathy, karpathy_entry, open_karpathy
+
+
+def test_entry_takes_raw_else_tokens_and_joins_filepath():
+    entry = karpathy_entry(0, {"filename": "1.jpg", "filepath": "val2014", "sentences": [
+        {"raw": "A plane."}, {"tokens": ["a", "runway"]}, "junk"]})
+    assert entry["name"] == "val2014/1.jpg" and entry["captions"] == ["A plane.", "a runway", None]
+    assert karpathy_entry(3, {"split": "train"})["failure"] == ("bad_entry", "images[3] has no filename")
+    assert karpathy_entry(4, 7)["failure"][0] == "bad_entry"
+    assert not is_karpathy({"images": {}}) and is_karpathy({"images": []})
+
+
+def test_rows_follow_the_file_order_within_the_split(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name in ("b.jpg", "a.jpg"):
+        (tmp_path / "imgs" / name).write_bytes(name.encode())
+    doc = {"images": [{"filename": "b.jpg", "split": "train", "sentences": [{"raw": "bee"}]},
+                      {"filename": "x.jpg", "split": "test", "sentences": [{"raw": "ex"}]},
+                      {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "ay"}]}]}
+    (tmp_path / "d.json").write_text(json.dumps(doc))
+    source = open_karpathy(tmp_path / "d.json", doc, SourceOptions())
+    rows = list(source.rows())
+    assert [(r.number, r.filename, r.image, r.captions) for r in rows] == [
+        (1, "b.jpg", b"b.jpg", ["bee"]), (2, "a.jpg", b"a.jpg", ["ay"])]
+    assert source.details["images_dir"] == str(tmp_path / "imgs") and source.details["splits_not_read"] == {"test": 1}
+    assert [r.number for r in source.rows(limit=1)] == [1]
+    assert open_karpathy(tmp_path / "d.json", doc, SourceOptions(split="test")).rows_total == 1

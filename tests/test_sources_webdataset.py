@@ -1,0 +1,48 @@
+"""diffusion_model.sources.webdataset: sample keys, member grouping, captions from .caption/.txt/.json, counts."""
+
+import io
+import tarfile
+
+import pytest
+
+import source_cases as cases
+from diffusion_model.sources.webdataset import json_caption, open_webdataset, sample_key, sample_row
+from utils.cli import UsageError
+
+
+def test_sample_key_runs_to_the_first_dot():
+    assert sample_key("a/b/000012.seg.PNG") == ("a/b/000012", "seg.png")
+    assert sample_key("x.img_content") == ("x", "img_content")
+
+
+def test_caption_priority_and_reasons():
+    assert sample_row(1, "k", {"jpg": b"i", "caption": b"cap", "txt": b"txt"}).captions == "cap"
+    assert sample_row(1, "k", {"jpg": b"i", "json": b'{"caption": "from json"}'}).captions == "from json"
+    assert sample_row(1, "k", {"jpg": b"i", "json": b"{broken"}).failure[0] == "no_caption"
+    assert sample_row(1, "k", {"txt": b"t"}).failure[0] == "missing_image"
+    assert sample_row(1, "k", {"img_content": b"i", "txt": b"t"}).image == b"i"
+    assert json_caption(b'["a list"]') is None
+
+
+def test_count_matches_the_rows_and_numbers_cross_shards(tmp_path):
+    expected = cases.write_webdataset(tmp_path)
+    source = open_webdataset(sorted(tmp_path.glob("*.tar")))
+    rows = list(source.rows())
+    assert source.rows_total == len(rows) == len(expected)
+    assert [r.number for r in rows] == list(range(1, len(expected) + 1))
+    assert rows[len(expected) // 2].filename.startswith("shard-0001.tar:")
+
+
+def test_a_truncated_shard_is_a_usage_error_naming_it(tmp_path):
+    cases.write_webdataset(tmp_path)
+    shard = tmp_path / "shard-0000.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    with pytest.raises(UsageError, match="shard-0000.tar"):
+        list(open_webdataset([shard]).rows())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        folder = tarfile.TarInfo("empty_dir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    (tmp_path / "e.tar").write_bytes(buffer.getvalue())
+    assert open_webdataset([tmp_path / "e.tar"]).rows_total == 0
