@@ -5,8 +5,10 @@ Builds RSICD-format Parquet files (224x224 JPEGs) of N and 10N rows, then in the
   - the bare decode-resize-encode chain on one core (the "2-core limit" is twice its rate);
   - create.py as a subprocess with its default workers: wall time and peak RSS (via bench/peak_rss.py).
 Bar: >= 1.8x the sequential loop, >= 85% of the 2-core limit, peak RSS within 20% between the two sizes.
+Then the 10N rows are written in every other source form (Karpathy JSON, NWPU JSON, CSV, JSONL, webdataset shards;
+images as files or tar members, the same JPEG bytes) and create.py's rate on each is set against the same loop.
 
-Run: python bench/bench_create.py [--rows 200] [--repeats 2] [--max_background 0.2] [--max_attempts 6]
+Run: python bench/bench_create.py [--rows 200] [--repeats 2] [--max_background 0.2] [--max_attempts 6] [--forms ...]
 """
 
 import sys
@@ -15,8 +17,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import csv
 import io
+import json
 import os
+import tarfile
 import shutil
 import subprocess
 import tempfile
@@ -46,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--max_background", type=float, default=0.2,
                         help="Cores other processes may use during a create.py run for it to count as quiet (default 0.2).")
     parser.add_argument("--max_attempts", type=int, default=6, help="Give up waiting for quiet runs after this many (default 6).")
+    parser.add_argument("--forms", nargs="*", default=list(FORM_WRITERS), choices=list(FORM_WRITERS),
+                        help="Other source forms to time at the large size (none: Parquet only).")
     parser.add_argument("--work_dir", default=DEFAULT_WORK_DIR,
                         help="Scratch folder, deleted and recreated (default: in RAM under /dev/shm when it exists, since "
                              "the sequential loop writes nothing and disk writes would be charged to create.py alone).")
@@ -84,7 +91,7 @@ def cpu_counters() -> tuple:
 def run_create(path: Path, output_dir: Path) -> dict:
     """Run create.py (default workers) under peak_rss.py: wall and CPU seconds, peak RSS, CPU others used meanwhile."""
     shutil.rmtree(output_dir, ignore_errors=True)
-    command = [sys.executable, str(PEAK_RSS), sys.executable, str(CREATE), "--parquet_path", str(path),
+    command = [sys.executable, str(PEAK_RSS), sys.executable, str(CREATE), "--input", str(path),
                "--output_dir", str(output_dir)]
     (busy_before, steal_before), started = cpu_counters(), time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -123,6 +130,107 @@ def measure(rows: int, work_dir: Path, args) -> dict:
             "file_mib": path.stat().st_size / 2**20}
 
 
+def sample_rows(path: Path) -> list:
+    """(file stem, captions, JPEG bytes) of every row of a sample Parquet."""
+    table = pq.read_table(path).to_pylist()
+    return [(f"{i:06d}", row["captions"], row["image"]["bytes"]) for i, row in enumerate(table)]
+
+
+def write_files(rows: list, folder: Path) -> list:
+    """Each row's JPEG as folder/<stem>.jpg; return the names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, _, data in rows:
+        (folder / f"{stem}.jpg").write_bytes(data)
+    return [f"{stem}.jpg" for stem, _, _ in rows]
+
+
+def write_karpathy(rows: list, root: Path) -> Path:
+    """imgs/*.jpg + dataset.json, all train."""
+    names = write_files(rows, root / "imgs")
+    images = [{"filename": n, "split": "train", "sentences": [{"raw": c} for c in caps]}
+              for n, (_, caps, _) in zip(names, rows)]
+    (root / "dataset.json").write_text(json.dumps({"images": images}))
+    return root / "dataset.json"
+
+
+def write_nwpu(rows: list, root: Path, classes: int = 5) -> Path:
+    """NWPU_images/<class>/*.jpg + dataset_nwpu.json keyed by class."""
+    doc = {}
+    for k in range(classes):
+        part = rows[k::classes]
+        names = write_files(part, root / "NWPU_images" / f"class{k}")
+        doc[f"class{k}"] = [{"filename": n, "split": "train", "raw": caps[0],
+                             **{f"raw_{i}": c for i, c in enumerate(caps[1:], start=1)}}
+                            for n, (_, caps, _) in zip(names, part)]
+    (root / "dataset_nwpu.json").write_text(json.dumps(doc))
+    return root / "dataset_nwpu.json"
+
+
+def write_csv(rows: list, root: Path) -> Path:
+    """images/*.jpg + index.csv of file_name, text (the captions as a JSON list)."""
+    names = write_files(rows, root / "images")
+    with open(root / "index.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "text"])
+        writer.writerows([f"images/{n}", json.dumps(caps)] for n, (_, caps, _) in zip(names, rows))
+    return root / "index.csv"
+
+
+def write_jsonl(rows: list, root: Path) -> Path:
+    """images/*.jpg + index.jsonl of file_name, text (a list)."""
+    names = write_files(rows, root / "images")
+    lines = [json.dumps({"file_name": f"images/{n}", "text": caps}) for n, (_, caps, _) in zip(names, rows)]
+    (root / "index.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "index.jsonl"
+
+
+def write_webdataset(rows: list, root: Path, per_shard: int = 1000) -> Path:
+    """Shards of per_shard samples: <key>.jpg + <key>.json with the captions."""
+    root.mkdir(parents=True, exist_ok=True)
+    for shard, start in enumerate(range(0, len(rows), per_shard)):
+        with tarfile.open(root / f"shard-{shard:05d}.tar", "w") as tar:
+            for stem, caps, data in rows[start:start + per_shard]:
+                for name, payload in ((f"{stem}.jpg", data), (f"{stem}.json", json.dumps({"caption": caps}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return root
+
+
+FORM_WRITERS = {"karpathy": write_karpathy, "nwpu": write_nwpu, "csv": write_csv, "jsonl": write_jsonl,
+                "webdataset": write_webdataset}
+
+
+def measure_forms(parquet: Path, forms: list, work_dir: Path, args) -> list:
+    """create.py's best quiet time on the same rows written in each form."""
+    rows, results = sample_rows(parquet), []
+    for form in forms:
+        source = FORM_WRITERS[form](rows, work_dir / form)
+        creates = []
+        for _ in range(args.max_attempts):
+            creates.append(run_create(source, work_dir / f"out_{form}"))
+            quiet = [c for c in creates if c["others_core_s"] / c["seconds"] <= args.max_background]
+            if len(quiet) >= args.repeats:
+                break
+        best = min(quiet or creates, key=lambda c: c["seconds"])
+        results.append({"form": form, "rows": len(rows), "create_s": best["seconds"], "rss_mib": best["rss_mib"],
+                        "quiet_runs": len(quiet), "runs": len(creates)})
+        shutil.rmtree(work_dir / form, ignore_errors=True)
+    return results
+
+
+def forms_block(large: dict, forms: list) -> list:
+    """One line per source form: rate, ratio to the sequential loop and to create.py on the Parquet, peak RSS."""
+    loop_rate, parquet_rate = large["rows"] / large["loop_s"], large["rows"] / large["create_s"]
+    lines = [f"other source forms, {large['rows']} rows each, vs the sequential loop ({loop_rate:.1f} rows/s):"]
+    for m in forms:
+        rate = m["rows"] / m["create_s"]
+        lines.append(f"  {m['form']:<10} create.py {rate:.1f} rows/s = {rate / loop_rate:.2f}x the loop "
+                     f"({rate / parquet_rate:.0%} of create.py on the Parquet), peak RSS {m['rss_mib']:.0f} MiB "
+                     f"({m['quiet_runs']} of {m['runs']} runs quiet)")
+    return lines
+
+
 def results_block(small: dict, large: dict, cores: int) -> list:
     """The copy-pasteable results lines and whether each bar holds (judged on the large file)."""
     create_rate = large["rows"] / large["create_s"]
@@ -159,8 +267,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work_dir.mkdir(parents=True)
     small = measure(args.rows, work_dir, args)
     large = measure(args.rows * 10, work_dir, args)
+    forms = measure_forms(work_dir / f"rsicd_{args.rows * 10}.parquet", args.forms, work_dir, args)
     cores = len(os.sched_getaffinity(0))
-    print("\n".join(["----- bench_create results -----", *results_block(small, large, cores), "-" * 32]))
+    lines = results_block(small, large, cores) + (forms_block(large, forms) if forms else [])
+    print("\n".join(["----- bench_create results -----", *lines, "-" * 32]))
     shutil.rmtree(work_dir, ignore_errors=True)
     return 0
 
