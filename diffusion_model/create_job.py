@@ -13,7 +13,7 @@ import re
 import time
 import warnings
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -240,11 +240,6 @@ def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds
     failed = f"{len(tally.failures)} failed ({reasons})" if tally.failures else "0 failed"
     return (f"create{f' ({source})' if source else ''}: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
             f"{failed}; {tally.caption_lines} caption lines in {caption_file}; {seconds:.1f}s; report {report_path}")
-
-
-def settings_dict(settings: ImageSettings, inputs: list, image_column: Optional[str]) -> dict:
-    """What the output folder's images depend on, as stored beside them."""
-    return {**asdict(settings), "inputs": [str(p) for p in inputs], "image_column": image_column}
 
 
 def default_workers() -> int:

@@ -84,19 +84,6 @@ def seen_split_names(values: Iterable, wanted: str) -> list:
     return sorted({v.strip().lower() if isinstance(v, str) else str(v) for v in values if match(v)})
 
 
-def limited(rows: Iterable[Row], limit: Optional[int]) -> Iterator[Row]:
-    """Stop after row number limit."""
-    for row in rows:
-        if limit is not None and row.number > limit:
-            return
-        yield row
-
-
-def failed_row(number: int, filename, reason: str, detail: str = "") -> Row:
-    """A row that is already known to fail, with its reason."""
-    return Row(number, filename, None, None, (reason, detail))
-
-
 class ImageFolder:
     """Resolves an index's image names inside one folder, refusing any name that would lead out of it."""
 
