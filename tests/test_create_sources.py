@@ -2,12 +2,18 @@
 datasets.load_dataset("imagefolder"), with hostile rows in each; --split, --append, resume, usage errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import datasets
 import pytest
 
 import source_cases as cases
+from conftest import REPO_ROOT
 from test_create import assert_usage_error, image_files, name, read_captions, read_report
 
 CREATE = "diffusion_model/create.py"
@@ -199,3 +205,32 @@ def test_junk_shard_is_a_usage_error(tmp_path, run_script):
     (tmp_path / "bad.tar").write_bytes(b"not a tar at all" * 100)
     assert_usage_error(run_script(CREATE, ["--input", tmp_path / "bad.tar", "--output_dir", tmp_path / "o"]),
                        "bad.tar")
+
+
+def test_kill_during_an_append_and_resume_matches_an_uninterrupted_run(tmp_path, run_script):
+    cases.write_csv(tmp_path / "csv")
+    cases.write_webdataset(tmp_path / "wds", per_shard=30)
+    common = ["--resolution", 256, "--caption_mode", "all"]
+    for out in ("ref", "run"):
+        create(run_script, tmp_path / "csv" / "index.csv", tmp_path / out, *common)
+    create(run_script, tmp_path / "wds", tmp_path / "ref", "--append", *common)
+    base_images = len(list((tmp_path / "run" / "rsicd_images").iterdir()))
+
+    args = [sys.executable, str(REPO_ROOT / CREATE), "--input", str(tmp_path / "wds"), "--output_dir",
+            str(tmp_path / "run"), "--append", "--num_workers", "1", *map(str, common)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    images_dir, deadline = tmp_path / "run" / "rsicd_images", time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(images_dir.glob("*.jpg"))) < base_images + 5:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "run" / "create_report.json").exists(), "the kill must land mid-append"
+    assert (tmp_path / "run" / "create_report.previous.json").exists(), "the first source's report is set aside"
+
+    create(run_script, tmp_path / "wds", tmp_path / "run", "--append", *common)
+    report = read_report(tmp_path / "run")
+    assert report["images_reused"] >= 5 and report["other_sources_failures"] == read_report(tmp_path / "ref")[
+        "other_sources_failures"], "the first source's failed rows survive the kill"
+    assert not (tmp_path / "run" / "create_report.previous.json").exists()
+    assert image_files(tmp_path / "run") == image_files(tmp_path / "ref")
+    assert (tmp_path / "run" / "captions.txt").read_bytes() == (tmp_path / "ref" / "captions.txt").read_bytes()
