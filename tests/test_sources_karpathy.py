@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+
 from diffusion_model.sources.base import SourceOptions
 from diffusion_model.sources.karpathy import is_karpathy, karpathy_entry, open_karpathy
+from utils.cli import UsageError
 
 
 def test_entry_takes_raw_else_tokens_and_joins_filepath():
@@ -30,3 +33,17 @@ def test_rows_follow_the_file_order_within_the_split(tmp_path):
     assert source.details["images_dir"] == str(tmp_path / "imgs") and source.details["splits_not_read"] == {"test": 1}
     assert [r.number for r in source.rows(limit=1)] == [1]
     assert open_karpathy(tmp_path / "d.json", doc, SourceOptions(split="test")).rows_total == 1
+
+
+def test_entries_without_a_split(tmp_path):
+    """In a file with splits, an entry with none is a failed row of the split read; a file without any is read whole."""
+    doc = {"images": [{"filename": "a.jpg", "split": "train", "sentences": []},
+                      {"filename": "b.jpg", "sentences": []}, {"filename": "c.jpg", "split": "test", "sentences": []}]}
+    source = open_karpathy(tmp_path / "d.json", doc, SourceOptions())
+    assert [(r.filename, r.failure and r.failure[0]) for r in source.rows()][1] == ("b.jpg", "bad_entry")
+    assert source.rows_total == 2
+    plain = {"images": [{"filename": "a.jpg", "sentences": []}, {"filename": "b.jpg", "sentences": []}]}
+    source = open_karpathy(tmp_path / "d.json", plain, SourceOptions())
+    assert (source.rows_total, source.split, source.label()) == (2, None, "karpathy")
+    with pytest.raises(UsageError, match="carry no split"):
+        open_karpathy(tmp_path / "d.json", plain, SourceOptions(split="test"))

@@ -10,6 +10,7 @@ def test_shape_detection():
     assert is_nwpu({"airport": [{"filename": "a.jpg", "raw": "x", "split": "train"}]})
     assert not is_nwpu({"images": [{"filename": "a.jpg", "raw": "x"}]})
     assert not is_nwpu({"airport": {"filename": "a.jpg"}}) and not is_nwpu({})
+    assert is_nwpu({"airport": ["junk first", {"filename": "a.jpg", "raw": "x"}]})
 
 
 def test_raw_captions_in_number_order():

@@ -44,3 +44,11 @@ def test_split_column_is_filtered_and_rows_numbered_across_files(tmp_path):
     assert [(r.number, r.image) for r in rows] == [(1, b"4")], "a JSONL resolves against its own folder"
     with pytest.raises(UsageError, match="no 'split' column"):
         open_table([write(tmp_path / "c.csv", "file_name,text\nx.jpg,y\n")], "csv", SourceOptions(split="test"))
+
+
+def test_a_row_of_bad_bytes_fails_alone(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"A")
+    index = tmp_path / "i.csv"
+    index.write_bytes(b"file_name,text\na.jpg,a road\n\xff\xfe.jpg,bad bytes\n")
+    rows = list(open_table([index], "csv", SourceOptions()).rows())
+    assert [(r.image, r.failure and r.failure[0]) for r in rows] == [(b"A", None), (None, "missing_image")]

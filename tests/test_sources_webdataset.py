@@ -46,3 +46,16 @@ def test_a_truncated_shard_is_a_usage_error_naming_it(tmp_path):
         tar.addfile(folder)
     (tmp_path / "e.tar").write_bytes(buffer.getvalue())
     assert open_webdataset([tmp_path / "e.tar"]).rows_total == 0
+
+
+def test_gzipped_shards_in_a_folder_are_found_and_streamed(tmp_path):
+    from diffusion_model.sources import SourceOptions, open_source
+
+    with tarfile.open(tmp_path / "part-0.tar.gz", "w:gz") as tar:
+        for name, data in (("k1.png", b"img"), ("k1.txt", b"a gzipped caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    source = open_source([str(tmp_path)], SourceOptions())
+    assert source.form == "webdataset" and [(r.image, r.captions) for r in source.rows()] == [
+        (b"img", "a gzipped caption")]

@@ -36,8 +36,8 @@ def suffix_form(path: Path) -> str:
 
 def folder_files(folder: Path) -> tuple:
     """(form, files) for a folder: its Parquet shards, else its tar shards, else its one index file."""
-    for form, pattern in (("parquet", f"*{PARQUET_EXTENSION}"), ("webdataset", "*.tar")):
-        files = sorted(p for p in folder.rglob(pattern) if p.is_file())
+    for form in ("parquet", "webdataset"):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and suffix_form(p) == form)
         if files:
             return form, files
     indexes = sorted(p for p in folder.iterdir() if p.is_file() and suffix_form(p) in ("csv", "jsonl", "json"))

@@ -5,6 +5,7 @@ reader (captions, imaging, the create job) is the same for every form. A row the
 (missing file, unsafe name, broken entry) carries a failure reason instead of stopping the run.
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -132,6 +133,32 @@ def open_image_folder(root: Path, entries: Sequence[dict], patterns: Sequence[Ca
         if found > best_found:
             best, best_found = base, found
     return ImageFolder(root, best, patterns)
+
+
+def pick_split(items: Sequence, options: SourceOptions, path: Path) -> tuple:
+    """Choose a JSON index's entries of the wanted split: (positions, split read or None, names seen, others' counts).
+
+    A file whose entries carry no split field at all has no splits: every entry is read. In a file that has them,
+    an entry without one (or not an object) cannot be placed, so it is kept in every split as a failed row.
+    """
+    if not any(isinstance(item, dict) and "split" in item for item in items):
+        if options.split not in (None, "all"):
+            raise UsageError(f"--split {options.split}: the entries of {path} carry no split")
+        return list(range(len(items))), None, [], {}
+    split = effective_split(options)
+    match = split_matcher(split)
+    placed = [isinstance(item, dict) and isinstance(item.get("split"), str) for item in items]
+    positions = [n for n, item in enumerate(items) if not placed[n] or match(item["split"])]
+    others = Counter(item["split"] for n, item in enumerate(items) if placed[n] and not match(item["split"]))
+    names = seen_split_names((items[n]["split"] for n in positions if placed[n]), split)
+    return positions, split, names, dict(others)
+
+
+def split_failed(entry: dict, item, split: Optional[str]) -> dict:
+    """entry, failed when its item is an object with no usable split in a file that has splits."""
+    if split is None or not isinstance(item, dict) or isinstance(item.get("split"), str) or entry.get("failure"):
+        return entry
+    return {**entry, "failure": (REASON_BAD_ENTRY, f"no split (split is {item.get('split')!r})")}
 
 
 def index_rows(entries: Iterable[dict], folder: ImageFolder, limit: Optional[int]) -> Iterator[Row]:

@@ -5,11 +5,10 @@ The JSON is an index of file names and sentences (a few MiB even for RSICD), so 
 names are read one row at a time.
 """
 
-from collections import Counter
 from pathlib import Path
 
-from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, effective_split, images_root,
-                                          index_rows, open_image_folder, seen_split_names, split_matcher)
+from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, images_root, index_rows,
+                                          open_image_folder, pick_split, split_failed)
 
 
 def is_karpathy(doc) -> bool:
@@ -48,13 +47,10 @@ PATTERNS = (lambda e: e.get("filepath") and f"{e['filepath']}/{e['filename']}", 
 
 def open_karpathy(path: Path, doc: dict, options: SourceOptions) -> Source:
     """Select the split's entries and locate the image folder; rows stream from the entries."""
-    split = effective_split(options)
-    match = split_matcher(split)
-    items = [(i, item) for i, item in enumerate(doc["images"]) if not isinstance(item, dict) or match(item.get("split"))]
-    entries = [karpathy_entry(i, item) for i, item in items]
+    items = doc["images"]
+    positions, split, names, others = pick_split(items, options, path)
+    entries = [split_failed(karpathy_entry(n, items[n]), items[n], split) for n in positions]
     folder = open_image_folder(images_root(options, path), entries, PATTERNS)
-    others = Counter(str(i.get("split")) for i in doc["images"] if isinstance(i, dict) and not match(i.get("split")))
-    details = {"images_dir": str(folder.base), "splits_not_read": dict(others)}
-    names = seen_split_names((item.get("split") for _, item in items if isinstance(item, dict)), split)
+    details = {"images_dir": str(folder.base), "splits_not_read": others}
     return Source("karpathy", [path], len(entries), lambda limit: index_rows(entries, folder, limit), split, names,
                   details)

@@ -5,11 +5,10 @@ Rows are numbered in the file's own order: class by class, entry by entry.
 """
 
 import re
-from collections import Counter
 from pathlib import Path
 
-from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, effective_split, images_root,
-                                          index_rows, open_image_folder, seen_split_names, split_matcher)
+from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, images_root, index_rows,
+                                          open_image_folder, pick_split, split_failed)
 
 EXTRA_RAW = re.compile(r"^raw_(\d+)$")
 
@@ -20,7 +19,8 @@ def is_nwpu(doc) -> bool:
         return False
     if not all(isinstance(entries, list) for entries in doc.values()):
         return False
-    first = next((entries[0] for entries in doc.values() if entries), None)
+    # The first object entry decides, so a junk entry at the top does not hide the form.
+    first = next((e for entries in doc.values() for e in entries[:8] if isinstance(e, dict)), None)
     return isinstance(first, dict) and "filename" in first and "raw" in first
 
 
@@ -46,14 +46,9 @@ PATTERNS = (lambda e: f"{e['scene']}/{e['filename']}", lambda e: e.get("filename
 
 def open_nwpu(path: Path, doc: dict, options: SourceOptions) -> Source:
     """Select the split's entries class by class and locate the image folder (per-class subfolders or flat)."""
-    split = effective_split(options)
-    match = split_matcher(split)
-    pairs = [(scene, i, item) for scene, items in doc.items() for i, item in enumerate(items)]
-    chosen = [(scene, i, item) for scene, i, item in pairs if not isinstance(item, dict) or match(item.get("split"))]
-    entries = [nwpu_entry(scene, i, item) for scene, i, item in chosen]
+    pairs = [(scene, n, item) for scene, items in doc.items() for n, item in enumerate(items)]
+    positions, split, names, others = pick_split([item for _, _, item in pairs], options, path)
+    entries = [split_failed(nwpu_entry(*pairs[p]), pairs[p][2], split) for p in positions]
     folder = open_image_folder(images_root(options, path), entries, PATTERNS)
-    others = Counter(str(item.get("split")) for _, _, item in pairs
-                     if isinstance(item, dict) and not match(item.get("split")))
-    details = {"images_dir": str(folder.base), "classes": len(doc), "splits_not_read": dict(others)}
-    names = seen_split_names((item.get("split") for _, _, item in chosen if isinstance(item, dict)), split)
+    details = {"images_dir": str(folder.base), "classes": len(doc), "splits_not_read": others}
     return Source("nwpu", [path], len(entries), lambda limit: index_rows(entries, folder, limit), split, names, details)

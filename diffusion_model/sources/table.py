@@ -49,12 +49,13 @@ def caption_cell(value) -> object:
 
 def csv_records(path: Path) -> Iterator[tuple]:
     """(line, record or None, error) per CSV data row; the header gives the keys."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    # Undecodable bytes become U+FFFD: the row then fails on its own (say, missing_image), not the whole file.
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
         reader = csv.DictReader(handle)
         try:
             for record in reader:
                 yield reader.line_num, record, ""
-        except (csv.Error, UnicodeDecodeError) as err:
+        except csv.Error as err:
             raise UsageError(f"cannot read CSV {path} near line {reader.line_num}: {err}") from None
 
 
