@@ -79,7 +79,7 @@ def jsonl_records(path: Path) -> Iterator[tuple]:
 def header(path: Path, form: str) -> list:
     """Column names: the CSV header, or the keys of the first JSONL object."""
     if form == "csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
             return next(csv.reader(handle), [])
     return next((list(record) for _, record, _ in jsonl_records(path) if record is not None), [])
 
