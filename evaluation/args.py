@@ -29,7 +29,9 @@ def build_parser() -> ArgumentParser:
     source.add_argument("--input", help="any create.py source: a Karpathy or NWPU .json (read at --split), a .csv or "
                                         ".jsonl index or a folder holding one, webdataset .tar shards, Parquet")
     data.add_argument("--format", choices=FORMATS, default="auto", help="--input's form (auto: from the name)")
-    data.add_argument("--split", choices=SPLITS, default="test", help="split of an --input that carries splits")
+    data.add_argument("--split", choices=SPLITS,
+                      help="split of an --input JSON index or CSV/JSONL with a split column (default: test); for "
+                           "Parquet or tar shards, the files whose names start with it (default: all files)")
     data.add_argument("--images_dir", help="folder an --input index's image names resolve in (default: its own)")
     data.add_argument("--caption_index", type=int, default=0,
                       help="which of a row's captions to use, counted after dropping junk and near-duplicates as "

@@ -20,6 +20,7 @@ from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_p
 from diffusion_model.sources import SourceOptions, open_source
 from utils.cli import UsageError
 from utils.constants import METADATA_FILENAME
+from utils.logger import get_logger
 
 PARQUET_BATCH_ROWS = 64
 # Real images as large as create.py accepts by default; larger headers are refused before decoding.
@@ -100,7 +101,9 @@ def parquet_triples(spec: str, limit: Optional[int]) -> Tuple[list, list]:
 def source_triples(spec: str, options: SourceOptions, limit: Optional[int]) -> Tuple[list, list]:
     """Read any create.py source; a row its reader already failed (missing file, unsafe name) is a BadRow."""
     triples, bad = [], []
-    for row in open_source([spec], options).rows(limit):
+    source = open_source([spec], options)
+    get_logger().info("held-out rows from %s (%s)", spec, source.label())
+    for row in source.rows(limit):
         if row.failure:
             bad.append(BadRow(row.number, *row.failure))
         else:

@@ -64,7 +64,7 @@ def settings_from_args(args) -> dict:
 
 def input_split(args) -> str:
     """The split an --input is read at, so a rerun on another split of the same file is refused."""
-    return f" (split {args.split})" if getattr(args, "input", None) else ""
+    return f" (split {args.split or 'default'})" if getattr(args, "input", None) else ""
 
 
 def missing_rows(rows: Sequence[EvalRow], generated_dir: Path) -> List[EvalRow]:

@@ -97,22 +97,6 @@ def test_webdataset_limit_crosses_shards(tmp_path, run_script):
     assert read_report(tmp_path / "out")["rows_processed"] == 6
 
 
-def test_resume_after_lost_outputs_matches_a_fresh_run(tmp_path, run_script):
-    """A kill leaves some images and no captions.txt; the rerun reuses what is there and ends identical."""
-    cases.write_nwpu(tmp_path / "src")
-    source = tmp_path / "src" / "dataset_nwpu.json"
-    create(run_script, source, tmp_path / "ref")
-    create(run_script, source, tmp_path / "run")
-    (tmp_path / "run" / "captions.txt").unlink()
-    for lost in sorted((tmp_path / "run" / "rsicd_images").iterdir())[::2]:
-        lost.unlink()
-    kept = len(list((tmp_path / "run" / "rsicd_images").iterdir()))
-    create(run_script, source, tmp_path / "run")
-    assert read_report(tmp_path / "run")["images_reused"] == kept
-    assert image_files(tmp_path / "run") == image_files(tmp_path / "ref")
-    assert read_captions(tmp_path / "run") == read_captions(tmp_path / "ref")
-
-
 def test_append_numbers_after_the_existing_rows_and_reruns_resume(tmp_path, run_script):
     csv_expected = cases.write_csv(tmp_path / "csv")
     wds_expected = cases.write_webdataset(tmp_path / "wds")
@@ -148,17 +132,7 @@ def test_append_numbers_after_the_existing_rows_and_reruns_resume(tmp_path, run_
     assert dataset.num_rows == len(before_captions)
 
 
-def test_append_refuses_other_image_settings_even_with_overwrite(tmp_path, run_script):
-    cases.write_csv(tmp_path / "csv")
-    cases.write_webdataset(tmp_path / "wds")
-    create(run_script, tmp_path / "csv" / "index.csv", tmp_path / "out")
-    for extra in ([], ["--overwrite"]):
-        result = run_script(CREATE, ["--input", tmp_path / "wds", "--output_dir", tmp_path / "out", "--append",
-                                     "--resolution", 48, *extra])
-        assert_usage_error(result, f"resolution={RESOLUTION}")
-
-
-def test_append_overwrite_redoes_only_its_own_rows(tmp_path, run_script):
+def test_append_overwrite_redoes_only_its_own_rows_and_never_other_image_settings(tmp_path, run_script):
     cases.write_csv(tmp_path / "csv")
     cases.write_webdataset(tmp_path / "wds")
     out = tmp_path / "out"
@@ -171,6 +145,10 @@ def test_append_overwrite_redoes_only_its_own_rows(tmp_path, run_script):
     rewritten = {n for n in after if after[n] != stamps[n]}
     n_csv = read_report(out)["source"]["first_row"] - 1
     assert rewritten == {n for n in after if int(n[-10:-4]) > n_csv} and rewritten
+    for extra in ([], ["--overwrite"]):
+        result = run_script(CREATE, ["--input", tmp_path / "wds", "--output_dir", out, "--append",
+                                     "--resolution", 48, *extra])
+        assert_usage_error(result, f"resolution={RESOLUTION}")
 
 
 def write_neither_json(root: Path) -> None:

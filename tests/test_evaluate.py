@@ -174,10 +174,10 @@ def test_karpathy_test_split_through_input(tmp_path, tiny_model_dir, stand_in_mo
     source_cases.write_karpathy(tmp_path / "src")
     command = evaluate_command(tiny_model_dir, "--input", tmp_path / "src" / "dataset_test.json", stand_in_models,
                                tmp_path / "eval")
-    finish(start(command))
+    assert "(karpathy, split test)" in finish(start(command)).stderr
     report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
     assert report["rows_read"] == 4 and report["num_samples"] == 3
-    assert report["data"]["split"] == "test" and report["data"]["format"] == "auto"
+    assert report["data"]["split"] is None and report["data"]["format"] == "auto"
     assert [(r["row"], r["reason"]) for r in report["bad_rows"]["rows"]] == [(4, "bad_entry")]
     assert sorted(p.name for p in (tmp_path / "eval" / "generated").glob("*.png")) == [
         "000001.png", "000002.png", "000003.png"]
