@@ -167,17 +167,16 @@ def test_usage_errors_are_one_line_naming_the_value(change, words, tmp_path, tin
     assert not (tmp_path / "out" / "generated").exists()
 
 
-def test_karpathy_test_split_through_input(tmp_path, tiny_model_dir, stand_in_models):
-    """--input dataset.json reads the test split: its 3 good rows are measured, the broken entry reported."""
+def test_input_reaches_the_held_out_rows(tmp_path, tiny_model_dir, stand_in_models):
+    """--input goes through the same readers as create.py, at the test split, before any model loads: the Karpathy
+    file's test rows (3 sentences each after junk and repeats) are what --caption_index is checked against."""
+    import evaluate
     import source_cases
+    from utils.cli import UsageError
 
     source_cases.write_karpathy(tmp_path / "src")
-    command = evaluate_command(tiny_model_dir, "--input", tmp_path / "src" / "dataset_test.json", stand_in_models,
-                               tmp_path / "eval")
-    assert "(karpathy, split test)" in finish(start(command)).stderr
-    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
-    assert report["rows_read"] == 4 and report["num_samples"] == 3
-    assert report["data"]["split"] is None and report["data"]["format"] == "auto"
-    assert [(r["row"], r["reason"]) for r in report["bad_rows"]["rows"]] == [(4, "bad_entry")]
-    assert sorted(p.name for p in (tmp_path / "eval" / "generated").glob("*.png")) == [
-        "000001.png", "000002.png", "000003.png"]
+    argv = evaluate_command(tiny_model_dir, "--input", tmp_path / "src" / "dataset_test.json", stand_in_models,
+                            tmp_path / "eval", "--caption_index", 3)[2:]
+    with pytest.raises(UsageError, match="--caption_index 3 is out of range: rows have at most 3 caption"):
+        evaluate.main(argv)
+    assert not (tmp_path / "eval" / "generated").exists()
