@@ -238,7 +238,8 @@ def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds
     ok = tally.images_written + tally.images_reused
     reasons = ", ".join(f"{n} {r}" for r, n in tally.failures_by_reason().items())
     failed = f"{len(tally.failures)} failed ({reasons})" if tally.failures else "0 failed"
-    return (f"create{f' ({source})' if source else ''}: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
+    label = f" ({source})" if source else ""
+    return (f"create{label}: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
             f"{failed}; {tally.caption_lines} caption lines in {caption_file}; {seconds:.1f}s; report {report_path}")
 
 
