@@ -47,3 +47,10 @@ def test_entries_without_a_split(tmp_path):
     assert (source.rows_total, source.split, source.label()) == (2, None, "karpathy")
     with pytest.raises(UsageError, match="carry no split"):
         open_karpathy(tmp_path / "d.json", plain, SourceOptions(split="test"))
+
+
+def test_a_split_with_no_entries_is_a_usage_error_saying_what_is_there(tmp_path):
+    doc = {"images": [{"filename": "a.jpg", "split": "train", "sentences": []},
+                      {"filename": "b.jpg", "split": "restval", "sentences": []}]}
+    with pytest.raises(UsageError, match=r"--split test: .* has no test entries \(it has 1 'train', 1 'restval'\)"):
+        open_karpathy(tmp_path / "d.json", doc, SourceOptions(split="test"))

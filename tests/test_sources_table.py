@@ -42,6 +42,8 @@ def test_split_column_is_filtered_and_rows_numbered_across_files(tmp_path):
     assert [r.captions for r in val.rows()] == ["two"] and val.label() == "csv, split val (as 'valid' in the file)"
     rows = list(open_table([second], "jsonl", SourceOptions()).rows())
     assert [(r.number, r.image) for r in rows] == [(1, b"4")], "a JSONL resolves against its own folder"
+    with pytest.raises(UsageError, match=r"--split test: .* has no test rows \(it has 2 'train', 1 'valid'\)"):
+        open_table([first], "csv", SourceOptions(split="test"))
     with pytest.raises(UsageError, match="no 'split' column"):
         open_table([write(tmp_path / "c.csv", "file_name,text\nx.jpg,y\n")], "csv", SourceOptions(split="test"))
 

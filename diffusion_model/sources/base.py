@@ -150,8 +150,15 @@ def pick_split(items: Sequence, options: SourceOptions, path: Path) -> tuple:
     placed = [isinstance(item, dict) and isinstance(item.get("split"), str) for item in items]
     positions = [n for n, item in enumerate(items) if not placed[n] or match(item["split"])]
     others = Counter(item["split"] for n, item in enumerate(items) if placed[n] and not match(item["split"]))
+    if not positions:
+        raise UsageError(f"--split {split}: {path} has no {split} entries ({no_split_note(others)})")
     names = seen_split_names((items[n]["split"] for n in positions if placed[n]), split)
     return positions, split, names, dict(others)
+
+
+def no_split_note(others: Counter) -> str:
+    """What a file holds instead of the wanted split, for the usage error."""
+    return "it has " + ", ".join(f"{n} {name!r}" for name, n in others.most_common()) if others else "it is empty"
 
 
 def split_failed(entry: dict, item, split: Optional[str]) -> dict:

@@ -11,9 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, effective_split, images_root,
-                                          PROBE_ENTRIES, open_image_folder, seen_split_names, split_matcher)
 from diffusion_model.parquet_source import Row
+from diffusion_model.sources.base import (PROBE_ENTRIES, REASON_BAD_ENTRY, Source, SourceOptions, effective_split,
+                                          images_root, no_split_note, open_image_folder, seen_split_names,
+                                          split_matcher)
 from utils.cli import UsageError
 
 IMAGE_COLUMNS = ("file_name", "filename", "image")
@@ -141,6 +142,9 @@ def open_table(paths: Sequence[Path], form: str, options: SourceOptions) -> Sour
     if options.split and not any(has_split):
         raise UsageError(f"--split {options.split}: {paths[0]} has no {SPLIT_COLUMN!r} column to select by")
     split = effective_split(options) if any(has_split) else None
+    if split and total == 0:
+        raise UsageError(f"--split {split}: {', '.join(map(str, paths))} has no {split} rows "
+                         f"({no_split_note(split_values)})")
     names = seen_split_names(split_values, split) if split else []
     details = {"columns": plans[0][2], "images_dir": [str(p[3].base) for p in plans]}
     if split:
