@@ -70,7 +70,9 @@ def place_first(stored: dict, image: dict, record: dict, image_column, rows: int
     guarded = {**image, **base_keys(record, image_column)}
     later = [] if overwrite else [s for s in stored.get("sources", [])[1:]]
     sources = [{**record, "first_row": 1, "rows": rows}] + later
-    check_room(sources, 0, rows)
+    same = bool(stored.get("sources")) and identity(stored["sources"][0]) == identity(record)
+    if same:  # another first source is refused by the settings guard, with a better message
+        check_room(sources, 0, rows)
     return Placement(1, max(rows, 1), guarded, {**guarded, "sources": sources}, False)
 
 

@@ -40,6 +40,8 @@ def test_a_grown_source_may_not_run_into_the_next(tmp_path):
     with pytest.raises(UsageError, match="now has 11 rows"):
         placed(path, "a", 11, False)
     assert placed(path, "b", 50, True).last_row == 60, "the last source may grow"
+    assert place(path, IMAGE, record("z"), None, 99, False, False).guarded["inputs"] == ["/data/z"], (
+        "another first source is left to the settings guard, which names what differs")
     spot = place(path, IMAGE, record("a"), None, 11, False, True)
     assert [s["inputs"] for s in spot.document["sources"]] == [["/data/a"]], "--overwrite drops the appended"
 
