@@ -71,6 +71,14 @@ def check_args(args) -> None:
         check_scheduler(args.scheduler)
 
 
+def check_source_flags(args) -> None:
+    """--format, --split and --images_dir describe --input; without it they would be silently ignored."""
+    given = [flag for flag, on in (("--format", args.format != "auto"), ("--split", args.split is not None),
+                                   ("--images_dir", args.images_dir is not None)) if on]
+    if given and args.input is None:
+        raise UsageError(f"{', '.join(given)} apply to --input only")
+
+
 def source_options(args) -> SourceOptions:
     """How to read --input (held-out data defaults to the test split)."""
     return SourceOptions(args.format, args.split, args.images_dir, default_split="test")
@@ -80,4 +88,5 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     """Parse and check the command line."""
     args = build_parser().parse_args(argv)
     check_args(args)
+    check_source_flags(args)
     return args

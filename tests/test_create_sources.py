@@ -168,6 +168,8 @@ def write_neither_json(root: Path) -> None:
         (cases.write_csv, ["--input", "src/nothing.csv"], "nothing.csv"),
         (cases.write_webdataset, ["--input", "src", "--split", "val"], "--split val"),
         (cases.write_csv, ["--input", "src/index.csv", "--format", "tsv"], "tsv"),
+        (cases.write_webdataset, ["--input", "src", "--images_dir", "src"], "--images_dir src does not apply"),
+        (cases.write_nwpu, ["--input", "src/dataset_nwpu.json", "--caption_column", "raw"], "--caption_column raw"),
     ],
 )
 def test_usage_errors(tmp_path, run_script, make, extra, named):

@@ -149,6 +149,7 @@ def test_other_settings_in_the_same_folder_are_refused_in_one_line(runs):
     (["--inception_weights", "/nonexistent/inception.pth"], "--inception_weights /nonexistent/inception.pth"),
     (["--clip_model", "/nonexistent/clip"], "--clip_model /nonexistent/clip"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--split", "val"], "--split apply to --input only"),
 ])
 def test_usage_errors_are_one_line_naming_the_value(change, words, tmp_path, tiny_model_dir, tiny_data_dir,
                                                    stand_in_models):

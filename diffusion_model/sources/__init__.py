@@ -106,10 +106,23 @@ def open_parquet_source(paths: list, options: SourceOptions) -> Source:
                   options.split, [], {"columns": vars(columns)})
 
 
+# Flags that only some forms read; given to another form they would be silently ignored, so they are refused.
+FLAG_FORMS = {"images_dir": ("json", "karpathy", "nwpu", "csv", "jsonl"),
+              "image_column": ("parquet", "csv", "jsonl"), "caption_column": ("parquet", "csv", "jsonl")}
+
+
+def check_flags(form: str, options: SourceOptions) -> None:
+    """A usage error for a flag the source's form does not use."""
+    for flag, forms in FLAG_FORMS.items():
+        if getattr(options, flag) is not None and form not in forms:
+            raise UsageError(f"--{flag} {getattr(options, flag)} does not apply to a {form} source")
+
+
 def open_source(specs: Sequence[str], options: SourceOptions) -> Source:
     """Open --input in the form given or detected; every check that can fail fails here, before any output."""
     by_name, files = resolve_inputs(specs)
     form = options.form if options.form != "auto" else by_name
+    check_flags(form, options)
     if form in ("json", "karpathy", "nwpu"):
         if len(files) != 1:
             raise UsageError(f"--input: give one JSON index at a time, got {len(files)}")
