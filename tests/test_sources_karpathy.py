@@ -51,6 +51,6 @@ def test_entries_without_a_split(tmp_path):
 
 def test_a_split_with_no_entries_is_a_usage_error_saying_what_is_there(tmp_path):
     doc = {"images": [{"filename": "a.jpg", "split": "train", "sentences": []},
-                      {"filename": "b.jpg", "split": "restval", "sentences": []}]}
+                      {"filename": "b.jpg", "split": "restval", "sentences": []}, "junk"]}
     with pytest.raises(UsageError, match=r"--split test: .* has no test entries \(it has 1 'train', 1 'restval'\)"):
         open_karpathy(tmp_path / "d.json", doc, SourceOptions(split="test"))

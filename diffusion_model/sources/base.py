@@ -150,7 +150,7 @@ def pick_split(items: Sequence, options: SourceOptions, path: Path) -> tuple:
     placed = [isinstance(item, dict) and isinstance(item.get("split"), str) for item in items]
     positions = [n for n, item in enumerate(items) if not placed[n] or match(item["split"])]
     others = Counter(item["split"] for n, item in enumerate(items) if placed[n] and not match(item["split"]))
-    if not positions:
+    if not any(placed[n] for n in positions):
         raise UsageError(f"--split {split}: {path} has no {split} entries ({no_split_note(others)})")
     names = seen_split_names((items[n]["split"] for n in positions if placed[n]), split)
     return positions, split, names, dict(others)
