@@ -24,6 +24,17 @@ def test_caption_priority_and_reasons():
     assert json_caption(b'["a list"]') is None
 
 
+def test_members_are_known_by_the_last_part_of_their_extension(tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in (("k.seg.PNG", b"img"), ("k.caption.txt", b"a text"), ("k.cls", b"7")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "s.tar").write_bytes(buffer.getvalue())
+    assert [(r.image, r.captions) for r in open_webdataset([tmp_path / "s.tar"]).rows()] == [(b"img", "a text")]
+
+
 def test_count_matches_the_rows_and_numbers_cross_shards(tmp_path):
     expected = cases.write_webdataset(tmp_path)
     source = open_webdataset(sorted(tmp_path.glob("*.tar")))

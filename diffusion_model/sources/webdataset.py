@@ -56,7 +56,7 @@ def count_samples(path: Path) -> int:
 
 
 def shard_samples(path: Path) -> Iterator[tuple]:
-    """(key, {extension: bytes}) per sample, reading only the members that matter."""
+    """(key, {kind: bytes}) per sample, reading only the members that matter (the first of each kind)."""
     tar, key, members = open_tar(path, "r|*"), None, {}
     try:
         for info in tar:
@@ -67,9 +67,10 @@ def shard_samples(path: Path) -> Iterator[tuple]:
                 yield key, members
                 members = {}
             key = this_key
-            last = extension.rpartition(".")[2]
-            if (extension in WANTED or last in IMAGE_EXTENSIONS) and extension not in members:
-                members[extension] = tar.extractfile(info).read()
+            # Kind = the last part of the extension, so `key.seg.png` is an image and `key.caption.txt` a text.
+            kind = extension.rpartition(".")[2]
+            if kind in WANTED and kind not in members:
+                members[kind] = tar.extractfile(info).read()
         if key is not None:
             yield key, members
     except (OSError, tarfile.TarError, EOFError) as err:
@@ -93,7 +94,7 @@ def json_caption(data: Optional[bytes]) -> object:
 
 def sample_row(number: int, name: str, members: dict) -> Row:
     """One sample as a Row: image member, caption from .caption, .txt or .json, or the reason it fails."""
-    image = next((data for ext, data in members.items() if ext.rpartition(".")[2] in IMAGE_EXTENSIONS), None)
+    image = next((data for kind, data in members.items() if kind in IMAGE_EXTENSIONS), None)
     caption = next((members[e].decode("utf-8", "replace") for e in CAPTION_EXTENSIONS if e in members), None)
     if caption is None:
         caption = json_caption(members.get("json"))
