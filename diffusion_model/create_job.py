@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from diffusion_model.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
 from diffusion_model.captions import select_captions
+from diffusion_model.geotiff import MultibandSettings
 from diffusion_model.imaging import ImageRejected, prepare
 from utils.cli import UsageError
 from utils.constants import (
@@ -53,6 +54,7 @@ class ImageSettings:
     resize_mode: str
     jpeg_quality: int
     max_pixels: int
+    multiband: MultibandSettings = MultibandSettings()
 
 
 @dataclass
@@ -112,7 +114,8 @@ def process_chunk(items: list) -> list:
             statuses.append((number, REUSED, ""))
             continue
         try:
-            jpeg = prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels)
+            jpeg = prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels,
+                           settings.multiband)
         except ImageRejected as err:
             statuses.append((number, err.reason, err.detail))
             continue
@@ -214,7 +217,9 @@ def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds
 
 def settings_dict(settings: ImageSettings, inputs: list, image_column: Optional[str]) -> dict:
     """What the output folder's images depend on, as stored beside them."""
-    return {**asdict(settings), "inputs": [str(p) for p in inputs], "image_column": image_column}
+    wanted = {**asdict(settings), "inputs": [str(p) for p in inputs], "image_column": image_column}
+    # In the form it is stored in (tuples become lists), so the resume guard compares like with like.
+    return json.loads(json.dumps(wanted))
 
 
 def default_workers() -> int:
