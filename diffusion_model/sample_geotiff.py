@@ -45,7 +45,7 @@ def scene_pixels(index: int, seed: int) -> tuple:
 def synthetic_nir(rgb: np.ndarray) -> np.ndarray:
     """A near-infrared band: bright where green dominates (vegetation), dark over water."""
     red, green, blue = (rgb[..., i].astype(np.float64) for i in range(3))
-    return np.clip(1.6 * green - 0.6 * blue + 0.2 * red, 0, 255).astype(np.uint8)
+    return np.clip(2.0 * green - 1.2 * blue + 0.1 * red, 0, 255).astype(np.uint8)
 
 
 def naip_like(rgb: np.ndarray) -> np.ndarray:
