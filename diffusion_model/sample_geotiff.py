@@ -75,7 +75,7 @@ def gdal_metadata(names: Sequence[str]) -> str:
     return f"<GDALMetadata>{items}</GDALMetadata>"
 
 
-def geo_tags(kind: str, nodata: Optional[int], names: Optional[Sequence[str]]) -> list:
+def geo_tags(kind: str, nodata, names: Optional[Sequence[str]]) -> list:
     """tifffile extratags: pixel scale, tie point, geo keys (UTM by EPSG), and GDAL nodata and band names."""
     scale = PIXEL_METRES[kind]
     keys = (1, 1, 0, 3, GT_MODEL_TYPE, 0, 1, 1, GT_RASTER_TYPE, 0, 1, 1, PROJECTED_CRS, 0, 1, UTM_ZONE_EPSG[kind])
@@ -89,7 +89,7 @@ def geo_tags(kind: str, nodata: Optional[int], names: Optional[Sequence[str]]) -
     return tags
 
 
-def encode_geotiff(pixels: np.ndarray, kind: str, nodata: Optional[int] = None, names: Optional[Sequence[str]] = None,
+def encode_geotiff(pixels: np.ndarray, kind: str, nodata=None, names: Optional[Sequence[str]] = None,
                    compression: Optional[str] = "zlib", planar: bool = False) -> bytes:
     """(height, width, bands) pixels as GeoTIFF bytes: NAIP as photometric RGB + extra band, others as plain bands."""
     rgb = kind == "naip" and pixels.shape[-1] >= 3
@@ -97,9 +97,13 @@ def encode_geotiff(pixels: np.ndarray, kind: str, nodata: Optional[int] = None, 
                "extratags": geo_tags(kind, nodata, names)}
     if rgb and pixels.shape[-1] > 3:
         options["extrasamples"] = ["unspecified"] * (pixels.shape[-1] - 3)
-    data = np.moveaxis(pixels, -1, 0) if planar else pixels
+    if pixels.shape[-1] == 1:
+        data = pixels[..., 0]
+    else:
+        data = np.moveaxis(pixels, -1, 0) if planar else pixels
+        options["planarconfig"] = "separate" if planar else "contig"
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, data, planarconfig="separate" if planar else "contig", **options)
+    tifffile.imwrite(buffer, data, **options)
     return buffer.getvalue()
 
 
