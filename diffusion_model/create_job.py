@@ -217,9 +217,7 @@ def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds
 
 def settings_dict(settings: ImageSettings, inputs: list, image_column: Optional[str]) -> dict:
     """What the output folder's images depend on, as stored beside them."""
-    wanted = {**asdict(settings), "inputs": [str(p) for p in inputs], "image_column": image_column}
-    # In the form it is stored in (tuples become lists), so the resume guard compares like with like.
-    return json.loads(json.dumps(wanted))
+    return {**asdict(settings), "inputs": [str(p) for p in inputs], "image_column": image_column}
 
 
 def default_workers() -> int:

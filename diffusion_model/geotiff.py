@@ -45,9 +45,16 @@ logging.getLogger("tifffile").setLevel(logging.ERROR)
 class MultibandSettings:
     """How a TIFF becomes RGB: 1-based bands (None: from its tags), stretch mode and percentiles."""
 
-    bands: Optional[tuple] = None
+    bands: Optional[Sequence[int]] = None
     stretch: str = "auto"
-    percentiles: tuple = DEFAULT_PERCENTILES
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES
+
+    def __post_init__(self):
+        """Hold lists: the settings are stored as JSON beside the images, and a resume compares them with what it
+        reads back, where a tuple would never equal its own list."""
+        if self.bands is not None:
+            object.__setattr__(self, "bands", [int(band) for band in self.bands])
+        object.__setattr__(self, "percentiles", [float(value) for value in self.percentiles])
 
 
 class TiffBands(NamedTuple):

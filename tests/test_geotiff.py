@@ -1,7 +1,9 @@
 """The multi-band core: band choice, nodata masking, stretches (pure numpy), and the tifffile reader's tags and failures."""
 
 import argparse
+import dataclasses
 import io
+import json
 
 import numpy as np
 import pytest
@@ -273,3 +275,11 @@ def test_palette_tiff_is_left_to_pillow():
 def test_tiff_to_rgb_is_an_rgb_image():
     image = tiff_to_rgb(encode_geotiff(twelve_bands(), "sentinel2", names=S2_NAMES), BIG, MultibandSettings())
     assert (image.mode, image.size) == ("RGB", (32, 24))
+
+
+def test_settings_survive_the_json_round_trip_of_the_resume_guard():
+    settings = MultibandSettings(bands=(4, 3, 2), stretch="percentile", percentiles=(1, 99))
+    stored = dataclasses.asdict(settings)
+    assert json.loads(json.dumps(stored)) == stored == {"bands": [4, 3, 2], "stretch": "percentile",
+                                                        "percentiles": [1.0, 99.0]}
+    assert settings == MultibandSettings(bands=[4, 3, 2], stretch="percentile", percentiles=[1.0, 99.0])
