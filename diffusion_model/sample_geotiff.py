@@ -119,12 +119,14 @@ def geotiff_row(index: int, seed: int, kind: str) -> dict:
             "image": {"bytes": data, "path": None}}
 
 
-def make_geotiff_parquet(path, num_rows: int, kind: str, seed: int = 0) -> Path:
+def make_geotiff_parquet(path, num_rows: int, kind: str, seed: int = 0, row_group_size: int = 32) -> Path:
     """Write num_rows GeoTIFF rows of kind naip or sentinel2 to path (atomically) in the RSICD schema."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(path.name + TMP_SUFFIX)
-    rows = [geotiff_row(i, seed, kind) for i in range(num_rows)]
-    pq.write_table(pa.Table.from_pylist(rows, schema=RSICD_SCHEMA), tmp_path)
+    with pq.ParquetWriter(tmp_path, RSICD_SCHEMA) as writer:
+        for start in range(0, num_rows, row_group_size):
+            rows = [geotiff_row(i, seed, kind) for i in range(start, min(start + row_group_size, num_rows))]
+            writer.write_table(pa.Table.from_pylist(rows, schema=RSICD_SCHEMA), row_group_size=row_group_size)
     tmp_path.replace(path)
     return path
