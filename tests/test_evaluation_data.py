@@ -99,3 +99,17 @@ def test_real_image_rejects_junk_and_missing_files(tmp_path):
     with pytest.raises(ImageRejected) as caught:
         real_image(EvalRow(2, "x", tmp_path / "gone.png"), 16)
     assert caught.value.reason == "missing_image"
+
+
+def test_real_image_reads_a_multiband_geotiff_as_create_does(tmp_path):
+    import numpy as np
+
+    from diffusion_model.imaging import prepare
+    from diffusion_model.sample_geotiff import geotiff_row
+
+    tile = geotiff_row(0, 0, "sentinel2")["image"]["bytes"]
+    (tmp_path / "tile.tif").write_bytes(tile)
+    image = real_image(EvalRow(1, "x", tmp_path / "tile.tif"), 32)
+    made = Image.open(io.BytesIO(prepare(tile, 32, "center_crop", 100, 10**8)))
+    assert (image.mode, image.size) == ("RGB", (32, 32))
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(made, dtype=int)).mean() < 6, "JPEG noise only"
