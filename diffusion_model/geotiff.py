@@ -58,12 +58,14 @@ class MultibandSettings:
 
 
 class TiffBands(NamedTuple):
-    """What the reader hands the transform: (height, width, bands) pixels, nodata value, band names, RGB flag."""
+    """What the reader hands the transform: (height, width, bands) pixels, nodata value, band names, RGB flag,
+    and the 0-based index of an alpha band (GDAL's mask band when it writes one), whose zeros are nodata too."""
 
     pixels: np.ndarray
     nodata: Optional[float]
     names: tuple
     photometric_rgb: bool
+    alpha: Optional[int] = None
 
 
 def parse_bands(text: str) -> tuple:
@@ -142,6 +144,8 @@ def multiband_to_rgb(tiff: TiffBands, settings: MultibandSettings) -> np.ndarray
         raise ImageRejected(REASON_TOO_FEW_BANDS, f"band {max(bands)} requested, the image has {count}")
     chosen = tiff.pixels[..., [band - 1 for band in bands]]
     valid = valid_pixels(chosen, tiff.nodata)
+    if tiff.alpha is not None:
+        valid &= tiff.pixels[..., tiff.alpha] != 0
     if not valid.any():
         raise ImageRejected(REASON_ALL_NODATA, f"every pixel is nodata ({tiff.nodata})")
     mode = stretch_mode_for(settings.stretch, chosen.dtype)
@@ -173,6 +177,13 @@ def parse_nodata(text) -> Optional[float]:
         return float(str(text).strip().replace(",", "."))
     except ValueError:
         return None
+
+
+def alpha_band(page) -> Optional[int]:
+    """0-based index of the first alpha sample among the page's extra samples, or None."""
+    base = page.samplesperpixel - len(page.extrasamples)
+    alphas = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
+    return next((base + i for i, kind in enumerate(page.extrasamples) if kind in alphas), None)
 
 
 def check_complete(page, size: int) -> None:
@@ -208,7 +219,7 @@ def read_tiff(data: bytes, max_pixels: int) -> Optional[TiffBands]:
             pixels = read_bands(page, len(data))
             nodata = parse_nodata(page.tags.valueof(GDAL_NODATA_TAG))
             names = band_names(page.tags.valueof(GDAL_METADATA_TAG), pixels.shape[-1])
-            return TiffBands(pixels, nodata, names, page.photometric == tifffile.PHOTOMETRIC.RGB)
+            return TiffBands(pixels, nodata, names, page.photometric == tifffile.PHOTOMETRIC.RGB, alpha_band(page))
     except ImageRejected:
         raise
     except Exception as err:  # tifffile and its codecs raise many types for broken files; all mean the same to us

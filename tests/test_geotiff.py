@@ -283,3 +283,21 @@ def test_settings_survive_the_json_round_trip_of_the_resume_guard():
     assert json.loads(json.dumps(stored)) == stored == {"bands": [4, 3, 2], "stretch": "percentile",
                                                         "percentiles": [1.0, 99.0]}
     assert settings == MultibandSettings(bands=[4, 3, 2], stretch="percentile", percentiles=[1.0, 99.0])
+
+
+def test_alpha_zero_is_nodata():
+    pixels = np.zeros((4, 8, 4), np.uint16)
+    pixels[..., :3] = np.arange(32).reshape(4, 8, 1) * 100
+    pixels[:, 4:, 3] = 65535
+    rgb = multiband_to_rgb(TiffBands(pixels, None, (None,) * 4, True, alpha=3), MultibandSettings(stretch="minmax"))
+    assert rgb[:, :4].max() == 0, "transparent pixels are black"
+    assert rgb[0, 4].tolist() == [0, 0, 0] and rgb[3, 7].tolist() == [255, 255, 255], "limits from opaque pixels"
+
+
+@pytest.mark.parametrize("mode, alpha", [("RGBA", 3), ("LA", 1), ("RGB", None)])
+def test_reader_finds_the_alpha_band(mode, alpha):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (4, 4)).save(buffer, format="TIFF")
+    assert read_tiff(buffer.getvalue(), BIG).alpha == alpha

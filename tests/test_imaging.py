@@ -206,3 +206,10 @@ def test_prepare_applies_the_band_settings():
     bands = np.stack([np.full((16, 16), value, np.uint8) for value in (10, 60, 110, 200)], axis=-1)
     jpeg = prepare(encode_geotiff(bands, "naip"), 16, "center_crop", 95, BIG, MultibandSettings(bands=(4, 1, 2)))
     assert near(pixel(Image.open(io.BytesIO(jpeg)), 8, 8), (200, 10, 60), 3)
+
+
+def test_transparent_tiff_pixels_are_background():
+    image = Image.new("RGBA", (48, 48), (255, 0, 0, 255))
+    image.paste((0, 255, 0, 0), (24, 0, 48, 48))
+    rgb = imaging.decode_rgb(tiff_bytes(image), BIG)
+    assert pixel(rgb, 4, 24) == (255, 0, 0) and pixel(rgb, 44, 24) == ALPHA_BACKGROUND
