@@ -301,3 +301,10 @@ def test_reader_finds_the_alpha_band(mode, alpha):
     buffer = io.BytesIO()
     Image.new(mode, (4, 4)).save(buffer, format="TIFF")
     assert read_tiff(buffer.getvalue(), BIG).alpha == alpha
+
+
+def test_complex_samples_are_undecodable():
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.ones((4, 4), np.complex64))
+    with pytest.raises(ImageRejected, match="undecodable: unsupported sample type complex64"):
+        read_tiff(buffer.getvalue(), BIG)
