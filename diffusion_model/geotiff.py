@@ -37,8 +37,10 @@ COLOUR_NAMES = {
 # Photometric interpretations whose samples are plain bands; others (palette, CMYK, Lab, bilevel) go to Pillow.
 BAND_PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
 
-# tifffile logs a warning for each odd tag it meets; the row's outcome is ours to report, not its.
-logging.getLogger("tifffile").setLevel(logging.ERROR)
+# tifffile (and Pillow's TIFF plugin, which reads the kinds left to it) log each odd or broken file they meet; the
+# row's outcome is ours to report, in create_report.json.
+for _name in ("tifffile", "PIL.TiffImagePlugin"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)
@@ -179,11 +181,12 @@ def parse_nodata(text) -> Optional[float]:
         return None
 
 
-def alpha_band(page) -> Optional[int]:
-    """0-based index of the first alpha sample among the page's extra samples, or None."""
+def alpha_band(page, count: int) -> Optional[int]:
+    """0-based index of the first alpha sample among the page's extra samples, or None (also for a broken tag)."""
     base = page.samplesperpixel - len(page.extrasamples)
     alphas = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
-    return next((base + i for i, kind in enumerate(page.extrasamples) if kind in alphas), None)
+    found = next((base + i for i, kind in enumerate(page.extrasamples) if kind in alphas), None)
+    return found if found is not None and 0 <= found < count else None
 
 
 def check_complete(page, size: int) -> None:
@@ -221,7 +224,8 @@ def read_tiff(data: bytes, max_pixels: int) -> Optional[TiffBands]:
             pixels = read_bands(page, len(data))
             nodata = parse_nodata(page.tags.valueof(GDAL_NODATA_TAG))
             names = band_names(page.tags.valueof(GDAL_METADATA_TAG), pixels.shape[-1])
-            return TiffBands(pixels, nodata, names, page.photometric == tifffile.PHOTOMETRIC.RGB, alpha_band(page))
+            return TiffBands(pixels, nodata, names, page.photometric == tifffile.PHOTOMETRIC.RGB,
+                             alpha_band(page, pixels.shape[-1]))
     except ImageRejected:
         raise
     except Exception as err:  # tifffile and its codecs raise many types for broken files; all mean the same to us

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -308,3 +309,23 @@ def test_complex_samples_are_undecodable():
     tifffile.imwrite(buffer, np.ones((4, 4), np.complex64))
     with pytest.raises(ImageRejected, match="undecodable: unsupported sample type complex64"):
         read_tiff(buffer.getvalue(), BIG)
+
+
+def test_a_broken_extra_samples_tag_is_no_alpha():
+    from types import SimpleNamespace
+
+    alpha = tifffile.EXTRASAMPLE.UNASSALPHA
+    assert geotiff.alpha_band(SimpleNamespace(samplesperpixel=4, extrasamples=(alpha,)), 4) == 3
+    assert geotiff.alpha_band(SimpleNamespace(samplesperpixel=1, extrasamples=(alpha, alpha)), 1) is None
+    assert geotiff.alpha_band(SimpleNamespace(samplesperpixel=4, extrasamples=(alpha,)), 1) is None
+
+
+def test_broken_tags_leave_no_log_lines(caplog):
+    data = bytearray(encode_geotiff(twelve_bands(), "sentinel2", compression=None))
+    data[12] = 0x99  # ImageWidth's field type
+    with caplog.at_level(logging.DEBUG):
+        try:
+            read_tiff(bytes(data), BIG)
+        except ImageRejected:
+            pass
+    assert [record.getMessage() for record in caplog.records] == []
