@@ -329,3 +329,26 @@ def test_broken_tags_leave_no_log_lines(caplog):
         except ImageRejected:
             pass
     assert [record.getMessage() for record in caplog.records] == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow notes the broken tags it skips
+def test_corrupted_tiles_only_ever_fail_as_rows():
+    from diffusion_model.imaging import prepare
+    from diffusion_model.sample_geotiff import naip_like
+
+    rng = np.random.default_rng(7)
+    scene = rng.integers(0, 256, (24, 24, 3)).astype(np.uint8)
+    sources = [encode_geotiff(twelve_bands()[:24, :24], "sentinel2", nodata=0, names=S2_NAMES, compression=None),
+               encode_geotiff(twelve_bands()[:24, :24], "sentinel2", compression="lzw", planar=True),
+               encode_geotiff(naip_like(scene), "naip", compression="zlib")]
+    outcomes = set()
+    for case in range(300):
+        data = bytearray(sources[case % len(sources)])
+        for position in rng.integers(4, 300, rng.integers(1, 4)):
+            data[position] = rng.integers(0, 256)
+        try:
+            prepare(bytes(data), 16, "center_crop", 80, 10**6)
+            outcomes.add("ok")
+        except ImageRejected as err:
+            outcomes.add(err.reason)
+    assert {"ok", "undecodable"} <= outcomes
