@@ -34,7 +34,7 @@ COLOUR_NAMES = {
     "green": ("green", "b3", "b03"),
     "blue": ("blue", "b2", "b02"),
 }
-# Photometric interpretations whose samples are plain bands; others (palette, CMYK, Lab, bilevel) go to Pillow.
+# Photometric interpretations whose samples are plain bands; the others (palette, CMYK, YCbCr, Lab) go to Pillow.
 BAND_PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
 
 # tifffile (and Pillow's TIFF plugin, which reads the kinds left to it) log each odd or broken file they meet; the
