@@ -67,7 +67,7 @@ def chain(data: bytes) -> bytes:
 
 
 def geotiff_chain(data: bytes) -> bytes:
-    """A GeoTIFF row's work, as create.py does it by default: bands 4,3,2 from their names, mask, stretch, resize, encode."""
+    """A GeoTIFF row's work as create.py does it by default: bands 4,3,2 by name, mask, stretch, resize, encode."""
     return prepare(data, DEFAULT_RESOLUTION, "center_crop", DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS)
 
 

@@ -19,7 +19,8 @@ from diffusion_model.atomic import write_json_atomic
 from diffusion_model.captions import CAPTION_MODES
 from diffusion_model.create_job import (ImageSettings, build_report, default_workers, prepare_output, run_job,
                                         settings_dict, summary_line)
-from diffusion_model.geotiff import DEFAULT_PERCENTILES, STRETCH_MODES, MultibandSettings, parse_bands, parse_percentiles
+from diffusion_model.geotiff import (DEFAULT_PERCENTILES, STRETCH_MODES, MultibandSettings, parse_bands,
+                                     parse_percentiles)
 from diffusion_model.imaging import RESIZE_MODES
 from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
 from utils.cli import ArgumentParser, UsageError, run_main
@@ -46,13 +47,15 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="Refuse images whose header declares more pixels than this (decompression bombs).")
     parser.add_argument("--bands", type=parse_bands,
-                        help="TIFF bands to show as R,G,B (1-based), e.g. 4,3,2 for Sentinel-2 or 1,2,3 for NAIP; one "
-                             "number gives grey (default: the bands tagged red/green/blue, else the first three).")
+                        help="TIFF bands to show as R,G,B (1-based), e.g. 4,3,2 for Sentinel-2 or 1,2,3 for NAIP; "
+                             "one number gives grey (default: the bands tagged red/green/blue, else the first "
+                             "three).")
     parser.add_argument("--stretch", choices=STRETCH_MODES, default="auto",
                         help="TIFF bands to 0..255: percentile (per band, see --stretch_percentiles), minmax, none "
                              "(values taken as 8-bit), or auto: none for 8-bit bands, percentile for wider or float.")
     parser.add_argument("--stretch_percentiles", type=parse_percentiles, default=DEFAULT_PERCENTILES,
-                        metavar="LOW,HIGH", help="Percentiles of the valid pixels that map to 0 and 255 (default: 2,98).")
+                        metavar="LOW,HIGH",
+                        help="Percentiles of the valid pixels that map to 0 and 255 (default: 2,98).")
     parser.add_argument("--image_column", help="Image column (default: auto-detect, e.g. 'image').")
     parser.add_argument("--caption_column", help="Caption column (default: auto-detect 'captions' or 'text').")
     parser.add_argument("--num_workers", type=int, default=default_workers(), help="Worker processes (default: all cores).")

@@ -1,4 +1,4 @@
-"""The multi-band core: band choice, nodata masking, stretches (pure numpy), and the tifffile reader's tags and failures."""
+"""The multi-band core: band choice, nodata masking, stretches (pure numpy); the tifffile reader's tags and failures."""
 
 import argparse
 import dataclasses
@@ -194,7 +194,8 @@ def test_flat_band_becomes_mid_grey():
 def test_single_band_is_grey():
     band = np.arange(64, dtype=np.uint16).reshape(8, 8, 1) * 300
     rgb = multiband_to_rgb(bands_of(band), MultibandSettings())
-    assert rgb.shape == (8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    assert rgb.shape == (8, 8, 3)
+    assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
     one_of_many = multiband_to_rgb(bands_of(constant_bands(4)), MultibandSettings(bands=(2,), stretch="none"))
     assert one_of_many[0, 0].tolist() == [20, 20, 20]
 
@@ -270,7 +271,8 @@ def test_palette_tiff_is_left_to_pillow():
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((4, 4), np.uint8), photometric="palette",
                      colormap=np.zeros((3, 256), np.uint16))
-    assert read_tiff(buffer.getvalue(), BIG) is None and tiff_to_rgb(buffer.getvalue(), BIG, MultibandSettings()) is None
+    assert read_tiff(buffer.getvalue(), BIG) is None
+    assert tiff_to_rgb(buffer.getvalue(), BIG, MultibandSettings()) is None
 
 
 def test_tiff_to_rgb_is_an_rgb_image():
