@@ -354,3 +354,15 @@ def test_corrupted_tiles_only_ever_fail_as_rows():
         except ImageRejected as err:
             outcomes.add(err.reason)
     assert {"ok", "undecodable"} <= outcomes
+
+
+@pytest.mark.parametrize("options", [{"bigtiff": True}, {"byteorder": ">"}, {"tile": (16, 16), "compression": "zlib"},
+                                     {"tile": (16, 16), "planarconfig": "separate", "compression": "lzw"}])
+def test_reader_handles_bigtiff_big_endian_and_tiled_files(options):
+    pixels = twelve_bands()
+    data = np.moveaxis(pixels, -1, 0) if options.get("planarconfig") == "separate" else pixels
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, data, photometric="minisblack", extratags=[(42113, "s", 0, "0", True)],
+                     **{"planarconfig": "contig", **options})
+    tiff = read_tiff(buffer.getvalue(), BIG)
+    assert np.array_equal(tiff.pixels, pixels) and tiff.nodata == 0
