@@ -7,6 +7,8 @@ Builds RSICD-format Parquet files (224x224 JPEGs) of N and 10N rows, then in the
 Bar: >= 1.8x the sequential loop, >= 85% of the 2-core limit, peak RSS within 20% between the two sizes.
 Then the 10N rows are written in every other source form (Karpathy JSON, NWPU JSON, CSV, JSONL, webdataset shards;
 images as files or tar members, the same JPEG bytes) and create.py's rate on each is set against the same loop.
+A GeoTIFF row (N Sentinel-2-like 12-band uint16 tiles) times the same sequential loop, with create.py's own
+per-row chain (band pick, nodata mask, percentile stretch, resize, encode), against create.py.
 
 Run: python bench/bench_create.py [--rows 200] [--repeats 2] [--max_background 0.2] [--max_attempts 6] [--forms ...]
 """
@@ -31,8 +33,10 @@ from typing import Optional, Sequence
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from diffusion_model.imaging import RESAMPLE
+from diffusion_model.create import DEFAULT_MAX_PIXELS
+from diffusion_model.imaging import RESAMPLE, prepare
 from diffusion_model.sample_data import make_sample_parquet
+from diffusion_model.sample_geotiff import make_geotiff_parquet
 from utils.cli import ArgumentParser, UsageError, run_main
 from utils.constants import DEFAULT_JPEG_QUALITY, DEFAULT_RESOLUTION
 
@@ -69,13 +73,18 @@ def chain(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def sequential_loop(path: Path) -> tuple:
+def geotiff_chain(data: bytes) -> bytes:
+    """A GeoTIFF row's work as create.py does it by default: bands 4,3,2 by name, mask, stretch, resize, encode."""
+    return prepare(data, DEFAULT_RESOLUTION, "center_crop", DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS)
+
+
+def sequential_loop(path: Path, row_chain=chain) -> tuple:
     """Read the whole table, then run the chain on every row; return (total s, chain-only s, chain CPU s)."""
     started = time.perf_counter()
     images = [cell["bytes"] for cell in pq.read_table(path, columns=["image"]).column("image").to_pylist()]
     chain_started, chain_cpu_started = time.perf_counter(), time.process_time()
     for data in images:
-        chain(data)
+        row_chain(data)
     finished = time.perf_counter()
     return finished - started, finished - chain_started, time.process_time() - chain_cpu_started
 
@@ -105,17 +114,18 @@ def run_create(path: Path, output_dir: Path) -> dict:
             "stolen_core_s": stolen}
 
 
-def measure(rows: int, work_dir: Path, args) -> dict:
+def measure(rows: int, work_dir: Path, args, source: Optional[Path] = None, row_chain=chain) -> dict:
     """Build an N-row file; time the loop and create.py alternately until `repeats` create.py runs were quiet.
 
     A create.py run during which other processes used more than --max_background cores is set aside (two
     workers cannot use two cores that someone else holds); if too few quiet runs come within --max_attempts,
     the busy ones count too and the results say so.
     """
-    path = make_sample_parquet(work_dir / f"rsicd_{rows}.parquet", rows, seed=rows, row_group_size=args.row_group_size)
+    path = source or make_sample_parquet(work_dir / f"rsicd_{rows}.parquet", rows, seed=rows,
+                                         row_group_size=args.row_group_size)
     loops, creates = [], []
     for _ in range(args.max_attempts):
-        loops.append(sequential_loop(path))
+        loops.append(sequential_loop(path, row_chain))
         creates.append(run_create(path, work_dir / f"out_{rows}"))
         quiet = [c for c in creates if c["others_core_s"] / c["seconds"] <= args.max_background]
         if len(quiet) >= args.repeats:
@@ -255,6 +265,16 @@ def results_block(small: dict, large: dict, cores: int) -> list:
     return lines
 
 
+def geotiff_lines(geo: dict, jpeg: dict) -> list:
+    """The GeoTIFF row: its loop and create.py rates, their ratio, and a GeoTIFF row's cost against a JPEG row's."""
+    speedup = geo["loop_s"] / geo["create_s"]
+    cost = (geo["chain_cpu_s"] / geo["rows"]) / (jpeg["chain_cpu_s"] / jpeg["rows"])
+    return [f"  {geo['rows']:>6} Sentinel-2 GeoTIFF rows (12-band uint16, {geo['file_mib']:.1f} MiB): loop "
+            f"{geo['rows'] / geo['loop_s']:.1f} rows/s, create.py {geo['rows'] / geo['create_s']:.1f} rows/s "
+            f"({speedup:.2f}x the loop; {geo['quiet_runs']} of {geo['runs']} runs quiet); CPU per row "
+            f"{1000 * geo['chain_cpu_s'] / geo['rows']:.1f} ms, {cost:.1f}x a JPEG row's"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Build both files, measure, print the results block."""
     args = parse_args(argv)
@@ -268,8 +288,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     small = measure(args.rows, work_dir, args)
     large = measure(args.rows * 10, work_dir, args)
     forms = measure_forms(work_dir / f"rsicd_{args.rows * 10}.parquet", args.forms, work_dir, args)
+    tiles = make_geotiff_parquet(work_dir / f"sentinel2_{args.rows}.parquet", args.rows, "sentinel2", seed=args.rows)
+    geo = measure(args.rows, work_dir, args, tiles, geotiff_chain)
     cores = len(os.sched_getaffinity(0))
-    lines = results_block(small, large, cores) + (forms_block(large, forms) if forms else [])
+    lines = results_block(small, large, cores) + (forms_block(large, forms) if forms else []) + geotiff_lines(geo, small)
     print("\n".join(["----- bench_create results -----", *lines, "-" * 32]))
     shutil.rmtree(work_dir, ignore_errors=True)
     return 0

@@ -22,6 +22,8 @@ from diffusion_model.atomic import write_json_atomic
 from diffusion_model.captions import CAPTION_MODES
 from diffusion_model.create_job import (PREVIOUS_REPORT_FILENAME, SETTINGS_FILENAME, ImageSettings, build_report,
                                         default_workers, prepare_output, run_job, summary_line)
+from diffusion_model.geotiff import (DEFAULT_PERCENTILES, STRETCH_MODES, MultibandSettings, parse_bands,
+                                     parse_percentiles)
 from diffusion_model.imaging import RESIZE_MODES
 from diffusion_model.ledger import other_failures, place
 from diffusion_model.sources import FORMATS, SPLITS, SourceOptions, open_source
@@ -48,6 +50,16 @@ def parse_args(argv: Optional[Sequence[str]]):
                         help="center_crop (shorter side to resolution, then crop), stretch, or pad.")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="Refuse images whose header declares more pixels than this (decompression bombs).")
+    parser.add_argument("--bands", type=parse_bands,
+                        help="TIFF bands to show as R,G,B (1-based), e.g. 4,3,2 for Sentinel-2 or 1,2,3 for NAIP; "
+                             "one number gives grey (default: the bands tagged red/green/blue, else the first "
+                             "three).")
+    parser.add_argument("--stretch", choices=STRETCH_MODES, default="auto",
+                        help="TIFF bands to 0..255: percentile (per band, see --stretch_percentiles), minmax, none "
+                             "(values taken as 8-bit), or auto: none for 8-bit bands, percentile for wider or float.")
+    parser.add_argument("--stretch_percentiles", type=parse_percentiles, default=DEFAULT_PERCENTILES,
+                        metavar="LOW,HIGH",
+                        help="Percentiles of the valid pixels that map to 0 and 255 (default: 2,98).")
     parser.add_argument("--image_column", help="Image column (default: auto-detect: Parquet 'image'; CSV/JSONL the "
                                                "first of file_name, filename, image).")
     parser.add_argument("--caption_column", help="Caption column (default: auto-detect: Parquet 'captions' or 'text'; "
@@ -122,7 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     caption_file = resolve_caption_file(args.caption_file, output_dir)
     source = open_source(args.input, source_options(args))
 
-    settings = ImageSettings(args.resolution, args.resize_mode, args.jpeg_quality, args.max_pixels)
+    multiband = MultibandSettings(args.bands, args.stretch, args.stretch_percentiles)
+    settings = ImageSettings(args.resolution, args.resize_mode, args.jpeg_quality, args.max_pixels, multiband)
     # Where this source's rows go among the folder's sources; a rerun finds its own place again.
     columns = source.details.get("columns", {})
     spot = place(output_dir / SETTINGS_FILENAME, asdict(settings), source.record(), columns.get("image"),

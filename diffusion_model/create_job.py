@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from diffusion_model.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
 from diffusion_model.captions import select_captions
+from diffusion_model.geotiff import MultibandSettings
 from diffusion_model.imaging import ImageRejected, prepare
 from diffusion_model.ledger import LEGACY
 from utils.cli import UsageError
@@ -55,6 +56,7 @@ class ImageSettings:
     resize_mode: str
     jpeg_quality: int
     max_pixels: int
+    multiband: MultibandSettings = MultibandSettings()
 
 
 @dataclass
@@ -133,7 +135,8 @@ def process_chunk(items: list) -> list:
             statuses.append((number, REUSED, ""))
             continue
         try:
-            jpeg = prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels)
+            jpeg = prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels,
+                           settings.multiband)
         except ImageRejected as err:
             statuses.append((number, err.reason, err.detail))
             continue

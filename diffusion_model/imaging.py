@@ -18,6 +18,8 @@ MAX_8BIT = 255
 MAX_16BIT = 65535
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Little- and big-endian TIFF, classic and BigTIFF: such bytes go to the multi-band reader whatever the source.
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 # Reasons a row fails, as they appear in create_report.json.
 REASON_NULL = "null_image"
@@ -123,11 +125,28 @@ def encode(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def prepare(data: Optional[bytes], resolution: int, resize_mode: str, quality: int, max_pixels: int) -> bytes:
-    """The whole chain for one row: decode, orient, convert, resize, encode."""
+def is_tiff(data: Optional[bytes]) -> bool:
+    """True when the bytes start with a TIFF header (GeoTIFFs included)."""
+    return bool(data) and data[:4] in TIFF_MAGIC
+
+
+def decode_rgb(data: Optional[bytes], max_pixels: int, multiband=None) -> Image.Image:
+    """Any row's bytes as 8-bit RGB: TIFFs by bands, nodata and stretch (multiband settings), the rest by Pillow."""
+    if is_tiff(data):
+        # Imported here because geotiff builds on this module's ImageRejected.
+        from diffusion_model.geotiff import MultibandSettings, tiff_to_rgb
+
+        rgb = tiff_to_rgb(data, max_pixels, multiband or MultibandSettings())
+        if rgb is not None:
+            return rgb
     image = decode(data, max_pixels)
     try:
-        rgb = to_rgb(orient(image))
+        return to_rgb(orient(image))
     except Exception as err:  # a loaded image with corrupt EXIF or an exotic mode still must not stop the run
         raise ImageRejected(REASON_UNDECODABLE, f"{type(err).__name__}: {err}") from None
-    return encode(resize(rgb, resolution, resize_mode), quality)
+
+
+def prepare(data: Optional[bytes], resolution: int, resize_mode: str, quality: int, max_pixels: int,
+            multiband=None) -> bytes:
+    """The whole chain for one row: decode (TIFF bands or Pillow), orient, convert, resize, encode."""
+    return encode(resize(decode_rgb(data, max_pixels, multiband), resolution, resize_mode), quality)

@@ -8,16 +8,17 @@ failed row never moves another source's numbers.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from diffusion_model.geotiff import MultibandSettings
 from utils.cli import UsageError
 
 # What names a source; two records with these equal are the same source (a re-run, not a second copy).
 IDENTITY_KEYS = ("format", "inputs", "split", "columns")
-# create.py versions before --input stored only these; their folders read as Parquet, no split.
-LEGACY = {"format": "parquet", "split": None}
+# create.py versions before --input stored only these; their folders read as Parquet, no split, default TIFF bands.
+LEGACY = {"format": "parquet", "split": None, "multiband": asdict(MultibandSettings())}
 
 
 @dataclass(frozen=True)

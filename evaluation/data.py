@@ -14,7 +14,7 @@ from typing import Iterable, List, Optional, Tuple, Union
 from PIL import Image
 
 from diffusion_model.captions import select_captions
-from diffusion_model.imaging import ImageRejected, decode, orient, resize, to_rgb
+from diffusion_model.imaging import ImageRejected, decode_rgb, resize
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
 from diffusion_model.sources import SourceOptions, open_source
@@ -141,9 +141,5 @@ def real_image(row: EvalRow, resolution: int) -> Image.Image:
         data = row.image.read_bytes()
     else:
         data = row.image
-    image = decode(data, MAX_PIXELS)
-    try:
-        rgb = to_rgb(orient(image))
-    except Exception as err:  # corrupt EXIF or an exotic mode: the row is bad, the run goes on
-        raise ImageRejected("undecodable", f"{type(err).__name__}: {err}") from None
-    return resize(rgb, resolution, "center_crop")
+    # The decode create.py uses, so held-out GeoTIFFs get the same default bands and stretch as training ones.
+    return resize(decode_rgb(data, MAX_PIXELS), resolution, "center_crop")

@@ -101,6 +101,20 @@ def test_real_image_rejects_junk_and_missing_files(tmp_path):
     assert caught.value.reason == "missing_image"
 
 
+def test_real_image_reads_a_multiband_geotiff_as_create_does(tmp_path):
+    import numpy as np
+
+    from diffusion_model.imaging import prepare
+    from diffusion_model.sample_geotiff import geotiff_row
+
+    tile = geotiff_row(0, 0, "sentinel2")["image"]["bytes"]
+    (tmp_path / "tile.tif").write_bytes(tile)
+    image = real_image(EvalRow(1, "x", tmp_path / "tile.tif"), 32)
+    made = Image.open(io.BytesIO(prepare(tile, 32, "center_crop", 100, 10**8)))
+    assert (image.mode, image.size) == ("RGB", (32, 32))
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(made, dtype=int)).mean() < 6, "JPEG noise only"
+
+
 def test_karpathy_test_split_rows_and_reader_failures(tmp_path):
     """--input dataset.json reads the test split by default: its rows numbered from 1, the entry with no split
     (not an object) a bad row, the train/val rows not read."""

@@ -140,3 +140,76 @@ def test_prepare_rejects_with_reason():
     with pytest.raises(ImageRejected) as caught:
         prepare(odd.truncated_jpeg(), 96, "center_crop", 90, BIG)
     assert caught.value.reason == imaging.REASON_TRUNCATED
+
+
+def tiff_bytes(image: Image.Image) -> bytes:
+    """The image saved as a TIFF by Pillow (the kind UCM-Captions ships)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, expected", [(b"II*\x00\x08\x00", True), (b"MM\x00*\x00\x00", True),
+                                            (b"II+\x00\x08\x00", True), (b"MM\x00+\x00\x08", True),
+                                            (b"\xff\xd8\xff\xe0\x00\x10", False), (b"\x89PNG\r\n", False),
+                                            (b"II", False), (b"", False), (None, False)])
+def test_is_tiff(data, expected):
+    assert imaging.is_tiff(data) is expected
+
+
+def test_plain_rgb_tiff_pixels_are_unchanged():
+    source = odd.noisy_rgb(48, 32)
+    image = imaging.decode_rgb(tiff_bytes(source), BIG)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(source))
+
+
+def test_tiff_goes_through_the_band_reader(monkeypatch):
+    from diffusion_model import geotiff
+
+    seen = []
+    monkeypatch.setattr(geotiff, "multiband_to_rgb", lambda tiff, settings: seen.append(settings) or
+                        np.zeros(tiff.pixels.shape[:2] + (3,), np.uint8))
+    settings = geotiff.MultibandSettings(bands=(3, 2, 1))
+    imaging.decode_rgb(tiff_bytes(odd.noisy_rgb(8, 8)), BIG, settings)
+    assert seen == [settings]
+
+
+def test_palette_tiff_still_converts_through_pillow():
+    palette = decode(odd.palette_png(), BIG)
+    image = imaging.decode_rgb(tiff_bytes(palette), BIG)
+    assert near(pixel(image, 4, 24), (0, 0, 255), 3) and near(pixel(image, 44, 24), (255, 255, 0), 3)
+
+
+def test_prepare_reads_a_twelve_band_geotiff():
+    from diffusion_model.sample_geotiff import SENTINEL2_BANDS, encode_geotiff
+
+    bands = np.random.default_rng(0).integers(1000, 4000, (40, 40, 12)).astype(np.uint16)
+    image = Image.open(io.BytesIO(prepare(encode_geotiff(bands, "sentinel2", names=SENTINEL2_BANDS), 32,
+                                          "center_crop", 90, BIG)))
+    assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
+
+
+def test_tiff_failures_have_reasons():
+    from diffusion_model.sample_geotiff import encode_geotiff
+
+    bands = np.zeros((8, 8, 4), np.uint16)
+    with pytest.raises(ImageRejected, match="all_nodata"):
+        prepare(encode_geotiff(bands, "sentinel2", nodata=0), 32, "center_crop", 90, BIG)
+    with pytest.raises(ImageRejected, match="undecodable"):
+        prepare(b"MM\x00*" + b"\x01" * 40, 32, "center_crop", 90, BIG)
+
+
+def test_prepare_applies_the_band_settings():
+    from diffusion_model.geotiff import MultibandSettings
+    from diffusion_model.sample_geotiff import encode_geotiff
+
+    bands = np.stack([np.full((16, 16), value, np.uint8) for value in (10, 60, 110, 200)], axis=-1)
+    jpeg = prepare(encode_geotiff(bands, "naip"), 16, "center_crop", 95, BIG, MultibandSettings(bands=(4, 1, 2)))
+    assert near(pixel(Image.open(io.BytesIO(jpeg)), 8, 8), (200, 10, 60), 3)
+
+
+def test_transparent_tiff_pixels_are_background():
+    image = Image.new("RGBA", (48, 48), (255, 0, 0, 255))
+    image.paste((0, 255, 0, 0), (24, 0, 48, 48))
+    rgb = imaging.decode_rgb(tiff_bytes(image), BIG)
+    assert pixel(rgb, 4, 24) == (255, 0, 0) and pixel(rgb, 44, 24) == ALPHA_BACKGROUND
