@@ -113,14 +113,12 @@ def save_independent_sd2_v(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sd2_bases(tmp_path_factory) -> dict:
-    """Base pipelines by name: the presets written by `python -m trainer.tiny_model DIR --preset P`, and the
-    independently built v-prediction model."""
+    """Base pipelines by name: the sd2 and sd2_v presets (what `python -m trainer.tiny_model DIR --preset P`
+    writes, saved in this process to spare two interpreter starts), and the independently built v model."""
+    from trainer.tiny_model import save_tiny_pipeline
+
     root = tmp_path_factory.mktemp("sd2_bases")
-    bases = {preset: root / preset for preset in ("sd2", "sd2_v")}
-    done = run_two_at_a_time({name: ([sys.executable, "-m", "trainer.tiny_model", folder, "--preset", name], {})
-                              for name, folder in bases.items()})
-    for result in done.values():
-        succeeded(result)
+    bases = {preset: save_tiny_pipeline(root / preset, preset=preset) for preset in ("sd2", "sd2_v")}
     bases["independent_v"] = save_independent_sd2_v(root / "independent_v")
     return bases
 
