@@ -124,7 +124,7 @@ def build_components(preset: str, vocab_size: int) -> tuple:
 # of its 24 layers, so the last hidden state IS the penultimate layer that SD2 conditions on (then the final layer
 # norm, as in OpenCLIP): a trainer must not skip a layer again. Tiny: an odd 3 layers, read as 4 cut by one.
 # Tokenizer: pads with "!" (OpenCLIP pads with id 0, which is "!"), not with the end token as SD1.5's does.
-# Scheduler: 2.1-base ships PNDM + epsilon; 2.1 ships DDIM + v_prediction (PNDM's default was replaced for v).
+# Scheduler: 2.1-base ships PNDM + epsilon; 2.1 ships DDIM + v_prediction (its PNDM default was swapped for DDIM).
 SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "steps_offset": 1, "set_alpha_to_one": False}
 SD21_BASE_SCHEDULER = ("PNDMScheduler", {**SD_BETAS, "skip_prk_steps": True, "prediction_type": "epsilon"})
@@ -136,7 +136,7 @@ SD2_PRESETS = {
     "sd2": {"vae": "tiny", "unet": SD2_TINY_UNET, "text_encoder": SD2_TINY_TEXT, "scheduler": SD21_BASE_SCHEDULER},
     "sd2_v": {"vae": "tiny", "unet": {**SD2_TINY_UNET, "sample_size": 12, "upcast_attention": True},
               "text_encoder": SD2_TINY_TEXT, "scheduler": SD21_V_SCHEDULER},
-    # Full size (~1.29B parameters): 2.1's UNet (865,910,724 parameters), text tower and VAE (SD1.5's).
+    # Full size (~1.24B parameters with our small vocabulary): 2.1's UNet (865,910,724), text tower, VAE (SD1.5's).
     "sd21": {"vae": "sd15", "unet": {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
                                       "cross_attention_dim": 1024, "sample_size": 96,
                                       "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True,
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=PRESETS, default="tiny",
                         help="tiny (tests), vae_realistic (SD1.5's VAE + a small UNet, for CPU benchmarks), sd15 "
                              "(SD1.5-shaped UNet, VAE and text encoder; ~1.1B parameters), sd2 / sd2_v (tiny, shaped "
-                             "like SD 2.1-base / the 768 v-prediction SD 2.1) or sd21 (SD 2.1-sized; ~1.29B) "
+                             "like SD 2.1-base / the 768 v-prediction SD 2.1) or sd21 (SD 2.1-sized; ~1.24B) "
                              "(default tiny)")
     args = parser.parse_args(argv)
     print(save_tiny_pipeline(args.output_dir, args.seed, args.preset))
