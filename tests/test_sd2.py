@@ -195,9 +195,15 @@ SD2_UNET_KEYS = ("use_linear_projection", "attention_head_dim", "upcast_attentio
 @pytest.mark.parametrize("name, base", [("base_as_v", "sd2"), ("v_train_sh", "sd2_v"),
                                         ("independent_v", "independent_v")])
 def test_runs_export_sd2s_configs_and_checkpoint(runs, sd2_bases, name, base):
-    """The final pipeline keeps the base's SD2 UNet/text-encoder/tokenizer features and the scheduler's class."""
+    """The final pipeline holds trained UNet weights and keeps the base's SD2 UNet/text-encoder/tokenizer features
+    and scheduler class."""
+    from safetensors.torch import load_file
+
     output = finished(runs, name)
-    assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    trained, initial = (load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+                        for folder in (output, sd2_bases[base]))
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[key], initial[key]) for key in trained), "training changed no weight"
     for key in SD2_UNET_KEYS:
         assert config(output, "unet")[key] == config(sd2_bases[base], "unet")[key], key
     assert config(output, "text_encoder")["hidden_act"] == "gelu"
