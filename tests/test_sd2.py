@@ -329,3 +329,21 @@ def test_evaluate_measures_the_768_stand_in(samplers):
     report = json.loads((folder / "eval_report.json").read_text())
     assert report["num_samples"] == 2 and math.isfinite(report["fid"]) and math.isfinite(report["clip_score"])
     assert sorted(p.name for p in (folder / "generated").glob("*.png")) == ["000001.png", "000002.png"]
+
+
+def test_checkpoint_put_into_a_base_of_another_family_is_one_line(sd2_bases, tiny_model_dir, tmp_path, capsys):
+    """generate.py with an SD2 checkpoint's UNet and an SD1-shaped --base_model (cross-attention 64 vs text width 32,
+    as SD 2.x's 1024 vs SD1.5's 768): exit 2 and one line naming both, not a shape error while denoising."""
+    import shutil
+
+    import generate
+    from utils.cli import run_main
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(sd2_bases["sd2"] / "unet", checkpoint / "unet")
+    with pytest.raises(SystemExit) as exited:
+        run_main(generate.main, ["--model", str(checkpoint), "--base_model", str(tiny_model_dir), "--prompt", PROMPT,
+                                 "--num_inference_steps", "1", "--output_dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1, lines
+    assert str(checkpoint) in lines[0] and str(tiny_model_dir) in lines[0] and "--base_model" in lines[0]
