@@ -148,6 +148,15 @@ def load_failure(what, err: Exception) -> UsageError:
     return UsageError(f"could not load '{what}': {first}")
 
 
+def check_unet_fits(pipeline, source: ModelSource) -> None:
+    """A checkpoint's UNet must read its base's text features: an SD 2.x UNet (width 1024) in an SD1.5 base (768),
+    or the reverse, is one line naming both, not a shape error at the first denoising step."""
+    wanted, given = pipeline.unet.config.cross_attention_dim, pipeline.text_encoder.config.hidden_size
+    if source.unet is not None and wanted != given:
+        raise UsageError(f"the UNet in '{source.unet}' reads text features of width {wanted}, but the base pipeline "
+                         f"'{source.pipeline}' gives {given}: pass the pipeline it was trained from as --base_model.")
+
+
 def load_source(source: ModelSource, device, dtype, scheduler: Optional[str] = None):
     """Load a resolved ModelSource onto device: the pipeline, the checkpoint's UNet in it, the chosen scheduler."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -165,6 +174,7 @@ def load_source(source: ModelSource, device, dtype, scheduler: Optional[str] = N
             source.pipeline, safety_checker=None, requires_safety_checker=False, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise load_failure(source.pipeline, err) from None
+    check_unet_fits(pipeline, source)
     if scheduler is not None:
         pipeline.scheduler = make_scheduler(scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(leave=False, desc="denoising")

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.tiny_model import TOKENIZER_MAX_LENGTH, build_components, build_tokenizer
+from trainer.tiny_model import (TOKENIZER_MAX_LENGTH, build_components, build_preset_scheduler,
+                                build_preset_tokenizer, build_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 # Published parameter counts of SD1.5's UNet and VAE, and of its CLIP ViT-L/14 text tower (vocabulary 49,408).
 SD15_UNET, SD15_VAE, SD15_TEXT = 859_520_964, 83_653_863, 123_060_480
 SD15_VOCAB, SD15_WIDTH = 49_408, 768
+# SD 2.1's UNet (the same for 2.1-base and the 768 model), and its OpenCLIP ViT-H text tower cut to 23 layers.
+SD21_UNET, SD21_TEXT, SD21_WIDTH = 865_910_724, 340_387_840, 1024
 
 
 def parameter_counts(preset: str) -> tuple:
@@ -27,6 +30,49 @@ def test_sd15_preset_has_sd15_sizes():
     assert (vae, unet) == (SD15_VAE, SD15_UNET)
     # Same tower; only the token embedding is smaller, because the vocabulary is our byte-level one.
     assert text == SD15_TEXT - (SD15_VOCAB - len(build_tokenizer())) * SD15_WIDTH
+
+
+def test_sd21_preset_has_sd21_sizes():
+    """Per-level heads, linear projections, cross-attention 1024: exactly SD 2.1's UNet parameter count."""
+    vae, text, unet = parameter_counts("sd21")
+    assert (vae, unet) == (SD15_VAE, SD21_UNET)
+    assert text == SD21_TEXT - (SD15_VOCAB - len(build_tokenizer())) * SD21_WIDTH
+
+
+@pytest.mark.parametrize("preset", ["sd2", "sd2_v", "sd21"])
+def test_sd2_presets_carry_sd2s_config_features(preset):
+    """What sets SD 2.x apart from SD1.5, in the configs the pipeline saves."""
+    with torch.device("meta"):
+        _, text_encoder, unet = build_components(preset, len(build_tokenizer()))
+    unet_config, text_config = unet.config, text_encoder.config
+    assert unet_config.use_linear_projection is True
+    heads = unet_config.attention_head_dim
+    assert isinstance(heads, (list, tuple)) and len(heads) == len(unet_config.block_out_channels)
+    assert len({c // h for c, h in zip(unet_config.block_out_channels, heads)}) == 1  # one head width everywhere
+    assert unet_config.upcast_attention is (preset != "sd2")  # 2.1-base does not upcast, the 768 model does
+    assert unet_config.cross_attention_dim == text_config.hidden_size
+    assert text_config.hidden_act == "gelu" and text_config.num_hidden_layers % 2 == 1  # 23 of OpenCLIP's 24
+    scheduler = build_preset_scheduler(preset)
+    expected = ("PNDMScheduler", "epsilon") if preset == "sd2" else ("DDIMScheduler", "v_prediction")
+    assert (type(scheduler).__name__, scheduler.config.prediction_type) == expected
+
+
+def test_sd2_tiny_presets_are_wider_than_sd1s_and_the_v_model_samples_larger():
+    """Cross-attention wider than the SD1 tiny preset's; the 768 model's default size is 1.5x 2.1-base's."""
+    with torch.device("meta"):
+        tiny = build_components("tiny", 10)[2].config
+        base, v_model = (build_components(p, 10)[2].config for p in ("sd2", "sd2_v"))
+    assert base.cross_attention_dim > tiny.cross_attention_dim
+    assert v_model.sample_size * 512 == base.sample_size * 768
+
+
+def test_sd2_tokenizer_pads_with_exclamation_marks_not_the_end_token():
+    """SD2's tokenizer pads with "!"; SD1.5's (and our other presets') with <|endoftext|>."""
+    for preset, pad in (("sd2", "!"), ("tiny", "<|endoftext|>")):
+        tokenizer = build_preset_tokenizer(preset)
+        ids = tokenizer("a", padding="max_length", max_length=6)["input_ids"]
+        assert ids[:3] == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("a</w>"), tokenizer.eos_token_id]
+        assert ids[3:] == [tokenizer.convert_tokens_to_ids(pad)] * 3
 
 
 def test_vae_realistic_preset_pairs_sd15s_vae_with_a_small_unet():

@@ -2,7 +2,8 @@
 
 No weights can be downloaded here, so this makes a pipeline with the same structure as SD1.5 (UNet, VAE,
 CLIP text encoder, byte-level CLIP tokenizer, DDPM-style scheduler with SD's betas) but tiny sizes.
-Run: python -m trainer.tiny_model OUTPUT_DIR [--seed 0] [--preset tiny|vae_realistic|sd15]
+The sd2 / sd2_v presets are tiny pipelines shaped like SD 2.1-base / SD 2.1 (768, v-prediction): see SD2_PRESETS.
+Run: python -m trainer.tiny_model OUTPUT_DIR [--seed 0] [--preset tiny|vae_realistic|sd15|sd2|sd2_v|sd21]
 (the larger presets exist for bench/bench_train.py).
 """
 
@@ -24,22 +25,22 @@ def byte_symbols() -> list:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A byte-level CLIP tokenizer: every byte symbol, alone and word-final, plus the two specials."""
     symbols = byte_symbols()
     vocab = {}
     for sym in symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]:
         vocab.setdefault(sym, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TOKENIZER_MAX_LENGTH, pad_token=pad_token)
 
 
 def build_text_encoder(vocab_size: int, hidden_size: int = 32, intermediate_size: int = 37, num_layers: int = 2,
-                       num_heads: int = 4) -> CLIPTextModel:
+                       num_heads: int = 4, hidden_act: str = "quick_gelu") -> CLIPTextModel:
     """A CLIP text encoder over our vocabulary (small by default) whose hidden size is the UNet's cross-attention dim."""
     config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        hidden_act="quick_gelu", bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        hidden_act=hidden_act, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
     )
     return CLIPTextModel(config)
@@ -81,19 +82,28 @@ def build_sd15_vae() -> AutoencoderKL:
 
 
 def build_sd_unet(block_out_channels: tuple, layers_per_block: int, cross_attention_dim: int,
-                  sample_size: int) -> UNet2DConditionModel:
-    """A UNet with SD1.5's block layout (cross-attention in all but the deepest level) at the given widths."""
+                  sample_size: int, attention_head_dim=8, use_linear_projection: bool = False,
+                  upcast_attention: bool = False) -> UNet2DConditionModel:
+    """A UNet with SD's block layout (cross-attention in all but the deepest level) at the given widths.
+
+    The defaults are SD1.5's; SD 2.x gives attention_head_dim per level (diffusers reads it as the number of
+    heads), linear instead of 1x1-conv projections into its transformers, and (the 768 model) fp32 attention scores.
+    """
     levels = len(block_out_channels)
     return UNet2DConditionModel(
         block_out_channels=block_out_channels, layers_per_block=layers_per_block, sample_size=sample_size,
-        in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+        in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
         down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
     )
 
 
 def build_components(preset: str, vocab_size: int) -> tuple:
-    """(vae, text_encoder, unet) of a preset: tiny (64 px tests), vae_realistic (SD1.5's VAE, small UNet), sd15."""
+    """(vae, text_encoder, unet) of a preset: tiny (64 px tests), vae_realistic (SD1.5's VAE, small UNet), sd15,
+    and the SD 2.x-shaped SD2_PRESETS."""
+    if preset in SD2_PRESETS:
+        return build_sd2_components(SD2_PRESETS[preset], vocab_size)
     if preset == "tiny":
         return build_vae(), build_text_encoder(vocab_size), build_unet()
     if preset == "vae_realistic":
@@ -106,17 +116,69 @@ def build_components(preset: str, vocab_size: int) -> tuple:
     raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
 
 
-PRESETS = ("tiny", "vae_realistic", "sd15")
+# SD 2.x as data, from stabilityai's stable-diffusion-2-1(-base) config.json files, scaled down where marked.
+# UNet: cross-attention dim 1024 (SD1.5: 768) = the text encoder's width; attention_head_dim [5, 10, 20, 20] is a
+# head count per level (64 channels a head), here 16 channels a head; linear projections; 2.1 (768) upcasts the
+# attention scores to fp32, 2.1-base does not. Its default size (sample_size x the VAE's factor) is 1.5x the base's.
+# Text encoder: OpenCLIP ViT-H's text tower (width 1024, 16 heads, MLP 4096, gelu, not CLIP's quick_gelu) cut to 23
+# of its 24 layers, so the last hidden state IS the penultimate layer that SD2 conditions on (then the final layer
+# norm, as in OpenCLIP): a trainer must not skip a layer again. Tiny: an odd 3 layers, read as 4 cut by one.
+# Tokenizer: pads with "!" (OpenCLIP pads with id 0, which is "!"), not with the end token as SD1.5's does.
+# Scheduler: 2.1-base ships PNDM + epsilon; 2.1 ships DDIM + v_prediction (its PNDM default was swapped for DDIM).
+SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "steps_offset": 1, "set_alpha_to_one": False}
+SD21_BASE_SCHEDULER = ("PNDMScheduler", {**SD_BETAS, "skip_prk_steps": True, "prediction_type": "epsilon"})
+SD21_V_SCHEDULER = ("DDIMScheduler", {**SD_BETAS, "clip_sample": False, "prediction_type": "v_prediction"})
+SD2_TINY_UNET = {"block_out_channels": (32, 64), "layers_per_block": 2, "cross_attention_dim": 64,
+                 "sample_size": 8, "attention_head_dim": (2, 4), "use_linear_projection": True}
+SD2_TINY_TEXT = {"hidden_size": 64, "intermediate_size": 256, "num_layers": 3, "num_heads": 4, "hidden_act": "gelu"}
+SD2_PRESETS = {
+    "sd2": {"vae": "tiny", "unet": SD2_TINY_UNET, "text_encoder": SD2_TINY_TEXT, "scheduler": SD21_BASE_SCHEDULER},
+    "sd2_v": {"vae": "tiny", "unet": {**SD2_TINY_UNET, "sample_size": 12, "upcast_attention": True},
+              "text_encoder": SD2_TINY_TEXT, "scheduler": SD21_V_SCHEDULER},
+    # Full size (~1.24B parameters with our small vocabulary): 2.1's UNet (865,910,724), text tower, VAE (SD1.5's).
+    "sd21": {"vae": "sd15", "unet": {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
+                                      "cross_attention_dim": 1024, "sample_size": 96,
+                                      "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True,
+                                      "upcast_attention": True},
+             "text_encoder": {"hidden_size": 1024, "intermediate_size": 4096, "num_layers": 23, "num_heads": 16,
+                              "hidden_act": "gelu"},
+             "scheduler": SD21_V_SCHEDULER},
+}
+SD2_PAD_TOKEN = "!"
+PRESETS = ("tiny", "vae_realistic", "sd15", *SD2_PRESETS)
+
+
+def build_sd2_components(spec: dict, vocab_size: int) -> tuple:
+    """(vae, text_encoder, unet) of an SD2_PRESETS entry."""
+    vae = build_sd15_vae() if spec["vae"] == "sd15" else build_vae()
+    return vae, build_text_encoder(vocab_size, **spec["text_encoder"]), build_sd_unet(**spec["unet"])
+
+
+def build_preset_tokenizer(preset: str) -> CLIPTokenizer:
+    """The byte-level tokenizer, padding as the preset's model does ("!" for SD 2.x, the end token otherwise)."""
+    return build_tokenizer(SD2_PAD_TOKEN) if preset in SD2_PRESETS else build_tokenizer()
+
+
+def build_preset_scheduler(preset: str):
+    """The preset's scheduler: SD 2.x's own class and prediction type, else the DDPM scheduler."""
+    if preset not in SD2_PRESETS:
+        return build_scheduler()
+    import diffusers
+
+    class_name, config = SD2_PRESETS[preset]["scheduler"]
+    return getattr(diffusers, class_name)(**config)
 
 
 def build_tiny_pipeline(seed: int = 0, preset: str = "tiny") -> StableDiffusionPipeline:
     """Assemble a random pipeline of the preset (tiny by default), deterministically for a given seed."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_preset_tokenizer(preset)
     vae, text_encoder, unet = build_components(preset, len(tokenizer))
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=build_preset_scheduler(preset), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -133,8 +195,10 @@ def main(argv=None) -> int:
     parser.add_argument("output_dir", help="folder to write the pipeline to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
     parser.add_argument("--preset", choices=PRESETS, default="tiny",
-                        help="tiny (tests), vae_realistic (SD1.5's VAE + a small UNet, for CPU benchmarks) or sd15 "
-                             "(SD1.5-shaped UNet, VAE and text encoder; ~1.1B parameters) (default tiny)")
+                        help="tiny (tests), vae_realistic (SD1.5's VAE + a small UNet, for CPU benchmarks), sd15 "
+                             "(SD1.5-shaped UNet, VAE and text encoder; ~1.1B parameters), sd2 / sd2_v (tiny, shaped "
+                             "like SD 2.1-base / the 768 v-prediction SD 2.1) or sd21 (SD 2.1-sized; ~1.24B) "
+                             "(default tiny)")
     args = parser.parse_args(argv)
     print(save_tiny_pipeline(args.output_dir, args.seed, args.preset))
     return 0
