@@ -115,3 +115,11 @@ def test_weight_dtype_follows_mixed_precision():
     assert models.weight_dtype_for("fp16") == torch.float16
     assert models.weight_dtype_for("bf16") == torch.bfloat16
     assert models.weight_dtype_for("no") == models.weight_dtype_for(None) == torch.float32
+
+
+def test_bare_model_leaves_the_ddp_and_compile_wrappers_in_place(compiled_ddp_unet):
+    """The bare UNet comes out, sharing its weights; the compiled wrapper still holds DDP (gradients keep syncing)."""
+    compiled, ddp, unet = compiled_ddp_unet
+    assert models.bare_model(compiled) is unet
+    assert compiled._orig_mod is ddp and ddp.module is unet
+    assert models.bare_model(ddp) is unet and models.bare_model(unet) is unet

@@ -110,7 +110,7 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from trainer.models import place_ema
+    from trainer.models import bare_model, place_ema
 
     def save_hook(models, weights, output_dir):
         """Write unet/ (and unet_ema/) as diffusers models; keep accelerate from saving its own copy."""
@@ -118,8 +118,7 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
             if ema is not None:
                 ema.save_pretrained(Path(output_dir) / EMA_UNET_DIRNAME)
             for model in models:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / UNET_DIRNAME,
-                                                                safe_serialization=True)
+                bare_model(model).save_pretrained(Path(output_dir) / UNET_DIRNAME, safe_serialization=True)
         # Emptied so accelerate does not write a second, opaque copy of the weights.
         while weights:
             weights.pop()
@@ -131,7 +130,7 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
             ema.load_state_dict(loaded.state_dict())
             place_ema(ema, offload_ema, accelerator.device)
         while models:
-            model = accelerator.unwrap_model(models.pop())
+            model = bare_model(models.pop())
             saved = UNet2DConditionModel.from_pretrained(Path(input_dir) / UNET_DIRNAME)
             model.register_to_config(**saved.config)
             model.load_state_dict(saved.state_dict())
