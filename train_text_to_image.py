@@ -34,7 +34,9 @@ def main(argv=None) -> int:
     setup_logging(is_main_process=accelerator.is_main_process)
     logger = get_logger()
     if args.seed is not None:
-        set_seed(args.seed)
+        # Offset by the process index: ranks draw their own noise, timesteps and latent samples (rank 0 = --seed).
+        # Data order and augmentations come from the data seed, so shards stay disjoint.
+        set_seed(args.seed, device_specific=True)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 

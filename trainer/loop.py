@@ -10,6 +10,7 @@ import torch
 
 from trainer.checkpoints import (checkpoint_step, remove_stale_partials, resolve_resume, resume_position,
                                  save_checkpoint)
+from trainer.data import set_epoch
 from trainer.loss import LossOptions, check_finite, check_finite_parameters, diffusion_loss
 from trainer.loss_log import append_loss, truncate_loss_log
 from trainer.models import frozen_models_on
@@ -168,7 +169,7 @@ def train(run: TrainingRun, global_step: int) -> int:
         if global_step >= plan.max_train_steps:
             break
         run.unet.train()
-        run.dataloader.set_epoch(epoch)
+        set_epoch(run.dataloader, epoch)
         batches = run.dataloader
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(run.dataloader, skip_batches)
