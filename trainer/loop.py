@@ -12,7 +12,7 @@ import torch
 from trainer.checkpoints import (checkpoint_step, remove_stale_partials, resolve_resume, resume_position,
                                  save_checkpoint)
 from trainer.data import set_epoch
-from trainer.loss import (LossOptions, SkippedSteps, check_finite, check_finite_parameters,
+from trainer.loss import (LossOptions, SkippedSteps, TrainingDiverged, check_finite, check_finite_parameters,
                           diffusion_loss)
 from trainer.loss_log import append_loss, truncate_loss_log
 from trainer.models import frozen_models_on
@@ -183,7 +183,24 @@ def after_optimizer_step(run: TrainingRun, global_step: int, train_loss: float, 
         append_loss(args.output_dir, global_step, train_loss, logs["lr"])
     if global_step % args.checkpointing_steps == 0:
         check_finite_parameters(run.unet.parameters(), global_step)
+        check_in_sync(accelerator, run.unet, global_step)
         save_checkpoint(accelerator, Path(args.output_dir), global_step, args.checkpoints_total_limit)
+
+
+def check_in_sync(accelerator, model, step: int) -> None:
+    """Raise TrainingDiverged when the processes' weights differ, so such a state is never checkpointed.
+
+    Under DDP every process applies the same averaged gradients, so the weights stay bit-identical; a difference
+    means gradients stopped syncing (e.g. a wrapper was lost) and each process trained on its own shard.
+    """
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()])
+    gathered = accelerator.gather(sums[None])
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise TrainingDiverged(f"the {accelerator.num_processes} processes hold different weights at optimizer step "
+                               f"{step}: gradients are not being synchronised; training stopped, nothing saved.")
 
 
 def train(run: TrainingRun, global_step: int) -> int:

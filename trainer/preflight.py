@@ -270,7 +270,7 @@ def check_base_model(args) -> bool:
 
 
 def effective_mixed_precision(args) -> str:
-    """--mixed_precision, else what `accelerate launch` or its config passed on (ACCELERATE_MIXED_PRECISION), else no."""
+    """--mixed_precision, else what `accelerate launch` or its config passed on (ACCELERATE_MIXED_PRECISION), or no."""
     value = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
     return value.strip().lower()
 
