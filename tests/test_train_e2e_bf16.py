@@ -1,13 +1,15 @@
 """The trainer in bf16 mixed precision on the CPU, as users run it: checkpoints, EMA, exact resume, the latent
 cache, validation images, and a final pipeline in fp32; also through train.sh (accelerate launch).
 
-Four trainer runs (~10-15 s each), two at a time, shared through module fixtures.
+Five trainer runs (~10-15 s each; two through train.sh), two at a time where they are independent, shared
+through a module fixture.
 """
 
 import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +57,12 @@ def assert_fp32_pipeline(output: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def bf16_runs(tiny_model_dir, caption_list_dataset, tmp_path_factory) -> dict:
-    """The bf16 run uncached and cached; then the uncached one resumed from checkpoint-2 (a copy)."""
+def bf16_runs(tiny_model_dir, tiny_data_dir, caption_list_dataset, tmp_path_factory) -> dict:
+    """The bf16 run uncached and cached; then the uncached one resumed from checkpoint-2 (a copy), next to a first
+    train.sh run (2 steps) that test_train_sh_bf16_... resumes."""
     root = tmp_path_factory.mktemp("bf16")
-    outputs = {"uncached": root / "uncached", "cached": root / "cached", "resumed": root / "resumed"}
+    outputs = {"uncached": root / "uncached", "cached": root / "cached", "resumed": root / "resumed",
+               "train_sh": root / "train_sh"}
     results = run_parallel({
         "uncached": bf16_command(tiny_model_dir, caption_list_dataset, outputs["uncached"]),
         "cached": bf16_command(tiny_model_dir, caption_list_dataset, outputs["cached"], "--cache_latents"),
@@ -66,8 +70,11 @@ def bf16_runs(tiny_model_dir, caption_list_dataset, tmp_path_factory) -> dict:
     succeeded(results["uncached"])
     shutil.copytree(outputs["uncached"], outputs["resumed"])
     shutil.rmtree(outputs["resumed"] / "unet")
-    results["resumed"] = run_command(bf16_command(tiny_model_dir, caption_list_dataset, outputs["resumed"],
-                                                  "--resume_from_checkpoint", "checkpoint-2"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        resumed = pool.submit(run_command, bf16_command(tiny_model_dir, caption_list_dataset, outputs["resumed"],
+                                                        "--resume_from_checkpoint", "checkpoint-2"))
+        first = pool.submit(run_train_sh, tiny_model_dir, tiny_data_dir, outputs["train_sh"], "--max_train_steps=2")
+        results["resumed"], results["train_sh"] = resumed.result(), first.result()
     return {name: (outputs[name], results[name]) for name in outputs}
 
 
@@ -118,24 +125,28 @@ def test_bf16_resume_is_exact(bf16_runs):
     assert losses(output) == losses(reference)
 
 
-def run_train_sh(tiny_model_dir, tiny_data_dir, output, tmp_path, *extra) -> subprocess.CompletedProcess:
-    """train.sh with the real accelerate launch on the tiny model at 64 px, tensorboard, no push."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE")}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", HOME=str(tmp_path),
+def run_train_sh(tiny_model_dir, tiny_data_dir, output, *extra) -> subprocess.CompletedProcess:
+    """train.sh with the real accelerate launch on the tiny model at 64 px, tensorboard, no push, a fresh HOME."""
+    home = Path(output).parent / f"{Path(output).name}-home"
+    home.mkdir(exist_ok=True)
+    # No accelerate settings or config from the caller: train.sh launches one process with the flag's precision.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ACCELERATE") and k not in ("HF_HOME", "XDG_CACHE_HOME")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", HOME=str(home),
                MODEL_NAME=str(tiny_model_dir), DATA_DIR=str(tiny_data_dir), OUTPUT_DIR=str(output),
                REPORT_TO="tensorboard", PUSH_TO_HUB="0", CACHE_LATENTS="0", HF_HUB_OFFLINE="1",
                WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     command = [str(TRAIN_SH), "--resolution=64", "--mixed_precision=bf16", "--gradient_accumulation_steps=1",
                "--checkpointing_steps=1", "--validation_epochs=1000", "--dataloader_num_workers=0", *extra]
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_train_sh_bf16_checkpoints_resumes_and_exports_fp32(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_train_sh_bf16_checkpoints_resumes_and_exports_fp32(bf16_runs, tiny_model_dir, tiny_data_dir):
     """./train.sh --mixed_precision=bf16 on the CPU: 2 steps with checkpoints, resumed to 3, an fp32 pipeline."""
-    output = tmp_path / "out"
-    succeeded(run_train_sh(tiny_model_dir, tiny_data_dir, output, tmp_path, "--max_train_steps=2"))
+    output, done = bf16_runs["train_sh"]
+    succeeded(done)
     assert checkpoints(output) == {"checkpoint-1", "checkpoint-2"}
-    done = succeeded(run_train_sh(tiny_model_dir, tiny_data_dir, output, tmp_path, "--max_train_steps=3",
+    done = succeeded(run_train_sh(tiny_model_dir, tiny_data_dir, output, "--max_train_steps=3",
                                   "--resume_from_checkpoint=latest"))
     assert "starting at step 2" in done.stderr
     assert checkpoints(output) == {"checkpoint-1", "checkpoint-2", "checkpoint-3"}

@@ -107,6 +107,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: Optio
 
 def make_state_hooks(accelerator, ema, offload_ema: bool = False):
     """accelerate save/load hooks that store the UNet (and EMA) as diffusers models in the checkpoint."""
+    import torch
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
@@ -116,7 +117,9 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
         """Write unet/ (and unet_ema/) as diffusers models; keep accelerate from saving its own copy."""
         if accelerator.is_main_process:
             if ema is not None:
-                ema.save_pretrained(Path(output_dir) / EMA_UNET_DIRNAME)
+                # It builds a randomly initialised UNet: off the training RNG, so saves do not change later draws.
+                with torch.random.fork_rng(devices=[]):
+                    ema.save_pretrained(Path(output_dir) / EMA_UNET_DIRNAME)
             for model in models:
                 bare_model(model).save_pretrained(Path(output_dir) / UNET_DIRNAME, safe_serialization=True)
         # Emptied so accelerate does not write a second, opaque copy of the weights.
