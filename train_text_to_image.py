@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     from trainer import data, export, latent_cache, loop, models
     from trainer.checkpoints import register_state_hooks
-    from trainer.loss import LossOptions, TrainingDiverged
+    from trainer.loss import LossOptions, SkippedSteps, TrainingDiverged
     from trainer.validation import load_inference_scheduler
 
     models.require_optional_packages(args)
@@ -34,7 +34,9 @@ def main(argv=None) -> int:
     setup_logging(is_main_process=accelerator.is_main_process)
     logger = get_logger()
     if args.seed is not None:
-        set_seed(args.seed)
+        # Offset by the process index: ranks draw their own noise, timesteps and latent samples (rank 0 = --seed).
+        # Data order and augmentations come from the data seed, so shards stay disjoint.
+        set_seed(args.seed, device_specific=True)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
     loop.init_trackers(accelerator, args)
+    skipped = SkippedSteps()
+    accelerator.register_for_checkpointing(skipped)  # skipped updates consumed data: resume needs their count
     global_step = loop.resume_from(accelerator, args.output_dir, args.resume_from_checkpoint)
     logger.info("%d examples, %d optimizer steps (%d per epoch), %d process(es), starting at step %d",
                 len(dataset), plan.max_train_steps, plan.steps_per_epoch, accelerator.num_processes, global_step)
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     run = loop.TrainingRun(accelerator, args, components, unet, optimizer, lr_scheduler, dataloader, ema, plan,
                            weight_dtype, load_inference_scheduler(args.pretrained_model_name_or_path,
                                                                   args.revision, args.prediction_type),
-                           LossOptions.from_args(args))
+                           LossOptions.from_args(args), skipped)
     try:
         global_step = loop.train(run, global_step)
     except TrainingDiverged as err:

@@ -89,3 +89,31 @@ def stand_in_models(tmp_path_factory) -> dict:
 def single_thread_env() -> dict:
     """The environment with one thread per process, so subprocess runs do not fight over the two cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# --- Wrapped-model fixture (helper "h9a"): what accelerate.prepare gives with several processes and dynamo on.
+
+
+@pytest.fixture()
+def compiled_ddp_unet(monkeypatch):
+    """(compiled, ddp, unet): a tiny UNet inside DDP inside torch.compile, in a one-process gloo group on the CPU."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from trainer.tiny_model import build_unet
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        unet = build_unet()
+        ddp = torch.nn.parallel.DistributedDataParallel(unet)
+        yield torch.compile(ddp), ddp, unet  # compiles lazily, at the first call: never here
+    finally:
+        dist.destroy_process_group()

@@ -338,3 +338,75 @@ def test_entry_script_fails_fast(model_dir, data_dir, tmp_path):
     assert "Traceback" not in out.stderr
     assert len(lines) == 1 and "pass its parent" in lines[0], out.stderr
     assert elapsed < 30
+
+
+@pytest.fixture()
+def no_accelerate_env(monkeypatch):
+    """Neither accelerate's precision nor its CPU switch from the calling shell."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+
+
+def fake_gpu(monkeypatch, native_bf16: bool) -> None:
+    """torch reports one CUDA GPU, with or without native bf16."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda including_emulation=True: native_bf16)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda *a: "Tesla T4")
+
+
+def test_fp16_without_cuda_names_the_fix(model_dir, data_dir, tmp_path, no_accelerate_env):
+    """fp16 on this CPU-only machine: refused before any model loads, naming bf16 and no."""
+    fails_with(make_args(model_dir, data_dir, tmp_path, "--mixed_precision=fp16"), "--mixed_precision=fp16",
+               "needs a CUDA GPU", "--mixed_precision=bf16", "--mixed_precision=no")
+
+
+def test_fp16_from_accelerate_config_is_checked_too(model_dir, data_dir, tmp_path, no_accelerate_env, monkeypatch):
+    """Without the flag, the precision `accelerate launch` passes on is the one checked; the flag wins over it."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    fails_with(make_args(model_dir, data_dir, tmp_path), "fp16 (from the accelerate config", "--mixed_precision=bf16")
+    preflight(make_args(model_dir, data_dir, tmp_path, "--mixed_precision=no"))
+    preflight(make_args(model_dir, data_dir, tmp_path, "--mixed_precision=bf16"))
+
+
+def test_fp16_on_a_gpu_forced_to_cpu(model_dir, data_dir, tmp_path, no_accelerate_env, monkeypatch):
+    """`accelerate launch --cpu` (ACCELERATE_USE_CPU) trains on the CPU: fp16 is refused although a GPU exists."""
+    fake_gpu(monkeypatch, native_bf16=True)
+    preflight(make_args(model_dir, data_dir, tmp_path, "--mixed_precision=fp16"))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    fails_with(make_args(model_dir, data_dir, tmp_path, "--mixed_precision=fp16"), "needs a CUDA GPU")
+
+
+def test_bf16_needs_native_bf16_on_a_gpu(model_dir, data_dir, tmp_path, no_accelerate_env, monkeypatch):
+    """bf16 on a GPU without native bf16 is refused naming fp16 and no; with native bf16 it passes."""
+    fake_gpu(monkeypatch, native_bf16=False)
+    fails_with(make_args(model_dir, data_dir, tmp_path, "--mixed_precision=bf16"), "native bf16", "Tesla T4",
+               "--mixed_precision=fp16", "--mixed_precision=no")
+    fake_gpu(monkeypatch, native_bf16=True)
+    preflight(make_args(model_dir, data_dir, tmp_path, "--mixed_precision=bf16"))
+
+
+def test_bf16_on_cpu_passes(model_dir, data_dir, tmp_path, no_accelerate_env):
+    """bf16 autocast works on the CPU."""
+    preflight(make_args(model_dir, data_dir, tmp_path, "--mixed_precision=bf16"))
+
+
+def test_dream_with_v_prediction_is_refused(model_dir, data_dir, tmp_path):
+    """DREAM with v_prediction, from the flag or from the base scheduler's config: one line; epsilon passes."""
+    fails_with(make_args(model_dir, data_dir, tmp_path, "--dream_training", "--prediction_type=v_prediction"),
+               "--dream_training", "v_prediction")
+    preflight(make_args(model_dir, data_dir, tmp_path, "--dream_training"))  # config without a type: epsilon
+    (model_dir / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "v_prediction"}')
+    fails_with(make_args(model_dir, data_dir, tmp_path, "--dream_training"), "--dream_training")
+    preflight(make_args(model_dir, data_dir, tmp_path, "--dream_training", "--prediction_type=epsilon"))
+    preflight(make_args(model_dir, data_dir, tmp_path))
+
+
+def test_entry_script_refuses_fp16_on_cpu(model_dir, data_dir, tmp_path):
+    """As users run it: fp16 on a machine without CUDA is one line and exit 2, before any model loads."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "train_text_to_image.py", "--pretrained_model_name_or_path", str(model_dir),
+               "--train_data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--mixed_precision=fp16"]
+    out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and "--mixed_precision=bf16" in lines[0] and "Traceback" not in out.stderr, out.stderr

@@ -136,3 +136,19 @@ def test_resume_restores_optimizer_ema_scheduler_and_weights_exactly(tmp_path, f
             assert torch.equal(state[key][name], state2[key][name]), (key, name)
     assert scheduler2.get_last_lr() == scheduler.get_last_lr()
     assert scheduler2.scheduler.last_epoch == scheduler.scheduler.last_epoch
+
+
+def test_state_hooks_keep_ddp_inside_a_compiled_model(compiled_ddp_unet, tmp_path):
+    """Saving and loading a checkpoint of a compiled DDP UNet writes/reads unet/ and never strips DDP from it."""
+    from types import SimpleNamespace
+
+    compiled, ddp, unet = compiled_ddp_unet
+    save_hook, load_hook = C.make_state_hooks(SimpleNamespace(is_main_process=True, device=torch.device("cpu")), None)
+    save_hook([compiled], [{"weights": 1}], str(tmp_path))
+    assert compiled._orig_mod is ddp
+    saved = {k: v.clone() for k, v in unet.state_dict().items()}
+    with torch.no_grad():
+        next(unet.parameters()).add_(1.0)
+    load_hook([compiled], str(tmp_path))
+    assert compiled._orig_mod is ddp
+    assert all(torch.equal(saved[k], v) for k, v in unet.state_dict().items())

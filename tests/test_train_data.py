@@ -173,3 +173,33 @@ def test_explicit_worker_count_wins():
     import os
 
     assert data.resolve_num_workers(None, 1) == data.default_num_workers(len(os.sched_getaffinity(0)), 1)
+
+
+def test_each_process_shard_gets_every_new_epoch():
+    """Under 2 processes accelerate's set_epoch stops at the sampler; set_epoch reaches each shard's dataset too.
+
+    Each rank (its own dataset, as in its own process) draws new augmentations every epoch, from rows disjoint
+    from the other rank's.
+    """
+    from accelerate.data_loader import prepare_data_loader
+
+    from trainer.tiny_model import build_tokenizer
+
+    table = [{"image": gradient_image(24 + i, 16), "text": [f"caption {i} {j}" for j in range(6)]} for i in range(4)]
+    transform = data.make_image_transform(16, center_crop=False, random_flip=True, interpolation="bilinear")
+    draws = {}
+    for rank in (0, 1):
+        dataset = data.TrainingDataset(table, build_tokenizer(), transform, "image", "text", seed=3)
+        loader = prepare_data_loader(data.build_dataloader(dataset, 1, 0, seed=0), num_processes=2,
+                                     process_index=rank, use_seedable_sampler=True, data_seed=0)
+        for epoch in (0, 1):
+            data.set_epoch(loader, epoch)
+            assert dataset.epoch.get() == epoch, f"rank {rank}: epoch {epoch} did not reach the dataset"
+            draws[rank, epoch] = [row_key(b["pixel_values"][0], b["input_ids"][0]) for b in loader]
+            # The same rows drawn at epoch 0 would look otherwise: the augmentations are this epoch's.
+            dataset.set_epoch(0)
+            replay = {row_key(dataset[i]["pixel_values"], dataset[i]["input_ids"]) for i in range(len(table))}
+            assert (set(draws[rank, epoch]) <= replay) == (epoch == 0)
+    for epoch in (0, 1):
+        assert len(draws[0, epoch]) == len(draws[1, epoch]) == 2
+        assert not set(draws[0, epoch]) & set(draws[1, epoch]), "ranks drew the same rows"

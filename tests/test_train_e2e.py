@@ -335,18 +335,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rank_torch_rng_states(checkpoint: Path) -> list:
+    """The CPU torch RNG state each process saved in a checkpoint (random_states_<rank>.pkl)."""
+    return [torch.load(path, weights_only=False)["torch_manual_seed"]
+            for path in sorted(checkpoint.glob("random_states_*.pkl"))]
+
+
 def test_two_processes_with_torchrun(tiny_model_dir, tiny_data_dir, tmp_path):
-    """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process; each builds half the latent cache."""
+    """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process; each builds half the latent cache;
+    each rank draws its own noise; after a validation and checkpoints the ranks still hold the same weights (the
+    trainer checks that at every checkpoint and stops otherwise)."""
     output = tmp_path / "out"
-    command = trainer_command(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 4,
-                              "--checkpointing_steps", 2, "--use_ema", "--cache_latents")
+    # 8 rows over 2 processes: 4 steps per epoch, so validation after epoch 0 and checkpoints at 2 and 4 come before
+    # steps 5-6 and the check at checkpoint-6.
+    command = trainer_command(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 6,
+                              "--checkpointing_steps", 2, "--use_ema", "--cache_latents", "--validation_prompt",
+                              PROMPT, "--validation_epochs", 1)
     command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT)]
     done = subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
-                          timeout=240, cwd=REPO_ROOT)
+                          timeout=400, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "2 process(es)" in done.stderr
-    assert checkpoints(output) == {"checkpoint-2", "checkpoint-4"}
-    assert (output / "checkpoint-4" / "random_states_1.pkl").is_file()
+    assert checkpoints(output) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    assert (output / "validation" / "step-4" / "0.png").is_file()
+    # At step 2 both ranks have run the same code (validation, on rank 0 only, comes later).
+    states = rank_torch_rng_states(output / "checkpoint-2")
+    assert len(states) == 2 and not torch.equal(*states), "both ranks drew the same noise and timesteps"
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (output / "model_index.json").is_file()
     (cache,) = (output / ".cache" / "latents").iterdir()

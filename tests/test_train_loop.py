@@ -1,6 +1,7 @@
 """trainer/loop.py and trainer/models.py: step arithmetic under several processes, LR scaling, optional packages."""
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -115,3 +116,131 @@ def test_weight_dtype_follows_mixed_precision():
     assert models.weight_dtype_for("fp16") == torch.float16
     assert models.weight_dtype_for("bf16") == torch.bfloat16
     assert models.weight_dtype_for("no") == models.weight_dtype_for(None) == torch.float32
+
+
+def test_bare_model_leaves_the_ddp_and_compile_wrappers_in_place(compiled_ddp_unet):
+    """The bare UNet comes out, sharing its weights; the compiled wrapper still holds DDP (gradients keep syncing)."""
+    compiled, ddp, unet = compiled_ddp_unet
+    assert models.bare_model(compiled) is unet
+    assert compiled._orig_mod is ddp and ddp.module is unet
+    assert models.bare_model(ddp) is unet and models.bare_model(unet) is unet
+
+
+# --- Updates the fp16 grad scaler skips. accelerate makes a scaler only on GPUs; torch's CPU GradScaler stands in,
+# set on a CPU accelerator before prepare() exactly where accelerate keeps its own.
+
+@pytest.fixture
+def scaled_accelerator():
+    """A CPU Accelerator carrying a CPU GradScaler, as a CUDA fp16 run carries a CUDA one; state reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    yield accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_a_skipped_update_holds_the_lr_schedule(scaled_accelerator, impl):
+    """inf gradients: no weight change, the LR schedule stays put, and the skip is reported (fused AdamW included,
+    whose skip accelerate does not see)."""
+    from diffusers.optimization import get_scheduler
+
+    accelerator = scaled_accelerator
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, **models.adamw_kernel_options(impl, "cpu"))
+    schedule = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10)
+    layer, optimizer, schedule = accelerator.prepare(layer, optimizer, schedule)
+    accelerator.backward(layer(torch.ones(1, 2)).sum())
+    assert loop.optimizer_update(accelerator, optimizer, schedule) is False
+    lr, weights = schedule.get_last_lr(), [p.detach().clone() for p in layer.parameters()]
+    accelerator.backward(layer(torch.full((1, 2), float("inf"))).sum())
+    assert loop.optimizer_update(accelerator, optimizer, schedule) is True
+    assert schedule.get_last_lr() == lr and schedule.scheduler.last_epoch == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, layer.parameters()))
+
+
+def latent_rows(count: int, bad: set) -> list:
+    """Cached-latent training rows (8×8 latents, 77×32 text states); the rows in bad overflow (inf latents)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for index in range(count):
+        mean = torch.randn(4, 8, 8, generator=generator)
+        rows.append({"latent_mean": mean + (float("inf") if index in bad else 0.0),
+                     "latent_std": torch.full((4, 8, 8), 0.1),
+                     "encoder_hidden_states": torch.randn(77, 32, generator=generator)})
+    return rows
+
+
+def tiny_run(accelerator, tmp_path, rows: list, max_train_steps: int):
+    """A TrainingRun over cached-latent rows with a tiny UNet, fused AdamW, linear LR and EMA (no VAE needed)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from trainer.tiny_model import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet()
+    ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, fused=True)
+    plan = loop.plan_steps(len(rows), 1, 1, max_train_steps, 1, 0)
+    schedule = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0,
+                             num_training_steps=plan.scheduler_total_steps)
+    loader = torch.utils.data.DataLoader(rows, batch_size=1, shuffle=False)
+    unet, optimizer, loader, schedule = accelerator.prepare(unet, optimizer, loader, schedule)
+    args = argparse.Namespace(gradient_accumulation_steps=1, max_grad_norm=1.0, checkpointing_steps=1000,
+                              checkpoints_total_limit=None, output_dir=str(tmp_path), validation_prompts=None,
+                              validation_epochs=1, offload_ema=False, cache_latents=True, train_batch_size=1)
+    components = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18)), text_encoder=None,
+                                 noise_scheduler=DDPMScheduler(num_train_timesteps=1000))
+    return loop.TrainingRun(accelerator, args, components, unet, optimizer, schedule, loader, ema, plan,
+                            torch.float32, None)
+
+
+def test_fp16_overflow_is_skipped_not_a_step(scaled_accelerator, tmp_path):
+    """A row whose forward pass overflows: its update is skipped; step count, EMA and schedule count only real steps,
+    and the run takes more epochs than planned to reach max_train_steps."""
+    from trainer.loss_log import loss_log_path, read_loss_log
+
+    run = tiny_run(scaled_accelerator, tmp_path, latent_rows(4, bad={1}), max_train_steps=7)
+    assert run.plan.num_epochs == 2
+    assert loop.train(run, 0) == 7
+    assert run.skipped.total == 2 and run.skipped.in_a_row == 0  # row 1 of epochs 0 and 1; epoch 2 stops at row 0
+    assert run.ema.optimization_step == 7
+    assert run.lr_scheduler.scheduler.last_epoch == 7
+    log = read_loss_log(loss_log_path(tmp_path))
+    assert [row[0] for row in log] == list(range(1, 8)) and all(math.isfinite(row[1]) for row in log)
+
+
+def test_persistent_overflow_stops_the_run(scaled_accelerator, tmp_path, monkeypatch):
+    """Every update skipped: after MAX_SKIPPED_IN_A_ROW the run stops as diverged, having taken no step."""
+    from trainer import loss
+
+    monkeypatch.setattr(loss, "MAX_SKIPPED_IN_A_ROW", 3)
+    run = tiny_run(scaled_accelerator, tmp_path, latent_rows(4, bad={0, 1, 2, 3}), max_train_steps=2)
+    with pytest.raises(loss.TrainingDiverged, match="skipped 3 updates in a row"):
+        loop.train(run, 0)
+    assert run.ema.optimization_step == 0
+
+
+def test_without_a_scaler_a_nan_loss_stops_at_once(tmp_path, fresh_accelerator):
+    """fp32/bf16 have no grad scaler: a non-finite loss is divergence, at the step it happens."""
+    from trainer import loss
+
+    run = tiny_run(fresh_accelerator, tmp_path, latent_rows(4, bad={1}), max_train_steps=4)
+    with pytest.raises(loss.TrainingDiverged, match="optimizer step 2"):
+        loop.train(run, 0)
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """A CPU Accelerator without a scaler; state reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)

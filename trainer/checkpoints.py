@@ -107,19 +107,21 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: Optio
 
 def make_state_hooks(accelerator, ema, offload_ema: bool = False):
     """accelerate save/load hooks that store the UNet (and EMA) as diffusers models in the checkpoint."""
+    import torch
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from trainer.models import place_ema
+    from trainer.models import bare_model, place_ema
 
     def save_hook(models, weights, output_dir):
         """Write unet/ (and unet_ema/) as diffusers models; keep accelerate from saving its own copy."""
         if accelerator.is_main_process:
             if ema is not None:
-                ema.save_pretrained(Path(output_dir) / EMA_UNET_DIRNAME)
+                # It builds a randomly initialised UNet: off the training RNG, so saves do not change later draws.
+                with torch.random.fork_rng(devices=[]):
+                    ema.save_pretrained(Path(output_dir) / EMA_UNET_DIRNAME)
             for model in models:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / UNET_DIRNAME,
-                                                                safe_serialization=True)
+                bare_model(model).save_pretrained(Path(output_dir) / UNET_DIRNAME, safe_serialization=True)
         # Emptied so accelerate does not write a second, opaque copy of the weights.
         while weights:
             weights.pop()
@@ -131,7 +133,7 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
             ema.load_state_dict(loaded.state_dict())
             place_ema(ema, offload_ema, accelerator.device)
         while models:
-            model = accelerator.unwrap_model(models.pop())
+            model = bare_model(models.pop())
             saved = UNet2DConditionModel.from_pretrained(Path(input_dir) / UNET_DIRNAME)
             model.register_to_config(**saved.config)
             model.load_state_dict(saved.state_dict())

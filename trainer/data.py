@@ -171,6 +171,18 @@ class TrainingDataset(torch.utils.data.Dataset):
                 "input_ids": tokenize(self.tokenizer, [caption])[0]}
 
 
+def set_epoch(dataloader, epoch: int) -> None:
+    """Start epoch in the prepared DataLoader's sampler and in its dataset (fresh crops, flips and captions).
+
+    accelerate's DataLoaderShard.set_epoch reaches the dataset only when no sampler took the epoch, which under
+    2+ processes never happens: without the second call every epoch would repeat epoch 0's augmentations there.
+    """
+    dataloader.set_epoch(epoch)
+    dataset = getattr(dataloader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
 def collate(examples: Sequence[dict]) -> dict:
     """Stack transformed rows into a batch."""
     return {

@@ -10,7 +10,9 @@ from utils.logger import get_logger
 
 def final_unet(accelerator, unet, ema):
     """The UNet to ship: the unwrapped training UNet, carrying the EMA weights when EMA is on."""
-    model = accelerator.unwrap_model(unet)
+    from trainer.models import bare_model
+
+    model = bare_model(unet)
     if ema is not None:
         ema.copy_to(model.parameters())
     return model

@@ -1,5 +1,6 @@
 """The training loop: accelerator set-up, step arithmetic, resume, and the epoch/step iteration."""
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,9 @@ import torch
 
 from trainer.checkpoints import (checkpoint_step, remove_stale_partials, resolve_resume, resume_position,
                                  save_checkpoint)
-from trainer.loss import LossOptions, check_finite, check_finite_parameters, diffusion_loss
+from trainer.data import set_epoch
+from trainer.loss import (LossOptions, SkippedSteps, TrainingDiverged, check_finite, check_finite_parameters,
+                          diffusion_loss)
 from trainer.loss_log import append_loss, truncate_loss_log
 from trainer.models import frozen_models_on
 from trainer.validation import should_validate, validate_during_training
@@ -101,6 +104,7 @@ class TrainingRun:
     weight_dtype: torch.dtype
     inference_scheduler: object
     loss_options: LossOptions = field(default_factory=LossOptions)
+    skipped: SkippedSteps = field(default_factory=SkippedSteps)
 
 
 def ema_step(ema, unet, offload: bool, device) -> None:
@@ -117,8 +121,36 @@ def batch_size(batch: dict) -> int:
     return next(iter(batch.values())).shape[0]
 
 
+def loss_scale(accelerator) -> Optional[float]:
+    """The fp16 grad scaler's loss scale; None without a scaler (no, bf16)."""
+    return None if accelerator.scaler is None else accelerator.scaler.get_scale()
+
+
+def update_was_skipped(accelerator, scale_before: Optional[float]) -> bool:
+    """True when the grad scaler skipped the update just made (inf/NaN gradients).
+
+    accelerate infers a skip from the optimizer's step not being called, but fused AdamW is always called and
+    skips inside its kernel; the scaler lowers its scale exactly when it skips, so that is checked as well.
+    """
+    if scale_before is None:
+        return False
+    return accelerator.optimizer_step_was_skipped or accelerator.scaler.get_scale() < scale_before
+
+
+def optimizer_update(accelerator, optimizer, lr_scheduler) -> bool:
+    """Optimizer step, then the LR schedule unless the grad scaler skipped the update; True when it did."""
+    scale = loss_scale(accelerator)
+    optimizer.step()
+    skipped = accelerator.sync_gradients and update_was_skipped(accelerator, scale)
+    if not skipped:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
 def micro_step(run: TrainingRun, batch: dict, global_step: int):
-    """Forward/backward of one batch under accumulation; returns (mean loss over processes, grad norm or None)."""
+    """Forward/backward of one batch under accumulation; returns (mean loss over processes, grad norm or None,
+    True when the fp16 grad scaler skipped this optimizer update)."""
     accelerator, args = run.accelerator, run.args
     with accelerator.accumulate(run.unet):
         c = run.components
@@ -126,15 +158,14 @@ def micro_step(run: TrainingRun, batch: dict, global_step: int):
                               run.weight_dtype)
         # Gathered before backward so every process sees the same value and stops together on a NaN.
         mean_loss = accelerator.gather(loss.detach().repeat(batch_size(batch))).mean().item()
-        check_finite(mean_loss, global_step)
+        if accelerator.scaler is None:
+            check_finite(mean_loss, global_step)  # under fp16 an overflow is the grad scaler's to skip, as upstream
         accelerator.backward(loss)
         grad_norm = None
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
-        run.optimizer.step()
-        run.lr_scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    return mean_loss, grad_norm
+        skipped = optimizer_update(accelerator, run.optimizer, run.lr_scheduler)
+    return mean_loss, grad_norm, skipped
 
 
 def after_optimizer_step(run: TrainingRun, global_step: int, train_loss: float, grad_norm) -> None:
@@ -145,12 +176,31 @@ def after_optimizer_step(run: TrainingRun, global_step: int, train_loss: float, 
     logs = {"train_loss": train_loss, "lr": run.lr_scheduler.get_last_lr()[0]}
     if grad_norm is not None:
         logs["grad_norm"] = float(grad_norm)
+    if accelerator.scaler is not None:
+        logs["skipped_updates"] = run.skipped.total
     accelerator.log(logs, step=global_step)
     if accelerator.is_main_process:
         append_loss(args.output_dir, global_step, train_loss, logs["lr"])
     if global_step % args.checkpointing_steps == 0:
         check_finite_parameters(run.unet.parameters(), global_step)
+        check_in_sync(accelerator, run.unet, global_step)
         save_checkpoint(accelerator, Path(args.output_dir), global_step, args.checkpoints_total_limit)
+
+
+def check_in_sync(accelerator, model, step: int) -> None:
+    """Raise TrainingDiverged when the processes' weights differ, so such a state is never checkpointed.
+
+    Under DDP every process applies the same averaged gradients, so the weights stay bit-identical; a difference
+    means gradients stopped syncing (e.g. a wrapper was lost) and each process trained on its own shard.
+    """
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()])
+    gathered = accelerator.gather(sums[None])
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise TrainingDiverged(f"the {accelerator.num_processes} processes hold different weights at optimizer step "
+                               f"{step}: gradients are not being synchronised; training stopped, nothing saved.")
 
 
 def train(run: TrainingRun, global_step: int) -> int:
@@ -158,25 +208,32 @@ def train(run: TrainingRun, global_step: int) -> int:
     from accelerate.utils import tqdm as accelerate_tqdm
 
     accelerator, args, plan = run.accelerator, run.args, run.plan
-    first_epoch, skip_batches = resume_position(global_step, plan.steps_per_epoch, args.gradient_accumulation_steps)
+    # Skipped updates consumed batches too: the data position counts them.
+    first_epoch, skip_batches = resume_position(global_step + run.skipped.total, plan.steps_per_epoch,
+                                                args.gradient_accumulation_steps)
     progress = accelerate_tqdm(total=plan.max_train_steps, initial=global_step, desc="Steps",
                                main_process_only=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak of the loop, not of model loading or the cache build
     started, first_step = time.perf_counter(), global_step
-    for epoch in range(first_epoch, plan.num_epochs):
+    # Open-ended: updates the grad scaler skips are not steps, so a run may need more epochs than planned.
+    for epoch in itertools.count(first_epoch):
         if global_step >= plan.max_train_steps:
             break
         run.unet.train()
-        run.dataloader.set_epoch(epoch)
+        set_epoch(run.dataloader, epoch)
         batches = run.dataloader
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(run.dataloader, skip_batches)
         accumulated = 0.0
         for batch in batches:
-            loss, grad_norm = micro_step(run, batch, global_step)
+            loss, grad_norm, skipped = micro_step(run, batch, global_step)
             accumulated += loss / args.gradient_accumulation_steps
             if not accelerator.sync_gradients:
+                continue
+            run.skipped.record(skipped, global_step, accumulated, loss_scale(accelerator))
+            if skipped:  # no step was taken: no EMA, no schedule, no step count, no grad norm to log
+                accumulated = 0.0
                 continue
             global_step += 1
             progress.update(1)
@@ -192,6 +249,7 @@ def train(run: TrainingRun, global_step: int) -> int:
                 validate_during_training(accelerator, run.components, run.unet, run.ema, run.inference_scheduler,
                                          args, global_step, run.weight_dtype)
     progress.close()
+    run.skipped.report(accelerator)
     log_throughput(accelerator, args, global_step - first_step, time.perf_counter() - started)
     return global_step
 

@@ -7,6 +7,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from utils.logger import get_logger
+
+# The fp16 grad scaler halves its scale at each skipped update. This many in a row (a scale 2^32 times smaller)
+# is not a passing overflow (the forward pass itself overflows, or the weights are broken): the run stops.
+MAX_SKIPPED_IN_A_ROW = 32
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: training must stop before the state is saved."""
@@ -137,3 +143,40 @@ def check_finite_parameters(parameters, step: int) -> None:
     raise TrainingDiverged(
         f"weights became NaN or infinite at optimizer step {step}: training stopped, nothing saved after the last "
         "good checkpoint (try a lower --learning_rate or --max_grad_norm).")
+
+
+@dataclass
+class SkippedSteps:
+    """Updates the fp16 grad scaler skipped (inf/NaN gradients): none is an optimizer step. Saved in checkpoints,
+    because skipped updates consumed batches and resume must find the data position."""
+
+    total: int = 0
+    in_a_row: int = 0
+
+    def record(self, skipped: bool, step: int, loss: float, scale: Optional[float]) -> None:
+        """Count one update's outcome; raise TrainingDiverged when too many in a row were skipped."""
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        get_logger().info("The fp16 grad scaler skipped an update before optimizer step %d (inf/NaN gradients, "
+                          "loss %.4g); loss scale now %g; %d skipped so far.", step + 1, loss, scale, self.total)
+        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainingDiverged(
+                f"the fp16 grad scaler skipped {self.in_a_row} updates in a row before optimizer step {step + 1} "
+                f"(last loss {loss}): training stopped, nothing saved after the last good checkpoint (try "
+                "--mixed_precision=bf16 or a lower --learning_rate).")
+
+    def report(self, accelerator) -> None:
+        """One line at the end of training when any update was skipped."""
+        if self.total and accelerator.is_main_process:
+            get_logger().info("The fp16 grad scaler skipped %d update(s) (not counted as optimizer steps).", self.total)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (accelerate's register_for_checkpointing)."""
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the counts of a checkpoint."""
+        self.total, self.in_a_row = int(state["total"]), int(state["in_a_row"])

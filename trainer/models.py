@@ -75,6 +75,17 @@ def move_frozen(components: Components, device) -> None:
     components.text_encoder.to(device)
 
 
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside the DDP and torch.compile wrappers, sharing their parameters; the wrappers stay intact.
+
+    accelerator.unwrap_model keeps a compiled wrapper by pointing its _orig_mod at the bare module: on a compiled
+    DDP model that removes DDP from the model being trained, and gradients stop syncing across processes.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
 @contextlib.contextmanager
 def frozen_models_on(components: Components, device, enabled: bool = True):
     """Bring the VAE and text encoder to device for the block (validation), then back to the CPU; no-op if disabled."""

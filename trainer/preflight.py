@@ -17,13 +17,16 @@ from utils.cli import UsageError
 from utils.constants import IMAGES_DIRNAME, METADATA_FILENAME
 
 HUB_TIMEOUT_S = 10
-OFFLINE_VALUES = ("1", "on", "yes", "true")
+# Values of a boolean environment variable that mean "on".
+TRUE_VALUES = ("1", "on", "yes", "true")
+OFFLINE_VALUES = TRUE_VALUES
 # Files a diffusers Stable Diffusion pipeline folder must hold for the trainer to load each component.
 PIPELINE_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                   "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json")
 IMAGEFOLDER_FILE_KEY = "file_name"
 IMAGEFOLDER_IMAGE_COLUMN = "image"
 LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,79 @@ def check_base_model(args) -> bool:
     return False
 
 
+def effective_mixed_precision(args) -> str:
+    """--mixed_precision, else what `accelerate launch` or its config passed on (ACCELERATE_MIXED_PRECISION), or no."""
+    value = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    return value.strip().lower()
+
+
+def _precision_source(args) -> str:
+    """How the user set the precision, for the message: the flag or accelerate's config."""
+    if args.mixed_precision:
+        return f"--mixed_precision={args.mixed_precision}"
+    return f"mixed precision {effective_mixed_precision(args)} (from the accelerate config or launch flags)"
+
+
+def check_mixed_precision(args) -> None:
+    """fp16 needs CUDA (autocast and the grad scaler); bf16 needs a CPU or a GPU with native bf16."""
+    precision = effective_mixed_precision(args)
+    if precision not in ("fp16", "bf16"):
+        return
+    import torch
+
+    # accelerate launch --cpu (or ACCELERATE_USE_CPU) trains on the CPU even when a GPU is present.
+    on_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in TRUE_VALUES
+    if precision == "fp16" and not on_cuda:
+        raise UsageError(f"{_precision_source(args)} needs a CUDA GPU and none is in use here: "
+                         "pass --mixed_precision=bf16 (works on CPU) or --mixed_precision=no.")
+    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UsageError(f"{_precision_source(args)} needs a GPU with native bf16 (Ampere or newer) and "
+                         f"{torch.cuda.get_device_name()} has none: pass --mixed_precision=fp16 or "
+                         "--mixed_precision=no.")
+
+
+def _scheduler_config_file(args) -> Optional[Path]:
+    """The base model's scheduler config: in its folder, the Hub cache, or downloaded; None when unreachable."""
+    local = Path(args.pretrained_model_name_or_path).expanduser() / SCHEDULER_CONFIG
+    if local.is_file():
+        return local
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(args.pretrained_model_name_or_path, SCHEDULER_CONFIG, cache_dir=args.cache_dir,
+                                    revision=args.revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if hub_offline():
+        return None
+    try:
+        return Path(hf_hub_download(args.pretrained_model_name_or_path, SCHEDULER_CONFIG, revision=args.revision,
+                                    cache_dir=args.cache_dir, token=resolve_token(args)))
+    except Exception:  # noqa: BLE001 - the model check already reported a missing model; nothing more to say here
+        return None
+
+
+def training_prediction_type(args) -> Optional[str]:
+    """--prediction_type, else the base scheduler's (epsilon when its config names none); None when unknown."""
+    if args.prediction_type is not None:
+        return args.prediction_type
+    path = _scheduler_config_file(args)
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("prediction_type", "epsilon") if isinstance(config, dict) else None
+
+
+def check_dream(args) -> None:
+    """DREAM is defined for epsilon prediction only (diffusers raises at the first step otherwise)."""
+    if args.dream_training and training_prediction_type(args) == "v_prediction":
+        raise UsageError("--dream_training works with epsilon prediction only, and this run trains v_prediction "
+                         "(--prediction_type or the base scheduler): drop --dream_training or pass "
+                         "--prediction_type=epsilon.")
+
+
 def resolve_resume(args) -> Optional[Path]:
     """The checkpoint folder to resume from; None for a fresh start ('latest' with none saved yet)."""
     value = args.resume_from_checkpoint
@@ -322,6 +398,7 @@ def preflight(args) -> Preflight:
     check_resolution(args.resolution)
     check_output_dir(args.output_dir)
     check_trackers(args.report_to)
+    check_mixed_precision(args)
     resume_path = resolve_resume(args)
     # Like the reference, --dataset_name wins when both data sources are given.
     if args.dataset_name is not None:
@@ -329,5 +406,6 @@ def preflight(args) -> Preflight:
     else:
         check_train_data_dir(args)
     model_is_local = check_base_model(args)
+    check_dream(args)
     hub_repo_id = create_hub_repo(args) if args.push_to_hub else None
     return Preflight(hub_repo_id=hub_repo_id, model_is_local=model_is_local, resume_path=resume_path)

@@ -91,7 +91,9 @@ def validate_during_training(accelerator, components, unet, ema, scheduler, args
     """Validate with the EMA weights swapped in, then put the training weights back untouched."""
     from diffusers import StableDiffusionPipeline
 
-    model = accelerator.unwrap_model(unet)
+    from trainer.models import bare_model
+
+    model = bare_model(unet)
     pipeline = StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=model,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
