@@ -25,12 +25,14 @@ from evaluation.scoring import add_generated_images, add_real_images
 from inference.pipeline import load_pipeline, pick_device
 from utils.cli import UsageError, run_main
 from utils.logger import get_logger, setup_logging
+from utils.quiet import quiet_libraries
 
 
 def main(argv=None) -> int:
     """Evaluate: data, metric models, pipeline, real features, generation, generated features, report."""
     args = parse_args(argv)
     setup_logging()
+    quiet_libraries()
     log = get_logger()
     clock = {"start": time.monotonic()}
     eval_dir = Path(args.output_dir)

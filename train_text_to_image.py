@@ -28,8 +28,10 @@ def main(argv=None) -> int:
     from trainer.checkpoints import register_state_hooks
     from trainer.loss import LossOptions, TrainingDiverged
     from trainer.validation import load_inference_scheduler
+    from utils.quiet import quiet_loading_bars
 
     models.require_optional_packages(args)
+    quiet_loading_bars()
     accelerator = loop.make_accelerator(args)
     setup_logging(is_main_process=accelerator.is_main_process)
     logger = get_logger()

@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from utils.quiet import quiet_loading_bars
+
 TOKENIZER_MAX_LENGTH = 77
 
 
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
                         help="tiny (tests), vae_realistic (SD1.5's VAE + a small UNet, for CPU benchmarks) or sd15 "
                              "(SD1.5-shaped UNet, VAE and text encoder; ~1.1B parameters) (default tiny)")
     args = parser.parse_args(argv)
+    quiet_loading_bars()
     print(save_tiny_pipeline(args.output_dir, args.seed, args.preset))
     return 0
 
