@@ -15,6 +15,15 @@ from utils.cli import run_main  # noqa: E402
 from utils.logger import get_logger, setup_logging  # noqa: E402
 
 
+def check_command_line(argv=None) -> None:
+    """main's checks that run before any model loads; utils/launch.py (train.sh) runs them once before launching."""
+    args = parse_args(argv)
+    preflight(args)  # creating the Hub repo is idempotent: the launched trainer's own preflight finds it
+    from trainer.models import require_optional_packages
+
+    require_optional_packages(args)
+
+
 def main(argv=None) -> int:
     """Train, checkpoint, and write the final pipeline to --output_dir; 1 if the loss diverged."""
     args = parse_args(argv)
