@@ -44,12 +44,12 @@ def main(argv=None) -> int:
     rows, bad, rows_read = load_rows(args.data_dir, args.parquet_path, args.caption_index, args.num_samples)
     if args.num_samples and rows_read < args.num_samples:
         log.warning("--num_samples %d asked, but the data has only %d rows", args.num_samples, rows_read)
-    settings = settings_from_args(args)
+    device, dtype = pick_device(args.device, args.dtype)
+    settings = settings_from_args(args, device, dtype)
     generated_dir = eval_dir / GENERATED_DIRNAME
     check_settings(generated_dir, settings, args.overwrite)
 
     # Metric models from local paths; a wrong file is refused here, before anything is generated.
-    device, dtype = pick_device(args.device)
     inception_path, clip_path = Path(args.inception_weights), Path(args.clip_model)
     fid = make_fid(load_inception(inception_path)).to(device)
     clip_score = make_clip_score(*load_clip(clip_path)).to(device)

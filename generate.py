@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     plan = plan_images(prompts, args.num_images_per_prompt, first_seed)
 
     # What draws it and where it goes; every flag is checked before --overwrite deletes a previous run's images.
-    device, dtype = pick_device(args.device)
+    device, dtype = pick_device(args.device, args.dtype)
     source = resolve_model(args.model, args.base_model, args.weights)
     output_dir = prepare_output_dir(args.output_dir, args.overwrite)
     quiet_libraries()
