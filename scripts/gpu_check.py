@@ -449,6 +449,11 @@ def main() -> int:
         sys.stderr.write("gpu_check: error: GPU_CHECK_DEVICE=cuda but torch sees no CUDA device\n")
         return 2
     names = set(filter(None, os.environ.get("GPU_CHECK_ROWS", "").split(",")))
+    unknown = names - {entry.name for entry in ROWS} - {entry.run.__name__ for entry in ROWS}
+    if unknown:
+        sys.stderr.write(f"gpu_check: error: GPU_CHECK_ROWS names no row {', '.join(sorted(unknown))}; rows: "
+                         f"{', '.join(entry.run.__name__ for entry in ROWS)}\n")
+        return 2
     work = Path(os.environ.get("GPU_CHECK_WORK") or "/tmp/gpu_check")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

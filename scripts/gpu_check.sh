@@ -37,6 +37,7 @@ if [[ "${GPU_CHECK_DEVICE:-}" != cpu ]] && compgen -G ".whl/*.whl" >/dev/null; t
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PYTHON" -c "import torch, accelerate, diffusers, transformers, datasets" ||
+"$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+  torch accelerate diffusers transformers datasets bitsandbytes torch_fidelity ||
   { echo "gpu_check: error: a required package is missing (see the preparation at the top of $0)" >&2; exit 2; }
 exec "$PYTHON" scripts/gpu_check.py
