@@ -79,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UsageError(f"accelerate is not installed for {sys.executable}: activate the project's virtualenv "
                          "(scripts/setup_env.sh && . .venv/bin/activate)") from None
     args = launch_command_parser().parse_args(argv)
-    run_script_checks(args.training_script, args.training_script_args)
+    if not (args.module or args.no_python):  # a script file: its checks can be imported
+        run_script_checks(args.training_script, args.training_script_args)
     logging.getLogger(ELASTIC_LOGGER).setLevel(logging.CRITICAL)
     try:
         launch_command(args)
