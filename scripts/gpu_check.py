@@ -70,9 +70,13 @@ class MemoryWatch:
 
     def __init__(self):
         self.peak_mib = 0.0
-        self._process = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            self._process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # no nvidia-smi: the rows still run, their memory column says so
+            self._process = None
+            return
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -84,12 +88,14 @@ class MemoryWatch:
             except ValueError:
                 continue
 
-    def stop(self) -> float:
-        """Stop polling; the peak in MiB."""
+    def stop(self) -> str:
+        """Stop polling; the peak as the table's text."""
+        if self._process is None:
+            return "no nvidia-smi"
         self._process.terminate()
         self._process.wait()
         self._thread.join(timeout=2)
-        return self.peak_mib
+        return f"{self.peak_mib:.0f} MiB GPU"
 
 
 class Check:
@@ -419,7 +425,7 @@ def run_rows(check: Check, names: Optional[set]) -> List[tuple]:
             if not isinstance(err, CheckFailed):
                 check.log.write(traceback.format_exc())
         seconds = time.monotonic() - started
-        peak = (f"{watch.stop():.0f} MiB GPU" if watch else f"{check.row_peak_rss_mib:.0f} MiB RSS")
+        peak = watch.stop() if watch else f"{check.row_peak_rss_mib:.0f} MiB RSS"
         results.append((entry.name, result, seconds, peak, note))
         print(f"{result:4} {seconds:6.1f} s  {peak:>14}  {entry.name}  {note}", flush=True)
     return results
