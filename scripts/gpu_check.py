@@ -425,7 +425,8 @@ def run_rows(check: Check, names: Optional[set]) -> List[tuple]:
             if not isinstance(err, CheckFailed):
                 check.log.write(traceback.format_exc())
         seconds = time.monotonic() - started
-        peak = watch.stop() if watch else f"{check.row_peak_rss_mib:.0f} MiB RSS"
+        rss = f"{check.row_peak_rss_mib:.0f} MiB RSS" if check.row_peak_rss_mib else "-"  # "-": no process ran
+        peak = watch.stop() if watch else rss
         results.append((entry.name, result, seconds, peak, note))
         print(f"{result:4} {seconds:6.1f} s  {peak:>14}  {entry.name}  {note}", flush=True)
     return results
