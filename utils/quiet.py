@@ -1,13 +1,15 @@
 """Silence known, harmless third-party notices at their source, so users see our lines and real warnings.
 
-Each notice is named by the logger that emits it and a fragment of its text: only those records are dropped, and
-every other warning of the same libraries still shows. A logger's filter sees the records created on it whether
+Each notice is named by the logger that emits it and a fragment of its text (or, for a Python warning, its category
+and how it starts): only those are dropped, and every other warning of the same libraries still shows. A logger's filter sees the records created on it whether
 or not the library has been imported yet, so silence_notices() runs when the `utils` package is first imported
 (utils/__init__.py): every script, the process `accelerate launch` starts and its dataloader workers import the
 project's modules before they load these libraries.
 """
 
 import logging
+import re
+import warnings
 
 # (logger name, fragment of the message): notices that tell our users nothing they can act on.
 NOTICES = (
@@ -16,6 +18,12 @@ NOTICES = (
     # transformers without torchvision (it has no CPU build for our torch) falls back to the PIL image processors,
     # which is what we want; diffusers touches CLIPImageProcessor for the safety checker we never load.
     ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+)
+
+# (category, start of the message): Python warnings about a library's own internals.
+WARNINGS = (
+    # diffusers' EMAModel.from_pretrained, which our EMA resume calls, passes a path to from_config itself.
+    (FutureWarning, "It is deprecated to pass a pretrained model name or path to `from_config`"),
 )
 
 
@@ -33,7 +41,9 @@ class DropNotices(logging.Filter):
 
 
 def silence_notices() -> None:
-    """Attach the NOTICES filters to their loggers, once per process."""
+    """Attach the NOTICES filters to their loggers and the WARNINGS filters, once per process."""
+    for category, start in WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)  # re-adding replaces it
     by_logger = {}
     for name, fragment in NOTICES:
         by_logger.setdefault(name, []).append(fragment)
