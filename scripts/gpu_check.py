@@ -102,7 +102,7 @@ class Check:
     """The run's settings, the logs, and what rows share, each made on first use."""
 
     def __init__(self, work: Path, device: str, log):
-        self.work, self.device, self.log = work, device, log
+        self.work, self.log = work, log
         self.cuda = device == "cuda"
         # fp16 is the recipe's precision on a GPU; on CPU bf16 takes its place (fp16 is refused there).
         self.precision = "fp16" if self.cuda else "bf16"
@@ -124,7 +124,7 @@ class Check:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def run(self, command: list, env: Optional[dict] = None, expect_code: int = 0) -> str:
+    def run(self, command: list, env: Optional[dict] = None) -> str:
         """Run command under peak_rss.py from the repo root; its output goes to the log and is returned."""
         done = subprocess.run([sys.executable, str(PEAK_RSS), *map(str, command)], cwd=REPO, env=env or self.env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -134,7 +134,7 @@ class Check:
         match = re.match(r"peak_rss_mib ([\d.]+)", last[0])
         if match:
             self.row_peak_rss_mib = max(self.row_peak_rss_mib, float(match.group(1)))
-        if done.returncode != expect_code:
+        if done.returncode != 0:
             tail = [line for line in done.stdout.strip().splitlines() if line.strip()][-3:]
             raise CheckFailed(f"exit {done.returncode}: {' | '.join(tail)[-300:]}")
         return done.stdout
@@ -148,6 +148,7 @@ class Check:
         return self.once("tiny_model", lambda: self._model("tiny"))
 
     def _model(self, preset: str) -> Path:
+        """A random pipeline of trainer/tiny_model.py's preset."""
         folder = self.work / f"model_{preset}"
         self.python("-m", "trainer.tiny_model", folder, "--preset", preset)
         return folder
@@ -166,15 +167,14 @@ class Check:
         return self.once(f"data_{resolution}", make)
 
     def train(self, name: str, *flags, model: Optional[Path] = None, cache: bool = True, resolution=None,
-              expect_code: int = 0, output: Optional[Path] = None) -> tuple:
+              output: Optional[Path] = None) -> tuple:
         """./train.sh (its recipe: batch 1, accumulation 4, EMA, checkpointing) with the row's flags last."""
         resolution = resolution or self.resolution
         output = output or self.work / name
         env = self.env(MODEL_NAME=model or self.tiny_model(), DATA_DIR=self.data(resolution), OUTPUT_DIR=output,
                        REPORT_TO="tensorboard", PUSH_TO_HUB=0, CACHE_LATENTS=int(cache))
         log = self.run(["./train.sh", f"--resolution={resolution}", f"--mixed_precision={self.precision}",
-                        "--checkpointing_steps=1000", "--validation_epochs=1000", *flags], env=env,
-                       expect_code=expect_code)
+                        "--checkpointing_steps=1000", "--validation_epochs=1000", *flags], env=env)
         return output, log
 
 
