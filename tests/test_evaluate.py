@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, single_thread_env
+from evaluation.generation import SETTINGS_FILENAME
 
 RESOLUTION = 32
 STEPS = 2
@@ -136,12 +137,12 @@ def test_parquet_shards_with_an_undecodable_row_are_measured_and_the_row_reporte
 
 
 def test_dtype_bf16_on_cpu_is_recorded_with_the_device(runs):
-    """The Parquet run samples in bf16: its settings (the resume guard) and report say so; the fp32 run's too."""
-    bf16 = json.loads((runs["root"] / "parquet" / "eval_report.json").read_text())
-    fp32 = runs["first_report"]
-    assert (bf16["settings"]["device"], bf16["settings"]["dtype"]) == ("cpu", "bfloat16")
-    assert (fp32["settings"]["device"], fp32["settings"]["dtype"]) == ("cpu", "float32")
-    assert bf16["device"] == "cpu (torch.bfloat16)"
+    """The Parquet run samples in bf16: its resume guard's settings and its report say so; the fp32 run's too."""
+    for run, dtype in (("parquet", "bfloat16"), ("meta", "float32")):
+        guard = json.loads((runs["root"] / run / "generated" / SETTINGS_FILENAME).read_text())
+        assert (guard["device"], guard["dtype"]) == ("cpu", dtype)
+        report = json.loads((runs["root"] / run / "eval_report.json").read_text())
+        assert report["settings"]["dtype"] == dtype and report["settings"]["device"] == f"cpu (torch.{dtype})"
 
 
 def test_resume_with_another_dtype_is_refused_unless_overwrite(runs, tiny_model_dir, tiny_data_dir,
