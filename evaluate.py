@@ -25,12 +25,14 @@ from evaluation.scoring import add_generated_images, add_real_images
 from inference.pipeline import load_pipeline, pick_device
 from utils.cli import UsageError, run_main
 from utils.logger import get_logger, setup_logging
+from utils.quiet import quiet_libraries
 
 
 def main(argv=None) -> int:
     """Evaluate: data, metric models, pipeline, real features, generation, generated features, report."""
     args = parse_args(argv)
     setup_logging()
+    quiet_libraries()
     log = get_logger()
     clock = {"start": time.monotonic()}
     eval_dir = Path(args.output_dir)
@@ -43,12 +45,12 @@ def main(argv=None) -> int:
                                      args.input, source_options(args))
     if args.num_samples and rows_read < args.num_samples:
         log.warning("--num_samples %d asked, but the data has only %d rows", args.num_samples, rows_read)
-    settings = settings_from_args(args)
+    device, dtype = pick_device(args.device, args.dtype)
+    settings = settings_from_args(args, device, dtype)
     generated_dir = eval_dir / GENERATED_DIRNAME
     check_settings(generated_dir, settings, args.overwrite)
 
     # Metric models from local paths; a wrong file is refused here, before anything is generated.
-    device, dtype = pick_device(args.device)
     inception_path, clip_path = Path(args.inception_weights), Path(args.clip_model)
     fid = make_fid(load_inception(inception_path)).to(device)
     clip_score = make_clip_score(*load_clip(clip_path)).to(device)

@@ -16,16 +16,7 @@ from inference.pipeline import pick_device, resolve_model  # noqa: E402
 from inference.prompts import base_seed, collect_prompts, plan_images  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.logger import get_logger, setup_logging  # noqa: E402
-
-
-def quiet_libraries() -> None:
-    """Keep diffusers/transformers to errors and no loading bars: their notices drown our own lines."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
+from utils.quiet import quiet_libraries  # noqa: E402
 
 
 def settings_record(args, source, pipeline, device, dtype) -> dict:
@@ -49,7 +40,7 @@ def main(argv=None) -> int:
     plan = plan_images(prompts, args.num_images_per_prompt, first_seed)
 
     # What draws it and where it goes; every flag is checked before --overwrite deletes a previous run's images.
-    device, dtype = pick_device(args.device)
+    device, dtype = pick_device(args.device, args.dtype)
     source = resolve_model(args.model, args.base_model, args.weights)
     output_dir = prepare_output_dir(args.output_dir, args.overwrite)
     quiet_libraries()

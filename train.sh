@@ -12,7 +12,11 @@
 #                 Log in first with `hf auth login` or export HF_TOKEN; the token never goes on a command line.
 #   ACCELERATE_CONFIG_FILE  accelerate config to use. Without it, ${HF_HOME:-$HOME/.cache/huggingface}/accelerate/
 #                 default_config.yaml (written by `accelerate config`) when it exists, else one process on this machine.
-#   ACCELERATE    the accelerate command                                                    (default: accelerate)
+#   PYTHON        the Python that runs accelerate's launcher in-process (utils/launch.py), so a failed run ends
+#                 with the trainer's own message and exit code (2: usage error, 1: diverged) and no launcher
+#                 traceback; the trainer's checks run once before any process starts              (default: python)
+#   ACCELERATE    run this accelerate command's `launch` instead (e.g. another install); failures then also show
+#                 accelerate's own traceback                                                    (default: unset)
 #   CACHE_LATENTS 1: --cache_latents --center_crop (encode images and captions once, before training: faster
 #                 steps; the centre crop equals any crop for create.py's square images at --resolution=512);
 #                 0: encode every step with random crops, as the reference does                 (default: 1)
@@ -29,7 +33,8 @@ OUTPUT_DIR="${OUTPUT_DIR:-sd-rsicd-model}"
 REPORT_TO="${REPORT_TO:-wandb}"
 PUSH_TO_HUB="${PUSH_TO_HUB:-1}"
 CACHE_LATENTS="${CACHE_LATENTS:-1}"
-ACCELERATE="${ACCELERATE:-accelerate}"
+PYTHON="${PYTHON:-python}"
+ACCELERATE="${ACCELERATE:-}"
 METADATA=metadata.jsonl
 
 # One line on stderr and exit 2, like every other usage error of the project.
@@ -113,10 +118,15 @@ main() {
   check_settings
   check_data_dir
   refuse_token_args "$@"
-  local -a accelerate_cmd train_args launch_args
-  read -r -a accelerate_cmd <<<"$ACCELERATE"
-  command -v "${accelerate_cmd[0]}" >/dev/null ||
-    die "'${accelerate_cmd[0]}' not found: activate the project's virtualenv (it has accelerate) or set ACCELERATE."
+  local -a launcher train_args launch_args
+  if [[ -n "$ACCELERATE" ]]; then
+    read -r -a launcher <<<"$ACCELERATE"
+    command -v "${launcher[0]}" >/dev/null || die "ACCELERATE '${launcher[0]}' not found."
+    launcher+=(launch)
+  else
+    command -v "$PYTHON" >/dev/null || die "'$PYTHON' not found: activate the project's virtualenv or set PYTHON."
+    launcher=("$PYTHON" "$SCRIPT_DIR/utils/launch.py")
+  fi
   train_args=(
     --pretrained_model_name_or_path="$MODEL_NAME" --train_data_dir="$DATA_DIR" --output_dir="$OUTPUT_DIR"
     --resolution=512 --train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing
@@ -128,7 +138,7 @@ main() {
   [[ "$PUSH_TO_HUB" == 1 ]] && train_args+=(--push_to_hub)
   [[ "$CACHE_LATENTS" == 1 ]] && train_args+=(--center_crop --cache_latents)
   mapfile -t launch_args < <(launch_options "$(last_mixed_precision "${train_args[@]}" "$@")")
-  exec "${accelerate_cmd[@]}" launch "${launch_args[@]}" "$SCRIPT_DIR/train_text_to_image.py" \
+  exec "${launcher[@]}" "${launch_args[@]}" "$SCRIPT_DIR/train_text_to_image.py" \
     "${train_args[@]}" "$@"
 }
 

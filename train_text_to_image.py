@@ -15,6 +15,15 @@ from utils.cli import run_main  # noqa: E402
 from utils.logger import get_logger, setup_logging  # noqa: E402
 
 
+def check_command_line(argv=None) -> None:
+    """main's checks that run before any model loads; utils/launch.py (train.sh) runs them once before launching."""
+    args = parse_args(argv)
+    preflight(args)  # creating the Hub repo is idempotent: the launched trainer's own preflight finds it
+    from trainer.models import require_optional_packages
+
+    require_optional_packages(args)
+
+
 def main(argv=None) -> int:
     """Train, checkpoint, and write the final pipeline to --output_dir; 1 if the loss diverged."""
     args = parse_args(argv)
@@ -28,8 +37,10 @@ def main(argv=None) -> int:
     from trainer.checkpoints import register_state_hooks
     from trainer.loss import LossOptions, SkippedSteps, TrainingDiverged
     from trainer.validation import load_inference_scheduler
+    from utils.quiet import quiet_loading_bars
 
     models.require_optional_packages(args)
+    quiet_loading_bars()
     accelerator = loop.make_accelerator(args)
     setup_logging(is_main_process=accelerator.is_main_process)
     logger = get_logger()

@@ -4,11 +4,17 @@ Seed configuration: batch 1, gradient accumulation 4, gradient checkpointing, EM
 --center_crop in both runs so they do the same work. Each run is a real `train_text_to_image.py` subprocess on a
 randomly initialised pipeline from trainer/tiny_model.py and a data folder made by create.py + format.py.
 
-What is timed (read from the trainer's own log lines):
-  - loop: the training loop only (first to last optimizer step), as optimizer steps/s and samples/s;
+What is timed:
+  - steps/s, samples/s: after warm-up, from the first to the last optimizer step as the trainer's tensorboard log
+    stamps them (the first step's allocations, cuDNN autotuning and compilation are left out). Each stamp follows
+    the step's float(grad_norm), a device sync, so both ends sit at the same point of a step and no queued GPU work
+    is cut off;
+  - loop: the whole training loop from the trainer's own log line, warm-up included;
   - build: the latent cache build (cached runs only; every image and caption encoded once);
   - loop + build: what a single fresh cached run pays; the build is reused by every later run on the same data.
-Peak memory: the run's peak RSS on CPU (bench/peak_rss.py), torch.cuda.max_memory_allocated of the loop on GPU.
+Peak memory: the run's peak RSS on CPU (bench/peak_rss.py); on GPU the loop's peak CUDA memory, allocated (tensors)
+and reserved (the caching allocator's pool, what nvidia-smi and an OOM see).
+A run that fails (out of memory or otherwise) is recorded in its cell, and the table goes on.
 
 Configurations:
   CPU  tiny           the test model at 64 px
@@ -47,7 +53,9 @@ SEED_FLAGS = ["--train_batch_size", "1", "--gradient_accumulation_steps", str(GR
               "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--report_to", "tensorboard",
               "--center_crop", "--seed", "0"]
 LOOP_RE = re.compile(r"Training loop: (\d+) optimizer steps in ([\d.]+) s: ([\d.]+) steps/s, ([\d.]+) samples/s"
-                     r"(?:, peak CUDA memory allocated ([\d.]+) GiB)?")
+                     r"(?:, peak CUDA memory allocated ([\d.]+) GiB)?(?:, reserved ([\d.]+) GiB)?")
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
+STEP_TAG = "train_loss"  # logged at every optimizer step
 BUILD_RE = re.compile(r"Latent cache built in ([\d.]+) s")
 
 
@@ -88,7 +96,16 @@ class RunResult:
     build_s: Optional[float]
     peak_rss_mib: float
     peak_cuda_gib: Optional[float]
+    peak_reserved_gib: Optional[float]
     others_cores: float
+
+
+class RunFailed(RuntimeError):
+    """A trainer run that did not finish: the short text its table cell shows, and the log's tail."""
+
+    def __init__(self, cell: str, tail: str):
+        super().__init__(f"{cell}: {tail}")
+        self.cell = cell
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -141,22 +158,51 @@ def trainer_command(model: Path, data: Path, config: Config, steps: int, output:
             *SEED_FLAGS, *extra]
 
 
+def step_times(output: Path) -> List[float]:
+    """Wall-clock stamps of the run's optimizer steps, in step order, from its tensorboard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stamps = {}
+    for events in output.rglob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if STEP_TAG in accumulator.Tags()["scalars"]:
+            stamps.update({event.step: event.wall_time for event in accumulator.Scalars(STEP_TAG)})
+    return [stamps[step] for step in sorted(stamps)]
+
+
+def after_warmup(stamps: Sequence[float], fallback_steps: int, fallback_s: float) -> tuple:
+    """(optimizer steps, seconds) from the first step's stamp to the last; the whole loop if under 2 stamps."""
+    if len(stamps) < 2:
+        return fallback_steps, fallback_s
+    return len(stamps) - 1, stamps[-1] - stamps[0]
+
+
+def failure_cell(returncode: int, stderr: str) -> str:
+    """What a failed run's cell says: OOM, or its exit code."""
+    if any(marker in stderr for marker in OOM_MARKERS):
+        return "OOM"
+    return f"failed (exit {returncode})"
+
+
 def run_trainer(command: list, output: Path) -> RunResult:
-    """Run one training, parse its throughput lines, and measure what other processes used meanwhile."""
+    """Run one training, parse its throughput, and measure what other processes used meanwhile; RunFailed if not."""
     shutil.rmtree(output, ignore_errors=True)
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     (busy_before, _), started = cpu_counters(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     (busy_after, _), seconds = cpu_counters(), time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"trainer exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     loop = LOOP_RE.search(done.stderr)
+    if done.returncode != 0 or loop is None:
+        raise RunFailed(failure_cell(done.returncode, done.stderr), done.stderr.strip()[-2000:])
     build = BUILD_RE.search(done.stderr)
     fields = done.stdout.strip().splitlines()[-1].split()
     rss_mib, cpu_s = float(fields[1]), float(fields[3])
-    return RunResult(steps_per_s=float(loop.group(3)), samples_per_s=float(loop.group(4)),
+    steps, timed_s = after_warmup(step_times(output), int(loop.group(1)), float(loop.group(2)))
+    return RunResult(steps_per_s=steps / timed_s, samples_per_s=steps * GRADIENT_ACCUMULATION / timed_s,
                      loop_s=float(loop.group(2)), build_s=float(build.group(1)) if build else None,
                      peak_rss_mib=rss_mib, peak_cuda_gib=float(loop.group(5)) if loop.group(5) else None,
+                     peak_reserved_gib=float(loop.group(6)) if loop.group(6) else None,
                      others_cores=max(0.0, busy_after - busy_before - cpu_s) / seconds)
 
 
@@ -202,22 +248,40 @@ def cpu_report(name: str, config: Config, steps: int, uncached: RunResult, cache
     return lines
 
 
+def attempt(command: list, output: Path):
+    """The run's RunResult, or its failure's cell text (OOM, exit code) so the table goes on."""
+    try:
+        return run_trainer(command, output)
+    except RunFailed as failure:
+        print(f"bench_train: {output.name}: {failure}", file=sys.stderr)
+        return failure.cell
+
+
+def gpu_row(mode: str, cache: str, result) -> str:
+    """One table row: throughput and peak memory, or the failure in every cell."""
+    if isinstance(result, str):
+        return f"    | {mode} | {cache} | {result} | - | - | - |"
+    return (f"    | {mode} | {cache} | {result.samples_per_s:.2f} | {result.steps_per_s:.3f} | "
+            f"{result.peak_cuda_gib:.2f} | {result.peak_reserved_gib:.2f} |")
+
+
 def gpu_report(config: Config, steps: int, model: Path, data: Path, work: Path, args) -> List[str]:
     """Every memory mode with the cache, plus the uncached default, at 512 px fp16: one table."""
     command = partial(trainer_command, model, data, config, steps)
-    uncached, cached = quiet_pair(command, work, args)
-    lines = [f"  sd15: {config.resolution} px fp16, {steps} optimizer steps; cache build {cached.build_s:.1f} s",
-             "    | mode | cache | samples/s | opt-steps/s | peak VRAM (GiB) |", "    |---|---|---|---|---|",
-             f"    | AdamW fused (auto) | no | {uncached.samples_per_s:.2f} | {uncached.steps_per_s:.3f} | "
-             f"{uncached.peak_cuda_gib:.2f} |",
-             f"    | AdamW fused (auto) | yes | {cached.samples_per_s:.2f} | {cached.steps_per_s:.3f} | "
-             f"{cached.peak_cuda_gib:.2f} |"]
+    cache = ["--cache_latents", "--latents_cache_dir", str(work / "cache")]
+    uncached = attempt(command(work / "uncached", []), work / "uncached")
+    shutil.rmtree(work / "cache", ignore_errors=True)  # the first cached run pays for its build
+    rows = [("AdamW fused (auto)", "no", uncached),
+            ("AdamW fused (auto)", "yes", attempt(command(work / "cached", cache), work / "cached"))]
     for mode, flags in list(MEMORY_MODES.items())[1:]:
-        result = run_trainer(command(work / "mode", [*flags, "--cache_latents", "--latents_cache_dir",
-                                                     str(work / "cache")]), work / "mode")
-        lines.append(f"    | {mode} | yes | {result.samples_per_s:.2f} | {result.steps_per_s:.3f} | "
-                     f"{result.peak_cuda_gib:.2f} |")
-    lines.append(f"    caching: {cached.samples_per_s / uncached.samples_per_s:.2f}x samples/s (goal >= 1.4x)")
+        rows.append((mode, "yes", attempt(command(work / "mode", [*flags, *cache]), work / "mode")))
+    cached = rows[1][2]
+    build = f"; cache build {cached.build_s:.1f} s" if not isinstance(cached, str) else ""
+    lines = [f"  sd15: {config.resolution} px fp16, {steps} optimizer steps (timed after the first){build}",
+             "    | mode | cache | samples/s | opt-steps/s | peak allocated (GiB) | peak reserved (GiB) |",
+             "    |---|---|---|---|---|---|", *(gpu_row(*row) for row in rows)]
+    if not isinstance(uncached, str) and not isinstance(cached, str):
+        lines.append(f"    caching: {cached.samples_per_s / uncached.samples_per_s:.2f}x samples/s (goal >= 1.4x)")
     return lines
 
 
@@ -238,9 +302,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if config.mixed_precision == "fp16":
             lines += gpu_report(config, steps, model, data, work, args)
             continue
-        lines += cpu_report(name, config, steps,
-                            *quiet_pair(partial(trainer_command, model, data, config, steps), work, args),
-                            args.max_background)
+        try:
+            pair = quiet_pair(partial(trainer_command, model, data, config, steps), work, args)
+        except RunFailed as failure:
+            print(f"bench_train: {name}: {failure}", file=sys.stderr)
+            lines.append(f"  {name}: {failure.cell}")
+            continue
+        lines += cpu_report(name, config, steps, *pair, args.max_background)
     print("\n".join(["----- bench_train results -----", *lines, "-" * 31]))
     shutil.rmtree(root, ignore_errors=True)
     return 0

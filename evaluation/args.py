@@ -3,7 +3,7 @@
 from typing import Optional, Sequence
 
 from diffusion_model.sources import FORMATS, SPLITS, SourceOptions
-from inference.pipeline import WEIGHTS_CHOICES
+from inference.pipeline import DTYPES, WEIGHTS_CHOICES
 from inference.schedulers import check_scheduler
 from utils.cli import ArgumentParser, UsageError, check_at_least, check_finite
 from utils.constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_RESOLUTION
@@ -22,6 +22,9 @@ def build_parser() -> ArgumentParser:
                        help="checkpoint UNet to use: auto = unet_ema/ when present, else unet/")
     model.add_argument("--scheduler", help="sampling scheduler by name (default: the model's own)")
     model.add_argument("--device", help="cpu or cuda (default: cuda when available; fp16 on cuda, fp32 on cpu)")
+    model.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                       help="weights and sampling precision: auto = fp16 on cuda, fp32 on cpu; bf16 runs on both; "
+                            "fp16 needs cuda. Part of the settings a resumed run must repeat")
     data = parser.add_argument_group("held-out data (one of)")
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_dir", help="folder holding metadata.jsonl (format.py's output)")

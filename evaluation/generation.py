@@ -53,13 +53,17 @@ def record_settings(generated_dir: Path, settings: dict, overwrite: bool) -> Non
     write_json_atomic(generated_dir / SETTINGS_FILENAME, settings)
 
 
-def settings_from_args(args) -> dict:
-    """What decides a generated image's pixels, besides its row: kept beside the images to guard resumes."""
+def settings_from_args(args, device, dtype) -> dict:
+    """What decides a generated image's pixels, besides its row: kept beside the images to guard resumes.
+
+    Device and dtype too: fp16 images from a GPU and fp32 ones from a CPU differ, and must not share one FID.
+    """
     source = args.data_dir or args.parquet_path or getattr(args, "input", None)
     return {"model": str(Path(args.model).resolve()), "base_model": args.base_model, "weights": args.weights,
             "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "resolution": args.resolution, "seed": args.seed,
-            "caption_index": args.caption_index, "data": str(Path(source).resolve()) + input_split(args)}
+            "caption_index": args.caption_index, "data": str(Path(source).resolve()) + input_split(args),
+            "device": device.type, "dtype": str(dtype).replace("torch.", "")}
 
 
 def input_split(args) -> str:

@@ -16,6 +16,7 @@ from evaluation.fidelity_compat import register_torch_fidelity
 from evaluation.metrics import STAND_IN_MARKER
 from trainer.tiny_model import build_tokenizer
 from utils.cli import ArgumentParser, UsageError, run_main
+from utils.quiet import quiet_loading_bars
 
 register_torch_fidelity()
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: E402
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output_dir {out} exists and is not a folder")
+    quiet_loading_bars()
     for name, path in write_stand_ins(out, args.seed).items():
         print(f"--{name} {path}")
     return 0

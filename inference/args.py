@@ -2,7 +2,7 @@
 
 from typing import Optional, Sequence
 
-from inference.pipeline import WEIGHTS_CHOICES, check_size
+from inference.pipeline import DTYPES, WEIGHTS_CHOICES, check_size
 from inference.schedulers import SCHEDULERS
 from utils.cli import ArgumentParser, check_at_least, check_finite
 from utils.constants import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
@@ -38,6 +38,9 @@ def build_parser() -> ArgumentParser:
                         help="sampler, built from the model's scheduler config (default: the model's own)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (memory vs speed)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda with fp16 when present, else cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                        help="weights and sampling precision: auto = fp16 on cuda, fp32 on cpu; bf16 runs on both; "
+                             "fp16 needs cuda")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="where the PNGs, sidecars and grid.png go")
     parser.add_argument("--overwrite", action="store_true", help="replace images a previous run left in --output_dir")
     return parser

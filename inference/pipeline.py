@@ -23,6 +23,8 @@ MODEL_INDEX = "model_index.json"
 WEIGHTS_CHOICES = ("auto", "ema", "unet")
 OFFLINE_VALUES = ("1", "on", "yes", "true")
 LATENT_MULTIPLE = 8
+# --dtype choices; auto is resolved by pick_dtype.
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,21 @@ class ModelSource:
     weights: str  # what the UNet is: "pipeline", "ema" or "unet"
 
 
-def pick_device(requested: Optional[str] = None) -> Tuple[torch.device, torch.dtype]:
-    """cuda (fp16) when available, else cpu (fp32); `requested` ('cpu'/'cuda') overrides."""
+def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """--dtype on device: auto = fp16 on CUDA, fp32 elsewhere; fp16 off CUDA is refused (no usable CPU kernels)."""
+    if requested not in DTYPES:
+        raise UsageError(f"--dtype '{requested}' is not one of {', '.join(DTYPES)}.")
+    if requested == "auto":
+        # Half precision halves memory and time on GPUs; CPU kernels for fp16 are slow or missing.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if requested == "fp16" and device.type != "cuda":
+        raise UsageError(f"--dtype fp16 needs a CUDA device and this run is on {device.type}: "
+                         "use --dtype bf16 or fp32.")
+    return DTYPES[requested]
+
+
+def pick_device(requested: Optional[str] = None, dtype: str = "auto") -> Tuple[torch.device, torch.dtype]:
+    """cuda (fp16) when available, else cpu (fp32); `requested` ('cpu'/'cuda') and `dtype` (--dtype) override."""
     if requested is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -45,8 +60,7 @@ def pick_device(requested: Optional[str] = None) -> Tuple[torch.device, torch.dt
             raise UsageError(f"--device '{requested}' is not a torch device (use cpu or cuda).") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device '{requested}': CUDA is not available on this machine.")
-    # Half precision halves memory and time on GPUs; CPU kernels for fp16 are slow or missing.
-    return device, torch.float16 if device.type == "cuda" else torch.float32
+    return device, pick_dtype(device, dtype)
 
 
 def hub_offline() -> bool:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from utils.quiet import NOTICES
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"DEMO_ROWS": "8", "DEMO_STEPS": "2", "DEMO_RESOLUTION": "32", "DEMO_SAMPLE_STEPS": "2",
          "DEMO_EVAL_SAMPLES": "4"}
@@ -56,6 +58,19 @@ def test_outputs_hold_what_the_pipeline_made(demo):
     assert len(list((out / "generated").glob("*.json"))) == 8 and (out / "generated" / "grid.png").is_file()
     report = json.loads((out / "eval" / "eval_report.json").read_text())
     assert report["num_samples"] == int(SMALL["DEMO_EVAL_SAMPLES"])
+
+
+def test_output_free_of_third_party_notices(demo):
+    """No known third-party notice reaches the user, from any step (the launched trainer included)."""
+    out, done = demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    quoted = ("Failed to load CPU gemm_4bit_forward", "requires torchvision (not installed)", "Traceback")
+    for text in quoted + tuple(fragment for _, fragment in NOTICES):
+        assert text not in output, text
+    # diffusers/transformers loading and saving bars interleave with ours; the scripts turn them off.
+    for bar in ("Loading pipeline components", "Loading weights", "Writing model shards"):
+        assert bar not in output, bar
 
 
 def test_a_foreign_non_empty_folder_is_refused_and_left_alone(demo, tmp_path):

@@ -10,9 +10,11 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, single_thread_env
+from evaluation.generation import SETTINGS_FILENAME
 
 RESOLUTION = 32
 STEPS = 2
@@ -67,7 +69,7 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models):
     meta_cmd = evaluate_command(tiny_model_dir, "--data_dir", tiny_data_dir, stand_in_models, root / "meta",
                                 "--num_samples", METADATA_ROWS, "--seed", 7)
     parquet_cmd = evaluate_command(tiny_model_dir, "--parquet_path", shards, stand_in_models, root / "parquet",
-                                   "--sheet_pairs", 2)
+                                   "--sheet_pairs", 2, "--dtype", "bf16")
     meta_process, parquet_process = start(meta_cmd), start(parquet_cmd)
     meta, parquet = finish(meta_process), finish(parquet_process)
     generated = root / "meta" / "generated"
@@ -132,6 +134,32 @@ def test_parquet_shards_with_an_undecodable_row_are_measured_and_the_row_reporte
     assert "1 of 4 rows left out" in runs["parquet"].stderr
     assert math.isfinite(report["fid"])
     assert len(list((runs["root"] / "parquet" / "sheet").glob("*.png"))) == 2
+
+
+def test_dtype_bf16_on_cpu_is_recorded_with_the_device(runs):
+    """The Parquet run samples in bf16: its resume guard's settings and its report say so; the fp32 run's too."""
+    for run, dtype in (("parquet", "bfloat16"), ("meta", "float32")):
+        guard = json.loads((runs["root"] / run / "generated" / SETTINGS_FILENAME).read_text())
+        assert (guard["device"], guard["dtype"]) == ("cpu", dtype)
+        report = json.loads((runs["root"] / run / "eval_report.json").read_text())
+        assert report["settings"]["dtype"] == dtype and report["settings"]["device"] == f"cpu (torch.{dtype})"
+
+
+def test_resume_with_another_dtype_is_refused_unless_overwrite(runs, tiny_model_dir, tiny_data_dir,
+                                                               stand_in_models, capsys):
+    """As an fp16 GPU run resumed on CPU would be: one line naming dtype; --overwrite passes the guard."""
+    import evaluate
+    from evaluation.args import parse_args
+    from evaluation.generation import check_settings, settings_from_args
+    from utils.cli import UsageError
+
+    argv = [str(a) for a in evaluate_command(tiny_model_dir, "--data_dir", tiny_data_dir, stand_in_models,
+                                             runs["root"] / "meta", "--num_samples", METADATA_ROWS, "--seed", 7)[2:]]
+    with pytest.raises(UsageError, match=r"other settings \(dtype\)"):
+        evaluate.main(argv + ["--dtype", "bf16"])
+    generated = runs["root"] / "meta" / "generated"
+    args = parse_args(argv + ["--dtype", "bf16", "--overwrite"])
+    check_settings(generated, settings_from_args(args, torch.device("cpu"), torch.bfloat16), overwrite=True)
 
 
 def test_other_settings_in_the_same_folder_are_refused_in_one_line(runs):

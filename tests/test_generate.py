@@ -149,6 +149,7 @@ def runs(trained_run, other_base, tmp_path_factory):
         "checkpoint_unet": generate_command(checkpoint, root / "checkpoint_unet", *one, "--weights", "unet"),
         "checkpoint_base": generate_command(checkpoint, root / "checkpoint_base", *one, "--weights", "ema",
                                             "--base_model", other_base),
+        "bf16": generate_command(trained_run, root / "bf16", *one, "--dtype", "bf16"),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run, command) for name, command in scripts.items()}
@@ -233,6 +234,14 @@ def test_same_seed_gives_the_same_pixels(runs):
     first, again = folder_of(runs, "pipeline"), folder_of(runs, "same_seed")
     for i in range(PER_PROMPT):
         assert np.array_equal(pixels(first / f"{i:06d}.png"), pixels(again / f"{i:06d}.png")), i
+
+
+def test_dtype_bf16_samples_in_bf16_close_to_fp32(runs):
+    """--dtype bf16 on CPU: recorded, and the same draw as fp32 within bf16's rounding (not the same bytes)."""
+    bf16, fp32 = folder_of(runs, "bf16"), folder_of(runs, "pipeline")
+    assert sidecar(bf16)["dtype"] == "bfloat16" and sidecar(fp32)["dtype"] == "float32"
+    difference = np.abs(pixels(bf16 / "000000.png").astype(int) - pixels(fp32 / "000000.png").astype(int))
+    assert 0 < difference.mean() < 8, difference.mean()
 
 
 def test_other_seed_gives_other_pixels_and_seed_plus_i_redraws_image_i(runs):
@@ -340,6 +349,8 @@ REFUSALS = {
     "seed_past_torchs_limit": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
                                 "--seed", str(2**64 - 1), "--num_images_per_prompt", "2"],
                                f"--seed {2**64 - 1} is too large"),
+    "fp16_on_cpu": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}", "--dtype", "fp16",
+                     "--device", "cpu"], "--dtype fp16 needs a CUDA device and this run is on cpu: use --dtype bf16"),
     "previous_images": (["--model", "{model}", "--prompt", "a", "--output_dir", "{kept}"],
                         "--output_dir '{kept}' already holds generated images (000000"),
     "overwrite_with_missing_model": (["--model", "{missing}", "--prompt", "a", "--output_dir", "{kept}",

@@ -100,6 +100,21 @@ def test_cpu_is_float32_and_cuda_is_float16(monkeypatch):
     assert pick_device(None) == (CPU, torch.float32)
 
 
+def test_dtype_auto_keeps_the_device_default_and_explicit_dtypes_apply(monkeypatch):
+    assert pick_device("cpu", "auto") == (CPU, torch.float32)
+    assert pick_device("cpu", "bf16") == (CPU, torch.bfloat16)
+    assert pick_device("cpu", "fp32") == (CPU, torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device(None, "auto") == (torch.device("cuda"), torch.float16)
+    assert pick_device(None, "fp32") == (torch.device("cuda"), torch.float32)
+    assert pick_device(None, "fp16") == (torch.device("cuda"), torch.float16)
+
+
+def test_fp16_off_cuda_is_a_usage_error_naming_the_fix():
+    with pytest.raises(UsageError, match="--dtype fp16 needs a CUDA device and this run is on cpu: use --dtype bf16"):
+        pick_device("cpu", "fp16")
+
+
 def test_cuda_requested_without_cuda_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError, match="--device 'cuda': CUDA is not available"):

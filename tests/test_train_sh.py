@@ -1,6 +1,8 @@
 """train.sh: the seed's flags, env overrides, last-wins extra args, accelerate config detection, checks, end to end."""
 
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ ISOLATED_VARS = ("HF_HOME", "XDG_CACHE_HOME", "ACCELERATE_CONFIG_FILE", "MODEL_N
 
 @pytest.fixture()
 def sandbox(tmp_path) -> dict:
-    """A fake `accelerate` first on PATH, an empty HOME, and a data dir holding metadata.jsonl."""
+    """A fake `accelerate` (ACCELERATE, first on PATH), an empty HOME, and a data dir holding metadata.jsonl."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "accelerate").write_text(FAKE_ACCELERATE)
@@ -38,7 +40,7 @@ def sandbox(tmp_path) -> dict:
     (tmp_path / "home").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ISOLATED_VARS}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HOME=str(tmp_path / "home"),
-               ARGV_FILE=str(tmp_path / "argv.txt"), DATA_DIR=str(data))
+               ARGV_FILE=str(tmp_path / "argv.txt"), DATA_DIR=str(data), ACCELERATE=str(bin_dir / "accelerate"))
     return {"env": env, "tmp": tmp_path, "data": data, "argv_file": tmp_path / "argv.txt"}
 
 
@@ -169,13 +171,21 @@ def test_hub_token_argument_refused(sandbox):
     assert "hf_SECRETvalue123" not in done.stderr
 
 
+def real_env(tmp_path, model_dir, data_dir, **env) -> dict:
+    """The environment of a real train.sh run: this venv's Python first on PATH, an empty HOME, offline."""
+    full = {k: v for k, v in os.environ.items() if k not in ISOLATED_VARS}
+    full.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{full['PATH']}", HOME=str(tmp_path),
+                MODEL_NAME=str(model_dir), DATA_DIR=str(data_dir), OUTPUT_DIR=str(tmp_path / "out"),
+                REPORT_TO="tensorboard", PUSH_TO_HUB="0", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+                OMP_NUM_THREADS="1")
+    full.update({k: str(v) for k, v in env.items()})
+    return full
+
+
 def test_real_run_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
     """The real accelerate and trainer: the tiny model for 2 steps at 64 px gives a loadable pipeline and a card."""
-    env = {k: v for k, v in os.environ.items() if k not in ISOLATED_VARS}
+    env = real_env(tmp_path, tiny_model_dir, tiny_data_dir)
     out = tmp_path / "out"
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", HOME=str(tmp_path),
-               MODEL_NAME=str(tiny_model_dir), DATA_DIR=str(tiny_data_dir), OUTPUT_DIR=str(out),
-               REPORT_TO="tensorboard", PUSH_TO_HUB="0", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     done = subprocess.run([str(TRAIN_SH), "--max_train_steps=2", "--resolution=64", "--mixed_precision=no",
                            "--checkpointing_steps=1000", "--validation_epochs=1000", "--dataloader_num_workers=0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -187,3 +197,46 @@ def test_real_run_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
     assert yaml.safe_load(card.split("---\n")[1])["pipeline_tag"] == "text-to-image"
     assert list((out / "logs").rglob("events.out.tfevents*"))
     assert list((out / ".cache" / "latents").glob("*/manifest.json"))  # train.sh caches by default
+
+
+@pytest.mark.parametrize("flags,env,fragment", [
+    (["--resolution=63"], {}, "--resolution 63"),
+    (["--push_to_hub"], {"HF_HUB_OFFLINE": "0"}, "needs a Hugging Face login"),  # HOME holds no login, no HF_TOKEN
+    (["--push_to_hub"], {}, "HF_HUB_OFFLINE is set"),
+    (["--enable_xformers_memory_efficient_attention"], {}, "needs xformers"),
+])
+def test_trainer_usage_error_is_one_line_through_train_sh(tiny_model_dir, tiny_data_dir, tmp_path, flags, env,
+                                                          fragment):
+    """The real launcher: the trainer's one line, exit 2, no accelerate traceback (the checks run before launch)."""
+    if fragment == "needs xformers" and importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    done = subprocess.run([str(TRAIN_SH), "--mixed_precision=no", *flags], cwd=tmp_path,
+                          env=real_env(tmp_path, tiny_model_dir, tiny_data_dir, **env), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-3000:]
+    assert fragment in done.stderr and "Traceback" not in done.stderr
+
+
+def nan_model(model_dir: Path, folder: Path) -> Path:
+    """A copy of the tiny pipeline whose UNet outputs NaN, so the first training loss is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v * float("nan") if k.startswith("conv_out.") else v for k, v in state.items()}, weights)
+    return folder
+
+
+def test_diverged_run_exits_1_without_launcher_traceback(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A NaN loss: the trainer's message, exit 1 (not accelerate's CalledProcessError), nothing saved."""
+    model = nan_model(tiny_model_dir, tmp_path / "nan_model")
+    done = subprocess.run([str(TRAIN_SH), "--max_train_steps=2", "--resolution=32", "--mixed_precision=no",
+                           "--gradient_accumulation_steps=1", "--validation_epochs=1000", "--dataloader_num_workers=0"],
+                          cwd=tmp_path, env=real_env(tmp_path, model, tiny_data_dir, CACHE_LATENTS=0),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "loss is nan" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "CalledProcessError" not in done.stderr
+    assert not (tmp_path / "out" / "model_index.json").exists()

@@ -261,6 +261,7 @@ def log_throughput(accelerator, args, steps: int, seconds: float) -> None:
     samples = steps * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     peak = ""
     if torch.cuda.is_available():
-        peak = f", peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        peak = (f", peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
+                f"reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB")
     get_logger().info("Training loop: %d optimizer steps in %.2f s: %.4f steps/s, %.3f samples/s%s",
                       steps, seconds, steps / seconds, samples / seconds, peak)

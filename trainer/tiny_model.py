@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from utils.quiet import quiet_loading_bars
+
 TOKENIZER_MAX_LENGTH = 77
 
 
@@ -200,6 +202,7 @@ def main(argv=None) -> int:
                              "like SD 2.1-base / the 768 v-prediction SD 2.1) or sd21 (SD 2.1-sized; ~1.24B) "
                              "(default tiny)")
     args = parser.parse_args(argv)
+    quiet_loading_bars()
     print(save_tiny_pipeline(args.output_dir, args.seed, args.preset))
     return 0
 

@@ -1,0 +1,44 @@
+"""utils/quiet.py: the known third-party notices are dropped at their source; other warnings still show."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from utils.quiet import NOTICES, WARNINGS
+
+REPO = Path(__file__).resolve().parents[1]
+# Reproduces both notices as the libraries emit them: transformers' torchvision fallback on first access of an image
+# processor, and bitsandbytes' kernel notice by re-running its CPU backend as on a CPU with AVX512-BF16.
+# diffusers' from_config deprecation as EMAModel.from_pretrained raises it. Then one real warning on each of the
+# same loggers, and a FutureWarning, which must still show.
+SCRIPT = '''import importlib, logging, warnings
+import utils  # what every project package imports first
+import transformers
+transformers.CLIPImageProcessor
+import bitsandbytes, bitsandbytes.functional
+bitsandbytes.functional.has_avx512bf16 = lambda: True
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the reload re-registers bitsandbytes' kernels
+    importlib.reload(bitsandbytes.backends.cpu.ops)
+from diffusers.utils import deprecate
+deprecate("config-passed-as-path", "1.0.0", "It is deprecated to pass a pretrained model name or path to "
+          "`from_config`. (as diffusers' EMAModel.from_pretrained does)", standard_warn=False)
+for name in ("transformers.utils.import_utils", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(name).warning("a real warning from %s", name)
+warnings.warn("a real FutureWarning", FutureWarning)
+'''
+# The notices as the issue (and a resumed run's log) quote them.
+QUOTED = ("Failed to load CPU gemm_4bit_forward from kernels-community", "CLIPImageProcessor` requires torchvision",
+          "It is deprecated to pass a pretrained model name or path to `from_config`")
+
+
+def test_notices_silenced_real_warnings_kept():
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for text in QUOTED + tuple(fragment for _, fragment in NOTICES):
+        assert text not in done.stderr, done.stderr[-3000:]
+    for _, start in WARNINGS:
+        assert start not in done.stderr, done.stderr[-3000:]
+    for name, _ in NOTICES:
+        assert f"a real warning from {name}" in done.stderr
+    assert "a real FutureWarning" in done.stderr
