@@ -388,7 +388,7 @@ def evaluate(check: Check) -> str:
     expect(report["settings"]["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[check.precision],
            f"settings dtype {report['settings'].get('dtype')}")
     expect_not_black(sorted((eval_dir / "generated").glob("*.png")), "evaluated images")
-    return f"{report['device']}, FID {report['fid']:.1f}"
+    return f"{report['settings']['device']}, FID {report['fid']:.1f}"
 
 
 @row("SD1.5-shaped 512 px, --use_8bit_adam --offload_ema: fits the README's 16 GB row", cuda_only=True)
