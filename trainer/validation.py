@@ -91,18 +91,22 @@ def validate_during_training(accelerator, components, unet, ema, scheduler, args
     """Validate with the EMA weights swapped in, then put the training weights back untouched."""
     from diffusers import StableDiffusionPipeline
 
+    from trainer.models import trainable_parameters
+
     model = accelerator.unwrap_model(unet)
+    text_encoder = accelerator.unwrap_model(components.text_encoder)
+    params = trainable_parameters(model, text_encoder)  # what the EMA averages: all UNet weights, or the LoRA ones
     pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=model,
+        vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer, unet=model,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if ema is None:
         return validate(accelerator, pipeline, args, step, weight_dtype)
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
+    ema.store(params)
+    ema.copy_to(params)
     try:
         return validate(accelerator, pipeline, args, step, weight_dtype)
     finally:
-        ema.restore(model.parameters())
+        ema.restore(params)
 
 
 def save_grid(images: Sequence, output_dir: Path) -> Path:
