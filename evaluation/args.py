@@ -19,6 +19,8 @@ def build_parser() -> ArgumentParser:
                                             "pipeline beside the checkpoint, else SD1.5)")
     model.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
                        help="checkpoint UNet to use: auto = unet_ema/ when present, else unet/")
+    model.add_argument("--lora_scale", type=float, default=1.0,
+                       help="strength of a LoRA run's adapters (1 = as trained)")
     model.add_argument("--scheduler", help="sampling scheduler by name (default: the model's own)")
     model.add_argument("--device", help="cpu or cuda (default: cuda when available; fp16 on cuda, fp32 on cpu)")
     data = parser.add_argument_group("held-out data (one of)")
@@ -59,6 +61,7 @@ def check_args(args) -> None:
     if args.resolution <= 0 or args.resolution % LATENT_MULTIPLE:
         raise UsageError(f"--resolution {args.resolution} must be a positive multiple of {LATENT_MULTIPLE}")
     check_finite("--guidance_scale", args.guidance_scale)
+    check_finite("--lora_scale", args.lora_scale)
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
 

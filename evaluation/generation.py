@@ -59,7 +59,8 @@ def settings_from_args(args) -> dict:
     return {"model": str(Path(args.model).resolve()), "base_model": args.base_model, "weights": args.weights,
             "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "resolution": args.resolution, "seed": args.seed,
-            "caption_index": args.caption_index, "data": str(Path(source).resolve())}
+            "caption_index": args.caption_index, "data": str(Path(source).resolve()),
+            "lora_scale": args.lora_scale}
 
 
 def missing_rows(rows: Sequence[EvalRow], generated_dir: Path) -> List[EvalRow]:

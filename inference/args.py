@@ -22,6 +22,8 @@ def build_parser() -> ArgumentParser:
                              f"finished, else {DEFAULT_BASE_MODEL})")
     parser.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
                         help="for a checkpoint: its unet_ema/ (ema), its unet/ (unet), or auto = EMA when present")
+    parser.add_argument("--lora_scale", type=float, default=1.0,
+                        help="strength of a LoRA run's adapters (1 = as trained, 0 = the base model alone)")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat the flag for several")
     parser.add_argument("--prompts_file", default=None, help="UTF-8 text file, one prompt per line (blank lines skipped)")
     parser.add_argument("--negative_prompt", default=None, help="what to steer away from, for every image")
@@ -50,6 +52,7 @@ def check_args(args) -> None:
     check_at_least("--num_inference_steps", args.num_inference_steps, 1)
     check_at_least("--batch_size", args.batch_size, 1)
     check_finite("--guidance_scale", args.guidance_scale)
+    check_finite("--lora_scale", args.lora_scale)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
