@@ -219,10 +219,16 @@ def load_source(source: ModelSource, device, dtype, scheduler: Optional[str] = N
 
 def load_lora(pipeline, source: ModelSource) -> None:
     """diffusers' own load_lora_weights (the file's config sets alpha), at --lora_scale; the trained target."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # else a UNet-only file gets a notice that it has no text-encoder keys
     try:
         pipeline.load_lora_weights(str(source.lora), adapter_name=LORA_ADAPTER_NAME)
     except (OSError, ValueError, KeyError) as err:
         raise load_failure(source.lora, err) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if source.lora_scale != 1.0:
         pipeline.set_adapters([LORA_ADAPTER_NAME], adapter_weights=[source.lora_scale])
     if source.prediction_type is not None:
