@@ -74,8 +74,18 @@ def add_adapter(model, config, flag_value: str, what: str) -> None:
 
 def freeze_and_cast(model, weight_dtype: torch.dtype, device) -> None:
     """Freeze a base model and store it in the run's weight dtype on the device (saves memory under fp16/bf16)."""
+    from diffusers.utils import logging as diffusers_logging
+
     model.requires_grad_(False)
-    model.to(device) if weight_dtype == torch.float32 else model.to(device, dtype=weight_dtype)
+    if weight_dtype == torch.float32:
+        model.to(device)
+        return
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its notice about modules kept in fp32 fires even when there are none
+    try:
+        model.to(device, dtype=weight_dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def upcast_adapters(*models) -> None:
@@ -97,8 +107,9 @@ def apply_lora(args, components, weight_dtype: torch.dtype, device) -> LoraSetup
         text_encoder_config = make_config(args, list(TEXT_ENCODER_TARGETS))
         add_adapter(components.text_encoder, text_encoder_config, "q_proj,k_proj,v_proj,out_proj", "text encoder")
         components.text_encoder.train()
-    upcast_adapters(components.unet, components.text_encoder if text_encoder_config else None)
-    params = trainable_parameters(components.unet, components.text_encoder)
+    trained_text_encoder = components.text_encoder if text_encoder_config else None
+    upcast_adapters(components.unet, trained_text_encoder)
+    params = trainable_parameters(components.unet, trained_text_encoder)
     get_logger().info("LoRA rank %d, alpha %g on %s: %d trainable parameters", args.lora_rank, lora_alpha(args),
                       ", ".join(unet_config.target_modules), sum(p.numel() for p in params))
     return LoraSetup(unet_config, text_encoder_config, params)
