@@ -15,6 +15,8 @@ Configurations:
        vae_realistic  SD1.5's VAE (83.7M parameters, random weights) + a small UNet (23.6M) at 256 px;
                       bar: cached loop >= 1.3x the uncached loop
   GPU  sd15           SD1.5-shaped UNet, VAE and text encoder at 512 px, fp16, through every memory mode
+LoRA rows: the same runs with --lora_rank 16 --learning_rate 1e-4 (adapters on the attention projections, EMA of
+the adapters), beside the full fine-tune at the same cache setting; bar on vae_realistic: LoRA samples/s >= full.
 Run: python bench/bench_train.py [--configs tiny vae_realistic] [--max_attempts 3] [--work_dir DIR]
 """
 
@@ -49,6 +51,8 @@ SEED_FLAGS = ["--train_batch_size", "1", "--gradient_accumulation_steps", str(GR
 LOOP_RE = re.compile(r"Training loop: (\d+) optimizer steps in ([\d.]+) s: ([\d.]+) steps/s, ([\d.]+) samples/s"
                      r"(?:, peak CUDA memory allocated ([\d.]+) GiB)?")
 BUILD_RE = re.compile(r"Latent cache built in ([\d.]+) s")
+LORA_RANK = 16
+LORA_FLAGS = ["--lora_rank", str(LORA_RANK), "--learning_rate", "1e-4"]
 
 
 @dataclass(frozen=True)
@@ -160,13 +164,13 @@ def run_trainer(command: list, output: Path) -> RunResult:
                      others_cores=max(0.0, busy_after - busy_before - cpu_s) / seconds)
 
 
-def quiet_pair(make_command, output: Path, args) -> tuple:
+def quiet_pair(make_command, output: Path, args, extra: Sequence[str] = ()) -> tuple:
     """(uncached, cached) results, repeating the pair until both runs were quiet or attempts run out."""
     pairs = []
     for _ in range(args.max_attempts):
-        uncached = run_trainer(make_command(output / "uncached", []), output / "uncached")
+        uncached = run_trainer(make_command(output / "uncached", [*extra]), output / "uncached")
         shutil.rmtree(output / "cache", ignore_errors=True)  # the cached run pays for its build every time
-        cached = run_trainer(make_command(output / "cached", ["--cache_latents", "--latents_cache_dir",
+        cached = run_trainer(make_command(output / "cached", [*extra, "--cache_latents", "--latents_cache_dir",
                                                               str(output / "cache")]), output / "cached")
         pairs.append((uncached, cached))
         if max(uncached.others_cores, cached.others_cores) <= args.max_background:
@@ -202,6 +206,18 @@ def cpu_report(name: str, config: Config, steps: int, uncached: RunResult, cache
     return lines
 
 
+def lora_report(name: str, full: tuple, lora: tuple, max_background: float) -> List[str]:
+    """LoRA rows beside the full fine-tune's, per cache setting, with the vae_realistic bar."""
+    lines = [describe(f"LoRA r{LORA_RANK} uncached", lora[0]), describe(f"LoRA r{LORA_RANK} cached", lora[1])]
+    ratios = [lora_run.samples_per_s / full_run.samples_per_s for full_run, lora_run in zip(full, lora)]
+    lines.append(f"    ratio LoRA/full samples/s: uncached {ratios[0]:.2f}x, cached {ratios[1]:.2f}x")
+    if name == "vae_realistic":
+        lines.append(f"    bar: LoRA samples/s >= full fine-tune's: {'PASS' if min(ratios) >= 1 else 'FAIL'}")
+    if max(run.others_cores for run in lora) > max_background:
+        lines.append(f"    NOT QUIET (LoRA runs): other processes used more than {max_background} cores")
+    return lines
+
+
 def gpu_report(config: Config, steps: int, model: Path, data: Path, work: Path, args) -> List[str]:
     """Every memory mode with the cache, plus the uncached default, at 512 px fp16: one table."""
     command = partial(trainer_command, model, data, config, steps)
@@ -218,6 +234,12 @@ def gpu_report(config: Config, steps: int, model: Path, data: Path, work: Path, 
         lines.append(f"    | {mode} | yes | {result.samples_per_s:.2f} | {result.steps_per_s:.3f} | "
                      f"{result.peak_cuda_gib:.2f} |")
     lines.append(f"    caching: {cached.samples_per_s / uncached.samples_per_s:.2f}x samples/s (goal >= 1.4x)")
+    for label, flags in ((f"LoRA r{LORA_RANK}", LORA_FLAGS), (f"LoRA r{LORA_RANK} + 8-bit AdamW",
+                                                              [*LORA_FLAGS, "--use_8bit_adam"])):
+        result = run_trainer(command(work / "lora", [*flags, "--cache_latents", "--latents_cache_dir",
+                                                     str(work / "cache")]), work / "lora")
+        lines.insert(-1, f"    | {label} | yes | {result.samples_per_s:.2f} | {result.steps_per_s:.3f} | "
+                         f"{result.peak_cuda_gib:.2f} |")
     return lines
 
 
@@ -238,9 +260,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if config.mixed_precision == "fp16":
             lines += gpu_report(config, steps, model, data, work, args)
             continue
-        lines += cpu_report(name, config, steps,
-                            *quiet_pair(partial(trainer_command, model, data, config, steps), work, args),
-                            args.max_background)
+        make_command = partial(trainer_command, model, data, config, steps)
+        full = quiet_pair(make_command, work, args)
+        lines += cpu_report(name, config, steps, *full, args.max_background)
+        lines += lora_report(name, full, quiet_pair(make_command, work / "lora", args, LORA_FLAGS), args.max_background)
     print("\n".join(["----- bench_train results -----", *lines, "-" * 31]))
     shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -301,8 +301,8 @@ def save_final(run, output_dir: Path):
     from trainer.models import move_frozen
 
     accelerator, args, setup = run.accelerator, run.args, run.lora
-    unet = accelerator.unwrap_model(run.unet)
-    text_encoder = accelerator.unwrap_model(run.components.text_encoder)
+    unet = accelerator.unwrap_model(run.unet).eval()  # training is over: no LoRA dropout in the final validation
+    text_encoder = accelerator.unwrap_model(run.components.text_encoder).eval()
     path = save_diffusers_file(output_dir, unet, text_encoder, setup)
     kohya = save_kohya_file(output_dir / KOHYA_WEIGHTS_FILENAME, unet, text_encoder, setup, lora_alpha(args))
     write_run_record(output_dir, args)

@@ -88,6 +88,19 @@ def frozen_models_on(components: Components, device, enabled: bool = True):
         move_frozen(components, "cpu")
 
 
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Put modules in eval mode for the block (LoRA dropout off while sampling), then restore each one's mode."""
+    modes = [(module, module.training) for module in modules if module is not None]
+    for module, _ in modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
 def configure_unet(unet, gradient_checkpointing: bool, xformers: bool) -> None:
     """Memory options: gradient checkpointing, and xformers attention only when asked (SDPA otherwise)."""
     if gradient_checkpointing:
