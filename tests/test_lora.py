@@ -9,7 +9,7 @@ import torch
 
 from trainer import lora
 from trainer.args import parse_args
-from trainer.models import Components, trainable_parameters
+from trainer.models import Components, ema_weights, trainable_parameters
 from trainer.tiny_model import build_text_encoder, build_tokenizer, build_unet
 from utils.cli import UsageError
 
@@ -129,7 +129,7 @@ def test_ema_weights_swap_and_restore():
     ema = EMAModel([param])
     with torch.no_grad():
         param.add_(1.0)
-    with lora.ema_weights(ema, [param]):
+    with ema_weights(ema, [param]):
         assert torch.equal(param.data, torch.zeros(3))
     assert torch.equal(param.data, torch.ones(3))
 

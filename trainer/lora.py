@@ -7,7 +7,6 @@ pytorch_lora_weights.safetensors (diffusers' format, with its peft config as met
 the trained strength), a kohya-format copy for A1111/ComfyUI, and lora_run.json naming the base model.
 """
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -126,20 +125,6 @@ def build_ema(params, foreach: bool, offload: bool, device):
     return ema
 
 
-@contextlib.contextmanager
-def ema_weights(ema, params):
-    """Swap the EMA values into params for the block, then put the training values back (no-op without EMA)."""
-    if ema is None:
-        yield
-        return
-    ema.store(params)
-    ema.copy_to(params)
-    try:
-        yield
-    finally:
-        ema.restore(params)
-
-
 def adapter_state(model) -> dict:
     """The adapter weights of a peft-wrapped model, with diffusers' key names (no adapter name)."""
     from peft.utils import get_peft_model_state_dict
@@ -255,8 +240,8 @@ def make_state_hooks(accelerator, ema, setup: LoraSetup, args):
     """accelerate hooks that store only the adapters (and their EMA) in a checkpoint, each as a loadable LoRA file."""
     from diffusers import UNet2DConditionModel
 
-    from trainer.models import place_ema
     from diffusion_model.atomic import write_json_atomic
+    from trainer.models import ema_weights, place_ema
 
     def split(models):
         """(unet, text encoder) among the prepared models, unwrapped."""

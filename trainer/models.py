@@ -101,6 +101,20 @@ def eval_mode(*modules):
             module.train(training)
 
 
+@contextlib.contextmanager
+def ema_weights(ema, params):
+    """Swap the EMA values into params for the block, then put the training values back (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
 def configure_unet(unet, gradient_checkpointing: bool, xformers: bool) -> None:
     """Memory options: gradient checkpointing, and xformers attention only when asked (SDPA otherwise)."""
     if gradient_checkpointing:

@@ -91,7 +91,7 @@ def validate_during_training(accelerator, components, unet, ema, scheduler, args
     """Validate with the EMA weights swapped in, then put the training weights back untouched."""
     from diffusers import StableDiffusionPipeline
 
-    from trainer.models import eval_mode, trainable_parameters
+    from trainer.models import ema_weights, eval_mode, trainable_parameters
 
     model = accelerator.unwrap_model(unet)
     text_encoder = accelerator.unwrap_model(components.text_encoder)
@@ -99,15 +99,8 @@ def validate_during_training(accelerator, components, unet, ema, scheduler, args
     pipeline = StableDiffusionPipeline(
         vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer, unet=model,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    with eval_mode(model, text_encoder):
-        if ema is None:
-            return validate(accelerator, pipeline, args, step, weight_dtype)
-        ema.store(params)
-        ema.copy_to(params)
-        try:
-            return validate(accelerator, pipeline, args, step, weight_dtype)
-        finally:
-            ema.restore(params)
+    with eval_mode(model, text_encoder), ema_weights(ema, params):
+        return validate(accelerator, pipeline, args, step, weight_dtype)
 
 
 def save_grid(images: Sequence, output_dir: Path) -> Path:
