@@ -153,3 +153,17 @@ def test_lora_flag_mistakes_are_one_line(flags, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_gradients_reach_every_adapter_under_gradient_checkpointing():
+    """With the base frozen and --gradient_checkpointing, every lora_B still gets a non-zero gradient."""
+    components = tiny_components()
+    setup = lora.apply_lora(lora_args(), components, torch.float32, "cpu")
+    components.unet.enable_gradient_checkpointing()
+    components.unet.train()
+    torch.manual_seed(0)
+    latents, states = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    components.unet(latents, torch.tensor([10]), states).sample.square().mean().backward()
+    b_grads = [p.grad for n, p in components.unet.named_parameters() if ".lora_B." in n]
+    assert len(b_grads) == len(setup.params) // 2
+    assert all(g is not None and g.abs().sum() > 0 for g in b_grads)
