@@ -167,3 +167,26 @@ def test_gradients_reach_every_adapter_under_gradient_checkpointing():
     b_grads = [p.grad for n, p in components.unet.named_parameters() if ".lora_B." in n]
     assert len(b_grads) == len(setup.params) // 2
     assert all(g is not None and g.abs().sum() > 0 for g in b_grads)
+
+
+def test_saved_file_loads_without_dropout(tmp_path, tiny_model_dir):
+    """Trained with dropout, the file's config says 0, so diffusers' loader draws the same image twice."""
+    from diffusers import StableDiffusionPipeline
+
+    args = lora_args(lora_dropout=0.5, pretrained_model_name_or_path=str(tiny_model_dir))
+    components = tiny_components()
+    setup = lora.apply_lora(args, components, torch.float32, "cpu")
+    assert lora.config_metadata(setup.unet_config)["lora_dropout"] == 0.0
+    for p in setup.params:
+        torch.nn.init.normal_(p, std=0.3)
+    lora.save_diffusers_file(tmp_path, components.unet, None, setup)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_lora_weights(tmp_path)
+
+    def draw():
+        """One seeded 16 px image."""
+        return pipeline("a field", num_inference_steps=2, height=16, width=16, output_type="np",
+                        generator=torch.Generator("cpu").manual_seed(0)).images[0]
+
+    assert (draw() == draw()).all()

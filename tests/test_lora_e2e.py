@@ -83,7 +83,8 @@ def lora_command(model, data, output, *extra) -> list:
 # on the final weights.
 FEATURES = ["--lora_alpha", 8, "--lora_dropout", 0.1, "--lora_target_modules", "all_linear", "--use_ema",
             "--cache_latents", "--use_8bit_adam", "--snr_gamma", 5, "--prediction_type", "v_prediction",
-            "--max_train_samples", 4, "--validation_prompt", PROMPT, "--checkpointing_steps", 2]
+            "--max_train_samples", 4, "--validation_prompt", PROMPT, "--checkpointing_steps", 2,
+            "--learning_rate", "2e-3"]
 RUN_TIMEOUT_S = 900  # a tiny run takes ~20 s alone; the margin is for a machine shared with other work
 
 
@@ -270,9 +271,9 @@ def test_alpha_not_rank_loads_at_the_trained_strength(runs, base_model):
         image = (sample(pipeline, steps=20) * 255).round().reshape(-1, 3)
         return torch.tensor(image, dtype=torch.float)
 
-    # The same up to float noise over 20 steps; alpha read as the rank (scale 0.5 here) is far off.
+    # The same pixels (dropout off when loaded); alpha read as the rank (scale 0.5 here) is far off.
     trained_strength, half_strength = (drawn(1.0) - trained).abs(), (drawn(0.5) - trained).abs()
-    assert trained_strength.max() <= 3 and trained_strength.mean() * 10 < half_strength.mean()
+    assert trained_strength.max() <= 1 and half_strength.mean() > 1
 
 
 def test_text_encoder_dora_bf16_run_loads_with_both_parts(runs, base_model):

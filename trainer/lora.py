@@ -133,10 +133,15 @@ def adapter_state(model) -> dict:
 
 
 def config_metadata(config) -> Optional[dict]:
-    """A LoraConfig as JSON-able metadata (diffusers reads rank, alpha, targets, DoRA from it when loading)."""
+    """A LoraConfig as JSON-able metadata (diffusers reads rank, alpha, targets, DoRA from it when loading).
+
+    Dropout is written as 0: it is a training setting, and diffusers' loader builds the dropout layers in
+    training mode, so every image drawn with the file would get random dropout noise.
+    """
     if config is None:
         return None
-    return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    metadata = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    return {**metadata, "lora_dropout": 0.0}
 
 
 def save_diffusers_file(folder: Path, unet, text_encoder, setup: LoraSetup) -> Path:
