@@ -14,7 +14,7 @@ def build_parser() -> ArgumentParser:
     """All of evaluate.py's flags."""
     parser = ArgumentParser(description="Generate one image per held-out caption and measure FID and CLIP score.")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="a training OUTPUT_DIR (saved pipeline) or a checkpoint-N dir")
+    model.add_argument("--model", required=True, help="a training OUTPUT_DIR (saved pipeline or LoRA run) or a checkpoint-N dir")
     model.add_argument("--base_model", help="pipeline a checkpoint's UNet goes into (default: the run's own "
                                             "pipeline beside the checkpoint, else SD1.5)")
     model.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
