@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     inception, clip = inception_info(inception_path), clip_info(clip_path)
 
     # The model to evaluate; its settings are kept beside the images, so a rerun with others is refused.
-    pipeline = load_pipeline(args.model, args.base_model, device, dtype, args.scheduler, args.weights)
+    pipeline = load_pipeline(args.model, args.base_model, device, dtype, args.scheduler, args.weights,
+                             args.lora_scale)
     record_settings(generated_dir, settings, args.overwrite)
     clock["loaded"] = time.monotonic()
 

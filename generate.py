@@ -25,7 +25,8 @@ def settings_record(args, source, pipeline, device, dtype) -> dict:
             "guidance_scale": args.guidance_scale, "scheduler": type(pipeline.scheduler).__name__,
             "model": args.model, "pipeline": source.pipeline,
             "unet": str(source.unet) if source.unet is not None else None, "weights": source.weights,
-            "device": device.type, "dtype": str(dtype).replace("torch.", "")}
+            "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "lora": str(source.lora) if source.lora is not None else None, "lora_scale": source.lora_scale}
 
 
 def main(argv=None) -> int:
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
 
     # What draws it and where it goes; every flag is checked before --overwrite deletes a previous run's images.
     device, dtype = pick_device(args.device, args.dtype)
-    source = resolve_model(args.model, args.base_model, args.weights)
+    source = resolve_model(args.model, args.base_model, args.weights, args.lora_scale)
     output_dir = prepare_output_dir(args.output_dir, args.overwrite)
     quiet_libraries()
     from inference.pipeline import generate, load_source

@@ -17,6 +17,9 @@
 #                 traceback; the trainer's checks run once before any process starts              (default: python)
 #   ACCELERATE    run this accelerate command's `launch` instead (e.g. another install); failures then also show
 #                 accelerate's own traceback                                                    (default: unset)
+#   LORA_RANK     a number (e.g. 16): train LoRA adapters of that rank instead of the whole UNet, at
+#                 --learning_rate=1e-4 and without EMA (add --use_ema to keep one); the output is
+#                 OUTPUT_DIR/pytorch_lora_weights.safetensors plus a kohya-format copy       (default: unset, full)
 #   CACHE_LATENTS 1: --cache_latents --center_crop (encode images and captions once, before training: faster
 #                 steps; the centre crop equals any crop for create.py's square images at --resolution=512);
 #                 0: encode every step with random crops, as the reference does                 (default: 1)
@@ -35,6 +38,7 @@ PUSH_TO_HUB="${PUSH_TO_HUB:-1}"
 CACHE_LATENTS="${CACHE_LATENTS:-1}"
 PYTHON="${PYTHON:-python}"
 ACCELERATE="${ACCELERATE:-}"
+LORA_RANK="${LORA_RANK:-}"
 METADATA=metadata.jsonl
 
 # One line on stderr and exit 2, like every other usage error of the project.
@@ -71,6 +75,9 @@ check_settings() {
     0 | 1) ;;
     *) die "CACHE_LATENTS '$CACHE_LATENTS' must be 1 or 0." ;;
   esac
+  if [[ -n "$LORA_RANK" && ! "$LORA_RANK" =~ ^[1-9][0-9]*$ ]]; then
+    die "LORA_RANK '$LORA_RANK' must be a whole number of at least 1 (e.g. 16), or unset for a full fine-tune."
+  fi
   if [[ -n "${ACCELERATE_CONFIG_FILE:-}" && ! -f "$ACCELERATE_CONFIG_FILE" ]]; then
     die "ACCELERATE_CONFIG_FILE '$ACCELERATE_CONFIG_FILE' does not exist."
   fi
@@ -118,7 +125,13 @@ main() {
   check_settings
   check_data_dir
   refuse_token_args "$@"
-  local -a launcher train_args launch_args
+  local -a launcher train_args launch_args ema_flag=(--use_ema)
+  local learning_rate=1e-06
+  # LoRA trains far fewer weights, so it takes a ~100x higher learning rate; its EMA is opt-in (--use_ema).
+  if [[ -n "$LORA_RANK" ]]; then
+    ema_flag=()
+    learning_rate=1e-04
+  fi
   if [[ -n "$ACCELERATE" ]]; then
     read -r -a launcher <<<"$ACCELERATE"
     command -v "${launcher[0]}" >/dev/null || die "ACCELERATE '${launcher[0]}' not found."
@@ -130,11 +143,12 @@ main() {
   train_args=(
     --pretrained_model_name_or_path="$MODEL_NAME" --train_data_dir="$DATA_DIR" --output_dir="$OUTPUT_DIR"
     --resolution=512 --train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing
-    --mixed_precision=fp16 --use_ema
-    --max_train_steps=3500 --learning_rate=1e-06 --max_grad_norm=1 --lr_scheduler=constant --lr_warmup_steps=0
+    --mixed_precision=fp16 "${ema_flag[@]}"
+    --max_train_steps=3500 --learning_rate="$learning_rate" --max_grad_norm=1 --lr_scheduler=constant --lr_warmup_steps=0
     --checkpointing_steps=500 --validation_prompt="A satellite image of a crop field" --validation_epochs=10
     --report_to="$REPORT_TO"
   )
+  [[ -n "$LORA_RANK" ]] && train_args+=(--lora_rank="$LORA_RANK")
   [[ "$PUSH_TO_HUB" == 1 ]] && train_args+=(--push_to_hub)
   [[ "$CACHE_LATENTS" == 1 ]] && train_args+=(--center_crop --cache_latents)
   mapfile -t launch_args < <(launch_options "$(last_mixed_precision "${train_args[@]}" "$@")")

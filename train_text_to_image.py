@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from trainer import data, export, latent_cache, loop, models
+    from trainer import data, export, latent_cache, lora, loop, models
     from trainer.checkpoints import register_state_hooks
     from trainer.loss import LossOptions, SkippedSteps, TrainingDiverged
     from trainer.validation import load_inference_scheduler
@@ -51,13 +51,16 @@ def main(argv=None) -> int:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # Config: precision of the frozen parts; the UNet keeps fp32 master weights under autocast.
+    # Config: precision of the frozen parts; the UNet keeps fp32 master weights under autocast. With --lora_rank
+    # the UNet is frozen in the weight dtype too and only fp32 adapters train.
     weight_dtype = models.weight_dtype_for(accelerator.mixed_precision)
     components = models.load_components(args, weight_dtype, accelerator.device)
+    lora_setup = lora.apply_lora(args, components, weight_dtype, accelerator.device) if args.lora_rank else None
+    trainable = lora_setup.params if lora_setup else models.trainable_parameters(components.unet)
     models.configure_unet(components.unet, args.gradient_checkpointing,
                           args.enable_xformers_memory_efficient_attention)
-    ema = models.build_ema(args, components.unet, accelerator.device) if args.use_ema else None
-    register_state_hooks(accelerator, ema, args.offload_ema)
+    ema = models.build_ema(args, components.unet, accelerator.device, lora_setup) if args.use_ema else None
+    register_state_hooks(accelerator, ema, args.offload_ema, lora_setup, args)
 
     # Data; with --cache_latents the frozen encoders run once here, then leave the accelerator.
     num_workers = data.resolve_num_workers(args.dataloader_num_workers, accelerator.num_processes)
@@ -75,13 +78,15 @@ def main(argv=None) -> int:
     # Optimizer and schedule
     plan = loop.plan_steps(len(dataloader), accelerator.num_processes, args.gradient_accumulation_steps,
                            args.max_train_steps, args.num_train_epochs, args.lr_warmup_steps)
-    optimizer = models.build_optimizer(args, components.unet.parameters(),
+    optimizer = models.build_optimizer(args, trainable,
                                        models.learning_rate(args, accelerator.num_processes), accelerator.device.type)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=plan.scheduler_warmup_steps,
                                  num_training_steps=plan.scheduler_total_steps)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
+    if args.train_text_encoder_lora:  # trained, so it joins the gradient sync; the loss then runs it wrapped
+        components.text_encoder = accelerator.prepare(components.text_encoder)
     loop.init_trackers(accelerator, args)
     skipped = SkippedSteps()
     accelerator.register_for_checkpointing(skipped)  # skipped updates consumed data: resume needs their count
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
     run = loop.TrainingRun(accelerator, args, components, unet, optimizer, lr_scheduler, dataloader, ema, plan,
                            weight_dtype, load_inference_scheduler(args.pretrained_model_name_or_path,
                                                                   args.revision, args.prediction_type),
-                           LossOptions.from_args(args), skipped)
+                           LossOptions.from_args(args), trainable, lora_setup, skipped)
     try:
         global_step = loop.train(run, global_step)
     except TrainingDiverged as err:

@@ -21,6 +21,8 @@ Configurations:
        vae_realistic  SD1.5's VAE (83.7M parameters, random weights) + a small UNet (23.6M) at 256 px;
                       bar: cached loop >= 1.3x the uncached loop
   GPU  sd15           SD1.5-shaped UNet, VAE and text encoder at 512 px, fp16, through every memory mode
+LoRA rows: the same runs with --lora_rank 16 --learning_rate 1e-4 (adapters on the attention projections, EMA of
+the adapters), beside the full fine-tune at the same cache setting; bar on vae_realistic: LoRA samples/s >= full.
 Run: python bench/bench_train.py [--configs tiny vae_realistic] [--max_attempts 3] [--work_dir DIR]
 """
 
@@ -57,6 +59,8 @@ LOOP_RE = re.compile(r"Training loop: (\d+) optimizer steps in ([\d.]+) s: ([\d.
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
 STEP_TAG = "train_loss"  # logged at every optimizer step
 BUILD_RE = re.compile(r"Latent cache built in ([\d.]+) s")
+LORA_RANK = 16
+LORA_FLAGS = ["--lora_rank", str(LORA_RANK), "--learning_rate", "1e-4"]
 
 
 @dataclass(frozen=True)
@@ -206,13 +210,13 @@ def run_trainer(command: list, output: Path) -> RunResult:
                      others_cores=max(0.0, busy_after - busy_before - cpu_s) / seconds)
 
 
-def quiet_pair(make_command, output: Path, args) -> tuple:
+def quiet_pair(make_command, output: Path, args, extra: Sequence[str] = ()) -> tuple:
     """(uncached, cached) results, repeating the pair until both runs were quiet or attempts run out."""
     pairs = []
     for _ in range(args.max_attempts):
-        uncached = run_trainer(make_command(output / "uncached", []), output / "uncached")
+        uncached = run_trainer(make_command(output / "uncached", [*extra]), output / "uncached")
         shutil.rmtree(output / "cache", ignore_errors=True)  # the cached run pays for its build every time
-        cached = run_trainer(make_command(output / "cached", ["--cache_latents", "--latents_cache_dir",
+        cached = run_trainer(make_command(output / "cached", [*extra, "--cache_latents", "--latents_cache_dir",
                                                               str(output / "cache")]), output / "cached")
         pairs.append((uncached, cached))
         if max(uncached.others_cores, cached.others_cores) <= args.max_background:
@@ -265,6 +269,18 @@ def gpu_row(mode: str, cache: str, result) -> str:
             f"{result.peak_cuda_gib:.2f} | {result.peak_reserved_gib:.2f} |")
 
 
+def lora_report(name: str, full: tuple, lora: tuple, max_background: float) -> List[str]:
+    """LoRA rows beside the full fine-tune's, per cache setting, with the vae_realistic bar."""
+    lines = [describe(f"LoRA r{LORA_RANK} uncached", lora[0]), describe(f"LoRA r{LORA_RANK} cached", lora[1])]
+    ratios = [lora_run.samples_per_s / full_run.samples_per_s for full_run, lora_run in zip(full, lora)]
+    lines.append(f"    ratio LoRA/full samples/s: uncached {ratios[0]:.2f}x, cached {ratios[1]:.2f}x")
+    if name == "vae_realistic":
+        lines.append(f"    bar: LoRA samples/s >= full fine-tune's: {'PASS' if min(ratios) >= 1 else 'FAIL'}")
+    if max(run.others_cores for run in lora) > max_background:
+        lines.append(f"    NOT QUIET (LoRA runs): other processes used more than {max_background} cores")
+    return lines
+
+
 def gpu_report(config: Config, steps: int, model: Path, data: Path, work: Path, args) -> List[str]:
     """Every memory mode with the cache, plus the uncached default, at 512 px fp16: one table."""
     command = partial(trainer_command, model, data, config, steps)
@@ -275,6 +291,9 @@ def gpu_report(config: Config, steps: int, model: Path, data: Path, work: Path, 
             ("AdamW fused (auto)", "yes", attempt(command(work / "cached", cache), work / "cached"))]
     for mode, flags in list(MEMORY_MODES.items())[1:]:
         rows.append((mode, "yes", attempt(command(work / "mode", [*flags, *cache]), work / "mode")))
+    for label, flags in ((f"LoRA r{LORA_RANK}", LORA_FLAGS),
+                         (f"LoRA r{LORA_RANK} + 8-bit AdamW", [*LORA_FLAGS, "--use_8bit_adam"])):
+        rows.append((label, "yes", attempt(command(work / "lora", [*flags, *cache]), work / "lora")))
     cached = rows[1][2]
     build = f"; cache build {cached.build_s:.1f} s" if not isinstance(cached, str) else ""
     lines = [f"  sd15: {config.resolution} px fp16, {steps} optimizer steps (timed after the first){build}",
@@ -302,13 +321,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if config.mixed_precision == "fp16":
             lines += gpu_report(config, steps, model, data, work, args)
             continue
+        make_command = partial(trainer_command, model, data, config, steps)
         try:
-            pair = quiet_pair(partial(trainer_command, model, data, config, steps), work, args)
+            full = quiet_pair(make_command, work, args)
+            lora = quiet_pair(make_command, work / "lora", args, LORA_FLAGS)
         except RunFailed as failure:
             print(f"bench_train: {name}: {failure}", file=sys.stderr)
             lines.append(f"  {name}: {failure.cell}")
             continue
-        lines += cpu_report(name, config, steps, *pair, args.max_background)
+        lines += cpu_report(name, config, steps, *full, args.max_background)
+        lines += lora_report(name, full, lora, args.max_background)
     print("\n".join(["----- bench_train results -----", *lines, "-" * 31]))
     shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -15,11 +15,13 @@ def build_parser() -> ArgumentParser:
     """All of evaluate.py's flags."""
     parser = ArgumentParser(description="Generate one image per held-out caption and measure FID and CLIP score.")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="a training OUTPUT_DIR (saved pipeline) or a checkpoint-N dir")
+    model.add_argument("--model", required=True, help="a training OUTPUT_DIR (saved pipeline or LoRA run) or a checkpoint-N dir")
     model.add_argument("--base_model", help="pipeline a checkpoint's UNet goes into (default: the run's own "
                                             "pipeline beside the checkpoint, else SD1.5)")
     model.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
                        help="checkpoint UNet to use: auto = unet_ema/ when present, else unet/")
+    model.add_argument("--lora_scale", type=float, default=1.0,
+                       help="strength of a LoRA run's adapters (1 = as trained)")
     model.add_argument("--scheduler", help="sampling scheduler by name (default: the model's own)")
     model.add_argument("--device", help="cpu or cuda (default: cuda when available; fp16 on cuda, fp32 on cpu)")
     model.add_argument("--dtype", choices=list(DTYPES), default="auto",
@@ -70,6 +72,7 @@ def check_args(args) -> None:
     if args.resolution <= 0 or args.resolution % LATENT_MULTIPLE:
         raise UsageError(f"--resolution {args.resolution} must be a positive multiple of {LATENT_MULTIPLE}")
     check_finite("--guidance_scale", args.guidance_scale)
+    check_finite("--lora_scale", args.lora_scale)
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
 

@@ -63,7 +63,7 @@ def settings_from_args(args, device, dtype) -> dict:
             "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "resolution": args.resolution, "seed": args.seed,
             "caption_index": args.caption_index, "data": str(Path(source).resolve()) + input_split(args),
-            "device": device.type, "dtype": str(dtype).replace("torch.", "")}
+            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "lora_scale": args.lora_scale}
 
 
 def input_split(args) -> str:

@@ -15,13 +15,17 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Sample images from a fine-tuned Stable Diffusion run or one of its "
                                         "checkpoints: PNGs, a JSON sidecar of settings per image, and a grid.")
     parser.add_argument("--model", required=True,
-                        help="a training OUTPUT_DIR (the saved pipeline), a checkpoint-N folder of it, or a Hub id")
+                        help="a training OUTPUT_DIR (the saved pipeline, or a LoRA run's adapters), a checkpoint-N folder "
+                             "of it, or a Hub id")
     parser.add_argument("--base_model", default=None,
                         help="pipeline whose VAE/text encoder/tokenizer/scheduler a checkpoint's UNet goes into "
                              "(default: the run's own pipeline in the checkpoint's parent folder when training "
                              f"finished, else {DEFAULT_BASE_MODEL})")
     parser.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
-                        help="for a checkpoint: its unet_ema/ (ema), its unet/ (unet), or auto = EMA when present")
+                        help="for a checkpoint: its unet_ema/ (ema), its unet/ (unet), or auto = EMA when present (for a "
+                             "LoRA checkpoint: lora_ema/ or its own adapters)")
+    parser.add_argument("--lora_scale", type=float, default=1.0,
+                        help="strength of a LoRA run's adapters (1 = as trained, 0 = the base model alone)")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat the flag for several")
     parser.add_argument("--prompts_file", default=None, help="UTF-8 text file, one prompt per line (blank lines skipped)")
     parser.add_argument("--negative_prompt", default=None, help="what to steer away from, for every image")
@@ -53,6 +57,7 @@ def check_args(args) -> None:
     check_at_least("--num_inference_steps", args.num_inference_steps, 1)
     check_at_least("--batch_size", args.batch_size, 1)
     check_finite("--guidance_scale", args.guidance_scale)
+    check_finite("--lora_scale", args.lora_scale)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):

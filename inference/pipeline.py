@@ -25,6 +25,7 @@ OFFLINE_VALUES = ("1", "on", "yes", "true")
 LATENT_MULTIPLE = 8
 # --dtype choices; auto is resolved by pick_dtype.
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_ADAPTER_NAME = "trained"
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class ModelSource:
 
     pipeline: str  # a pipeline folder or Hub id: VAE, text encoder, tokenizer, scheduler (and UNet unless below)
     unet: Optional[Path]  # a checkpoint's UNet folder that replaces the pipeline's own, or None
-    weights: str  # what the UNet is: "pipeline", "ema" or "unet"
+    weights: str  # what the UNet is: "pipeline", "ema" or "unet"; "lora" or "lora_ema" for a LoRA run
+    lora: Optional[Path] = None  # a folder holding pytorch_lora_weights.safetensors, loaded onto the pipeline
+    lora_scale: float = 1.0
+    prediction_type: Optional[str] = None  # a LoRA run's --prediction_type, which its base scheduler lacks
 
 
 def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
@@ -141,11 +145,51 @@ def base_for_checkpoint(checkpoint: Path, base_model: Optional[str]) -> str:
     return DEFAULT_BASE_MODEL
 
 
-def resolve_model(model: str, base_model: Optional[str], weights: str = "auto") -> ModelSource:
+def is_lora_folder(folder: Path) -> bool:
+    """A LoRA run's OUTPUT_DIR or one of its checkpoints: adapter weights, no pipeline."""
+    from trainer.lora import LORA_WEIGHTS_FILENAME
+
+    return (folder / LORA_WEIGHTS_FILENAME).is_file() and not (folder / MODEL_INDEX).is_file()
+
+
+def lora_weights_folder(folder: Path, weights: str) -> Tuple[Path, str]:
+    """The adapters for --weights: auto = the EMA ones (lora_ema/) when the checkpoint has them."""
+    from trainer.lora import EMA_LORA_DIRNAME
+
+    ema = folder / EMA_LORA_DIRNAME
+    if weights in ("auto", "ema") and ema.is_dir():
+        return ema, "lora_ema"
+    if weights == "ema":
+        raise UsageError(f"--weights ema: '{folder}' has no {EMA_LORA_DIRNAME}/ (trained without --use_ema); "
+                         "use --weights unet.")
+    return folder, "lora"
+
+
+def lora_base(folder: Path, base_model: Optional[str]) -> Tuple[str, dict]:
+    """(base pipeline, run record) of a LoRA folder: --base_model, else the base its lora_run.json records."""
+    from trainer.lora import LORA_RUN_FILENAME, read_run_record
+
+    record = read_run_record(folder) or read_run_record(folder.parent) or {}
+    if base_model is not None:
+        return check_pipeline("--base_model", base_model), record
+    if not record.get("base_model"):
+        raise UsageError(f"'{folder}' holds LoRA weights but no {LORA_RUN_FILENAME} naming their base model; "
+                         "pass it as --base_model.")
+    return check_pipeline(f"--base_model (from {LORA_RUN_FILENAME})", record["base_model"]), record
+
+
+def resolve_model(model: str, base_model: Optional[str], weights: str = "auto",
+                  lora_scale: float = 1.0) -> ModelSource:
     """Decide where the pipeline and its UNet come from, checking every path before anything loads."""
     if weights not in WEIGHTS_CHOICES:
         raise UsageError(f"--weights '{weights}' is not one of {', '.join(WEIGHTS_CHOICES)}.")
     folder = Path(model).expanduser()
+    if folder.is_dir() and is_lora_folder(folder):
+        adapters, kind = lora_weights_folder(folder, weights)
+        base, record = lora_base(folder, base_model)
+        return ModelSource(base, None, kind, adapters, lora_scale, record.get("prediction_type"))
+    if lora_scale != 1.0:
+        raise UsageError(f"--lora_scale {lora_scale} applies to LoRA runs; '{model}' holds no LoRA weights.")
     if folder.is_dir() and is_checkpoint(folder):
         unet, kind = checkpoint_unet(folder, weights)
         return ModelSource(base_for_checkpoint(folder, base_model), unet, kind)
@@ -189,18 +233,38 @@ def load_source(source: ModelSource, device, dtype, scheduler: Optional[str] = N
     except (OSError, ValueError) as err:
         raise load_failure(source.pipeline, err) from None
     check_unet_fits(pipeline, source)
+    if source.lora is not None:
+        load_lora(pipeline, source)
     if scheduler is not None:
         pipeline.scheduler = make_scheduler(scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(leave=False, desc="denoising")
     return pipeline.to(device)
 
 
+def load_lora(pipeline, source: ModelSource) -> None:
+    """diffusers' own load_lora_weights (the file's config sets alpha), at --lora_scale; the trained target."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # else a UNet-only file gets a notice that it has no text-encoder keys
+    try:
+        pipeline.load_lora_weights(str(source.lora), adapter_name=LORA_ADAPTER_NAME)
+    except (OSError, ValueError, KeyError) as err:
+        raise load_failure(source.lora, err) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if source.lora_scale != 1.0:
+        pipeline.set_adapters([LORA_ADAPTER_NAME], adapter_weights=[source.lora_scale])
+    if source.prediction_type is not None:
+        pipeline.scheduler.register_to_config(prediction_type=source.prediction_type)
+
+
 def load_pipeline(model: str, base_model: Optional[str], device, dtype, scheduler: Optional[str] = None,
-                  weights: str = "auto"):
+                  weights: str = "auto", lora_scale: float = 1.0):
     """model = a trained output dir (a saved pipeline) or a checkpoint-N dir (its unet_ema/ when present and
     weights='auto'|'ema', or unet/ with weights='unet', put into the pipeline of base_model). Raises
     utils.cli.UsageError (one line naming the bad value) for every user mistake. Safety checker off, progress bar on."""
-    return load_source(resolve_model(model, base_model, weights), device, dtype, scheduler)
+    return load_source(resolve_model(model, base_model, weights, lora_scale), device, dtype, scheduler)
 
 
 def batches(count: int, batch_size: int) -> List[range]:

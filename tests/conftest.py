@@ -117,3 +117,37 @@ def compiled_ddp_unet(monkeypatch):
         yield torch.compile(ddp), ddp, unet  # compiles lazily, at the first call: never here
     finally:
         dist.destroy_process_group()
+
+
+# --- LoRA fixtures (helper "h10lora"): a LoRA run folder made without training, on the tiny model.
+
+
+@pytest.fixture(scope="session")
+def lora_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA run's OUTPUT_DIR (rank 4, alpha 8, random non-zero adapters) as trainer.lora writes it, with a
+    checkpoint-2 holding training and EMA adapters; base recorded in lora_run.json."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer import lora
+    from trainer.models import load_components
+
+    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_model_dir), revision=None, variant=None,
+                           non_ema_revision=None, prediction_type=None, lora_rank=4, lora_alpha=8.0,
+                           lora_dropout=0.0, lora_target_modules="attention", use_dora=False,
+                           train_text_encoder_lora=False)
+    components = load_components(args, torch.float32, "cpu")
+    setup = lora.apply_lora(args, components, torch.float32, "cpu")
+    output = tmp_path_factory.mktemp("lora_run") / "run"
+    torch.manual_seed(0)
+    for param in setup.params:
+        torch.nn.init.normal_(param, std=0.3)
+    lora.save_diffusers_file(output / "checkpoint-2", components.unet, None, setup)
+    lora.write_run_record(output / "checkpoint-2", args)
+    for param in setup.params:
+        param.data.mul_(0.5)
+    lora.save_diffusers_file(output / "checkpoint-2" / lora.EMA_LORA_DIRNAME, components.unet, None, setup)
+    lora.save_diffusers_file(output, components.unet, None, setup)
+    lora.write_run_record(output, args)
+    return output

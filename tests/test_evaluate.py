@@ -209,3 +209,14 @@ def test_input_reaches_the_held_out_rows(tmp_path, tiny_model_dir, stand_in_mode
     with pytest.raises(UsageError, match="--caption_index 3 is out of range: rows have at most 3 caption"):
         evaluate.main(argv)
     assert not (tmp_path / "eval" / "generated").exists()
+
+
+def test_a_lora_checkpoint_is_evaluated_on_its_recorded_base(lora_run_dir, tiny_data_dir, stand_in_models, tmp_path):
+    """--model a LoRA run's checkpoint-N (base from lora_run.json) at --lora_scale 0.5: measured, scale recorded."""
+    out = tmp_path / "eval"
+    done = finish(start(evaluate_command(lora_run_dir / "checkpoint-2", "--data_dir", tiny_data_dir, stand_in_models,
+                                         out, "--num_samples", 2, "--lora_scale", 0.5)))
+    report = json.loads((out / "eval_report.json").read_text())
+    assert math.isfinite(report["fid"]) and report["settings"]["lora_scale"] == 0.5
+    assert sorted(p.name for p in (out / "generated").glob("*.png")) == ["000001.png", "000002.png"]
+    assert "Traceback" not in done.stderr

@@ -187,3 +187,26 @@ def test_hub_token_flag_beats_env(tmp_path, monkeypatch):
     assert create_hub_repo(args_for(tmp_path, "--push_to_hub", "--hub_token", TOKEN, "--hub_model_id", "a/b")) \
         == "a/b"
     assert seen == [TOKEN]
+
+
+def test_lora_card_and_upload(tmp_path, monkeypatch):
+    """A LoRA run: base_model and lora tags, a load_lora_weights snippet; the upload keeps only the LoRA files,
+    card and grid (no checkpoint adapters, no lora_run.json with its local path)."""
+    args = args_for(tmp_path, "--lora_rank", "16")
+    text = hub.write_model_card(tmp_path / "card", args, "me/sd-rsicd-lora").read_text()
+    meta = front_matter(text)
+    assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5" and "lora" in meta["tags"]
+    assert 'from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5"' in text
+    assert 'pipe.load_lora_weights("me/sd-rsicd-lora")' in text and "LoRA adapters (rank 16)" in text
+    assert "pytorch_lora_weights_kohya.safetensors" in text
+    keep = ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
+            "validation_grid.png", "loss_curve.png"]
+    drop = ["lora_run.json", "checkpoint-2/pytorch_lora_weights.safetensors", "checkpoint-2/optimizer.bin",
+            "checkpoint-2/lora_ema/pytorch_lora_weights.safetensors", "checkpoint-2/lora_run.json",
+            ".pytorch_lora_weights.safetensors.tmp"]
+    root = tmp_path / "out"
+    for rel in keep + drop:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert kept_by(hub.ignore_patterns(args), files) == set(keep)

@@ -387,3 +387,48 @@ def test_prompts_and_seeds_must_pair_up(tiny_pipeline):
 def test_bad_size_is_a_usage_error_before_sampling(tiny_pipeline):
     with pytest.raises(UsageError, match="--height 20"):
         run_generate(tiny_pipeline, PROMPTS[:1], [1], height=20)
+
+
+# --- LoRA runs and their checkpoints as --model (lora_run_dir: conftest, rank 4, alpha 8, base recorded).
+
+
+def test_lora_run_uses_the_recorded_base_and_its_checkpoint_the_ema_adapters(lora_run_dir, tiny_model_dir):
+    """A LoRA OUTPUT_DIR → base from lora_run.json + its adapters; a checkpoint → lora_ema/ by default."""
+    source = resolve_model(str(lora_run_dir), None)
+    assert source.pipeline == str(tiny_model_dir.resolve()) and source.lora == lora_run_dir
+    assert source.weights == "lora" and source.unet is None
+    checkpoint = resolve_model(str(lora_run_dir / "checkpoint-2"), None)
+    assert checkpoint.lora == lora_run_dir / "checkpoint-2" / "lora_ema" and checkpoint.weights == "lora_ema"
+    raw = resolve_model(str(lora_run_dir / "checkpoint-2"), None, "unet", lora_scale=0.5)
+    assert raw.lora == lora_run_dir / "checkpoint-2" and raw.lora_scale == 0.5
+
+
+def test_lora_mistakes_are_usage_errors(lora_run_dir, tmp_path, tiny_model_dir):
+    """--weights ema without lora_ema/, no record and no --base_model, --lora_scale on a plain pipeline."""
+    bare = tmp_path / "bare"
+    shutil.copytree(lora_run_dir, bare, ignore=shutil.ignore_patterns("checkpoint-*", "lora_run.json"))
+    with pytest.raises(UsageError, match="lora_ema"):
+        resolve_model(str(bare), None, "ema")
+    with pytest.raises(UsageError, match="--base_model"):
+        resolve_model(str(bare), None)
+    assert resolve_model(str(bare), str(tiny_model_dir)).pipeline == str(tiny_model_dir)
+    with pytest.raises(UsageError, match="--lora_scale 0.5"):
+        resolve_model(str(tiny_model_dir), None, lora_scale=0.5)
+
+
+def test_lora_scale_zero_is_the_base_and_one_is_the_trained_strength(lora_run_dir, tiny_model_dir):
+    """load_pipeline at scale 0 draws the base's pixels; at 1 the same pixels as diffusers' own load."""
+    from diffusers import StableDiffusionPipeline
+
+    def draw(pipeline):
+        """One seeded 16 px image."""
+        return generate(pipeline, ["a field"], [0], negative_prompt=None, num_inference_steps=2, guidance_scale=7.5,
+                        height=SIZE, width=SIZE)[0]
+
+    base = np.asarray(draw(load_pipeline(str(tiny_model_dir), None, CPU, torch.float32)))
+    zero = np.asarray(draw(load_pipeline(str(lora_run_dir), None, CPU, torch.float32, lora_scale=0.0)))
+    ours = np.asarray(draw(load_pipeline(str(lora_run_dir), None, CPU, torch.float32)))
+    reference = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    reference.load_lora_weights(lora_run_dir)
+    assert np.array_equal(zero, base) and not np.array_equal(ours, base)
+    assert np.array_equal(ours, np.asarray(draw(reference)))

@@ -198,7 +198,7 @@ def tiny_run(accelerator, tmp_path, rows: list, max_train_steps: int):
     components = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18)), text_encoder=None,
                                  noise_scheduler=DDPMScheduler(num_train_timesteps=1000))
     return loop.TrainingRun(accelerator, args, components, unet, optimizer, schedule, loader, ema, plan,
-                            torch.float32, None)
+                            torch.float32, None, trainable=list(unet.parameters()))
 
 
 def test_fp16_overflow_is_skipped_not_a_step(scaled_accelerator, tmp_path):

@@ -24,7 +24,7 @@ SEED_FLAGS = [
 # Writes each argument on its own line, so the test sees exactly what train.sh passed.
 FAKE_ACCELERATE = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGV_FILE"\n'
 ISOLATED_VARS = ("HF_HOME", "XDG_CACHE_HOME", "ACCELERATE_CONFIG_FILE", "MODEL_NAME", "DATA_DIR", "OUTPUT_DIR",
-                 "REPORT_TO", "PUSH_TO_HUB", "ACCELERATE", "HF_TOKEN", "CACHE_LATENTS")
+                 "REPORT_TO", "PUSH_TO_HUB", "ACCELERATE", "HF_TOKEN", "CACHE_LATENTS", "LORA_RANK")
 
 
 @pytest.fixture()

@@ -19,6 +19,8 @@ REPORT_TO_CHOICES = (
 )
 WANDB_REPORTS = ("wandb", "all")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
+# --lora_target_modules presets; anything else is a comma-separated list of module names (trainer/lora.py).
+LORA_TARGET_PRESETS = ("attention", "all_linear")
 
 DESCRIPTION = "Fine-tune Stable Diffusion's UNet on image/caption pairs (drop-in for diffusers' text_to_image example)."
 
@@ -148,6 +150,27 @@ def _add_ema_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--foreach_ema", action="store_true", help="Faster foreach EMA update (more memory).")
 
 
+def _add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that switch the run to LoRA (low-rank adapters through peft) instead of a full UNet fine-tune."""
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--lora_rank", type=int, default=None,
+                       help="Train LoRA adapters of this rank instead of the whole UNet (e.g. 16); the output is "
+                            "pytorch_lora_weights.safetensors (diffusers) plus a kohya-format file. Unset: full "
+                            "fine-tune.")
+    group.add_argument("--lora_alpha", type=float, default=None,
+                       help="LoRA scale numerator: the update is (alpha / rank) * B @ A. Unset: the rank (scale 1).")
+    group.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch's input.")
+    group.add_argument("--lora_target_modules", type=str, default="attention",
+                       help="Layers that get adapters: 'attention' (to_q, to_k, to_v, to_out.0), 'all_linear' "
+                            "(also the feed-forward layers of the transformer blocks), or a comma-separated list "
+                            "of module names.")
+    group.add_argument("--use_dora", action="store_true",
+                       help="Weight-decomposed LoRA (DoRA, arXiv:2402.09353): slower steps, often better at low rank.")
+    group.add_argument("--train_text_encoder_lora", action="store_true",
+                       help="Also put LoRA adapters on the text encoder's attention (q/k/v/out_proj); "
+                            "not with --cache_latents, which caches the text encoder's outputs.")
+
+
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """Flags for checkpoint saving, pruning and resuming."""
     group = parser.add_argument_group("checkpoints")
@@ -189,7 +212,7 @@ def build_parser() -> ArgumentParser:
     """The trainer's argument parser, with every flag of the reference trainer."""
     parser = ArgumentParser(prog="train_text_to_image.py", description=DESCRIPTION)
     for add in (_add_model_args, _add_data_args, _add_cache_args, _add_optimisation_args, _add_optimizer_args,
-                _add_ema_args, _add_checkpoint_args, _add_tracking_args, _add_hub_args):
+                _add_ema_args, _add_lora_args, _add_checkpoint_args, _add_tracking_args, _add_hub_args):
         add(parser)
     return parser
 
@@ -206,6 +229,7 @@ def _positive_flags(args: argparse.Namespace) -> list:
         ("--max_train_samples", args.max_train_samples),
         ("--checkpoints_total_limit", args.checkpoints_total_limit),
         ("--vae_batch_size", args.vae_batch_size),
+        ("--lora_rank", args.lora_rank),
     ]
 
 
@@ -226,8 +250,30 @@ def check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
     if args.cache_latents and not args.center_crop:
         parser.error("--cache_latents needs --center_crop: a random crop differs every step, so cached latents would "
                      "be wrong (for square images at --resolution, e.g. create.py's output, both crops are the same).")
+    check_lora_args(parser, args)
     if args.use_8bit_adam and args.optimizer_impl != "auto":
         parser.error(f"--optimizer_impl={args.optimizer_impl} applies to torch's AdamW, not to --use_8bit_adam.")
+
+
+def check_lora_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """LoRA flags need --lora_rank, take sane values, and text-encoder LoRA cannot use cached text states."""
+    lora_only = [flag for flag, used in (("--lora_alpha", args.lora_alpha is not None),
+                                         ("--lora_dropout", args.lora_dropout != 0.0),
+                                         ("--use_dora", args.use_dora),
+                                         ("--train_text_encoder_lora", args.train_text_encoder_lora)) if used]
+    if args.lora_rank is None:
+        if lora_only:
+            parser.error(f"{lora_only[0]} needs --lora_rank (e.g. --lora_rank 16), which switches the run to LoRA.")
+        return
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        parser.error(f"--lora_alpha must be positive, got {args.lora_alpha}.")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+    if not [name for name in args.lora_target_modules.split(",") if name.strip()]:
+        parser.error(f"--lora_target_modules '{args.lora_target_modules}' names no module.")
+    if args.train_text_encoder_lora and args.cache_latents:
+        parser.error("--train_text_encoder_lora cannot use --cache_latents: the cache holds fixed text-encoder "
+                     "outputs, but a trained text encoder changes them every step.")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

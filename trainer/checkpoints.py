@@ -141,8 +141,13 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
     return save_hook, load_hook
 
 
-def register_state_hooks(accelerator, ema, offload_ema: bool = False) -> None:
-    """Install the UNet/EMA save and load hooks on the accelerator."""
-    save_hook, load_hook = make_state_hooks(accelerator, ema, offload_ema)
+def register_state_hooks(accelerator, ema, offload_ema: bool = False, lora=None, args=None) -> None:
+    """Install the UNet/EMA save and load hooks on the accelerator; in LoRA mode, ones that store only adapters."""
+    if lora is not None:
+        from trainer import lora as lora_mode
+
+        save_hook, load_hook = lora_mode.make_state_hooks(accelerator, ema, lora, args)
+    else:
+        save_hook, load_hook = make_state_hooks(accelerator, ema, offload_ema)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -8,13 +8,16 @@ import torch
 from utils.logger import get_logger
 
 
-def final_unet(accelerator, unet, ema):
-    """The UNet to ship: the unwrapped training UNet, carrying the EMA weights when EMA is on."""
+def final_unet(accelerator, unet, ema, params=None):
+    """The UNet to ship: the unwrapped training UNet, carrying the EMA weights when EMA is on.
+
+    params: what the EMA averages (the LoRA weights in LoRA mode); all of the UNet's weights when None.
+    """
     from trainer.models import bare_model
 
     model = bare_model(unet)
     if ema is not None:
-        ema.copy_to(model.parameters())
+        ema.copy_to(params if params is not None else model.parameters())
     return model
 
 
@@ -42,12 +45,18 @@ def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
     if not accelerator.is_main_process:
         return
     output_dir = Path(args.output_dir)
-    unet = final_unet(accelerator, run.unet, run.ema)
-    pipeline = save_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, unet,
-                             run.inference_scheduler, output_dir)
+    unet = final_unet(accelerator, run.unet, run.ema, run.trainable or None)
+    if run.lora is not None:
+        from trainer.lora import save_final
+
+        # Base weights stay in the weight dtype under LoRA, so validation keeps the training autocast.
+        pipeline, dtype = save_final(run, output_dir), run.weight_dtype
+    else:
+        pipeline, dtype = save_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, unet,
+                                        run.inference_scheduler, output_dir), torch.float32
     grid_path = None
     if args.validation_prompts:
-        images = validate(accelerator, pipeline.to(accelerator.device), args, global_step, torch.float32)
+        images = validate(accelerator, pipeline.to(accelerator.device), args, global_step, dtype)
         grid_path = save_grid(images, output_dir)
     write_model_card(output_dir, args, hub_repo_id, grid_path)
     curve = write_loss_curve(output_dir)

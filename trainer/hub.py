@@ -23,6 +23,9 @@ TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diff
         "remote-sensing", "satellite-imagery"]
 GRID_FILENAME = "validation_grid.png"
 EXAMPLE_PROMPT = "A satellite image of a crop field"
+LORA_TAGS = ["lora", "template:sd-lora"]
+# lora_run.json holds the base model's local path: useful on this machine, meaningless (and private) on the Hub.
+LORA_LOCAL_FILES = ("lora_run.json",)
 # Settings that only describe this machine (paths, ranks) or are shown elsewhere in the card.
 LOCAL_ONLY_SETTINGS = ("cache_dir", "output_dir", "logging_dir", "local_rank", "hub_model_id", "push_to_hub")
 # Matched by huggingface_hub with fnmatch against paths relative to the output dir ('*' also matches '/').
@@ -53,7 +56,7 @@ def card_metadata(args) -> dict:
     if _is_hub_id(base):
         metadata["base_model"] = base
     metadata["license"] = LICENSE
-    metadata["tags"] = list(TAGS)
+    metadata["tags"] = list(TAGS) + (LORA_TAGS if args.lora_rank else [])
     metadata["datasets"] = [args.dataset_name] if args.dataset_name and _is_hub_id(args.dataset_name) else []
     metadata.update({"pipeline_tag": "text-to-image", "library_name": "diffusers", "inference": True})
     return metadata
@@ -100,6 +103,26 @@ def _usage_snippet(model_ref: str, prompt: str) -> str:
     ])
 
 
+def _lora_usage_snippet(base: str, model_ref: str, prompt: str) -> str:
+    """Python loading the LoRA onto its base with diffusers, plus where the kohya-format file goes."""
+    from trainer.lora import KOHYA_WEIGHTS_FILENAME
+
+    return "\n".join([
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base)}, torch_dtype=torch.float16)",
+        f"pipe.load_lora_weights({json.dumps(model_ref)})  # pytorch_lora_weights.safetensors, alpha included",
+        'pipe = pipe.to("cuda")',
+        f"image = pipe(prompt={json.dumps(prompt)}, num_inference_steps={DEFAULT_NUM_INFERENCE_STEPS}, "
+        f"guidance_scale={DEFAULT_GUIDANCE_SCALE}).images[0]",
+        "```",
+        "",
+        f"A1111 / ComfyUI: put `{KOHYA_WEIGHTS_FILENAME}` (kohya format) in the LoRA models folder.",
+    ])
+
+
 def _validation_section(args, grid_name: Optional[str]) -> str:
     """Validation prompts and grid image, or an empty string when there are none."""
     parts = []
@@ -130,13 +153,17 @@ def card_text(args, repo_id: Optional[str], grid_name: Optional[str], run_url: O
     header = yaml.safe_dump(card_metadata(args), sort_keys=False, allow_unicode=True)
     base = args.pretrained_model_name_or_path
     base_ref = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{Path(base).name}`"
+    intro = (f"LoRA adapters (rank {args.lora_rank}) for {base_ref}, trained on" if args.lora_rank
+             else f"Stable Diffusion fine-tuned from {base_ref} on")
+    base_id = base if _is_hub_id(base) else "BASE_MODEL"
+    usage = _lora_usage_snippet(base_id, model_ref, prompt) if args.lora_rank else _usage_snippet(model_ref, prompt)
     sections = [
         f"---\n{header}---",
         f"# {model_ref}",
-        f"Stable Diffusion fine-tuned from {base_ref} on {_data_description(args)}, "
+        f"{intro} {_data_description(args)}, "
         "for remote-sensing (satellite and aerial) text-to-image generation.",
         _validation_section(args, grid_name),
-        "## Usage\n\n" + _usage_snippet(model_ref, prompt),
+        "## Usage\n\n" + usage,
         "## Training settings\n\n" + _settings_table(_public_settings(args)),
         f"Training run: {run_url}" if run_url else "",
     ]
@@ -158,7 +185,7 @@ def write_model_card(output_dir, args, repo_id: Optional[str], grid_path=None,
 
 def ignore_patterns(args) -> list:
     """Upload exclusions: checkpoints, logs, validation step folders, caches, partial files, wandb."""
-    patterns = list(BASE_IGNORE_PATTERNS)
+    patterns = list(BASE_IGNORE_PATTERNS) + list(LORA_LOCAL_FILES)
     logging_dir = Path(args.logging_dir)
     own = f"{logging_dir.as_posix().rstrip('/')}/*"
     if not logging_dir.is_absolute() and own not in patterns:

@@ -104,14 +104,16 @@ class TrainingRun:
     weight_dtype: torch.dtype
     inference_scheduler: object
     loss_options: LossOptions = field(default_factory=LossOptions)
+    trainable: list = field(default_factory=list)  # what is clipped and averaged: all UNet weights, or LoRA's
+    lora: object = None  # trainer.lora.LoraSetup in LoRA mode
     skipped: SkippedSteps = field(default_factory=SkippedSteps)
 
 
-def ema_step(ema, unet, offload: bool, device) -> None:
-    """One EMA update; offloaded shadow weights visit the device only for it."""
+def ema_step(ema, params, offload: bool, device) -> None:
+    """One EMA update of params; offloaded shadow weights visit the device only for it."""
     if offload:
         ema.to(device, non_blocking=True)
-    ema.step(unet.parameters())
+    ema.step(params)
     if offload:
         ema.to("cpu", non_blocking=True)
 
@@ -152,7 +154,8 @@ def micro_step(run: TrainingRun, batch: dict, global_step: int):
     """Forward/backward of one batch under accumulation; returns (mean loss over processes, grad norm or None,
     True when the fp16 grad scaler skipped this optimizer update)."""
     accelerator, args = run.accelerator, run.args
-    with accelerator.accumulate(run.unet):
+    # The text encoder is listed too, for text-encoder LoRA; a model that is not DDP-wrapped is unaffected.
+    with accelerator.accumulate(run.unet, run.components.text_encoder):
         c = run.components
         loss = diffusion_loss(batch, run.unet, c.vae, c.text_encoder, c.noise_scheduler, run.loss_options,
                               run.weight_dtype)
@@ -163,7 +166,7 @@ def micro_step(run: TrainingRun, batch: dict, global_step: int):
         accelerator.backward(loss)
         grad_norm = None
         if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
         skipped = optimizer_update(accelerator, run.optimizer, run.lr_scheduler)
     return mean_loss, grad_norm, skipped
 
@@ -172,7 +175,7 @@ def after_optimizer_step(run: TrainingRun, global_step: int, train_loss: float, 
     """EMA update, per-step logging and checkpointing once an optimizer step has happened."""
     accelerator, args = run.accelerator, run.args
     if run.ema is not None:
-        ema_step(run.ema, run.unet, args.offload_ema, accelerator.device)
+        ema_step(run.ema, run.trainable, args.offload_ema, accelerator.device)
     logs = {"train_loss": train_loss, "lr": run.lr_scheduler.get_last_lr()[0]}
     if grad_norm is not None:
         logs["grad_norm"] = float(grad_norm)
@@ -182,7 +185,7 @@ def after_optimizer_step(run: TrainingRun, global_step: int, train_loss: float, 
     if accelerator.is_main_process:
         append_loss(args.output_dir, global_step, train_loss, logs["lr"])
     if global_step % args.checkpointing_steps == 0:
-        check_finite_parameters(run.unet.parameters(), global_step)
+        check_finite_parameters(run.trainable, global_step)
         check_in_sync(accelerator, run.unet, global_step)
         save_checkpoint(accelerator, Path(args.output_dir), global_step, args.checkpoints_total_limit)
 

@@ -98,7 +98,8 @@ def batch_text_states(batch: dict, text_encoder) -> torch.Tensor:
     """Text-encoder hidden states of a batch: cached ones when present, else encoded from the token ids."""
     if "encoder_hidden_states" in batch:
         return batch["encoder_hidden_states"]
-    with torch.no_grad():
+    # Gradients only when something in the text encoder trains (text-encoder LoRA).
+    with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
         return text_encoder(batch["input_ids"], return_dict=False)[0]
 
 

@@ -99,6 +99,33 @@ def frozen_models_on(components: Components, device, enabled: bool = True):
         move_frozen(components, "cpu")
 
 
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Put modules in eval mode for the block (LoRA dropout off while sampling), then restore each one's mode."""
+    modes = [(module, module.training) for module in modules if module is not None]
+    for module, _ in modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+@contextlib.contextmanager
+def ema_weights(ema, params):
+    """Swap the EMA values into params for the block, then put the training values back (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
 def configure_unet(unet, gradient_checkpointing: bool, xformers: bool) -> None:
     """Memory options: gradient checkpointing, and xformers attention only when asked (SDPA otherwise)."""
     if gradient_checkpointing:
@@ -107,10 +134,18 @@ def configure_unet(unet, gradient_checkpointing: bool, xformers: bool) -> None:
         unet.enable_xformers_memory_efficient_attention()
 
 
-def build_ema(args, unet, device):
-    """diffusers' EMAModel over the UNet; from the --revision UNet when a separate non-EMA revision is trained."""
+def build_ema(args, unet, device, lora=None):
+    """diffusers' EMAModel over the UNet; from the --revision UNet when a separate non-EMA revision is trained.
+
+    In LoRA mode (lora: trainer.lora.LoraSetup) it averages the adapter weights only.
+    """
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
+
+    if lora is not None:
+        from trainer.lora import build_ema as build_lora_ema
+
+        return build_lora_ema(lora.params, args.foreach_ema, args.offload_ema, device)
 
     source = unet
     if args.non_ema_revision is not None:
@@ -130,6 +165,11 @@ def place_ema(ema, offload: bool, device) -> None:
         ema.pin_memory()
     else:
         ema.to("cpu")
+
+
+def trainable_parameters(*modules) -> list:
+    """The parameters the optimizer, clipping and EMA work on, as a list (an iterator would be used up by the first)."""
+    return [p for module in modules if module is not None for p in module.parameters() if p.requires_grad]
 
 
 def learning_rate(args, num_processes: int) -> float:

@@ -91,20 +91,16 @@ def validate_during_training(accelerator, components, unet, ema, scheduler, args
     """Validate with the EMA weights swapped in, then put the training weights back untouched."""
     from diffusers import StableDiffusionPipeline
 
-    from trainer.models import bare_model
+    from trainer.models import bare_model, ema_weights, eval_mode, trainable_parameters
 
     model = bare_model(unet)
+    text_encoder = bare_model(components.text_encoder)
+    params = trainable_parameters(model, text_encoder)  # what the EMA averages: all UNet weights, or the LoRA ones
     pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=model,
+        vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer, unet=model,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if ema is None:
+    with eval_mode(model, text_encoder), ema_weights(ema, params):
         return validate(accelerator, pipeline, args, step, weight_dtype)
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
-    try:
-        return validate(accelerator, pipeline, args, step, weight_dtype)
-    finally:
-        ema.restore(model.parameters())
 
 
 def save_grid(images: Sequence, output_dir: Path) -> Path:
