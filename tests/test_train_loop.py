@@ -119,7 +119,7 @@ def test_weight_dtype_follows_mixed_precision():
 
 
 def test_bare_model_leaves_the_ddp_and_compile_wrappers_in_place(compiled_ddp_unet):
-    """The bare UNet comes out, sharing its weights; the compiled wrapper still holds DDP (gradients keep syncing)."""
+    """The bare UNet comes out, sharing its weights; the compiled wrapper still holds DDP afterwards."""
     compiled, ddp, unet = compiled_ddp_unet
     assert models.bare_model(compiled) is unet
     assert compiled._orig_mod is ddp and ddp.module is unet

@@ -79,7 +79,8 @@ def bare_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside the DDP and torch.compile wrappers, sharing their parameters; the wrappers stay intact.
 
     accelerator.unwrap_model keeps a compiled wrapper by pointing its _orig_mod at the bare module: on a compiled
-    DDP model that removes DDP from the model being trained, and gradients stop syncing across processes.
+    DDP model that removes DDP from the model being trained (its no_sync under gradient accumulation, and whatever
+    else goes through the wrapper, then reach the bare module instead).
     """
     from accelerate.utils import extract_model_from_parallel
 
