@@ -110,7 +110,7 @@ def apply_lora(args, components, weight_dtype: torch.dtype, device) -> LoraSetup
     upcast_adapters(components.unet, trained_text_encoder)
     params = trainable_parameters(components.unet, trained_text_encoder)
     get_logger().info("LoRA rank %d, alpha %g on %s: %d trainable parameters", args.lora_rank, lora_alpha(args),
-                      ", ".join(unet_config.target_modules), sum(p.numel() for p in params))
+                      ", ".join(sorted(unet_config.target_modules)), sum(p.numel() for p in params))
     return LoraSetup(unet_config, text_encoder_config, params)
 
 
