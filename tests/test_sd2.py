@@ -143,13 +143,15 @@ def runs(sd2_bases, tiny_data_dir, v_data_dir, tmp_path_factory) -> dict:
     """name -> (output dir, CompletedProcess): 2.1-base retargeted to v_prediction by flag; the 768 model through
     train.sh (cached latents, gradient checkpointing, EMA); the independent v model."""
     root = tmp_path_factory.mktemp("sd2_runs")
-    outputs = {name: root / name for name in ("base_as_v", "v_train_sh", "independent_v")}
+    outputs = {name: root / name for name in ("base_as_v", "v_train_sh", "independent_v", "lora_v")}
     commands = {
         "base_as_v": (train_command(sd2_bases["sd2"], tiny_data_dir, outputs["base_as_v"], BASE_RESOLUTION,
                                     "--prediction_type", "v_prediction"), {}),
         "v_train_sh": train_sh_command(sd2_bases["sd2_v"], v_data_dir, outputs["v_train_sh"], V_RESOLUTION),
         "independent_v": (train_command(sd2_bases["independent_v"], v_data_dir, outputs["independent_v"],
                                         V_RESOLUTION), {}),
+        "lora_v": (train_command(sd2_bases["sd2_v"], v_data_dir, outputs["lora_v"], V_RESOLUTION, "--lora_rank", 4,
+                                 "--lora_alpha", 8), {}),
     }
     results = run_two_at_a_time(commands)
     return {name: (outputs[name], results[name]) for name in commands}
@@ -166,6 +168,9 @@ def samplers(runs, v_data_dir, stand_in_models, tmp_path_factory) -> dict:
         "generate_independent": ([sys.executable, REPO_ROOT / "generate.py", "--model", runs["independent_v"][0],
                                   "--prompt", PROMPT, "--seed", 3, "--num_inference_steps", 3, "--height", 32,
                                   "--width", 32, "--output_dir", root / "generate_independent"], {}),
+        "generate_lora": ([sys.executable, REPO_ROOT / "generate.py", "--model", runs["lora_v"][0], "--prompt",
+                           PROMPT, "--seed", 3, "--num_inference_steps", 3, "--lora_scale", 0.5,
+                           "--output_dir", root / "generate_lora"], {}),
         "evaluate_v": ([sys.executable, REPO_ROOT / "evaluate.py", "--model", runs["v_train_sh"][0], "--data_dir",
                         v_data_dir, "--num_samples", 2, "--inception_weights", stand_in_models["inception_weights"],
                         "--clip_model", stand_in_models["clip_model"], "--num_inference_steps", 2,
@@ -347,3 +352,29 @@ def test_checkpoint_put_into_a_base_of_another_family_is_one_line(sd2_bases, tin
     lines = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and len(lines) == 1, lines
     assert str(checkpoint) in lines[0] and str(tiny_model_dir) in lines[0] and "--base_model" in lines[0]
+
+
+def test_lora_on_the_768_stand_in_trains_adapters_at_its_widths(runs):
+    """LoRA (rank 4, alpha 8, EMA) on the 768 stand-in: only adapter files, whose cross-attention adapters read the
+    text encoder's wider states (64, not SD1's 32), and a kohya file with SD1's prefixes and alphas."""
+    from safetensors.torch import load_file
+
+    from trainer.lora import KOHYA_WEIGHTS_FILENAME, LORA_WEIGHTS_FILENAME
+
+    output, done = runs["lora_v"]
+    succeeded(done)
+    assert not (output / "unet").exists()
+    adapters = load_file(str(output / LORA_WEIGHTS_FILENAME))
+    cross_k = [v for k, v in adapters.items() if "attn2.to_k" in k and "lora_A" in k]
+    assert cross_k and all(v.shape == (4, 64) for v in cross_k)
+    kohya = load_file(str(output / KOHYA_WEIGHTS_FILENAME))
+    alphas = [v for k, v in kohya.items() if k.startswith("lora_unet_") and k.endswith(".alpha")]
+    assert alphas and all(float(a) == 8.0 for a in alphas)
+
+
+def test_generate_samples_the_lora_run_on_its_recorded_v_base(samplers):
+    """generate.py --model on the LoRA run: its recorded base (the 768 stand-in) and that base's DDIM v-sampler."""
+    folder, done = samplers["generate_lora"]
+    succeeded(done)
+    sidecar = json.loads((folder / "000000.json").read_text())
+    assert sidecar["scheduler"] == "DDIMScheduler" and (sidecar["width"], sidecar["height"]) == (24, 24)
