@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 PEAK_RSS = REPO / "bench" / "peak_rss.py"
 # README's "16 GB" row (--use_8bit_adam --offload_ema): a 16 GB card has about 14.9 GiB, less the CUDA context.
 CARD_16GB_LIMIT_GIB = 14.0
+# README's "8 GB" LoRA row (LORA_RANK=16 with gradient checkpointing): an 8 GB card has about 7.4 GiB usable.
+CARD_8GB_LIMIT_GIB = 7.0
 LOOP_PEAK_RE = re.compile(r"peak CUDA memory allocated ([\d.]+) GiB(?:, reserved ([\d.]+) GiB)?")
 PROMPT = "A satellite image of a crop field"
 BLACK_MEAN = 8  # a validation/sample image darker than this on average is "black" (the fp16 VAE NaN failure)
@@ -401,6 +403,36 @@ def sd15_16gb(check: Check) -> str:
     reserved = float(match.group(2))
     expect(reserved <= CARD_16GB_LIMIT_GIB, f"reserved {reserved} GiB > {CARD_16GB_LIMIT_GIB} GiB")
     return f"{loop_peak(log)} (limit {CARD_16GB_LIMIT_GIB} GiB)"
+
+
+@row("LoRA rank 16: fp32 adapters, EMA, adapter-only checkpoints, resume, diffusers + kohya files")
+def lora(check: Check) -> str:
+    from safetensors import safe_open
+
+    flags = ["--lora_rank=16", "--learning_rate=1e-4", "--checkpointing_steps=2", "--validation_epochs=1"]
+    output, _ = check.train("lora", "--max_train_steps=2", *flags)
+    _, log = check.train("lora", "--max_train_steps=4", *flags, "--resume_from_checkpoint=latest", output=output)
+    expect("starting at step 2" in log, "did not resume at step 2")
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        expect((output / name).is_file(), f"no {name}")
+    with safe_open(str(output / "pytorch_lora_weights.safetensors"), "pt") as weights:
+        dtypes = {str(weights.get_tensor(key).dtype) for key in weights.keys()}
+    expect(dtypes == {"torch.float32"}, f"LoRA weights are {sorted(dtypes)}, not fp32")
+    expect(not list((output / "checkpoint-4").rglob("diffusion_pytorch_model*")), "checkpoint-4 holds a whole UNet")
+    expect_not_black(sorted((output / "validation").rglob("*.png")), "LoRA validation PNGs")
+    return "; ".join(filter(None, [loop_peak(log), skipped_note(log)]))
+
+
+@row("SD1.5-shaped 512 px LoRA rank 16: fits the README's 8 GB row", cuda_only=True)
+def sd15_lora_8gb(check: Check) -> str:
+    model = check.once("sd15_model", lambda: check._model("sd15"))
+    _, log = check.train("sd15_lora", "--max_train_steps=2", "--lora_rank=16", "--learning_rate=1e-4", model=model,
+                         resolution=512)
+    match = LOOP_PEAK_RE.search(log)
+    expect(match is not None and match.group(2) is not None, "no peak memory line in the trainer's log")
+    reserved = float(match.group(2))
+    expect(reserved <= CARD_8GB_LIMIT_GIB, f"reserved {reserved} GiB > {CARD_8GB_LIMIT_GIB} GiB")
+    return f"{loop_peak(log)} (limit {CARD_8GB_LIMIT_GIB} GiB)"
 
 
 # --- the table

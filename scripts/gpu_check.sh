@@ -6,7 +6,8 @@
 # --use_8bit_adam with resume; foreach and loop AdamW; bf16 without the cache with --random_flip --allow_tf32; DREAM
 # + min-SNR; v-prediction; the fp16 grad scaler's skipped step holding the LR; generate.py from a checkpoint at batch
 # 1 and 2 and evaluate.py, in fp16; an SD1.5-shaped 512 px run with --use_8bit_adam --offload_ema against README's
-# 16 GB row. Exit 0 when every row passed, 1 when one failed.
+# 16 GB row; LoRA rank 16 (fp32 adapters, EMA, adapter-only checkpoints, resume, both files) and an SD1.5-shaped
+# 512 px LoRA run against README's 8 GB row. Exit 0 when every row passed, 1 when one failed.
 #
 # It needs no network. It uses the machine's own torch (with CUDA) and accelerate, and installs the project's other
 # pinned packages that the GPU machine lacks from wheels in .whl/ (when .whl/ exists) into /tmp/gpu_check_site.
