@@ -45,7 +45,7 @@ def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
     if not accelerator.is_main_process:
         return
     output_dir = Path(args.output_dir)
-    unet = final_unet(accelerator, run.unet, run.ema, run.trainable or None)
+    unet = final_unet(accelerator, run.unet, run.ema, run.trainable)
     if run.lora is not None:
         from trainer.lora import save_final
 

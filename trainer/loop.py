@@ -15,7 +15,7 @@ from trainer.data import set_epoch
 from trainer.loss import (LossOptions, SkippedSteps, TrainingDiverged, check_finite, check_finite_parameters,
                           diffusion_loss)
 from trainer.loss_log import append_loss, truncate_loss_log
-from trainer.models import frozen_models_on
+from trainer.models import frozen_models_on, trainable_parameters
 from trainer.validation import should_validate, validate_during_training
 from utils.logger import get_logger
 
@@ -107,6 +107,11 @@ class TrainingRun:
     trainable: list = field(default_factory=list)  # what is clipped and averaged: all UNet weights, or LoRA's
     lora: object = None  # trainer.lora.LoraSetup in LoRA mode
     skipped: SkippedSteps = field(default_factory=SkippedSteps)
+
+    def __post_init__(self):
+        # Not given: the UNet's trainable weights, so clipping and EMA never silently get an empty list.
+        if not self.trainable:
+            self.trainable = trainable_parameters(self.unet)
 
 
 def ema_step(ema, params, offload: bool, device) -> None:
