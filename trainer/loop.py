@@ -223,7 +223,7 @@ def train(run: TrainingRun, global_step: int) -> int:
                                main_process_only=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak of the loop, not of model loading or the cache build
-    started, first_step = time.perf_counter(), global_step
+    started, first_step = synced_clock(), global_step
     # Open-ended: updates the grad scaler skips are not steps, so a run may need more epochs than planned.
     for epoch in itertools.count(first_epoch):
         if global_step >= plan.max_train_steps:
@@ -258,8 +258,15 @@ def train(run: TrainingRun, global_step: int) -> int:
                                          args, global_step, run.weight_dtype)
     progress.close()
     run.skipped.report(accelerator)
-    log_throughput(accelerator, args, global_step - first_step, time.perf_counter() - started)
+    log_throughput(accelerator, args, global_step - first_step, synced_clock() - started)
     return global_step
+
+
+def synced_clock() -> float:
+    """perf_counter after the GPU has finished its queued work, so a timed window holds whole steps."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def log_throughput(accelerator, args, steps: int, seconds: float) -> None:
