@@ -161,7 +161,7 @@ def save_diffusers_file(folder: Path, unet, text_encoder, setup: LoraSetup) -> P
 
 
 def kohya_state_dict(unet_state: dict, text_encoder_state: Optional[dict], alpha: float) -> dict:
-    """kohya/A1111 keys (lora_unet_…, lora_te_…, .lora_down/.lora_up) with the trained alpha, via diffusers' converter."""
+    """kohya/A1111 keys (lora_unet_…, lora_te_…, .lora_down/.lora_up) with the trained alpha (diffusers' converter)."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     prefixed = {f"{UNET_PREFIX}.{k}": v for k, v in unet_state.items()}
@@ -186,8 +186,9 @@ def save_kohya_file(path: Path, unet, text_encoder, setup: LoraSetup, alpha: flo
     text_state = adapter_state(text_encoder) if setup.text_encoder_config is not None else None
     state = kohya_state_dict(adapter_state(unet), text_state, alpha)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file(state, str(tmp), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(setup.unet_config.r),
-                                         "ss_network_alpha": str(alpha), "ss_base_model_version": "sd_v1"})
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(setup.unet_config.r),
+                "ss_network_alpha": str(alpha), "ss_base_model_version": "sd_v1"}
+    save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return Path(path)
 
