@@ -187,3 +187,12 @@ def test_hub_token_flag_beats_env(tmp_path, monkeypatch):
     assert create_hub_repo(args_for(tmp_path, "--push_to_hub", "--hub_token", TOKEN, "--hub_model_id", "a/b")) \
         == "a/b"
     assert seen == [TOKEN]
+
+
+def test_card_shows_the_validation_progress_picture_when_training_wrote_one(tmp_path):
+    """validation_progress.png in OUTPUT_DIR is linked with a line saying how to read it; absent, no link."""
+    args = args_for(tmp_path, "--validation_prompt", "A satellite image of a crop field")
+    assert "validation_progress.png" not in hub.write_model_card(tmp_path / "out", args, "me/x", None).read_text()
+    (tmp_path / "out" / "validation_progress.png").write_bytes(b"png")
+    text = hub.write_model_card(tmp_path / "out", args, "me/x", None).read_text()
+    assert "![validation progress](validation_progress.png)" in text and "base model" in text

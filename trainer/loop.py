@@ -13,7 +13,7 @@ from trainer.checkpoints import (checkpoint_step, remove_stale_partials, resolve
 from trainer.loss import LossOptions, check_finite, check_finite_parameters, diffusion_loss
 from trainer.loss_log import append_loss, truncate_loss_log
 from trainer.models import frozen_models_on
-from trainer.validation import should_validate, validate_during_training
+from trainer.validation import BASE_STEP, should_validate, validate_during_training
 from utils.logger import get_logger
 
 
@@ -159,6 +159,11 @@ def train(run: TrainingRun, global_step: int) -> int:
 
     accelerator, args, plan = run.accelerator, run.args, run.plan
     first_epoch, skip_batches = resume_position(global_step, plan.steps_per_epoch, args.gradient_accumulation_steps)
+    if global_step == BASE_STEP and accelerator.is_main_process and args.validation_prompts:
+        # The untrained model's images, drawn once with the same seed: validation_progress.png's first column.
+        with frozen_models_on(run.components, accelerator.device, args.cache_latents):
+            validate_during_training(accelerator, run.components, run.unet, run.ema, run.inference_scheduler,
+                                     args, BASE_STEP, run.weight_dtype)
     progress = accelerate_tqdm(total=plan.max_train_steps, initial=global_step, desc="Steps",
                                main_process_only=True)
     if torch.cuda.is_available():
