@@ -7,8 +7,8 @@ scene accuracy (rows' classes from RSICD file names or --class_column).
         --output_dir eval/test
 
 Writes EVAL_DIR/generated/NNNNNN.png (row NNNNNN of the input, seed --seed + NNNNNN - 1), eval_report.json
-(N, settings, FID, CLIP score, scene accuracy, bad rows, timings) and sheet.html (real vs generated). Rerun the same command to
-resume: images already on disk are kept, only the missing ones are generated.
+(N, settings, FID, CLIP score, scene accuracy, bad rows, timings) and sheet.html (real vs generated). Rerun the
+same command to resume: images already on disk are kept, only the missing ones are generated.
 """
 
 import time

@@ -4,8 +4,13 @@ Run: python -m evaluation.compare "base=eval_base/eval_report.json" "fine-tuned=
 (a bare path is labelled by its folder).
 """
 
-import json
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file rather than with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import json
 
 from utils.cli import ArgumentParser, UsageError, run_main
 

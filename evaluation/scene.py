@@ -99,7 +99,7 @@ def parquet_labels(spec: str, class_column: Optional[str], limit: Optional[int])
 
 def metadata_labels(data_dir: str, class_column: Optional[str], limit: Optional[int]) -> Dict[int, Optional[str]]:
     """Line number of metadata.jsonl -> class, from the record's class_column or its file_name."""
-    labels = {}
+    labels, has_column = {}, False
     with open(Path(data_dir) / "metadata.jsonl", encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if limit is not None and number > limit:
@@ -110,8 +110,11 @@ def metadata_labels(data_dir: str, class_column: Optional[str], limit: Optional[
                 labels[number] = None
                 continue
             record = record if isinstance(record, dict) else {}
+            has_column = has_column or class_column in record
             labels[number] = (class_from_value(record.get(class_column)) if class_column
                               else class_from_filename(record.get("file_name")))
+    if class_column and labels and not has_column:
+        raise UsageError(f"--class_column {class_column!r} is a key of no line of {data_dir}/metadata.jsonl")
     return labels
 
 

@@ -135,6 +135,8 @@ def test_labels_from_metadata_jsonl(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
     assert read_labels(str(tmp_path), None, None, None) == {1: "farmland", 2: None, 3: None}
     assert read_labels(str(tmp_path), None, "kind", 2) == {1: "a", 2: None}
+    with pytest.raises(UsageError, match="--class_column 'scene' is a key of no line"):
+        read_labels(str(tmp_path), None, "scene", None)
 
 
 def test_recorder_keeps_the_features_fid_computes_in_order():

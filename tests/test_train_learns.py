@@ -71,7 +71,7 @@ def learned(tmp_path_factory):
         "--resolution", RESOLUTION, "--center_crop", "--random_flip", "--cache_latents", "--mixed_precision", "no",
         "--train_batch_size", 8, "--learning_rate", "1e-3", "--max_train_steps", TRAIN_STEPS, "--seed", 0,
         "--checkpointing_steps", 10_000, "--dataloader_num_workers", 0, "--report_to", "tensorboard"],
-        timeout=600)
+        timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
 
     held_out = make_sample_parquet(root / "test.parquet", HELD_OUT, seed=1)

@@ -7,9 +7,14 @@ UNet), and writes the VAE back into the pipeline folder. Real bases never need t
 Run: python -m trainer.vae_fit MODEL_DIR DATA_DIR [--resolution 64] [--steps 150] [--seed 0]
 """
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file rather than with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import shutil
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
