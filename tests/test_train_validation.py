@@ -132,3 +132,22 @@ def test_progress_ignores_later_incomplete_and_foreign_folders(tmp_path):
     assert V.validation_steps(tmp_path, 10, 2) == [0, 8]
     assert Image.open(V.save_progress(tmp_path, 10, 2)).size == (8, 8)
     assert V.save_progress(tmp_path / "empty", 10, 2) is None
+
+
+def test_validation_draws_at_the_training_resolution():
+    """A small base's default size (here 16 px) is not what is trained (32 px): validation asks for the latter."""
+    calls = []
+
+    class FakePipeline:
+        """Records each call's keyword arguments."""
+
+        def set_progress_bar_config(self, **kwargs):
+            """Progress bars are irrelevant here."""
+
+        def __call__(self, prompt, **kwargs):
+            """One blank image per call."""
+            calls.append(kwargs)
+            return SimpleNamespace(images=[Image.new("RGB", (32, 32))])
+
+    images = V.generate(FakePipeline(), ["a", "b"], 0, torch.device("cpu"), torch.float32, 32)
+    assert len(images) == 2 and [(c["height"], c["width"]) for c in calls] == [(32, 32), (32, 32)]

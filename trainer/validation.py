@@ -41,15 +41,16 @@ def autocast_for(device: torch.device, weight_dtype: torch.dtype):
 
 
 def generate(pipeline, prompts: Sequence[str], seed: Optional[int], device: torch.device,
-             weight_dtype: torch.dtype) -> List:
-    """One image per prompt, with a seeded generator and the reference's 20 steps."""
+             weight_dtype: torch.dtype, resolution: Optional[int] = None) -> List:
+    """One image per prompt, with a seeded generator and the reference's 20 steps, at resolution (default: the
+    pipeline's own size, which for a small base differs from the size it is being trained at)."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(DEFAULT_VALIDATION_SEED if seed is None else seed)
     images = []
     with torch.no_grad(), autocast_for(device, weight_dtype):
         for prompt in prompts:
-            images.append(pipeline(prompt, num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                                   generator=generator).images[0])
+            images.append(pipeline(prompt, num_inference_steps=VALIDATION_INFERENCE_STEPS, generator=generator,
+                                   height=resolution, width=resolution).images[0])
     return images
 
 
@@ -80,7 +81,8 @@ def log_images(trackers, images: Sequence, prompts: Sequence[str], step: int) ->
 def validate(accelerator, pipeline, args, step: int, weight_dtype: torch.dtype) -> List:
     """Generate, save and log the validation images of one step (main process only)."""
     get_logger().info("Validation at step %d: %d prompt(s)", step, len(args.validation_prompts))
-    images = generate(pipeline, args.validation_prompts, args.seed, accelerator.device, weight_dtype)
+    images = generate(pipeline, args.validation_prompts, args.seed, accelerator.device, weight_dtype,
+                      args.resolution)
     save_images(images, Path(args.output_dir), step)
     log_images(accelerator.trackers, images, args.validation_prompts, step)
     return images
