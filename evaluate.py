@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Measure a fine-tuned pipeline on held-out captions: one generated image per caption, then FID and CLIP score.
+"""Measure a fine-tuned pipeline on held-out captions: one generated image per caption, then FID, CLIP score and
+scene accuracy (rows' classes from RSICD file names or --class_column).
 
     python evaluate.py --model sd-rsicd-model --parquet_path rsicd_parquet/data/test-*.parquet \
         --inception_weights pt_inception-2015-12-05-6726825d.pth --clip_model clip-vit-base-patch32 \
         --output_dir eval/test
 
 Writes EVAL_DIR/generated/NNNNNN.png (row NNNNNN of the input, seed --seed + NNNNNN - 1), eval_report.json
-(N, settings, FID, CLIP score, bad rows, timings) and sheet.html (real vs generated). Rerun the same command to
-resume: images already on disk are kept, only the missing ones are generated.
+(N, settings, FID, CLIP score, scene accuracy, bad rows, timings) and sheet.html (real vs generated). Rerun the
+same command to resume: images already on disk are kept, only the missing ones are generated.
 """
 
 import time
@@ -21,6 +22,7 @@ from evaluation.generation import (GENERATED_DIRNAME, check_settings, generate_m
 from evaluation.metrics import (clip_cosine, clip_info, inception_info, load_clip, load_inception, make_clip_score,
                                 make_fid)
 from evaluation.report import REPORT_FILENAME, build_report, write_sheet
+from evaluation.scene import FeatureRecorder, class_source, read_labels, scene_report, scene_summary
 from evaluation.scoring import add_generated_images, add_real_images
 from inference.pipeline import load_pipeline, pick_device
 from utils.cli import UsageError, run_main
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
                                      args.input, source_options(args))
     if args.num_samples and rows_read < args.num_samples:
         log.warning("--num_samples %d asked, but the data has only %d rows", args.num_samples, rows_read)
+    labels = read_labels(args.data_dir, args.parquet_path, args.class_column, args.num_samples)
     device, dtype = pick_device(args.device, args.dtype)
     settings = settings_from_args(args, device, dtype)
     generated_dir = eval_dir / GENERATED_DIRNAME
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
 
     # Metric models from local paths; a wrong file is refused here, before anything is generated.
     inception_path, clip_path = Path(args.inception_weights), Path(args.clip_model)
-    fid = make_fid(load_inception(inception_path)).to(device)
+    features = FeatureRecorder(load_inception(inception_path))  # FID's pool features, kept for scene accuracy
+    fid = make_fid(features).to(device)
     clip_score = make_clip_score(*load_clip(clip_path)).to(device)
     inception, clip = inception_info(inception_path), clip_info(clip_path)
 
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
     # Real side of FID first: it streams, and it finds undecodable images before we spend time generating.
     rows, rejected, reals = add_real_images(rows, fid, args.resolution, args.metric_batch_size, args.sheet_pairs,
                                             device)
+    real_features = features.take()
     bad = sorted(bad + rejected, key=lambda row: row.number)
     if len(rows) < 2:
         raise UsageError(f"only {len(rows)} usable row(s) of {rows_read}; FID needs at least 2 "
@@ -83,7 +88,9 @@ def main(argv=None) -> int:
     # Generated side of FID, and CLIP score of each generated image against its caption.
     add_generated_images(rows, generated_dir, fid, clip_score, args.resolution, args.metric_batch_size, device)
     figures = {"fid": float(fid.compute()), "clip_score": float(clip_score.compute()),
-               "clip_cosine": clip_cosine(clip_score)}
+               "clip_cosine": clip_cosine(clip_score),
+               "scene": scene_report([row.number for row in rows], real_features, features.take(), labels,
+                                     class_source(args.class_column), args.seed)}
     clock["end"] = time.monotonic()
 
     timings = {"loading": clock["loaded"] - clock["start"], "real_features": clock["real"] - clock["loaded"],
@@ -98,6 +105,7 @@ def main(argv=None) -> int:
         log.warning(warning)
     log.info("N=%d  FID %.2f  CLIP score %.2f (cosine %.4f)  -> %s, %s", len(rows), figures["fid"],
              figures["clip_score"], figures["clip_cosine"], eval_dir / REPORT_FILENAME, sheet)
+    log.info("%s", scene_summary(figures["scene"]))
     return 0
 
 

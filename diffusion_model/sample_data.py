@@ -1,7 +1,8 @@
 """Generate a small Parquet file in the exact RSICD schema, from procedurally drawn aerial-like scenes.
 
-Each row is a 224x224 JPEG of fields, a river, a road, ponds and/or buildings, with five captions that say
-what is drawn, carrying RSICD's quirks: a repeated sentence that differs only in case and punctuation, and one
+Each row is a 224x224 JPEG of one scene class (farmland, river, pond, residential, bareland: each looks
+different), named RSICD-style by its class (`rsicd_images/pond_3.jpg`), with five captions that name the class
+and say what is drawn, carrying RSICD's quirks: a repeated sentence that differs only in case and punctuation, and one
 junk caption (" ."). Deterministic from the seed.
 
 Run: python diffusion_model/sample_data.py --output data/sample/rsicd_sample.parquet --num_rows 64
@@ -29,11 +30,13 @@ SAMPLE_SIZE = 224
 SAMPLE_JPEG_QUALITY = 75
 JUNK_CAPTION = " ."
 SCENES = ("farmland", "river", "pond", "residential", "bareland")
-FIELD_COLOURS = ((74, 120, 52), (112, 150, 70), (150, 135, 90), (96, 110, 48), (170, 160, 110))
+FIELD_COLOURS = ((74, 120, 52), (92, 140, 60), (60, 100, 40), (96, 124, 48))
 WATER_COLOUR = (40, 70, 95)
 ROAD_COLOUR = (150, 150, 145)
 ROOF_COLOURS = ((170, 80, 60), (200, 200, 195), (90, 90, 100))
-BARE_COLOUR = (185, 165, 130)
+BARE_COLOUR = (196, 172, 128)
+GRASS_COLOUR = (120, 160, 90)
+URBAN_COLOUR = (120, 118, 115)
 
 RSICD_SCHEMA = pa.schema(
     [
@@ -55,52 +58,61 @@ def draw_fields(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
 
 
 def draw_river(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
-    """Draw a meandering river from the top edge to the bottom edge."""
+    """Draw a wide meandering river from the top edge to the bottom edge."""
     ys = np.linspace(-10, SAMPLE_SIZE + 10, 8)
-    xs = SAMPLE_SIZE / 2 + np.cumsum(rng.normal(0, 18, len(ys)))
-    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=WATER_COLOUR, width=int(rng.integers(10, 22)), joint="curve")
+    xs = SAMPLE_SIZE / 2 + np.cumsum(rng.normal(0, 12, len(ys)))
+    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=WATER_COLOUR, width=int(rng.integers(40, 60)), joint="curve")
 
 
 def draw_road(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
     """Draw a straight road across the scene."""
     y0, y1 = (int(v) for v in rng.integers(0, SAMPLE_SIZE, 2))
-    draw.line([(0, y0), (SAMPLE_SIZE, y1)], fill=ROAD_COLOUR, width=6)
+    draw.line([(0, y0), (SAMPLE_SIZE, y1)], fill=ROAD_COLOUR, width=8)
 
 
 def draw_ponds(draw: ImageDraw.ImageDraw, rng: np.random.Generator, count: int) -> None:
-    """Draw a few dark oval ponds."""
+    """Draw a few large dark oval ponds."""
     for _ in range(count):
-        cx, cy = (int(v) for v in rng.integers(25, SAMPLE_SIZE - 25, 2))
-        rx, ry = (int(v) for v in rng.integers(8, 22, 2))
+        cx, cy = (int(v) for v in rng.integers(40, SAMPLE_SIZE - 40, 2))
+        rx, ry = (int(v) for v in rng.integers(25, 45, 2))
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=WATER_COLOUR)
 
 
 def draw_buildings(draw: ImageDraw.ImageDraw, rng: np.random.Generator, count: int) -> None:
-    """Draw rows of small rectangular roofs."""
+    """Draw many small rectangular roofs."""
     for _ in range(count):
-        x, y = (int(v) for v in rng.integers(5, SAMPLE_SIZE - 25, 2))
-        w, h = (int(v) for v in rng.integers(8, 20, 2))
+        x, y = (int(v) for v in rng.integers(0, SAMPLE_SIZE - 16, 2))
+        w, h = (int(v) for v in rng.integers(10, 22, 2))
         draw.rectangle([x, y, x + w, y + h], fill=ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))])
 
 
 def draw_scene(scene: str, rng: np.random.Generator) -> tuple:
-    """Draw one scene; return the RGB image and the list of things drawn, in caption words."""
-    image = Image.new("RGB", (SAMPLE_SIZE, SAMPLE_SIZE), BARE_COLOUR)
+    """Draw one scene; return the RGB image and the things drawn, in caption words, the scene's own thing first.
+
+    Each class looks different at a glance (and at 32 px): farmland is green fields, a river is a wide band of
+    water through fields, ponds are large water ovals on grass, residential is a grey ground packed with roofs and
+    bare land is plain sand, so a tiny model can learn which caption goes with which look.
+    """
+    background = {"residential": URBAN_COLOUR, "pond": GRASS_COLOUR}.get(scene, BARE_COLOUR)
+    image = Image.new("RGB", (SAMPLE_SIZE, SAMPLE_SIZE), background)
     draw = ImageDraw.Draw(image)
-    things = ["some bare land"] if scene == "bareland" else []
-    if scene != "bareland":
+    things = []
+    if scene in ("farmland", "river"):
         draw_fields(draw, rng)
+    if scene == "farmland":
         things.append("green fields")
     if scene == "river":
         draw_river(draw, rng)
-        things.append("a winding river")
+        things += ["a wide winding river", "green fields"]
     if scene == "pond":
-        draw_ponds(draw, rng, int(rng.integers(2, 5)))
-        things.append("several dark ponds")
+        draw_ponds(draw, rng, int(rng.integers(2, 4)))
+        things.append("several large dark ponds")
     if scene == "residential":
-        draw_buildings(draw, rng, int(rng.integers(8, 20)))
-        things.append("many buildings")
-    if scene == "bareland" or rng.random() < 0.5:
+        draw_buildings(draw, rng, int(rng.integers(60, 90)))
+        things.append("many dense buildings")
+    if scene == "bareland":
+        things.append("some bare sandy land")
+    if scene in ("bareland", "residential") or rng.random() < 0.5:
         draw_road(draw, rng)
         things.append("a straight road")
     return add_texture(image, rng), things
@@ -118,7 +130,7 @@ def describe(scene: str, things: list, rng: np.random.Generator) -> list:
     sentences = [
         f"an aerial view of {whole} .",
         f"this is a {scene} scene with {whole} .",
-        f"{things[-1]} can be seen in this {scene} area .",
+        f"{things[0]} can be seen in this {scene} area .",
     ]
     repeat = sentences[0][0].upper() + sentences[0][1:-2] + "."
     captions = sentences + [repeat]
@@ -136,7 +148,9 @@ def encode_jpeg(image: Image.Image) -> bytes:
 def make_sample_row(index: int, seed: int) -> dict:
     """One RSICD row, drawn from an RNG seeded by (seed, index) so any row can be regenerated alone."""
     rng = np.random.default_rng([seed, index])
-    scene = SCENES[int(rng.integers(len(SCENES)))]
+    # Classes take turns, so any run of len(SCENES) rows holds each once: held-out sets are balanced, chance is
+    # 1/len(SCENES).
+    scene = SCENES[index % len(SCENES)]
     image, things = draw_scene(scene, rng)
     return {
         "filename": f"{IMAGES_DIRNAME}/{scene}_{index + 1}{IMAGE_EXTENSION}",

@@ -10,6 +10,7 @@ from evaluation.data import BadRow, EvalRow
 from evaluation.generation import GENERATED_DIRNAME, image_path, save_png
 from evaluation.metrics import CLIP_SCORE_DEFINITION as CLIP_SCORE
 from evaluation.metrics import FID_RESIZE as FID_INPUT
+from evaluation.scene import SCENE_CLASSIFIER, directions_note
 
 REPORT_FILENAME = "eval_report.json"
 SHEET_FILENAME = "sheet.html"
@@ -25,6 +26,14 @@ def small_n_warning(pairs: int) -> Optional[str]:
         return None
     return (f"N={pairs} is small: FID is biased upward at small N (on RSICD about 200 at N=64 vs about 66 at "
             f"N=1093 for the same model); compare only figures computed at the same N")
+
+
+def scene_headline(scene: dict) -> dict:
+    """The scene figures shown beside FID and CLIP score (None when the rows have fewer than two classes)."""
+    return {key: scene.get(source) for key, source in (
+        ("scene_accuracy", "scene_accuracy"), ("scene_accuracy_real", "scene_accuracy_real"),
+        ("scene_accuracy_real_trained", "scene_accuracy_real_trained"), ("chance", "chance"),
+        ("num_classes", "num_classes"), ("scene_num_samples", "num_samples"))}
 
 
 def bad_row_summary(bad: Sequence[BadRow]) -> dict:
@@ -68,6 +77,7 @@ def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Seque
         "fid": figures["fid"],
         "clip_score": figures["clip_score"],
         "clip_cosine": figures["clip_cosine"],
+        **scene_headline(figures["scene"]),
         "stand_in_models": stand_in,
         "warnings": [w for w in (warning, stand_in and "stand-in (random or non-standard) metric models: "
                                  "these figures are not comparable with anything") if w],
@@ -87,5 +97,6 @@ def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Seque
                         "inception_input": FID_INPUT},
         "clip_details": {"clip_model": clip, "clip_score": CLIP_SCORE,
                          "clip_cosine": "mean cosine(image, caption), unclamped"},
+        "scene_details": {**figures["scene"], "classifier": SCENE_CLASSIFIER, "directions": directions_note()},
         "timings_s": timings,
     }

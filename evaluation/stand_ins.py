@@ -27,6 +27,11 @@ CLIP_IMAGE_SIZE = 32
 # Byte-level tokens: one per character, so the text side must fit long captions whole.
 CLIP_TEXT_POSITIONS = 256
 CALIBRATION_IMAGES = 4
+# The standard Inception's pool features average about this on natural images; scaled to it, the stand-in's FID
+# lands in the range real FIDs do (tens to hundreds) instead of ~1e5, which would read as a bug.
+POOL_FEATURE_MEAN = 0.4
+# Mixed_7c's last conv of each branch: their outputs are concatenated and averaged into the pool features.
+FINAL_BRANCHES = ("branch1x1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool")
 
 
 class _RandomInception(FeatureExtractorInceptionV3):
@@ -53,10 +58,24 @@ def random_inception_state(seed: int) -> dict:
             module.reset_running_stats()
             module.momentum = None  # cumulative average: one pass sets the statistics exactly
     model.train()
-    noise = torch.randint(0, 256, (CALIBRATION_IMAGES, 3, 299, 299), dtype=torch.uint8)
+    images = calibration_images()
     with torch.no_grad():
-        model(noise)
-    return model.state_dict()
+        model(images)
+        model.eval()
+        scale = POOL_FEATURE_MEAN / float(model(images)[0].mean())
+    state = model.state_dict()
+    for branch in FINAL_BRANCHES:  # ReLU(s * BN(x)) = s * ReLU(BN(x)): the pool features scale by s
+        for kind in ("weight", "bias"):
+            state[f"Mixed_7c.{branch}.bn.{kind}"] *= scale
+    return state
+
+
+def calibration_images() -> torch.Tensor:
+    """Pixel noise and smooth colour fields (noise upsampled), so both kinds of input get unit-scale activations."""
+    noise = torch.randint(0, 256, (CALIBRATION_IMAGES, 3, 299, 299), dtype=torch.uint8)
+    coarse = torch.randint(0, 256, (CALIBRATION_IMAGES, 3, 8, 8)).float()
+    smooth = torch.nn.functional.interpolate(coarse, size=(299, 299), mode="bilinear").round().to(torch.uint8)
+    return torch.cat([noise, smooth])
 
 
 def tiny_clip(seed: int):

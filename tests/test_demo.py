@@ -7,12 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from utils.quiet import NOTICES
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"DEMO_ROWS": "8", "DEMO_STEPS": "2", "DEMO_RESOLUTION": "32", "DEMO_SAMPLE_STEPS": "2",
-         "DEMO_EVAL_SAMPLES": "4"}
+         "DEMO_EVAL_SAMPLES": "4", "DEMO_VAE_STEPS": "2"}
 
 
 def run_demo(out: Path) -> subprocess.CompletedProcess:
@@ -37,11 +38,11 @@ def summary_paths(stdout: str) -> dict:
 def test_every_step_runs_and_each_path_in_the_summary_exists(demo):
     out, done = demo
     assert done.returncode == 0, done.stderr[-3000:]
-    for step in range(1, 8):
-        assert f"=== {step}/7" in done.stdout
+    for step in range(1, 9):
+        assert f"=== {step}/8" in done.stdout
     paths = summary_paths(done.stdout)
-    expected = {"images (create.py)", "metadata.jsonl", "checkpoints", "validation images", "trained pipeline",
-                "loss curve", "generated grid", "evaluation report"}
+    expected = {"images (create.py)", "metadata.jsonl", "checkpoints", "validation images", "training progress",
+                "trained pipeline", "loss curve", "generated grid", "evaluation report", "base model's report"}
     assert expected <= set(paths)
     for label in expected:
         assert Path(paths[label]).exists(), f"{label}: {paths[label]}"
@@ -54,10 +55,25 @@ def test_outputs_hold_what_the_pipeline_made(demo):
     assert len((out / "data" / "metadata.jsonl").read_text().splitlines()) == int(SMALL["DEMO_ROWS"])
     assert sorted(p.name for p in (out / "model").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert (out / "model" / "model_index.json").is_file() and (out / "model" / "loss_curve.png").is_file()
-    # 4 prompts x 2 images, each with its sidecar
-    assert len(list((out / "generated").glob("*.json"))) == 8 and (out / "generated" / "grid.png").is_file()
-    report = json.loads((out / "eval" / "eval_report.json").read_text())
-    assert report["num_samples"] == int(SMALL["DEMO_EVAL_SAMPLES"])
+    # 5 prompts (one per scene class) x 2 images, each with its sidecar
+    assert len(list((out / "generated").glob("*.json"))) == 10 and (out / "generated" / "grid.png").is_file()
+    for name in ("eval_base", "eval_model"):
+        report = json.loads((out / name / "eval_report.json").read_text())
+        assert report["num_samples"] == int(SMALL["DEMO_EVAL_SAMPLES"])
+        # sample rows are named by their class in turn: 4 rows, 4 classes
+        assert report["num_classes"] == 4 and report["chance"] == 0.25 and report["scene_accuracy"] is not None
+        assert report["fid"] < 10_000, "stand-in features are scaled so FID does not read as a broken number"
+    assert "untrained base" in done.stdout and "fine-tuned" in done.stdout and "ceiling" in done.stdout
+
+
+def test_progress_picture_has_the_base_and_one_column_per_validation(demo):
+    out, done = demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    side = int(SMALL["DEMO_RESOLUTION"])
+    validations = [p for p in (out / "model" / "validation").glob("step-*") if p.name != "step-0"]
+    with Image.open(out / "model" / "validation_progress.png") as progress:
+        assert progress.size == (side * (len(validations) + 1), side * 5)  # 5 prompts, one per class
+    assert "](validation_progress.png)" in (out / "model" / "README.md").read_text()
 
 
 def test_output_free_of_third_party_notices(demo):

@@ -61,7 +61,7 @@ def write_image_text_shards(folder) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models):
+def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sample_parquet):
     """A metadata.jsonl run and a Parquet-shards run side by side; then the first resumed after losing 2 images."""
     root = tmp_path_factory.mktemp("evaluate")
     shards = root / "shards"
@@ -70,8 +70,12 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models):
                                 "--num_samples", METADATA_ROWS, "--seed", 7)
     parquet_cmd = evaluate_command(tiny_model_dir, "--parquet_path", shards, stand_in_models, root / "parquet",
                                    "--sheet_pairs", 2, "--dtype", "bf16")
+    # RSICD schema, names carrying classes: 5 classes in turn, 2 rows each.
+    rsicd_cmd = evaluate_command(tiny_model_dir, "--parquet_path", sample_parquet, stand_in_models, root / "rsicd",
+                                 "--num_samples", 10, "--sheet_pairs", 0)
     meta_process, parquet_process = start(meta_cmd), start(parquet_cmd)
     meta, parquet = finish(meta_process), finish(parquet_process)
+    rsicd = finish(start(rsicd_cmd))
     generated = root / "meta" / "generated"
     first = {p.name: p.read_bytes() for p in sorted(generated.glob("*.png"))}
     report = json.loads((root / "meta" / "eval_report.json").read_text())
@@ -83,7 +87,8 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models):
     other_seed = start(meta_cmd[:-1] + ["8"])
     resumed = finish(start(meta_cmd))
     refused = other_seed.communicate(timeout=300)
-    return {"root": root, "meta": meta, "parquet": parquet, "first_images": first, "first_report": report,
+    return {"root": root, "meta": meta, "parquet": parquet, "rsicd": rsicd, "first_images": first,
+            "first_report": report,
             "lost": lost, "kept_mtimes": kept_mtimes, "resumed": resumed,
             "refused": (other_seed.returncode, refused[1])}
 
@@ -162,6 +167,25 @@ def test_resume_with_another_dtype_is_refused_unless_overwrite(runs, tiny_model_
     check_settings(generated, settings_from_args(args, torch.device("cpu"), torch.bfloat16), overwrite=True)
 
 
+def test_rsicd_parquet_reports_scene_accuracy_with_classes_from_file_names(runs):
+    report = json.loads((runs["root"] / "rsicd" / "eval_report.json").read_text())
+    assert report["num_classes"] == 5 and report["scene_num_samples"] == 10 and report["chance"] == 0.2
+    for key in ("scene_accuracy", "scene_accuracy_real", "scene_accuracy_real_trained"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["scene_details"]["class_counts"] == {c: 2 for c in ("bareland", "farmland", "pond", "residential",
+                                                                       "river")}
+    assert report["scene_details"]["left_out"]["count"] == 0
+    assert "scene accuracy (N=10, 5 classes)" in runs["rsicd"].stderr
+
+
+def test_rows_without_classes_leave_the_scene_figure_out_with_the_reason(runs):
+    report = json.loads((runs["root"] / "parquet" / "eval_report.json").read_text())
+    assert report["scene_accuracy"] is None and report["num_classes"] is None
+    assert report["scene_details"]["left_out"] == {"count": 3, "reason": "no_class", "rows": [1, 2, 4]}
+    assert "at least 2 classes" in report["scene_details"]["skipped"]
+    assert "scene accuracy skipped" in runs["parquet"].stderr
+
+
 def test_other_settings_in_the_same_folder_are_refused_in_one_line(runs):
     code, stderr = runs["refused"]
     assert code == 2
@@ -178,6 +202,7 @@ def test_other_settings_in_the_same_folder_are_refused_in_one_line(runs):
     (["--clip_model", "/nonexistent/clip"], "--clip_model /nonexistent/clip"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--split", "val"], "--split apply to --input only"),
+    (["--class_column", "scene"], "--class_column 'scene' is a key of no line"),
 ])
 def test_usage_errors_are_one_line_naming_the_value(change, words, tmp_path, tiny_model_dir, tiny_data_dir,
                                                    stand_in_models):

@@ -20,12 +20,16 @@ def test_bad_rows_are_listed_and_counted_by_reason():
     assert summary["rows"][0] == {"row": 3, "reason": "undecodable", "detail": "x"}
 
 
+SCENE = {"num_samples": 30, "scene_accuracy": 0.6, "scene_accuracy_real_trained": 0.5, "scene_accuracy_real": 0.9,
+         "chance": 0.2, "num_classes": 5, "left_out": {"count": 2, "reason": "no_class", "rows": [3, 8]}}
+
+
 def report_for(standard_inception: bool, stand_in_clip: bool, pairs: int = 1093) -> dict:
     """A report with the given model flags."""
     args = Namespace(num_samples=None, model="m", base_model=None, weights="auto", data_dir=None,
                      parquet_path="test.parquet", caption_index=0, batch_size=1, resolution=512)
     return build_report(args, settings={"seed": 0}, rows_read=pairs, pairs=pairs, bad=[],
-                        figures={"fid": 65.7, "clip_score": 27.8, "clip_cosine": 0.278},
+                        figures={"fid": 65.7, "clip_score": 27.8, "clip_cosine": 0.278, "scene": SCENE},
                         inception={"path": "i.pth", "sha256": "ab", "matches_standard_name": standard_inception},
                         clip={"path": "clip", "stand_in": stand_in_clip}, device="cpu", timings={})
 
@@ -37,6 +41,15 @@ def test_report_flags_stand_in_models_and_warns():
         assert report["stand_in_models"] is True
         assert any("stand-in" in w for w in report["warnings"])
     assert any("N=64" in w for w in report_for(True, False, pairs=64)["warnings"])
+
+
+def test_scene_figures_stand_beside_fid_with_their_details():
+    report = report_for(True, False)
+    assert (report["scene_accuracy"], report["scene_accuracy_real"], report["chance"], report["num_classes"],
+            report["scene_num_samples"]) == (0.6, 0.9, 0.2, 5, 30)
+    assert report["scene_details"]["left_out"]["rows"] == [3, 8]
+    assert "LogisticRegression" in report["scene_details"]["classifier"]
+    assert any("trained on the generated" in line for line in report["scene_details"]["directions"])
 
 
 def test_sheet_pairs_captions_escaped_with_relative_paths(tmp_path):

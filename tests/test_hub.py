@@ -210,3 +210,12 @@ def test_lora_card_and_upload(tmp_path, monkeypatch):
         (root / rel).write_text("x")
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert kept_by(hub.ignore_patterns(args), files) == set(keep)
+
+
+def test_card_shows_the_validation_progress_picture_when_training_wrote_one(tmp_path):
+    """validation_progress.png in OUTPUT_DIR is linked with a line saying how to read it; absent, no link."""
+    args = args_for(tmp_path, "--validation_prompt", "A satellite image of a crop field")
+    assert "validation_progress.png" not in hub.write_model_card(tmp_path / "out", args, "me/x", None).read_text()
+    (tmp_path / "out" / "validation_progress.png").write_bytes(b"png")
+    text = hub.write_model_card(tmp_path / "out", args, "me/x", None).read_text()
+    assert "![validation progress](validation_progress.png)" in text and "base model" in text

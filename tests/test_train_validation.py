@@ -102,3 +102,52 @@ def test_grid_is_one_row(tmp_path):
     """validation_grid.png holds the images side by side."""
     path = V.save_grid([Image.fromarray(np.zeros((4, 4, 3), np.uint8))] * 3, tmp_path)
     assert Image.open(path).size == (12, 4)
+
+
+def write_step(output_dir, step: int, colours) -> None:
+    """validation/step-<step>/<i>.png, one flat 4x4 image per prompt."""
+    V.save_images([Image.new("RGB", (4, 4), colour) for colour in colours], output_dir, step)
+
+
+def test_progress_has_the_base_first_then_each_step_in_order(tmp_path):
+    """One row per prompt, one column per validation (base at step 0 first), steps in numeric order."""
+    for step, shade in ((16, 16), (0, 0), (112, 112), (32, 32)):
+        write_step(tmp_path, step, [(shade, 0, 0), (0, shade, 0)])
+    path = V.save_progress(tmp_path, 112, 2)
+    assert path == tmp_path / V.PROGRESS_FILENAME
+    sheet = Image.open(path)
+    assert sheet.size == (4 * 4, 4 * 2)
+    assert [sheet.getpixel((column * 4, 0))[0] for column in range(4)] == [0, 16, 32, 112]
+    assert [sheet.getpixel((column * 4, 4))[1] for column in range(4)] == [0, 16, 32, 112]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_progress_ignores_later_incomplete_and_foreign_folders(tmp_path):
+    """Steps past the run's last step (an older, longer run), folders missing a prompt and odd names are left out."""
+    write_step(tmp_path, 0, [(1, 1, 1), (1, 1, 1)])
+    write_step(tmp_path, 8, [(2, 2, 2), (2, 2, 2)])
+    write_step(tmp_path, 9, [(3, 3, 3)])
+    write_step(tmp_path, 500, [(4, 4, 4), (4, 4, 4)])
+    (tmp_path / "validation" / "step-x").mkdir()
+    assert V.validation_steps(tmp_path, 10, 2) == [0, 8]
+    assert Image.open(V.save_progress(tmp_path, 10, 2)).size == (8, 8)
+    assert V.save_progress(tmp_path / "empty", 10, 2) is None
+
+
+def test_validation_draws_at_the_training_resolution():
+    """A small base's default size (here 16 px) is not what is trained (32 px): validation asks for the latter."""
+    calls = []
+
+    class FakePipeline:
+        """Records each call's keyword arguments."""
+
+        def set_progress_bar_config(self, **kwargs):
+            """Progress bars are irrelevant here."""
+
+        def __call__(self, prompt, **kwargs):
+            """One blank image per call."""
+            calls.append(kwargs)
+            return SimpleNamespace(images=[Image.new("RGB", (32, 32))])
+
+    images = V.generate(FakePipeline(), ["a", "b"], 0, torch.device("cpu"), torch.float32, 32)
+    assert len(images) == 2 and [(c["height"], c["width"]) for c in calls] == [(32, 32), (32, 32)]

@@ -38,7 +38,7 @@ def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
     """Main process: write the pipeline, validate it, write the grid, model card and loss curve, push when asked."""
     from trainer.hub import push_final, write_model_card
     from trainer.loss_log import write_loss_curve
-    from trainer.validation import save_grid, validate
+    from trainer.validation import save_grid, save_progress, validate
 
     accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
@@ -58,6 +58,7 @@ def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
     if args.validation_prompts:
         images = validate(accelerator, pipeline.to(accelerator.device), args, global_step, dtype)
         grid_path = save_grid(images, output_dir)
+        save_progress(output_dir, global_step, len(args.validation_prompts))
     write_model_card(output_dir, args, hub_repo_id, grid_path)
     curve = write_loss_curve(output_dir)
     if curve is not None:

@@ -22,6 +22,7 @@ LICENSE = "creativeml-openrail-m"
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training",
         "remote-sensing", "satellite-imagery"]
 GRID_FILENAME = "validation_grid.png"
+PROGRESS_FILENAME = "validation_progress.png"  # trainer.validation writes it into OUTPUT_DIR before the card
 EXAMPLE_PROMPT = "A satellite image of a crop field"
 LORA_TAGS = ["lora", "template:sd-lora"]
 # lora_run.json holds the base model's local path: useful on this machine, meaningless (and private) on the Hub.
@@ -123,14 +124,18 @@ def _lora_usage_snippet(base: str, model_ref: str, prompt: str) -> str:
     ])
 
 
-def _validation_section(args, grid_name: Optional[str]) -> str:
-    """Validation prompts and grid image, or an empty string when there are none."""
+def _validation_section(args, grid_name: Optional[str], progress_name: Optional[str] = None) -> str:
+    """Validation prompts, grid image and progress picture, or an empty string when there are none."""
     parts = []
     if args.validation_prompts:
         parts.append("## Validation prompts\n\n" + "\n".join(f"{i}. {p}" for i, p in
                                                               enumerate(args.validation_prompts, start=1)))
     if grid_name:
         parts.append(f"![validation images]({grid_name})")
+    if progress_name:
+        parts.append("## Training progress\n\nEach validation prompt (rows) drawn with the same seed by the base model "
+                     "(first column), then at each validation step, left to right.\n\n"
+                     f"![validation progress]({progress_name})")
     return "\n\n".join(parts)
 
 
@@ -146,7 +151,8 @@ def _place_grid(output_dir: Path, grid_path) -> Optional[str]:
         return GRID_FILENAME
 
 
-def card_text(args, repo_id: Optional[str], grid_name: Optional[str], run_url: Optional[str] = None) -> str:
+def card_text(args, repo_id: Optional[str], grid_name: Optional[str], run_url: Optional[str] = None,
+              progress_name: Optional[str] = None) -> str:
     """The whole README.md: front matter, description, validation, usage, settings."""
     model_ref = repo_id or Path(args.output_dir).name
     prompt = (args.validation_prompts or [EXAMPLE_PROMPT])[0]
@@ -162,7 +168,7 @@ def card_text(args, repo_id: Optional[str], grid_name: Optional[str], run_url: O
         f"# {model_ref}",
         f"{intro} {_data_description(args)}, "
         "for remote-sensing (satellite and aerial) text-to-image generation.",
-        _validation_section(args, grid_name),
+        _validation_section(args, grid_name, progress_name),
         "## Usage\n\n" + usage,
         "## Training settings\n\n" + _settings_table(_public_settings(args)),
         f"Training run: {run_url}" if run_url else "",
@@ -175,7 +181,8 @@ def write_model_card(output_dir, args, repo_id: Optional[str], grid_path=None,
     """Write OUTPUT_DIR/README.md atomically (temp file, then rename) and return its path."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    text = card_text(args, repo_id, _place_grid(folder, grid_path), run_url)
+    progress = PROGRESS_FILENAME if (folder / PROGRESS_FILENAME).is_file() else None
+    text = card_text(args, repo_id, _place_grid(folder, grid_path), run_url, progress)
     target = folder / MODEL_CARD_FILENAME
     partial = folder / f"{MODEL_CARD_FILENAME}{TMP_SUFFIX}"
     partial.write_text(text, encoding="utf-8")

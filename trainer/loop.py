@@ -16,7 +16,7 @@ from trainer.loss import (LossOptions, SkippedSteps, TrainingDiverged, check_fin
                           diffusion_loss)
 from trainer.loss_log import append_loss, truncate_loss_log
 from trainer.models import frozen_models_on, trainable_parameters
-from trainer.validation import should_validate, validate_during_training
+from trainer.validation import BASE_STEP, should_validate, validate_during_training
 from utils.logger import get_logger
 
 
@@ -219,6 +219,11 @@ def train(run: TrainingRun, global_step: int) -> int:
     # Skipped updates consumed batches too: the data position counts them.
     first_epoch, skip_batches = resume_position(global_step + run.skipped.total, plan.steps_per_epoch,
                                                 args.gradient_accumulation_steps)
+    if global_step == BASE_STEP and accelerator.is_main_process and args.validation_prompts:
+        # The untrained model's images, drawn once with the same seed: validation_progress.png's first column.
+        with frozen_models_on(run.components, accelerator.device, args.cache_latents):
+            validate_during_training(accelerator, run.components, run.unet, run.ema, run.inference_scheduler,
+                                     args, BASE_STEP, run.weight_dtype)
     progress = accelerate_tqdm(total=plan.max_train_steps, initial=global_step, desc="Steps",
                                main_process_only=True)
     if torch.cuda.is_available():

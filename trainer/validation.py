@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from utils.constants import VALIDATION_DIRNAME
+from utils.constants import TMP_SUFFIX, VALIDATION_DIRNAME
 from utils.logger import get_logger
 
 VALIDATION_INFERENCE_STEPS = 20
@@ -41,15 +41,16 @@ def autocast_for(device: torch.device, weight_dtype: torch.dtype):
 
 
 def generate(pipeline, prompts: Sequence[str], seed: Optional[int], device: torch.device,
-             weight_dtype: torch.dtype) -> List:
-    """One image per prompt, with a seeded generator and the reference's 20 steps."""
+             weight_dtype: torch.dtype, resolution: Optional[int] = None) -> List:
+    """One image per prompt, with a seeded generator and the reference's 20 steps, at resolution (default: the
+    pipeline's own size, which for a small base differs from the size it is being trained at)."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(DEFAULT_VALIDATION_SEED if seed is None else seed)
     images = []
     with torch.no_grad(), autocast_for(device, weight_dtype):
         for prompt in prompts:
-            images.append(pipeline(prompt, num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                                   generator=generator).images[0])
+            images.append(pipeline(prompt, num_inference_steps=VALIDATION_INFERENCE_STEPS, generator=generator,
+                                   height=resolution, width=resolution).images[0])
     return images
 
 
@@ -80,7 +81,8 @@ def log_images(trackers, images: Sequence, prompts: Sequence[str], step: int) ->
 def validate(accelerator, pipeline, args, step: int, weight_dtype: torch.dtype) -> List:
     """Generate, save and log the validation images of one step (main process only)."""
     get_logger().info("Validation at step %d: %d prompt(s)", step, len(args.validation_prompts))
-    images = generate(pipeline, args.validation_prompts, args.seed, accelerator.device, weight_dtype)
+    images = generate(pipeline, args.validation_prompts, args.seed, accelerator.device, weight_dtype,
+                      args.resolution)
     save_images(images, Path(args.output_dir), step)
     log_images(accelerator.trackers, images, args.validation_prompts, step)
     return images
@@ -109,4 +111,45 @@ def save_grid(images: Sequence, output_dir: Path) -> Path:
 
     path = Path(output_dir) / GRID_FILENAME
     make_image_grid(list(images), rows=1, cols=len(images)).save(path)
+    return path
+
+
+PROGRESS_FILENAME = "validation_progress.png"
+# Validation before the first optimizer step: the base model's images, the progress picture's first column.
+BASE_STEP = 0
+
+
+def validation_steps(output_dir: Path, last_step: int, num_prompts: int) -> List[int]:
+    """Steps up to last_step with a complete validation/step-N folder (one image per prompt), in order."""
+    steps = []
+    for folder in (Path(output_dir) / VALIDATION_DIRNAME).glob("step-*"):
+        suffix = folder.name[len("step-"):]
+        if suffix.isdigit() and int(suffix) <= last_step and \
+                all((folder / f"{i}.png").is_file() for i in range(num_prompts)):
+            steps.append(int(suffix))
+    return sorted(steps)
+
+
+def save_progress(output_dir: Path, last_step: int, num_prompts: int) -> Optional[Path]:
+    """OUTPUT_DIR/validation_progress.png: one row per prompt, one column per validation step, the base (step 0)
+    first, read back from validation/step-N/ so a resumed run's earlier steps are in it too; None without images."""
+    from PIL import Image
+
+    steps = validation_steps(output_dir, last_step, num_prompts)
+    if not steps or not num_prompts:
+        return None
+    folder = Path(output_dir) / VALIDATION_DIRNAME
+    with Image.open(folder / f"step-{steps[0]}" / "0.png") as first:
+        width, height = first.size
+    sheet = Image.new("RGB", (width * len(steps), height * num_prompts))
+    for column, step in enumerate(steps):
+        for row in range(num_prompts):
+            with Image.open(folder / f"step-{step}" / f"{row}.png") as image:
+                sheet.paste(image.convert("RGB").resize((width, height)), (column * width, row * height))
+    path = Path(output_dir) / PROGRESS_FILENAME
+    partial = path.with_name(path.name + TMP_SUFFIX)
+    sheet.save(partial, format="PNG")
+    partial.replace(path)
+    get_logger().info("Validation progress (rows: prompts; columns: %s): %s",
+                      ", ".join("base" if s == BASE_STEP else f"step {s}" for s in steps), path)
     return path

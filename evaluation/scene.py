@@ -1,0 +1,238 @@
+"""Scene accuracy: does a generated image show the scene class its caption's row belongs to?
+
+Each held-out row gets a class, from RSICD's file-name prefix (`rsicd_images/airport_1.jpg` -> airport) or from a
+column the user names; rows without one (RSICD's numeric names) are left out of this figure, counted and listed.
+A scikit-learn logistic regression over image features (evaluate.py uses the FID Inception pool features it
+computes anyway, so the figure costs no extra forward pass) is fitted and scored in two directions:
+  - train on generated, test on real (`scene_accuracy`): the Txt2Img-MHN "zero-shot OA" direction, the one papers
+    quote. It asks whether the generated images carry enough of each class to recognise real ones.
+  - train on real, test on generated (`scene_accuracy_real_trained`): a classifier of real scenes judges each
+    generated image. It is the direction a reader expects from "is this a pond?", and it is reported beside.
+`scene_accuracy_real` is the same classifier's cross-validated accuracy on the real held-out images alone: the
+ceiling either direction could reach with these features and this N. `chance` is the accuracy of always answering
+the most frequent class (1/classes when they are balanced).
+"""
+
+import json
+import re
+import warnings
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.cli import UsageError
+
+# A class prefix, an underscore and a number before the extension; RSICD's numeric names (00012.jpg) have none.
+CLASS_NAME_PATTERN = re.compile(r"^(?P<scene>[A-Za-z][A-Za-z0-9 -]*?)_\d+$")
+FILENAME_COLUMNS = ("filename", "file_name")
+CV_FOLDS = 5
+MAX_ITER = 2000
+REASON_NO_CLASS = "no_class"
+SCENE_CLASSIFIER = ("scikit-learn StandardScaler + LogisticRegression (lbfgs, multinomial) on the 2048-d FID "
+                    "Inception pool features")
+
+
+class FeatureRecorder(nn.Module):
+    """The FID feature extractor, keeping a copy of every batch's features, so the scene classifier reuses the pool
+    features FID computes (evaluate.py feeds real images first, then generated: take() between them)."""
+
+    def __init__(self, extractor: nn.Module):
+        """extractor: the module FID calls on each uint8 batch; its num_features is passed on to torchmetrics."""
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = extractor.num_features
+        self.batches: List[np.ndarray] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of a batch, recorded as float64 on the CPU."""
+        features = self.extractor(images)
+        self.batches.append(features.detach().double().cpu().numpy().reshape(len(features), -1))
+        return features
+
+    def take(self) -> np.ndarray:
+        """All features recorded since the last take(), one row per image, in the order fed."""
+        batches, self.batches = self.batches, []
+        return np.concatenate(batches) if batches else np.zeros((0, int(self.num_features)))
+
+
+def class_from_filename(name: Optional[str]) -> Optional[str]:
+    """RSICD's rule: `rsicd_images/airport_1.jpg` -> 'airport'; a name without a `class_N` stem -> None."""
+    if not name:
+        return None
+    match = CLASS_NAME_PATTERN.match(PurePosixPath(str(name).replace("\\", "/")).stem)
+    return match.group("scene").lower() if match else None
+
+
+def class_from_value(value) -> Optional[str]:
+    """A --class_column cell as a class name; empty or missing -> None."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def parquet_labels(spec: str, class_column: Optional[str], limit: Optional[int]) -> Dict[int, Optional[str]]:
+    """Row number (1-based across shards, as evaluation.data numbers them) -> class, read from one column."""
+    import pyarrow.parquet as pq
+
+    from diffusion_model.parquet_source import resolve_parquet_paths
+
+    labels = {}
+    for path in resolve_parquet_paths([spec]):
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if class_column and class_column not in names:
+            raise UsageError(f"--class_column {class_column!r} is not a column of {path} "
+                             f"(columns: {', '.join(names)})")
+        column = class_column or next((c for c in FILENAME_COLUMNS if c in names), None)
+        values = (parquet.read(columns=[column]).column(0).to_pylist() if column
+                  else [None] * parquet.metadata.num_rows)
+        for value in values:
+            if limit is not None and len(labels) >= limit:
+                return labels
+            labels[len(labels) + 1] = class_from_value(value) if class_column else class_from_filename(value)
+    return labels
+
+
+def metadata_labels(data_dir: str, class_column: Optional[str], limit: Optional[int]) -> Dict[int, Optional[str]]:
+    """Line number of metadata.jsonl -> class, from the record's class_column or its file_name."""
+    labels, has_column = {}, False
+    with open(Path(data_dir) / "metadata.jsonl", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if limit is not None and number > limit:
+                break
+            try:
+                record = json.loads(line)
+            except ValueError:
+                labels[number] = None
+                continue
+            record = record if isinstance(record, dict) else {}
+            has_column = has_column or class_column in record
+            labels[number] = (class_from_value(record.get(class_column)) if class_column
+                              else class_from_filename(record.get("file_name")))
+    if class_column and labels and not has_column:
+        raise UsageError(f"--class_column {class_column!r} is a key of no line of {data_dir}/metadata.jsonl")
+    return labels
+
+
+def read_labels(data_dir: Optional[str], parquet_path: Optional[str], class_column: Optional[str],
+                limit: Optional[int]) -> Dict[int, Optional[str]]:
+    """Each source row's scene class (None when it has none), keyed by the row numbers evaluate.py uses."""
+    if data_dir is not None:
+        return metadata_labels(data_dir, class_column, limit)
+    return parquet_labels(parquet_path, class_column, limit)
+
+
+def make_classifier(seed: int):
+    """Standardised features -> multinomial logistic regression (scikit-learn), deterministic for a seed."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=MAX_ITER, random_state=seed))
+
+
+def fit_and_score(train_x: np.ndarray, train_y: Sequence[str], test_x: np.ndarray, test_y: Sequence[str],
+                  seed: int = 0) -> float:
+    """Accuracy on (test_x, test_y) of a classifier fitted on (train_x, train_y); 0 right when one class is seen."""
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    classes = np.unique(train_y)
+    if len(classes) < 2:  # nothing to fit: the only answer is that one class
+        return float(np.mean(test_y == classes[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence notices on tiny N; the figure and its N say what matters
+        classifier = make_classifier(seed).fit(train_x, train_y)
+    return float(np.mean(classifier.predict(test_x) == test_y))
+
+
+def cross_validated_accuracy(x: np.ndarray, y: Sequence[str], seed: int = 0) -> tuple:
+    """Accuracy of out-of-fold predictions over stratified folds (at most CV_FOLDS) and the number of folds;
+    (None, 0) when no class has two rows, so no fold could hold a class in both its halves."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y)
+    _, counts = np.unique(y, return_counts=True)
+    if counts.max() < 2:
+        return None, 0
+    folds = int(min(CV_FOLDS, counts.max()))
+    correct = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a class with fewer rows than folds: it is missing from some training folds
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for train, test in splitter.split(x, y):
+            correct += fit_and_score(x[train], y[train], x[test], y[test], seed) * len(test)
+    return correct / len(y), folds
+
+
+def chance_accuracy(y: Sequence[str]) -> float:
+    """Accuracy of always answering the most frequent class."""
+    _, counts = np.unique(np.asarray(y), return_counts=True)
+    return float(counts.max() / counts.sum())
+
+
+def scene_figures(real: np.ndarray, generated: np.ndarray, classes: Sequence[str], seed: int = 0) -> dict:
+    """Both directions, the real ceiling and chance, for rows whose real and generated features share an index."""
+    y = np.asarray(classes)
+    names, counts = np.unique(y, return_counts=True)
+    ceiling, folds = cross_validated_accuracy(real, y, seed)
+    return {
+        "scene_accuracy": fit_and_score(generated, y, real, y, seed),
+        "scene_accuracy_real_trained": fit_and_score(real, y, generated, y, seed),
+        "scene_accuracy_real": ceiling,
+        "chance": chance_accuracy(y),
+        "num_classes": len(names),
+        "class_counts": {str(n): int(c) for n, c in zip(names, counts)},
+        # A class with one row cannot be both fitted and tested in cross-validation: the ceiling misses it.
+        "classes_with_one_row": [str(n) for n, c in zip(names, counts) if c < 2],
+        "cv_folds": folds,
+    }
+
+
+def scene_report(numbers: Sequence[int], real: np.ndarray, generated: np.ndarray, labels: Dict[int, Optional[str]],
+                 class_source: str, seed: int = 0) -> dict:
+    """The report's scene section: figures over the rows with a class, and the rows left out, counted and listed."""
+    keep = [i for i, number in enumerate(numbers) if labels.get(number)]
+    left_out = [number for number in numbers if not labels.get(number)]
+    section = {"num_samples": len(keep), "class_source": class_source,
+               "left_out": {"count": len(left_out), "reason": REASON_NO_CLASS, "rows": left_out}}
+    classes = [labels[numbers[i]] for i in keep]
+    if len(set(classes)) < 2:
+        section["skipped"] = (f"scene accuracy needs at least 2 classes among the evaluated rows; found "
+                              f"{len(set(classes))} ({len(left_out)} of {len(numbers)} rows have no class)")
+        return section
+    section.update(scene_figures(np.asarray(real)[keep], np.asarray(generated)[keep], classes, seed))
+    return section
+
+
+def class_source(class_column: Optional[str]) -> str:
+    """How classes were found, in words for the report."""
+    if class_column:
+        return f"column {class_column!r}"
+    return "file-name prefix (RSICD: rsicd_images/<class>_<n>.jpg); names without one have no class"
+
+
+def directions_note() -> List[str]:
+    """What each accuracy in the report means (written into eval_report.json beside the figures)."""
+    return [
+        "scene_accuracy: logistic regression trained on the generated images' Inception pool features (label: "
+        "the class of the caption's row), tested on the real held-out images (Txt2Img-MHN's zero-shot OA direction)",
+        "scene_accuracy_real_trained: the same classifier trained on the real images, tested on the generated ones",
+        "scene_accuracy_real: cross-validated accuracy on the real images alone, the ceiling for these features "
+        "and this N",
+        "chance: accuracy of always answering the most frequent class",
+    ]
+
+
+def scene_summary(section: dict) -> str:
+    """One log line: both directions, the real ceiling and chance, with N and the class count."""
+    if "skipped" in section:
+        return f"scene accuracy skipped: {section['skipped']}"
+    ceiling = section["scene_accuracy_real"]
+    return (f"scene accuracy (N={section['num_samples']}, {section['num_classes']} classes): "
+            f"{section['scene_accuracy']:.3f} trained on generated / tested on real, "
+            f"{section['scene_accuracy_real_trained']:.3f} trained on real / tested on generated; "
+            f"real images {'n/a' if ceiling is None else f'{ceiling:.3f}'} (ceiling), chance {section['chance']:.3f}"
+            f"; {section['left_out']['count']} row(s) without a class left out")

@@ -1,0 +1,152 @@
+"""Scene accuracy: classes from file names or a column, known answers of the classifier, left-out rows reported."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from evaluation.metrics import FeatureVectors, make_fid
+from evaluation.scene import (FeatureRecorder, chance_accuracy, class_from_filename, cross_validated_accuracy,
+                              fit_and_score, read_labels, scene_figures, scene_report)
+from utils.cli import UsageError
+
+CLASSES = ("airport", "beach", "forest", "pond", "river")
+
+
+def separable(per_class: int, seed: int, dims: int = 16, spread: float = 0.1) -> tuple:
+    """Features clustered tightly around one far-apart centre per class, and their labels."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(len(CLASSES), dims) * 10
+    labels = np.repeat(CLASSES, per_class)
+    features = centres[np.repeat(np.arange(len(CLASSES)), per_class)] + rng.normal(0, spread, (len(labels), dims))
+    return features, labels
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("rsicd_images/airport_1.jpg", "airport"),
+    ("denseresidential_120.jpg", "denseresidential"),
+    ("rsicd_images/storagetanks_7.png", "storagetanks"),
+    ("Pond_3.JPG", "pond"),
+    ("rsicd_images\\bridge_2.jpg", "bridge"),
+    ("rsicd_images/00012.jpg", None),
+    ("rsicd_images/12.jpg", None),
+    ("rsicd_images/airport.jpg", None),
+    ("_5.jpg", None),
+    ("", None),
+    (None, None),
+])
+def test_class_from_rsicd_file_names(name, expected):
+    assert class_from_filename(name) == expected
+
+
+def test_separable_features_give_one_in_every_direction():
+    real, labels = separable(6, seed=0)
+    generated, _ = separable(6, seed=1)
+    figures = scene_figures(real, generated, labels)
+    assert figures["scene_accuracy"] == 1.0
+    assert figures["scene_accuracy_real_trained"] == 1.0
+    assert figures["scene_accuracy_real"] == 1.0
+    assert figures["chance"] == pytest.approx(1 / len(CLASSES))
+    assert figures["num_classes"] == len(CLASSES)
+    assert figures["class_counts"] == {name: 6 for name in CLASSES}
+
+
+def test_shuffled_labels_give_about_chance():
+    real, labels = separable(40, seed=0)
+    generated, _ = separable(40, seed=1)
+    shuffled = np.random.default_rng(2).permutation(labels)
+    # Generated images that do not show their caption's class: trained on them, the classifier learns nothing real.
+    accuracy = fit_and_score(generated, shuffled, real, labels)
+    assert abs(accuracy - 0.2) < 0.08
+    ceiling, folds = cross_validated_accuracy(real, shuffled)
+    assert abs(ceiling - 0.2) < 0.08 and folds == 5
+
+
+def test_generated_images_of_one_look_score_chance():
+    real, labels = separable(8, seed=0)
+    noise = np.random.default_rng(3).normal(0, 1, real.shape)  # an untrained model: noise whatever the caption
+    figures = scene_figures(real, noise, labels)
+    assert figures["scene_accuracy_real_trained"] <= 0.4
+    assert figures["scene_accuracy_real"] == 1.0
+
+
+def test_chance_is_the_most_frequent_class():
+    assert chance_accuracy(["a", "a", "a", "b"]) == 0.75
+    assert chance_accuracy(["a", "b", "c", "d"]) == 0.25
+
+
+def test_rows_without_a_class_are_left_out_counted_and_listed():
+    real, labels = separable(4, seed=0)
+    numbers = list(range(1, len(labels) + 3))
+    real = np.vstack([real, np.zeros((2, real.shape[1]))])
+    by_number = {n: str(label) for n, label in zip(numbers, labels)}
+    by_number.update({numbers[-2]: None})  # numbers[-1] is missing from the labels altogether
+    section = scene_report(numbers, real, real, by_number, "file names")
+    assert section["num_samples"] == len(labels)
+    assert section["left_out"] == {"count": 2, "reason": "no_class", "rows": numbers[-2:]}
+    assert section["scene_accuracy"] == 1.0 and section["num_classes"] == len(CLASSES)
+
+
+def test_a_class_with_one_row_is_reported():
+    real, labels = separable(3, seed=0)
+    real, labels = np.vstack([real, real[:1] + 50]), np.append(labels, "lonely")
+    figures = scene_figures(real, real, labels)
+    assert figures["classes_with_one_row"] == ["lonely"]
+    assert figures["num_classes"] == len(CLASSES) + 1
+    assert figures["scene_accuracy_real"] < 1.0  # the lonely row is never in its own training fold
+
+
+def test_fewer_than_two_classes_is_skipped_with_a_reason():
+    features = np.zeros((3, 4))
+    section = scene_report([1, 2, 3], features, features, {1: "pond", 2: None, 3: "pond"}, "file names")
+    assert "scene_accuracy" not in section and "at least 2 classes" in section["skipped"]
+    assert section["left_out"]["rows"] == [2]
+
+
+def test_no_class_with_two_rows_has_no_ceiling():
+    features = np.eye(3)
+    figures = scene_figures(features, features, ["a", "b", "c"])
+    assert figures["scene_accuracy_real"] is None and figures["cv_folds"] == 0
+
+
+def test_labels_from_parquet_file_names_across_shards_and_limit(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.table({"filename": ["rsicd_images/pond_1.jpg", "rsicd_images/00002.jpg"]}), folder / "a.parquet")
+    pq.write_table(pa.table({"filename": ["rsicd_images/river_9.jpg", "x/beach_4.jpg"]}), folder / "b.parquet")
+    assert read_labels(None, str(folder), None, None) == {1: "pond", 2: None, 3: "river", 4: "beach"}
+    assert read_labels(None, str(folder), None, 3) == {1: "pond", 2: None, 3: "river"}
+
+
+def test_labels_from_a_class_column(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"filename": ["1.jpg", "2.jpg", "3.jpg"], "label": ["Forest", "", None]}), path)
+    assert read_labels(None, str(path), "label", None) == {1: "Forest", 2: None, 3: None}
+    with pytest.raises(UsageError, match="--class_column 'scene'"):
+        read_labels(None, str(path), "scene", None)
+
+
+def test_labels_from_metadata_jsonl(tmp_path):
+    lines = [{"file_name": "rsicd_images/farmland_3.jpg", "text": "x", "kind": "a"},
+             {"file_name": "rsicd_images/77.jpg", "text": "y"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
+    assert read_labels(str(tmp_path), None, None, None) == {1: "farmland", 2: None, 3: None}
+    assert read_labels(str(tmp_path), None, "kind", 2) == {1: "a", 2: None}
+    with pytest.raises(UsageError, match="--class_column 'scene' is a key of no line"):
+        read_labels(str(tmp_path), None, "scene", None)
+
+
+def test_recorder_keeps_the_features_fid_computes_in_order():
+    recorder = FeatureRecorder(FeatureVectors(3))
+    fid = make_fid(recorder)
+    real, fake = torch.arange(12.).reshape(4, 3), -torch.arange(6.).reshape(2, 3)
+    fid.update(real[:2], real=True)
+    fid.update(real[2:], real=True)
+    np.testing.assert_array_equal(recorder.take(), real.numpy())
+    fid.update(fake, real=False)
+    np.testing.assert_array_equal(recorder.take(), fake.numpy())
+    assert recorder.take().shape == (0, 3)
+    assert float(fid.real_features_num_samples) == 4  # FID itself still saw every image
