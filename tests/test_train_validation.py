@@ -68,7 +68,7 @@ def test_validation_uses_ema_weights_then_restores_training_weights(monkeypatch,
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from trainer.tiny_model import build_scheduler, build_tokenizer, build_unet
+    from trainer.tiny_model import build_scheduler, build_text_encoder, build_tokenizer, build_unet
 
     torch.manual_seed(0)
     unet = build_unet()
@@ -84,7 +84,9 @@ def test_validation_uses_ema_weights_then_restores_training_weights(monkeypatch,
 
     monkeypatch.setattr(V, "validate", fake_validate)
     accelerator = SimpleNamespace(unwrap_model=lambda model: model)
-    components = SimpleNamespace(vae=None, text_encoder=None, tokenizer=build_tokenizer())
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer)).requires_grad_(False)  # frozen, as in a full fine-tune
+    components = SimpleNamespace(vae=None, text_encoder=text_encoder, tokenizer=tokenizer)
     V.validate_during_training(accelerator, components, unet, ema, build_scheduler(),
                                argparse.Namespace(), 1, torch.float32)
     assert seen["ema_in_use"]
