@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default, on CPU, with nothing downloaded but the Python packages, measuring
-# whether the model learns the caption: a small RSICD-schema Parquet of five distinct scene classes (farmland_1.jpg, river_2.jpg,
-# ...) drawn by the project's own code -> a tiny random Stable Diffusion model whose VAE is first fitted to the
+# whether the model learns the caption: a small RSICD-schema Parquet of five distinct scene classes
+# (farmland_1.jpg, river_2.jpg, ...) drawn by the project's own code -> a tiny random Stable Diffusion model whose VAE is first fitted to the
 # scenes (a random VAE decodes everything to noise) -> create.py -> format.py -> ./train.sh (tiny model, 32 px)
 # -> generate.py -> evaluate.py on the untrained base and on the fine-tuned model, same held-out captions: scene
 # accuracy (does each image show its caption's class?) before and after (README: at these sizes the fine-tuned
