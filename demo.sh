@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole pipeline on the embedded default, on CPU, with nothing downloaded but the Python packages, and a model
-# that visibly learns: a small RSICD-schema Parquet of five distinct scene classes (farmland_1.jpg, river_2.jpg,
-# ...) drawn by the project's own code -> a tiny random Stable Diffusion model whose VAE is first fitted to the
-# scenes (a random VAE decodes everything to noise) -> create.py -> format.py -> ./train.sh (tiny model, 32 px)
-# -> generate.py -> evaluate.py on the untrained base and on the fine-tuned model, same held-out captions: scene
-# accuracy (does each image show its caption's class?) near chance before, well above it after. The evaluation's
+# The whole pipeline on the embedded default, on CPU, with nothing downloaded but the Python packages, measuring
+# whether the model learns the caption: a small RSICD-schema Parquet of five distinct scene classes
+# (farmland_1.jpg, river_2.jpg, ...) drawn by the project's own code -> a tiny random Stable Diffusion model
+# whose VAE is first fitted to the scenes (a random VAE decodes everything to noise) -> create.py -> format.py
+# -> ./train.sh (tiny model, 32 px) -> generate.py -> evaluate.py on the untrained base and on the fine-tuned
+# model, same held-out captions: scene accuracy (does each image show its caption's class?) before and after
+# (README: at these sizes the fine-tuned model does not yet beat chance; more steps are needed). The evaluation's
 # Inception and CLIP are random stand-ins, so FID and CLIP score only show the plumbing works.
 # Usage: ./demo.sh [OUT]   (default OUT: demo_output; a previous demo's OUT is replaced, any other non-empty
 # folder is refused)
@@ -64,7 +65,7 @@ python diffusion_model/format.py --caption_file "$OUT/data/captions.txt" --outpu
 step "5/8 fit the tiny model's random VAE to the scenes ($VAE_STEPS steps), so what the UNet learns decodes to pictures"
 python -m trainer.vae_fit "$OUT/tiny_model" "$OUT/data/rsicd_images" --resolution "$RESOLUTION" --steps "$VAE_STEPS"
 
-step "6/8 train.sh: $STEPS steps at ${RESOLUTION} px on CPU, checkpoints, validation (and its progress picture), loss curve"
+step "6/8 train.sh: $STEPS steps at ${RESOLUTION} px on CPU, checkpoints, validation and its progress picture"
 # The recipe's fp16 and learning rate are for SD1.5 on a GPU; a random tiny model on CPU needs fp32 and a far
 # larger rate to learn five scenes in a few hundred steps. The VAE runs once per image (--cache_latents).
 BATCH=8
@@ -78,8 +79,8 @@ MODEL_NAME="$OUT/tiny_model" DATA_DIR="$OUT/data" OUTPUT_DIR="$OUT/model" REPORT
 step "7/8 generate.py: ${#PROMPTS[@]} prompts (one per scene class) x 2 images from the trained pipeline"
 prompt_args=()
 for prompt in "${PROMPTS[@]}"; do prompt_args+=(--prompt "$prompt"); done
-python generate.py --model "$OUT/model" --output_dir "$OUT/generated" --seed 0 --num_images_per_prompt 2 --batch_size 5 \
-  --height "$RESOLUTION" --width "$RESOLUTION" --num_inference_steps "$SAMPLE_STEPS" "${prompt_args[@]}"
+python generate.py --model "$OUT/model" --output_dir "$OUT/generated" --seed 0 --num_images_per_prompt 2 \
+  --batch_size 5 --height "$RESOLUTION" --width "$RESOLUTION" --num_inference_steps "$SAMPLE_STEPS" "${prompt_args[@]}"
 
 step "8/8 evaluate.py: the untrained base, then the fine-tuned model, on the same $EVAL_SAMPLES held-out captions"
 # Random stand-in Inception and CLIP: FID and CLIP score only show the plumbing; scene accuracy compares the two
