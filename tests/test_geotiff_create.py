@@ -140,7 +140,8 @@ def test_naip_and_plain_tiffs_keep_their_8bit_pixels(default_run):
     output_dir, _, _ = default_run
     for number, scene in ((NAIP_ROWS[0], 3), (NAIP_ROWS[1], 4), (PLAIN_RGB_TIFF, 9), (JUNK_NODATA, 6)):
         difference = np.abs(output_pixels(output_dir, number) - resized(scene_pixels(scene, 0)[0]))
-        assert difference.mean() < 2.5, (number, difference.mean())
+        # JPEG and resampling on the textured class scenes cost a few levels; any stretch costs tens.
+        assert difference.mean() < 5, (number, difference.mean())
 
 
 def test_single_band_is_grey_and_jpeg_rows_unaffected(default_run):
@@ -160,8 +161,11 @@ def test_bands_beyond_an_image_fail_its_row(mixed, run_script):
     assert failures(output_dir) == {**too_few, ALL_NODATA: "all_nodata", CUT_OFF: "truncated"}
     detail = next(f["detail"] for f in read_report(output_dir)["failures"] if f["row"] == GREY_FLOAT)
     assert detail == "band 8 requested, the image has 1"
-    vegetation = output_pixels(output_dir, S2_ROWS[0])[20:, 20:]
-    assert (vegetation[..., 0] > vegetation[..., 1]).mean() > 0.5, "band 8 (near-infrared) shows in red"
+    source = resized(scene_pixels(0, 0)[0], 32)  # row S2_ROWS[0] draws scene 0
+    green = (source[..., 1] > source[..., 0] + 10) & (source[..., 1] > source[..., 2] + 10)  # vegetation
+    assert green.sum() > 20, "the scene has vegetation to look at"
+    false_colour = output_pixels(output_dir, S2_ROWS[0])
+    assert (false_colour[..., 0] > false_colour[..., 1])[green].mean() > 0.5, "band 8 (near-infrared) shows in red"
 
 
 def test_resume_refuses_other_band_settings(default_run, mixed, run_script):

@@ -311,8 +311,8 @@ def test_train_sh_runs_the_768_recipe(runs):
     output, done = runs["v_train_sh"]
     succeeded(done)
     assert list((output / ".cache" / "latents").glob("*/manifest.json"))
-    # Validation draws at the model's own default size: sample_size x the VAE's factor (24 here, 768 for SD 2.1).
-    assert Image.open(output / "validation" / "step-2" / "0.png").size == (24, 24)
+    # Validation draws at the training --resolution (48 here, as 768 for SD 2.1), not the model's default size.
+    assert Image.open(output / "validation" / "step-2" / "0.png").size == (V_RESOLUTION, V_RESOLUTION)
 
 
 def test_generate_writes_images_of_each_v_model(samplers):
