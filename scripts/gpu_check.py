@@ -225,6 +225,17 @@ def loop_peak(log: str) -> str:
     return f"loop peak {match.group(1)} GiB alloc, {match.group(2)} GiB reserved" if match else ""
 
 
+def sd15_fits(check: Check, name: str, limit_gib: float, *flags) -> str:
+    """Two 512 px steps of the SD1.5-shaped model with flags; the loop's peak reserved memory must be within limit."""
+    model = check.once("sd15_model", lambda: check._model("sd15"))
+    _, log = check.train(name, "--max_train_steps=2", *flags, model=model, resolution=512)
+    match = LOOP_PEAK_RE.search(log)
+    expect(match is not None and match.group(2) is not None, "no peak memory line in the trainer's log")
+    reserved = float(match.group(2))
+    expect(reserved <= limit_gib, f"reserved {reserved} GiB > {limit_gib} GiB")
+    return f"{loop_peak(log)} (limit {limit_gib} GiB)"
+
+
 def skipped_note(log: str) -> str:
     """The trainer's skipped-update count, when it printed one."""
     match = re.search(r"skipped (\d+) update", log)
@@ -395,14 +406,7 @@ def evaluate(check: Check) -> str:
 
 @row("SD1.5-shaped 512 px, --use_8bit_adam --offload_ema: fits the README's 16 GB row", cuda_only=True)
 def sd15_16gb(check: Check) -> str:
-    model = check.once("sd15_model", lambda: check._model("sd15"))
-    _, log = check.train("sd15", "--max_train_steps=2", "--use_8bit_adam", "--offload_ema", model=model,
-                         resolution=512)
-    match = LOOP_PEAK_RE.search(log)
-    expect(match is not None and match.group(2) is not None, "no peak memory line in the trainer's log")
-    reserved = float(match.group(2))
-    expect(reserved <= CARD_16GB_LIMIT_GIB, f"reserved {reserved} GiB > {CARD_16GB_LIMIT_GIB} GiB")
-    return f"{loop_peak(log)} (limit {CARD_16GB_LIMIT_GIB} GiB)"
+    return sd15_fits(check, "sd15", CARD_16GB_LIMIT_GIB, "--use_8bit_adam", "--offload_ema")
 
 
 @row("LoRA rank 16: fp32 adapters, EMA, adapter-only checkpoints, resume, diffusers + kohya files")
@@ -425,14 +429,7 @@ def lora(check: Check) -> str:
 
 @row("SD1.5-shaped 512 px LoRA rank 16: fits the README's 8 GB row", cuda_only=True)
 def sd15_lora_8gb(check: Check) -> str:
-    model = check.once("sd15_model", lambda: check._model("sd15"))
-    _, log = check.train("sd15_lora", "--max_train_steps=2", "--lora_rank=16", "--learning_rate=1e-4", model=model,
-                         resolution=512)
-    match = LOOP_PEAK_RE.search(log)
-    expect(match is not None and match.group(2) is not None, "no peak memory line in the trainer's log")
-    reserved = float(match.group(2))
-    expect(reserved <= CARD_8GB_LIMIT_GIB, f"reserved {reserved} GiB > {CARD_8GB_LIMIT_GIB} GiB")
-    return f"{loop_peak(log)} (limit {CARD_8GB_LIMIT_GIB} GiB)"
+    return sd15_fits(check, "sd15_lora", CARD_8GB_LIMIT_GIB, "--lora_rank=16", "--learning_rate=1e-4")
 
 
 # --- the table
