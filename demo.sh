@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default, on CPU, with nothing downloaded but the Python packages, measuring
 # whether the model learns the caption: a small RSICD-schema Parquet of five distinct scene classes
-# (farmland_1.jpg, river_2.jpg, ...) drawn by the project's own code -> a tiny random Stable Diffusion model
-# whose VAE is first fitted to the scenes (a random VAE decodes everything to noise) -> create.py -> format.py
-# -> ./train.sh (tiny model, 32 px) -> generate.py -> evaluate.py on the untrained base and on the fine-tuned
-# model, same held-out captions: scene accuracy (does each image show its caption's class?) before and after
-# (README: at these sizes the fine-tuned model does not yet beat chance; more steps are needed). The evaluation's
-# Inception and CLIP are random stand-ins, so FID and CLIP score only show the plumbing works.
+# (farmland_1.jpg, river_2.jpg, ...) drawn by the project's own code -> create.py -> format.py -> a tiny random
+# Stable Diffusion model whose VAE and text encoder are first fitted to the scenes (stand-ins for SD's pretrained
+# ones; the UNet stays random) -> ./train.sh (16 px) -> generate.py -> evaluate.py on the untrained base and on the
+# fine-tuned model, same held-out captions: scene accuracy (does each image show its caption's class?) before and
+# after. The evaluation's Inception and CLIP are random stand-ins, so FID and CLIP score only show the plumbing
+# works; the scene accuracies compare the two models on the same features.
 # Usage: ./demo.sh [OUT]   (default OUT: demo_output; a previous demo's OUT is replaced, any other non-empty
 # folder is refused)
 # Sizes, from the environment: DEMO_ROWS (training rows, 100), DEMO_STEPS (optimizer steps, 300),
-# DEMO_RESOLUTION (training and sampling size, 32), DEMO_SAMPLE_STEPS (denoising steps, 20),
-# DEMO_EVAL_SAMPLES (held-out captions evaluated, 40), DEMO_VAE_STEPS (VAE fitting steps, 150).
+# DEMO_RESOLUTION (training and sampling size, 16), DEMO_SAMPLE_STEPS (denoising steps, 20),
+# DEMO_EVAL_SAMPLES (held-out captions evaluated, 40), DEMO_VAE_STEPS (VAE fitting steps, 150),
+# DEMO_TEXT_STEPS (text-encoder fitting steps, 150).
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup_env.sh
@@ -20,10 +21,14 @@ scripts/setup_env.sh
 OUT="${1:-demo_output}"
 ROWS="${DEMO_ROWS:-100}"
 STEPS="${DEMO_STEPS:-300}"
-RESOLUTION="${DEMO_RESOLUTION:-32}"
+RESOLUTION="${DEMO_RESOLUTION:-16}"
 SAMPLE_STEPS="${DEMO_SAMPLE_STEPS:-20}"
 EVAL_SAMPLES="${DEMO_EVAL_SAMPLES:-40}"
 VAE_STEPS="${DEMO_VAE_STEPS:-150}"
+TEXT_STEPS="${DEMO_TEXT_STEPS:-150}"
+# Guidance off: the tiny base never learnt an unconditional image (SD1.5 did, hence its 7.5), so guiding away from
+# it only adds noise.
+GUIDANCE=1
 # Captions in the training data's words, one per scene class: the model learns only these words.
 PROMPTS=("an aerial view of green fields ." "an aerial view of a wide winding river and green fields ."
          "an aerial view of several large dark ponds ." "an aerial view of many dense buildings and a straight road ."
@@ -48,52 +53,73 @@ if [[ -d "$OUT" && -n "$(ls -A "$OUT")" ]]; then
 fi
 mkdir -p "$OUT"
 touch "$OUT/$MARKER"
+# A step that fails stops the demo; its background steps stop with it.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
-step "1/8 sample data: $ROWS training rows and $EVAL_SAMPLES held-out rows in RSICD's Parquet schema, 5 scene classes"
+step "1/7 sample data: $ROWS training rows and $EVAL_SAMPLES held-out rows in RSICD's Parquet schema, 5 scene classes"
 python diffusion_model/sample_data.py --output "$OUT/rsicd_train.parquet" --num_rows "$ROWS" --seed 0
 python diffusion_model/sample_data.py --output "$OUT/rsicd_test.parquet" --num_rows "$EVAL_SAMPLES" --seed 1
 
-step "2/8 tiny random Stable Diffusion pipeline (stands in for SD1.5, which cannot be downloaded here)"
-python -m trainer.tiny_model "$OUT/tiny_model"
-
-step "3/8 create.py: Parquet -> 512 px JPEGs + captions.txt"
+step "2/7 create.py: Parquet -> 512 px JPEGs + captions.txt"
 python diffusion_model/create.py --parquet_path "$OUT/rsicd_train.parquet" --output_dir "$OUT/data"
 
-step "4/8 format.py: captions.txt -> metadata.jsonl"
+step "3/7 format.py: captions.txt -> metadata.jsonl"
 python diffusion_model/format.py --caption_file "$OUT/data/captions.txt" --output_file "$OUT/data/metadata.jsonl"
 
-step "5/8 fit the tiny model's random VAE to the scenes ($VAE_STEPS steps), so what the UNet learns decodes to pictures"
-python -m trainer.vae_fit "$OUT/tiny_model" "$OUT/data/rsicd_images" --resolution "$RESOLUTION" --steps "$VAE_STEPS"
+step "4/7 tiny random Stable Diffusion pipeline (stands in for SD1.5, which cannot be downloaded here), its VAE and text encoder fitted to the scenes"
+# SD fine-tuning keeps a pretrained VAE and text encoder. Random ones decode everything to noise and give every
+# caption nearly the same states, so they get a short stand-in for that pretraining ($VAE_STEPS and $TEXT_STEPS steps);
+# the UNet stays random, so the base draws no scene from its caption.
+python -m trainer.tiny_model "$OUT/tiny_model" --fit_data "$OUT/data" --fit_resolution "$RESOLUTION" \
+  --vae_steps "$VAE_STEPS" --text_steps "$TEXT_STEPS"
 
-step "6/8 train.sh: $STEPS steps at ${RESOLUTION} px on CPU, checkpoints, validation and its progress picture"
-# The recipe's fp16 and learning rate are for SD1.5 on a GPU; a random tiny model on CPU needs fp32 and a far
-# larger rate to learn five scenes in a few hundred steps. The VAE runs once per image (--cache_latents).
-BATCH=8
+evaluate_model() {  # evaluate_model NAME MODEL_DIR: evaluate.py on the held-out captions into $OUT/eval_NAME
+  python evaluate.py --model "$2" --parquet_path "$OUT/rsicd_test.parquet" --num_samples "$EVAL_SAMPLES" \
+    --inception_weights "$OUT/eval_models/inception_random.pth" --clip_model "$OUT/eval_models/clip_tiny" \
+    --output_dir "$OUT/eval_$1" --num_inference_steps "$SAMPLE_STEPS" --resolution "$RESOLUTION" --seed 0 \
+    --batch_size 8 --guidance_scale "$GUIDANCE"
+}
+
+finish() {  # finish PID LOG WHAT: wait for a background step; on failure show its log and stop
+  if ! wait "$1"; then
+    cat "$2" >&2
+    echo "demo.sh: error: $3 failed (log above: $2)" >&2
+    exit 1
+  fi
+}
+
+step "5/7 evaluate.py on the untrained base, in the background while the fine-tune trains (log: $OUT/eval_base.log)"
+# Random stand-in Inception and CLIP: FID and CLIP score only show the plumbing; scene accuracy compares the two
+# models on the same features, so before vs after means something even with them. Much of an evaluation is start-up
+# on one core, so it overlaps the training well.
+(python -m evaluation.stand_ins "$OUT/eval_models" && evaluate_model base "$OUT/tiny_model") \
+  > "$OUT/eval_base.log" 2>&1 &
+base_eval=$!
+
+step "6/7 train.sh: $STEPS steps at ${RESOLUTION} px on CPU, checkpoints, validation and its progress picture"
+# The recipe's fp16, batch and learning rate are for SD1.5 on a GPU; a random tiny UNet on CPU needs fp32, a larger
+# batch (per-step overhead dominates at 16 px, so 32 images cost little more than 8) and a far larger rate to learn
+# five scenes in a few hundred steps. The VAE runs once per image (--cache_latents).
+BATCH=32
 EPOCHS=$(( (STEPS + (ROWS + BATCH - 1) / BATCH - 1) / ((ROWS + BATCH - 1) / BATCH) ))
 MODEL_NAME="$OUT/tiny_model" DATA_DIR="$OUT/data" OUTPUT_DIR="$OUT/model" REPORT_TO=tensorboard PUSH_TO_HUB=0 \
   ./train.sh --resolution="$RESOLUTION" --center_crop --random_flip --cache_latents --mixed_precision=no \
-  --train_batch_size="$BATCH" --gradient_accumulation_steps=1 --learning_rate=1e-3 --max_train_steps="$STEPS" \
+  --train_batch_size="$BATCH" --gradient_accumulation_steps=1 --learning_rate=2e-3 --max_train_steps="$STEPS" \
   --checkpointing_steps="$((STEPS / 2 > 0 ? STEPS / 2 : 1))" --checkpoints_total_limit=2 \
-  --validation_prompts "${PROMPTS[@]}" --validation_epochs="$(( EPOCHS / 4 > 0 ? EPOCHS / 4 : 1 ))" --seed=0
+  --validation_prompts "${PROMPTS[@]}" --validation_guidance_scale "$GUIDANCE" \
+  --validation_epochs="$(( EPOCHS / 3 > 0 ? EPOCHS / 3 : 1 ))" --seed=0
 
-step "7/8 generate.py: ${#PROMPTS[@]} prompts (one per scene class) x 2 images from the trained pipeline"
+step "7/7 generate.py (${#PROMPTS[@]} prompts, one per scene class, x 2 images; log: $OUT/generate.log) and evaluate.py on the fine-tuned model, same $EVAL_SAMPLES held-out captions"
 prompt_args=()
 for prompt in "${PROMPTS[@]}"; do prompt_args+=(--prompt "$prompt"); done
 python generate.py --model "$OUT/model" --output_dir "$OUT/generated" --seed 0 --num_images_per_prompt 2 \
-  --batch_size 5 --height "$RESOLUTION" --width "$RESOLUTION" --num_inference_steps "$SAMPLE_STEPS" "${prompt_args[@]}"
-
-step "8/8 evaluate.py: the untrained base, then the fine-tuned model, on the same $EVAL_SAMPLES held-out captions"
-# Random stand-in Inception and CLIP: FID and CLIP score only show the plumbing; scene accuracy compares the two
-# models on the same features, so before vs after means something even with them.
-python -m evaluation.stand_ins "$OUT/eval_models"
-for model in base model; do
-  model_dir="$OUT/model"
-  [[ "$model" == base ]] && model_dir="$OUT/tiny_model"
-  python evaluate.py --model "$model_dir" --parquet_path "$OUT/rsicd_test.parquet" --num_samples "$EVAL_SAMPLES" \
-    --inception_weights "$OUT/eval_models/inception_random.pth" --clip_model "$OUT/eval_models/clip_tiny" \
-    --output_dir "$OUT/eval_$model" --num_inference_steps "$SAMPLE_STEPS" --resolution "$RESOLUTION" --seed 0 \
-    --batch_size 8
-done
+  --batch_size 5 --height "$RESOLUTION" --width "$RESOLUTION" --num_inference_steps "$SAMPLE_STEPS" \
+  --guidance_scale "$GUIDANCE" "${prompt_args[@]}" > "$OUT/generate.log" 2>&1 &
+generating=$!
+finish "$base_eval" "$OUT/eval_base.log" "evaluating the base"
+evaluate_model model "$OUT/model"
+finish "$generating" "$OUT/generate.log" "generate.py"
+echo
 python -m evaluation.compare "untrained base=$OUT/eval_base/eval_report.json" \
   "fine-tuned=$OUT/eval_model/eval_report.json"
 

@@ -5,9 +5,11 @@ The parsed Namespace is never mutated afterwards: values derived from it get the
 """
 
 import argparse
+import math
 from typing import Optional, Sequence
 
 from utils.cli import ArgumentParser
+from utils.constants import DEFAULT_GUIDANCE_SCALE
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -190,6 +192,8 @@ def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
                        help="Prompts sampled every --validation_epochs epochs (both spellings accepted).")
     group.add_argument("--validation_epochs", type=int, default=5,
                        help="Validate when epoch %% N == 0 (epoch 0 included) and at the end.")
+    group.add_argument("--validation_guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                       help="Classifier-free guidance of the validation images (generate.py's --guidance_scale).")
     group.add_argument("--report_to", type=str, default="tensorboard", choices=REPORT_TO_CHOICES,
                        help="Tracker to log to; 'all' uses every installed one.")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, under --output_dir.")
@@ -250,6 +254,8 @@ def check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
     if args.cache_latents and not args.center_crop:
         parser.error("--cache_latents needs --center_crop: a random crop differs every step, so cached latents would "
                      "be wrong (for square images at --resolution, e.g. create.py's output, both crops are the same).")
+    if not math.isfinite(args.validation_guidance_scale):
+        parser.error(f"--validation_guidance_scale must be a finite number, got {args.validation_guidance_scale}.")
     check_lora_args(parser, args)
     if args.use_8bit_adam and args.optimizer_impl != "auto":
         parser.error(f"--optimizer_impl={args.optimizer_impl} applies to torch's AdamW, not to --use_8bit_adam.")

@@ -4,17 +4,18 @@ No weights can be downloaded here, so this makes a pipeline with the same struct
 CLIP text encoder, byte-level CLIP tokenizer, DDPM-style scheduler with SD's betas) but tiny sizes.
 The sd2 / sd2_v presets are tiny pipelines shaped like SD 2.1-base / SD 2.1 (768, v-prediction): see SD2_PRESETS.
 Run: python -m trainer.tiny_model OUTPUT_DIR [--seed 0] [--preset tiny|vae_realistic|sd15|sd2|sd2_v|sd21]
-(the larger presets exist for bench/bench_train.py).
+(the larger presets exist for bench/bench_train.py); --fit_data DATA_DIR then fits its VAE and text encoder to a
+data folder, as the demo does.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from utils.cli import run_main
 from utils.quiet import quiet_loading_bars
 
 TOKENIZER_MAX_LENGTH = 77
@@ -201,11 +202,30 @@ def main(argv=None) -> int:
                              "(SD1.5-shaped UNet, VAE and text encoder; ~1.1B parameters), sd2 / sd2_v (tiny, shaped "
                              "like SD 2.1-base / the 768 v-prediction SD 2.1) or sd21 (SD 2.1-sized; ~1.24B) "
                              "(default tiny)")
+    parser.add_argument("--fit_data", metavar="DATA_DIR",
+                        help="then fit the random VAE and text encoder to DATA_DIR (format.py's output), as "
+                             "trainer.vae_fit and trainer.text_fit do, so a fine-tune can learn in minutes")
+    parser.add_argument("--fit_resolution", type=int, default=16,
+                        help="image side the VAE is fitted at, whole images (default 16)")
+    parser.add_argument("--vae_steps", type=int, default=200, help="VAE fitting steps (default 200)")
+    parser.add_argument("--text_steps", type=int, default=150, help="text-encoder fitting steps (default 150)")
     args = parser.parse_args(argv)
     quiet_loading_bars()
-    print(save_tiny_pipeline(args.output_dir, args.seed, args.preset))
+    out = save_tiny_pipeline(args.output_dir, args.seed, args.preset)
+    print(out)
+    if args.fit_data:
+        fit_to_data(out, args.fit_data, args.fit_resolution, args.vae_steps, args.text_steps, args.seed)
     return 0
 
 
+def fit_to_data(model_dir: Path, data_dir: str, resolution: int, vae_steps: int, text_steps: int, seed: int) -> None:
+    """Fit the saved pipeline's VAE and text encoder to the data, in this process (one start-up, not three)."""
+    from trainer import text_fit, vae_fit
+
+    vae_fit.main([str(model_dir), data_dir, "--resolution", str(resolution), "--crop", str(resolution),
+                  "--steps", str(vae_steps), "--seed", str(seed)])
+    text_fit.main([str(model_dir), data_dir, "--steps", str(text_steps), "--seed", str(seed)])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

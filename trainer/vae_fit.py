@@ -102,13 +102,13 @@ def reconstruction_error(vae, images: torch.Tensor, batch_size: int = 32) -> flo
     return sum(errors) / images.numel()
 
 
-def save_vae(vae, model_dir: Path) -> Path:
-    """Replace MODEL_DIR/vae with the fitted VAE: written beside it, then swapped in."""
-    target = model_dir / VAE_SUBFOLDER
-    partial = model_dir / f"{VAE_SUBFOLDER}.partial"
+def replace_component(module, model_dir: Path, subfolder: str) -> Path:
+    """Replace MODEL_DIR/subfolder with module's weights: written beside it, then swapped in."""
+    target = model_dir / subfolder
+    partial = model_dir / f"{subfolder}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    vae.save_pretrained(partial, safe_serialization=True)
-    old = model_dir / f"{VAE_SUBFOLDER}.old"
+    module.save_pretrained(partial, safe_serialization=True)
+    old = model_dir / f"{subfolder}.old"
     shutil.rmtree(old, ignore_errors=True)
     target.rename(old)
     partial.rename(target)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             crop=args.crop or max(1, args.resolution // 2))
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, images))
     after = reconstruction_error(vae, images)
-    save_vae(vae, model_dir)
+    replace_component(vae, model_dir, VAE_SUBFOLDER)
     log.info("VAE fitted on %d images at %d px in %.0f s: reconstruction MSE %.4f -> %.4f, scaling factor %.4f",
              len(images), args.resolution, time.monotonic() - started, before, after, vae.config.scaling_factor)
     return 0

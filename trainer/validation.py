@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from utils.constants import TMP_SUFFIX, VALIDATION_DIRNAME
+from utils.constants import DEFAULT_GUIDANCE_SCALE, TMP_SUFFIX, VALIDATION_DIRNAME
 from utils.logger import get_logger
 
 VALIDATION_INFERENCE_STEPS = 20
@@ -41,7 +41,8 @@ def autocast_for(device: torch.device, weight_dtype: torch.dtype):
 
 
 def generate(pipeline, prompts: Sequence[str], seed: Optional[int], device: torch.device,
-             weight_dtype: torch.dtype, resolution: Optional[int] = None) -> List:
+             weight_dtype: torch.dtype, resolution: Optional[int] = None,
+             guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> List:
     """One image per prompt, with a seeded generator and the reference's 20 steps, at resolution (default: the
     pipeline's own size, which for a small base differs from the size it is being trained at)."""
     pipeline.set_progress_bar_config(disable=True)
@@ -50,7 +51,7 @@ def generate(pipeline, prompts: Sequence[str], seed: Optional[int], device: torc
     with torch.no_grad(), autocast_for(device, weight_dtype):
         for prompt in prompts:
             images.append(pipeline(prompt, num_inference_steps=VALIDATION_INFERENCE_STEPS, generator=generator,
-                                   height=resolution, width=resolution).images[0])
+                                   height=resolution, width=resolution, guidance_scale=guidance_scale).images[0])
     return images
 
 
@@ -82,7 +83,7 @@ def validate(accelerator, pipeline, args, step: int, weight_dtype: torch.dtype) 
     """Generate, save and log the validation images of one step (main process only)."""
     get_logger().info("Validation at step %d: %d prompt(s)", step, len(args.validation_prompts))
     images = generate(pipeline, args.validation_prompts, args.seed, accelerator.device, weight_dtype,
-                      args.resolution)
+                      args.resolution, args.validation_guidance_scale)
     save_images(images, Path(args.output_dir), step)
     log_images(accelerator.trackers, images, args.validation_prompts, step)
     return images
