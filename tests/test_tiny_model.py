@@ -104,3 +104,22 @@ def test_cli_saves_a_pipeline_that_diffusers_loads(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe.tokenizer.model_max_length == 77 and pipe.safety_checker is None
     assert sorted(p.name for p in out.glob("*/*.safetensors"))  # weights saved as safetensors
+
+
+def test_silenced_cross_attention_makes_the_output_independent_of_the_text():
+    import torch
+
+    from trainer.tiny_model import build_unet, silence_cross_attention
+
+    torch.manual_seed(0)
+    unet = build_unet()
+    latents, timestep = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    states = torch.randn(2, 1, 77, 32)
+
+    def outputs():
+        with torch.no_grad():
+            return [unet(latents, timestep, s).sample for s in states]
+
+    assert not torch.allclose(*outputs())  # a random UNet follows its text, by accident
+    silence_cross_attention(unet)
+    assert torch.equal(*outputs())

@@ -218,13 +218,29 @@ def main(argv=None) -> int:
     return 0
 
 
+def silence_cross_attention(unet) -> None:
+    """Zero the output projection of every cross-attention, so the UNet's output does not depend on the text (yet).
+
+    A random UNet reading a fitted text encoder passes the captions' image-matched states through random maps, and
+    its images then differ by caption by accident; with these zeroed, the base draws the same distribution for every
+    caption, and fine-tuning (whose gradients reach the zeroed weights) has to learn the link."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+
 def fit_to_data(model_dir: Path, data_dir: str, resolution: int, vae_steps: int, text_steps: int, seed: int) -> None:
-    """Fit the saved pipeline's VAE and text encoder to the data, in this process (one start-up, not three)."""
+    """Fit the saved pipeline's VAE and text encoder to the data, in this process (one start-up, not three), and
+    silence its UNet's cross-attention so the base does not follow captions by accident."""
     from trainer import text_fit, vae_fit
 
     vae_fit.main([str(model_dir), data_dir, "--resolution", str(resolution), "--crop", str(resolution),
                   "--steps", str(vae_steps), "--seed", str(seed)])
     text_fit.main([str(model_dir), data_dir, "--steps", str(text_steps), "--seed", str(seed)])
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    silence_cross_attention(unet)
+    vae_fit.replace_component(unet, Path(model_dir), "unet")
 
 
 if __name__ == "__main__":
