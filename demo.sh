@@ -92,7 +92,8 @@ step "5/7 evaluate.py on the untrained base, in the background while the fine-tu
 # Random stand-in Inception and CLIP: FID and CLIP score only show the plumbing; scene accuracy compares the two
 # models on the same features, so before vs after means something even with them. Much of an evaluation is start-up
 # on one core, so it overlaps the training well.
-(python -m evaluation.stand_ins "$OUT/eval_models" && evaluate_model base "$OUT/tiny_model") \
+# One thread: two multi-threaded torch processes on the same cores spin against each other and both crawl.
+(export OMP_NUM_THREADS=1; python -m evaluation.stand_ins "$OUT/eval_models" && evaluate_model base "$OUT/tiny_model") \
   > "$OUT/eval_base.log" 2>&1 &
 base_eval=$!
 
@@ -112,7 +113,7 @@ MODEL_NAME="$OUT/tiny_model" DATA_DIR="$OUT/data" OUTPUT_DIR="$OUT/model" REPORT
 step "7/7 generate.py (${#PROMPTS[@]} prompts, one per scene class, x 2 images; log: $OUT/generate.log) and evaluate.py on the fine-tuned model, same $EVAL_SAMPLES held-out captions"
 prompt_args=()
 for prompt in "${PROMPTS[@]}"; do prompt_args+=(--prompt "$prompt"); done
-python generate.py --model "$OUT/model" --output_dir "$OUT/generated" --seed 0 --num_images_per_prompt 2 \
+OMP_NUM_THREADS=1 python generate.py --model "$OUT/model" --output_dir "$OUT/generated" --seed 0 --num_images_per_prompt 2 \
   --batch_size 5 --height "$RESOLUTION" --width "$RESOLUTION" --num_inference_steps "$SAMPLE_STEPS" \
   --guidance_scale "$GUIDANCE" "${prompt_args[@]}" > "$OUT/generate.log" 2>&1 &
 generating=$!
