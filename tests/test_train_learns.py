@@ -1,7 +1,7 @@
 """Training learns the link from caption to image: after fine-tuning, generated images show their caption's scene.
 
-A tiny model (its VAE first fitted to the scenes, as demo.sh does) is fine-tuned by train_text_to_image.py on
-sample rows of five visibly distinct scene classes. The untrained base and the fine-tuned model then draw the same
+A tiny model (its VAE and text encoder first fitted to the scenes, as demo.sh does; its UNet random) is fine-tuned
+by train_text_to_image.py on sample rows of five visibly distinct scene classes. The untrained base and the fine-tuned model then draw the same
 held-out captions with the same seeds, and the scene classifier (evaluation.scene, trained on the generated images,
 tested on the real ones) scores both. The fine-tuned model must beat the base by MARGIN: with captions paired with
 the wrong rows, or with the text states zeroed, it cannot (both were checked by breaking the code once).
@@ -24,7 +24,9 @@ RESOLUTION = 16
 TRAIN_ROWS = 40
 HELD_OUT = 25  # 5 per class
 TRAIN_STEPS = 250
+BATCH = 32
 SAMPLE_STEPS = 10
+GUIDANCE = 1.0  # as demo.sh: the tiny base has no unconditional image to guide away from
 FEATURE_SIDE = 8
 # Five classes: chance is 0.2. The untrained base scores about that; the fine-tuned model must clear it by this.
 MARGIN = 0.3
@@ -43,7 +45,7 @@ def draw(model_dir, captions) -> np.ndarray:
     pipeline = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
     images = generate(pipeline, captions, list(range(len(captions))), negative_prompt=None,
-                      num_inference_steps=SAMPLE_STEPS, guidance_scale=7.5, height=RESOLUTION, width=RESOLUTION,
+                      num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE, height=RESOLUTION, width=RESOLUTION,
                       batch_size=len(captions))
     return features(images)
 
@@ -51,8 +53,7 @@ def draw(model_dir, captions) -> np.ndarray:
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     """Scene figures of the untrained base and of the fine-tuned model on the same held-out captions."""
-    from trainer import vae_fit
-    from trainer.tiny_model import save_tiny_pipeline
+    from trainer.tiny_model import fit_to_data, save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("learns")
     parquet = make_sample_parquet(root / "train.parquet", TRAIN_ROWS, seed=0)
@@ -64,12 +65,12 @@ def learned(tmp_path_factory):
         assert run_script_at(script, args).returncode == 0, script
     base = save_tiny_pipeline(root / "base")
     torch.manual_seed(0)
-    assert vae_fit.main([str(base), str(data), "--resolution", str(RESOLUTION), "--steps", "100"]) == 0
+    fit_to_data(base, str(data), RESOLUTION, vae_steps=100, text_steps=100, seed=0)
     tuned = root / "tuned"
     done = run_script_at("train_text_to_image.py", [
         "--pretrained_model_name_or_path", base, "--train_data_dir", data, "--output_dir", tuned,
         "--resolution", RESOLUTION, "--center_crop", "--random_flip", "--cache_latents", "--mixed_precision", "no",
-        "--train_batch_size", 8, "--learning_rate", "1e-3", "--max_train_steps", TRAIN_STEPS, "--seed", 0,
+        "--train_batch_size", BATCH, "--learning_rate", "2e-3", "--max_train_steps", TRAIN_STEPS, "--seed", 0,
         "--checkpointing_steps", 10_000, "--dataloader_num_workers", 0, "--report_to", "tensorboard"],
         timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,11 +86,14 @@ def learned(tmp_path_factory):
             for name, model in (("base", base), ("tuned", tuned))}
 
 
-@pytest.mark.skip(reason="not yet passing: at these sizes the one run measured gave base 0.04, fine-tuned 0.16 "
-                         "(needs +0.3); the tiny model needs more training than fits the suite's minute "
-                         "(see the h11 closing note)")
+@pytest.mark.skip(reason="not yet reliable at suite sizes: with the fitted text encoder and silenced base (40 rows, "
+                         "250 steps, 25 held-out captions, pixel features) two runs gave fine-tuned 0.72 / 0.64 vs "
+                         "base 0.56 / 0.52 trained-on-generated, 0.48 vs 0.32 real-trained: the +0.3 margin does not "
+                         "hold, and the run takes ~2 min quiet; demo.sh's larger run does meet the bar")
 def test_the_fine_tuned_model_draws_its_captions_scenes_and_the_base_does_not(learned):
     base, tuned = learned["base"], learned["tuned"]
+    print(f"real-trained: base {base['scene_accuracy_real_trained']:.3f}, "
+          f"fine-tuned {tuned['scene_accuracy_real_trained']:.3f}")
     print(f"scene accuracy: base {base['scene_accuracy']:.3f}, fine-tuned {tuned['scene_accuracy']:.3f}, "
           f"real ceiling {tuned['scene_accuracy_real']:.3f}, chance {tuned['chance']:.3f}")
     assert tuned["num_classes"] == len(SCENES) and tuned["chance"] == pytest.approx(1 / len(SCENES))
