@@ -141,6 +141,7 @@ def test_bad_values_name_the_value(argv, named, capsys):
 @pytest.mark.parametrize("argv,named", [(["--cache_latents"], "--center_crop"),
                                         (["--use_8bit_adam", "--optimizer_impl=fused"], "fused"),
                                         (["--vae_batch_size=0"], "--vae_batch_size"),
+                                        (["--validation_guidance_scale=nan"], "--validation_guidance_scale"),
                                         (["--optimizer_impl=apex"], "apex")])
 def test_cache_and_optimizer_flags_checked(argv, named, capsys):
     """Random crop with the cache, an AdamW kernel with 8-bit Adam, a zero batch: one line naming the problem."""

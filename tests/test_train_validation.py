@@ -153,3 +153,6 @@ def test_validation_draws_at_the_training_resolution():
 
     images = V.generate(FakePipeline(), ["a", "b"], 0, torch.device("cpu"), torch.float32, 32)
     assert len(images) == 2 and [(c["height"], c["width"]) for c in calls] == [(32, 32), (32, 32)]
+    assert [c["guidance_scale"] for c in calls] == [7.5, 7.5]  # the reference's guidance unless asked otherwise
+    V.generate(FakePipeline(), ["a"], 0, torch.device("cpu"), torch.float32, 32, guidance_scale=1.0)
+    assert calls[-1]["guidance_scale"] == 1.0
