@@ -35,11 +35,17 @@ def start(command) -> subprocess.Popen:
                             env=single_thread_env())
 
 
+def wait(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a run, whatever its exit code."""
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
     """Wait for a run; fail with its stderr if it failed."""
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    done = wait(process)
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def png_bytes(seed: int) -> bytes:
@@ -61,8 +67,9 @@ def write_image_text_shards(folder) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sample_parquet):
-    """A metadata.jsonl run and a Parquet-shards run side by side; then the first resumed after losing 2 images."""
+def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sample_parquet, lora_run_dir):
+    """A metadata.jsonl run and a Parquet-shards run side by side; an RSICD-schema run beside a LoRA checkpoint's
+    run; then the first resumed after losing 2 images."""
     root = tmp_path_factory.mktemp("evaluate")
     shards = root / "shards"
     write_image_text_shards(shards)
@@ -73,9 +80,13 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sampl
     # RSICD schema, names carrying classes: 5 classes in turn, 2 rows each.
     rsicd_cmd = evaluate_command(tiny_model_dir, "--parquet_path", sample_parquet, stand_in_models, root / "rsicd",
                                  "--num_samples", 10, "--sheet_pairs", 0)
+    # A LoRA run's checkpoint-N (base from lora_run.json) at --lora_scale 0.5.
+    lora_cmd = evaluate_command(lora_run_dir / "checkpoint-2", "--data_dir", tiny_data_dir, stand_in_models,
+                                root / "lora", "--num_samples", 2, "--lora_scale", 0.5)
     meta_process, parquet_process = start(meta_cmd), start(parquet_cmd)
     meta, parquet = finish(meta_process), finish(parquet_process)
-    rsicd = finish(start(rsicd_cmd))
+    rsicd_process, lora_process = start(rsicd_cmd), start(lora_cmd)
+    rsicd, lora = finish(rsicd_process), wait(lora_process)  # the LoRA run's own test checks its exit code
     generated = root / "meta" / "generated"
     first = {p.name: p.read_bytes() for p in sorted(generated.glob("*.png"))}
     report = json.loads((root / "meta" / "eval_report.json").read_text())
@@ -87,7 +98,7 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sampl
     other_seed = start(meta_cmd[:-1] + ["8"])
     resumed = finish(start(meta_cmd))
     refused = other_seed.communicate(timeout=300)
-    return {"root": root, "meta": meta, "parquet": parquet, "rsicd": rsicd, "first_images": first,
+    return {"root": root, "meta": meta, "parquet": parquet, "rsicd": rsicd, "lora": lora, "first_images": first,
             "first_report": report,
             "lost": lost, "kept_mtimes": kept_mtimes, "resumed": resumed,
             "refused": (other_seed.returncode, refused[1])}
@@ -236,11 +247,10 @@ def test_input_reaches_the_held_out_rows(tmp_path, tiny_model_dir, stand_in_mode
     assert not (tmp_path / "eval" / "generated").exists()
 
 
-def test_a_lora_checkpoint_is_evaluated_on_its_recorded_base(lora_run_dir, tiny_data_dir, stand_in_models, tmp_path):
+def test_a_lora_checkpoint_is_evaluated_on_its_recorded_base(runs):
     """--model a LoRA run's checkpoint-N (base from lora_run.json) at --lora_scale 0.5: measured, scale recorded."""
-    out = tmp_path / "eval"
-    done = finish(start(evaluate_command(lora_run_dir / "checkpoint-2", "--data_dir", tiny_data_dir, stand_in_models,
-                                         out, "--num_samples", 2, "--lora_scale", 0.5)))
+    out, done = runs["root"] / "lora", runs["lora"]
+    assert done.returncode == 0, done.stderr
     report = json.loads((out / "eval_report.json").read_text())
     assert math.isfinite(report["fid"]) and report["settings"]["lora_scale"] == 0.5
     assert sorted(p.name for p in (out / "generated").glob("*.png")) == ["000001.png", "000002.png"]
