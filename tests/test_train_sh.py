@@ -182,40 +182,19 @@ def real_env(tmp_path, model_dir, data_dir, **env) -> dict:
     return full
 
 
-def test_real_run_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
-    """The real accelerate and trainer: the tiny model for 2 steps at 64 px gives a loadable pipeline and a card."""
-    env = real_env(tmp_path, tiny_model_dir, tiny_data_dir)
-    out = tmp_path / "out"
-    done = subprocess.run([str(TRAIN_SH), "--max_train_steps=2", "--resolution=64", "--mixed_precision=no",
-                           "--checkpointing_steps=1000", "--validation_epochs=1000", "--dataloader_num_workers=0"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
-        assert (out / name).is_file(), name
-    assert not list(out.glob("checkpoint-*"))
-    card = (out / "README.md").read_text()
-    assert yaml.safe_load(card.split("---\n")[1])["pipeline_tag"] == "text-to-image"
-    assert list((out / "logs").rglob("events.out.tfevents*"))
-    assert list((out / ".cache" / "latents").glob("*/manifest.json"))  # train.sh caches by default
+def run_real(folder: Path, model_dir, data_dir, flags, **env) -> subprocess.CompletedProcess:
+    """The real train.sh in folder (its HOME and cwd; OUTPUT_DIR folder/out), capturing its output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([str(TRAIN_SH), *flags], cwd=folder, env=real_env(folder, model_dir, data_dir, **env),
+                          capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("flags,env,fragment", [
+USAGE_ERRORS = [
     (["--resolution=63"], {}, "--resolution 63"),
     (["--push_to_hub"], {"HF_HUB_OFFLINE": "0"}, "needs a Hugging Face login"),  # HOME holds no login, no HF_TOKEN
     (["--push_to_hub"], {}, "HF_HUB_OFFLINE is set"),
     (["--enable_xformers_memory_efficient_attention"], {}, "needs xformers"),
-])
-def test_trainer_usage_error_is_one_line_through_train_sh(tiny_model_dir, tiny_data_dir, tmp_path, flags, env,
-                                                          fragment):
-    """The real launcher: the trainer's one line, exit 2, no accelerate traceback (the checks run before launch)."""
-    if fragment == "needs xformers" and importlib.util.find_spec("xformers") is not None:
-        pytest.skip("xformers is installed here")
-    done = subprocess.run([str(TRAIN_SH), "--mixed_precision=no", *flags], cwd=tmp_path,
-                          env=real_env(tmp_path, tiny_model_dir, tiny_data_dir, **env), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-3000:]
-    assert fragment in done.stderr and "Traceback" not in done.stderr
+]
 
 
 def nan_model(model_dir: Path, folder: Path) -> Path:
@@ -229,14 +208,60 @@ def nan_model(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def test_diverged_run_exits_1_without_launcher_traceback(tiny_model_dir, tiny_data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def real_runs(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> dict:
+    """Every run of the real accelerate and trainer, two at a time (each trainer is single-threaded):
+    name -> (its folder, CompletedProcess)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("real_train_sh")
+    jobs = {
+        "end_to_end": (tiny_model_dir, ["--max_train_steps=2", "--resolution=64", "--mixed_precision=no",
+                                        "--checkpointing_steps=1000", "--validation_epochs=1000",
+                                        "--dataloader_num_workers=0"], {}),
+        "diverged": (nan_model(tiny_model_dir, root / "nan_model"),
+                     ["--max_train_steps=2", "--resolution=32", "--mixed_precision=no",
+                      "--gradient_accumulation_steps=1", "--validation_epochs=1000", "--dataloader_num_workers=0"],
+                     {"CACHE_LATENTS": 0}),
+        **{f"usage-{i}": (tiny_model_dir, ["--mixed_precision=no", *flags], env)
+           for i, (flags, env, _) in enumerate(USAGE_ERRORS)},
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_real, root / name, model, tiny_data_dir, flags, **env)
+                   for name, (model, flags, env) in jobs.items()}
+        return {name: (root / name, future.result()) for name, future in futures.items()}
+
+
+def test_real_run_end_to_end(real_runs):
+    """The real accelerate and trainer: the tiny model for 2 steps at 64 px gives a loadable pipeline and a card."""
+    folder, done = real_runs["end_to_end"]
+    out = folder / "out"
+    assert done.returncode == 0, done.stderr[-4000:]
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("checkpoint-*"))
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["pipeline_tag"] == "text-to-image"
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert list((out / ".cache" / "latents").glob("*/manifest.json"))  # train.sh caches by default
+
+
+@pytest.mark.parametrize("index", range(len(USAGE_ERRORS)), ids=[fragment for _, _, fragment in USAGE_ERRORS])
+def test_trainer_usage_error_is_one_line_through_train_sh(real_runs, index):
+    """The real launcher: the trainer's one line, exit 2, no accelerate traceback (the checks run before launch)."""
+    fragment = USAGE_ERRORS[index][2]
+    if fragment == "needs xformers" and importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    _, done = real_runs[f"usage-{index}"]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-3000:]
+    assert fragment in done.stderr and "Traceback" not in done.stderr
+
+
+def test_diverged_run_exits_1_without_launcher_traceback(real_runs):
     """A NaN loss: the trainer's message, exit 1 (not accelerate's CalledProcessError), nothing saved."""
-    model = nan_model(tiny_model_dir, tmp_path / "nan_model")
-    done = subprocess.run([str(TRAIN_SH), "--max_train_steps=2", "--resolution=32", "--mixed_precision=no",
-                           "--gradient_accumulation_steps=1", "--validation_epochs=1000", "--dataloader_num_workers=0"],
-                          cwd=tmp_path, env=real_env(tmp_path, model, tiny_data_dir, CACHE_LATENTS=0),
-                          capture_output=True, text=True, timeout=600)
+    folder, done = real_runs["diverged"]
     assert done.returncode == 1, done.stderr[-3000:]
     assert "loss is nan" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "CalledProcessError" not in done.stderr
-    assert not (tmp_path / "out" / "model_index.json").exists()
+    assert not (folder / "out" / "model_index.json").exists()
