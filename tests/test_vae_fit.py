@@ -12,15 +12,20 @@ from utils.cli import UsageError
 SIDE = 8
 
 
-@pytest.fixture()
-def images_dir(tmp_path):
-    """Four flat-coloured images (two pairs) in a nested folder, one non-image file beside them."""
-    folder = tmp_path / "data" / "rsicd_images"
+def write_images(root):
+    """root/data: four flat-coloured images (two pairs) in a nested folder, one non-image file beside them."""
+    folder = root / "data" / "rsicd_images"
     folder.mkdir(parents=True)
     for i, colour in enumerate([(200, 30, 30), (30, 30, 200), (200, 30, 30), (30, 30, 200)]):
         Image.new("RGB", (SIDE * 2, SIDE * 2), colour).save(folder / f"scene_{i}.jpg")
     (folder / "captions.txt").write_text("not an image")
-    return tmp_path / "data"
+    return root / "data"
+
+
+@pytest.fixture()
+def images_dir(tmp_path):
+    """write_images' folder."""
+    return write_images(tmp_path)
 
 
 def test_load_images_finds_images_recursively_resized_to_minus_one_one(images_dir):
@@ -63,15 +68,36 @@ def test_fitting_lowers_the_reconstruction_error_and_sets_the_scaling_factor(tin
     assert sorted(p.name for p in model.iterdir() if p.name.startswith("vae")) == ["vae"]
 
 
-@pytest.mark.parametrize("argv,message", [
+BAD_FLAGS = [
     (["--steps", "0"], "--steps"),
     (["--crop", "64"], "--crop 64 is larger than --resolution 32"),
-])
-def test_bad_flags_are_one_line_errors(run_script, tiny_model_dir, images_dir, argv, message):
-    done = run_script("trainer/vae_fit.py", [tiny_model_dir, images_dir, "--resolution", 32, *argv])
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(run_script, tiny_model_dir, tmp_path_factory) -> dict:
+    """The script on each refused command line, two at a time (each costs seconds of imports):
+    name -> CompletedProcess."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("vae_fit_refusals")
+    data = write_images(root)
+    commands = {**{f"bad-{i}": [tiny_model_dir, data, "--resolution", 32, *argv] for i, (argv, _) in
+                   enumerate(BAD_FLAGS)},
+                "no_vae": [root / "no_model", data]}
+    (root / "no_model").mkdir()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_script, "trainer/vae_fit.py", args) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("index", range(len(BAD_FLAGS)), ids=[message for _, message in BAD_FLAGS])
+def test_bad_flags_are_one_line_errors(refusals, index):
+    message = BAD_FLAGS[index][1]
+    done = refusals[f"bad-{index}"]
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_folder_without_a_vae_is_refused(run_script, images_dir, tmp_path):
-    done = run_script("trainer/vae_fit.py", [tmp_path, images_dir])
+def test_a_folder_without_a_vae_is_refused(refusals):
+    done = refusals["no_vae"]
     assert done.returncode == 2 and "no vae/config.json" in done.stderr and "Traceback" not in done.stderr
