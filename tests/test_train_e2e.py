@@ -4,6 +4,7 @@ Each run costs ~10 s (imports, tiny model, a few 64 px steps), so runs are share
 and finished output folders are copied to test resuming.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -43,9 +44,11 @@ def run_command(command: list, timeout=300) -> subprocess.CompletedProcess:
 
 
 def run_parallel(commands: dict) -> dict:
-    """Run independent trainer commands two at a time (each is single-threaded; the box has 2 cores)."""
+    """Run independent trainer commands two at a time (each is single-threaded; the box has 2 cores). A value may
+    also be a function of no arguments that runs its own trainer and returns a CompletedProcess."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_command, command) for name, command in commands.items()}
+        futures = {name: pool.submit(command) if callable(command) else pool.submit(run_command, command)
+                   for name, command in commands.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -53,11 +56,6 @@ def succeeded(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """done, after failing the test with the trainer's stderr unless it exited 0."""
     assert done.returncode == 0, done.stderr[-4000:]
     return done
-
-
-def train(model, data, output, *extra) -> subprocess.CompletedProcess:
-    """Run the trainer and require success."""
-    return succeeded(run_command(trainer_command(model, data, output, *extra)))
 
 
 def checkpoints(output: Path) -> set:
@@ -85,6 +83,20 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 MODES = {"plain": False, "ema": True}
+# The run killed with SIGKILL once checkpoint-2 exists, then resumed from "latest".
+KILL_FLAGS = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--gradient_accumulation_steps", 2, "--use_ema"]
+
+
+def kill_at_first_checkpoint(command: list, output: Path) -> subprocess.CompletedProcess:
+    """Start a trainer run and SIGKILL it as soon as output/checkpoint-2 exists (or it ends, or 5 minutes pass)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=trainer_env(),
+                               cwd=REPO_ROOT)
+    deadline = time.monotonic() + 300
+    while not (output / "checkpoint-2").is_dir() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return subprocess.CompletedProcess(command, process.returncode)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +118,10 @@ def fresh_runs(tiny_model_dir, tiny_data_dir, caption_list_dataset, tmp_path_fac
     commands["captions"] = caption_list_command(tiny_model_dir, caption_list_dataset, outputs["captions"])
     outputs["nan"] = root / "nan"
     commands["nan"] = nan_command(tiny_model_dir, tiny_data_dir, outputs["nan"])
+    outputs["killed"] = root / "killed"
+    commands["killed"] = functools.partial(
+        kill_at_first_checkpoint, trainer_command(tiny_model_dir, tiny_data_dir, outputs["killed"], *KILL_FLAGS),
+        outputs["killed"])
     results = run_parallel(commands)
     return {name: (outputs[name], results[name]) for name in commands}
 
@@ -130,6 +146,13 @@ def resumed_runs(fresh_runs, tiny_model_dir, tiny_data_dir, tmp_path_factory) ->
         commands[f"to8-{mode}"] = trainer_command(
             tiny_model_dir, tiny_data_dir, to8, "--max_train_steps", 8, "--checkpointing_steps", 2,
             "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "checkpoint-4", *ema_flags(use_ema))
+    # The killed run (a copy; the original stays as the kill left it), plus what a kill in the middle of a save
+    # leaves: a temp folder that "latest" must ignore and resume must clear.
+    killed = outputs["killed"] = root / "killed"
+    shutil.copytree(fresh_runs["killed"][0], killed)
+    (killed / ".checkpoint-99.partial" / "unet").mkdir(parents=True)
+    commands["killed"] = trainer_command(tiny_model_dir, tiny_data_dir, killed, *KILL_FLAGS,
+                                         "--resume_from_checkpoint", "latest")
     results = run_parallel(commands)
     return {name: (outputs[name], results[name]) for name in commands}
 
@@ -242,23 +265,13 @@ def test_resume_with_limit_continues_to_eight(mode, resumed_runs, fresh_runs):
     assert resumed_log[:6] == read_loss_log(loss_log_path(uninterrupted))
 
 
-def test_kill_minus_9_then_resume_latest_matches_an_uninterrupted_run(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_kill_minus_9_then_resume_latest_matches_an_uninterrupted_run(fresh_runs, resumed_runs):
     """SIGKILL after the first checkpoint, plus a half-written save; resume latest ends at the same set."""
-    output = tmp_path / "out"
-    flags = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--gradient_accumulation_steps", 2, "--use_ema"]
-    process = subprocess.Popen(trainer_command(tiny_model_dir, tiny_data_dir, output, *flags),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=trainer_env(),
-                               cwd=REPO_ROOT)
-    deadline = time.monotonic() + 120
-    while not (output / "checkpoint-2").is_dir() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    output, killed = fresh_runs["killed"]
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert "checkpoint-4" not in checkpoints(output)
-    # What a kill in the middle of a save leaves: a temp folder that "latest" must ignore and resume must clear.
-    (output / ".checkpoint-99.partial" / "unet").mkdir(parents=True)
-    done = train(tiny_model_dir, tiny_data_dir, output, *flags, "--resume_from_checkpoint", "latest")
+    output, done = resumed_runs["killed"]
+    succeeded(done)
     assert "starting at step 0" not in done.stderr
     assert checkpoints(output) == {"checkpoint-2", "checkpoint-4"}  # what run4 leaves uninterrupted
     assert not (output / ".checkpoint-99.partial").exists()
