@@ -95,6 +95,11 @@ def run_all(commands: dict) -> dict:
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_command, command, RUN_TIMEOUT_S) for name, command in commands.items()}
         return {name: future.result() for name, future in futures.items()}
+
+
+# Refused LoRA command lines: text-encoder LoRA with cached latents, a target list matching nothing.
+USAGE_ERRORS = [(["--train_text_encoder_lora", "--cache_latents"], "--cache_latents"),
+                (["--lora_target_modules", "to_nothing"], "'to_nothing'")]
 # Text-encoder LoRA in DoRA form, under bf16 autocast.
 TEXT_ENCODER = ["--train_text_encoder_lora", "--use_dora", "--mixed_precision", "bf16", "--lora_alpha", 2,
                 "--max_train_steps", 2, "--checkpointing_steps", 2]
@@ -112,6 +117,9 @@ def runs(base_model, tiny_data_dir, tmp_path_factory) -> dict:
         "text_encoder": lora_command(base_model, data, root / "text_encoder", *TEXT_ENCODER),
         "nan": lora_command(base_model, data, root / "nan", "--max_train_steps", 8, "--checkpointing_steps", 1,
                             "--max_grad_norm", "1e38", "--learning_rate", "1e35"),
+        # The refused command lines, each exiting early.
+        **{f"usage-{i}": lora_command(base_model, data, root / f"usage-{i}", "--max_train_steps", 1, *extra)
+           for i, (extra, _) in enumerate(USAGE_ERRORS)},
     }
     results = run_all(commands)
     return {name: (root / name, results[name]) for name in commands}
@@ -181,10 +189,12 @@ def test_reference_command_line_checkpoints_are_small_and_adapter_only(runs, bas
     assert json.loads((output / LORA_RUN_FILENAME).read_text())["base_model"] == str(base_model.resolve())
 
 
-def test_load_lora_weights_changes_the_base_and_matches_generate_py(runs, base_model, tmp_path, run_script):
+def test_load_lora_weights_changes_the_base_and_matches_generate_py(runs, base_model, tmp_path):
     """diffusers' load_lora_weights(OUTPUT_DIR) changes the base's output; generate.py draws the same pixels."""
     from diffusers import StableDiffusionPipeline
     from PIL import Image
+
+    from test_generate import generate_here
 
     output = ok(runs, "ref4")
     pipeline = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None)
@@ -192,9 +202,9 @@ def test_load_lora_weights_changes_the_base_and_matches_generate_py(runs, base_m
     pipeline.load_lora_weights(output)
     after = sample(pipeline, height=32, width=32)
     assert abs(after - before).max() > 1e-3
-    done = run_script("generate.py", ["--model", output, "--prompt", PROMPT, "--seed", 0, "--num_inference_steps",
-                                      2, "--height", 32, "--width", 32, "--output_dir", tmp_path / "gen"], timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # generate.py's main in this process (asserting exit 0): a process would spend seconds on imports.
+    generate_here(["generate.py", "--model", output, "--prompt", PROMPT, "--seed", 0, "--num_inference_steps", 2,
+                   "--height", 32, "--width", 32, "--output_dir", tmp_path / "gen"])
     ours = Image.open(tmp_path / "gen" / "000000.png")
     diffusers_png = Image.fromarray((after * 255).round().astype("uint8"))
     assert list(ours.getdata()) == list(diffusers_png.getdata())
@@ -322,10 +332,9 @@ def test_two_processes_with_text_encoder_lora(base_model, tiny_data_dir, tmp_pat
     assert_same(state, tensors(output / "checkpoint-4" / EMA_LORA_DIRNAME / LORA_WEIGHTS_FILENAME))
 
 
-def test_lora_usage_errors_are_one_line(base_model, tiny_data_dir, tmp_path):
+def test_lora_usage_errors_are_one_line(runs):
     """Text-encoder LoRA with cached latents, and a target list matching nothing: exit 2, one line, no traceback."""
-    for extra, message in ((["--train_text_encoder_lora", "--cache_latents"], "--cache_latents"),
-                           (["--lora_target_modules", "to_nothing"], "'to_nothing'")):
-        done = run_command(lora_command(base_model, tiny_data_dir, tmp_path / "out", "--max_train_steps", 1, *extra))
+    for i, (_, message) in enumerate(USAGE_ERRORS):
+        _, done = runs[f"usage-{i}"]
         assert done.returncode == 2, done.stderr[-3000:]
         assert message in done.stderr and "Traceback" not in done.stderr
