@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.vae_fit import replace_component
+from trainer.fitting import fit_steps, replace_component
 from utils.cli import ArgumentParser, UsageError, check_at_least, run_main
 from utils.logger import get_logger, setup_logging
 
@@ -94,18 +94,13 @@ def fit_text_encoder(text_encoder, tokenizer, captions: List[str], features: tor
     parameters = [*text_encoder.parameters(), *text_projection.parameters(), *image_projection.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     ids = token_ids(tokenizer, captions)
-    text_encoder.train()
-    losses = []
-    for _ in range(steps):
+
+    def step_loss() -> torch.Tensor:
         picks = torch.randperm(len(captions), generator=generator)[:batch_size]
         pooled = text_encoder(ids[picks]).pooler_output
-        loss = contrastive_loss(text_projection(pooled), image_projection(features[picks]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    text_encoder.eval()
-    return losses
+        return contrastive_loss(text_projection(pooled), image_projection(features[picks]))
+
+    return fit_steps(text_encoder, optimizer, step_loss, steps)
 
 
 @torch.no_grad()

@@ -234,13 +234,14 @@ def fit_to_data(model_dir: Path, data_dir: str, resolution: int, vae_steps: int,
     """Fit the saved pipeline's VAE and text encoder to the data, in this process (one start-up, not three), and
     silence its UNet's cross-attention so the base does not follow captions by accident."""
     from trainer import text_fit, vae_fit
+    from trainer.fitting import replace_component
 
     vae_fit.main([str(model_dir), data_dir, "--resolution", str(resolution), "--crop", str(resolution),
                   "--steps", str(vae_steps), "--seed", str(seed)])
     text_fit.main([str(model_dir), data_dir, "--steps", str(text_steps), "--seed", str(seed)])
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     silence_cross_attention(unet)
-    vae_fit.replace_component(unet, Path(model_dir), "unet")
+    replace_component(unet, Path(model_dir), "unet")
 
 
 if __name__ == "__main__":

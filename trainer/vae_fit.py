@@ -13,7 +13,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file rather than with -m
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import shutil
 import time
 from typing import Optional
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer.fitting import fit_steps, replace_component
 from utils.cli import ArgumentParser, UsageError, check_at_least, run_main
 from utils.logger import get_logger, setup_logging
 
@@ -70,18 +70,12 @@ def fit_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 16, learnin
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    vae.train()
-    losses = []
-    for _ in range(steps):
+
+    def step_loss() -> torch.Tensor:
         picks = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)
-        loss = vae_loss(vae, augment(images[picks], generator, crop or images.shape[-1]), kl_weight, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    vae.eval()
-    return losses
+        return vae_loss(vae, augment(images[picks], generator, crop or images.shape[-1]), kl_weight, generator)
+
+    return fit_steps(vae, optimizer, step_loss, steps, schedule)
 
 
 @torch.no_grad()
@@ -100,20 +94,6 @@ def reconstruction_error(vae, images: torch.Tensor, batch_size: int = 32) -> flo
                                            reduction="sum").item()
               for chunk in images.split(batch_size)]
     return sum(errors) / images.numel()
-
-
-def replace_component(module, model_dir: Path, subfolder: str) -> Path:
-    """Replace MODEL_DIR/subfolder with module's weights: written beside it, then swapped in."""
-    target = model_dir / subfolder
-    partial = model_dir / f"{subfolder}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    module.save_pretrained(partial, safe_serialization=True)
-    old = model_dir / f"{subfolder}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    target.rename(old)
-    partial.rename(target)
-    shutil.rmtree(old)
-    return target
 
 
 def parse_args(argv=None):
