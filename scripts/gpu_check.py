@@ -22,7 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_RSS = REPO / "bench" / "peak_rss.py"
@@ -435,14 +435,13 @@ def sd15_lora_8gb(check: Check) -> str:
 # --- the table
 
 
-def run_rows(check: Check, names: Optional[set]) -> List[tuple]:
-    """Run every selected row; (name, result, seconds, peak memory text, note) for each."""
-    results = []
+def run_rows(check: Check, names: Optional[set]) -> Iterator[tuple]:
+    """Run every selected row; yield (name, result, seconds, peak memory text, note) as each ends."""
     for entry in ROWS:
         if names and entry.name not in names and entry.run.__name__ not in names:
             continue
         if entry.cuda_only and not check.cuda:
-            results.append((entry.name, "SKIP", 0.0, "", "needs CUDA"))
+            yield entry.name, "SKIP", 0.0, "", "needs CUDA"
             continue
         check.row_peak_rss_mib = 0.0
         watch = MemoryWatch() if check.cuda else None
@@ -456,9 +455,8 @@ def run_rows(check: Check, names: Optional[set]) -> List[tuple]:
         seconds = time.monotonic() - started
         rss = f"{check.row_peak_rss_mib:.0f} MiB RSS" if check.row_peak_rss_mib else "-"  # "-": no process ran
         peak = watch.stop() if watch else rss
-        results.append((entry.name, result, seconds, peak, note))
         print(f"{result:4} {seconds:6.1f} s  {peak:>14}  {entry.name}  {note}", flush=True)
-    return results
+        yield entry.name, result, seconds, peak, note
 
 
 def table(results: List[tuple], device: str, total_s: float) -> str:
@@ -495,13 +493,15 @@ def main() -> int:
     work.mkdir(parents=True)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     log_path = (out or work) / "gpu_check.log"
-    started = time.monotonic()
+    started, results = time.monotonic(), []
+    text = table(results, device, 0.0)
     with open(log_path, "w", encoding="utf-8") as log:
-        results = run_rows(Check(work, device, log), names)
-    text = table(results, device, time.monotonic() - started)
+        for result in run_rows(Check(work, device, log), names):
+            results.append(result)
+            text = table(results, device, time.monotonic() - started)
+            if out is not None:  # after every row: a run stopped at the device's time limit still returns its rows
+                (out / "gpu_check.md").write_text(text, encoding="utf-8")
     print("\n" + text + f"(log: {log_path})")
-    if out is not None:
-        (out / "gpu_check.md").write_text(text, encoding="utf-8")
     return 1 if any(r[1] == "FAIL" for r in results) else 0
 
 
