@@ -384,15 +384,16 @@ def generate_batches(check: Check) -> str:
     return f"{checkpoint.name}; batch 1 vs 2 mean abs diff {worst:.2f}"
 
 
-@row("evaluate.py")
+@row("evaluate.py: FID, CLIP score, scene accuracy")
 def evaluate(check: Check) -> str:
     output = recipe_output(check)
     stand_ins = check.work / "eval_models"
     check.python("-m", "evaluation.stand_ins", stand_ins)
     parquet = check.work / "eval.parquet"
-    check.python("diffusion_model/sample_data.py", "--output", parquet, "--num_rows", 4, "--seed", 1)
+    # 10 rows: the sample names rows by its 5 classes in turn, so each class has 2 and the scene figure has a ceiling
+    check.python("diffusion_model/sample_data.py", "--output", parquet, "--num_rows", 10, "--seed", 1)
     eval_dir = check.work / "eval"
-    check.python("evaluate.py", "--model", output, "--parquet_path", parquet, "--num_samples", 4,
+    check.python("evaluate.py", "--model", output, "--parquet_path", parquet, "--num_samples", 10,
                  "--inception_weights", stand_ins / "inception_random.pth", "--clip_model", stand_ins / "clip_tiny",
                  "--output_dir", eval_dir, "--num_inference_steps", 4, "--resolution", check.resolution,
                  "--batch_size", 2, "--dtype", check.precision, "--overwrite")
@@ -401,7 +402,11 @@ def evaluate(check: Check) -> str:
     expect(report["settings"]["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[check.precision],
            f"settings dtype {report['settings'].get('dtype')}")
     expect_not_black(sorted((eval_dir / "generated").glob("*.png")), "evaluated images")
-    return f"{report['settings']['device']}, FID {report['fid']:.1f}"
+    scene = {key: report.get(key) for key in ("scene_accuracy", "scene_accuracy_real", "chance", "num_classes")}
+    expect(None not in scene.values() and scene["num_classes"] >= 2, f"scene figures missing: {scene}")
+    return (f"{report['settings']['device']}, FID {report['fid']:.1f}; scene accuracy {scene['scene_accuracy']:.2f} "
+            f"(ceiling {scene['scene_accuracy_real']:.2f}, chance {scene['chance']:.2f}, {scene['num_classes']} "
+            f"classes, N={report['scene_num_samples']})")
 
 
 @row("SD1.5-shaped 512 px, --use_8bit_adam --offload_ema: fits the README's 16 GB row", cuda_only=True)

@@ -7,10 +7,11 @@ from pathlib import Path
 from utils.quiet import NOTICES, WARNINGS
 
 REPO = Path(__file__).resolve().parents[1]
-# Reproduces both notices as the libraries emit them: transformers' torchvision fallback on first access of an image
-# processor, and bitsandbytes' kernel notice by re-running its CPU backend as on a CPU with AVX512-BF16.
-# diffusers' from_config deprecation as EMAModel.from_pretrained raises it. Then one real warning on each of the
-# same loggers, and a FutureWarning, which must still show.
+# Reproduces the notices as the libraries emit them: transformers' torchvision fallback on first access of an image
+# processor; bitsandbytes' kernel notice by re-running its CPU backend as on a CPU with AVX512-BF16; diffusers'
+# from_config deprecation and ignored-config notice as EMAModel.from_pretrained raises them; diffusers' fp32-modules
+# notice on a VAE dtype cast.
+# Then one real warning on each of the same loggers, and a FutureWarning, which must still show.
 SCRIPT = '''import importlib, logging, warnings
 import utils  # what every project package imports first
 import transformers
@@ -23,13 +24,22 @@ with warnings.catch_warnings():
 from diffusers.utils import deprecate
 deprecate("config-passed-as-path", "1.0.0", "It is deprecated to pass a pretrained model name or path to "
           "`from_config`. (as diffusers' EMAModel.from_pretrained does)", standard_warn=False)
-for name in ("transformers.utils.import_utils", "bitsandbytes.backends.cpu.ops"):
+import torch
+from diffusers import AutoencoderKL
+AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, down_block_types=("DownEncoderBlock2D",),
+              up_block_types=("UpDecoderBlock2D",)).to("cpu", dtype=torch.bfloat16)  # as the trainer casts the VAE
+from diffusers import UNet2DConditionModel
+UNet2DConditionModel.extract_init_dict({"decay": 0.9999, "optimization_step": 4})  # as EMAModel.from_pretrained
+for name in ("transformers.utils.import_utils", "bitsandbytes.backends.cpu.ops", "diffusers.models.modeling_utils",
+             "diffusers.configuration_utils"):
     logging.getLogger(name).warning("a real warning from %s", name)
 warnings.warn("a real FutureWarning", FutureWarning)
 '''
 # The notices as the issue (and a resumed run's log) quote them.
 QUOTED = ("Failed to load CPU gemm_4bit_forward from kernels-community", "CLIPImageProcessor` requires torchvision",
-          "It is deprecated to pass a pretrained model name or path to `from_config`")
+          "It is deprecated to pass a pretrained model name or path to `from_config`",
+          "There are modules in AutoencoderKL that should be kept in float32",
+          "were passed to UNet2DConditionModel, but are not expected")
 
 
 def test_notices_silenced_real_warnings_kept():

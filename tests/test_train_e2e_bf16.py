@@ -21,6 +21,7 @@ from PIL import Image
 from test_train_e2e import (PROMPT, assert_same_weights, caption_list_dataset, checkpoints,  # noqa: F401
                             load_weights, run_command, run_parallel, succeeded, trainer_command)
 from test_train_e2e_cache import losses
+from utils.quiet import NOTICES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SH = REPO_ROOT / "train.sh"
@@ -154,6 +155,9 @@ def test_train_sh_bf16_checkpoints_resumes_and_exports_fp32(bf16_runs, tiny_mode
     done = succeeded(run_train_sh(tiny_model_dir, tiny_data_dir, output, "--max_train_steps=3",
                                   "--resume_from_checkpoint=latest"))
     assert "starting at step 2" in done.stderr
+    # the bf16 VAE cast and the EMA resume each drew a diffusers notice through train.sh (seen on the GPU check)
+    for _, fragment in NOTICES:
+        assert fragment not in done.stdout + done.stderr, fragment
     assert checkpoints(output) == {"checkpoint-1", "checkpoint-2", "checkpoint-3"}
     assert_same_weights(load_weights(output / "unet"), load_weights(output / "checkpoint-3" / "unet_ema"))
     assert_fp32_pipeline(output)

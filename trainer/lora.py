@@ -71,22 +71,6 @@ def add_adapter(model, config, flag_value: str, what: str) -> None:
         raise UsageError(f"--lora_target_modules '{flag_value}' matches no layer of the {what}.") from None
 
 
-def freeze_and_cast(model, weight_dtype: torch.dtype, device) -> None:
-    """Freeze a base model and store it in the run's weight dtype on the device (saves memory under fp16/bf16)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    model.requires_grad_(False)
-    if weight_dtype == torch.float32:
-        model.to(device)
-        return
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # its notice about modules kept in fp32 fires even when there are none
-    try:
-        model.to(device, dtype=weight_dtype)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-
-
 def upcast_adapters(*models) -> None:
     """Keep every trainable (adapter) parameter in fp32 whatever the base's dtype."""
     from diffusers.training_utils import cast_training_params
@@ -96,7 +80,7 @@ def upcast_adapters(*models) -> None:
 
 def apply_lora(args, components, weight_dtype: torch.dtype, device) -> LoraSetup:
     """Freeze the UNet (and text encoder), add fp32 adapters per the flags; return what was added."""
-    from trainer.models import trainable_parameters
+    from trainer.models import freeze_and_cast, trainable_parameters
 
     freeze_and_cast(components.unet, weight_dtype, device)
     unet_config = make_config(args, target_modules(args.lora_target_modules))

@@ -61,12 +61,16 @@ def load_components(args, weight_dtype: torch.dtype, device) -> Components:
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=non_ema_revision(args))
     for frozen in (text_encoder, vae):
-        frozen.requires_grad_(False)
-        # Cast only when needed: diffusers warns on any dtype cast of the VAE, even a no-op one.
-        frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
+        freeze_and_cast(frozen, weight_dtype, device)
     unet.train()
     return Components(tokenizer, text_encoder, vae, unet,
                       load_noise_scheduler(path, revision, args.prediction_type))
+
+
+def freeze_and_cast(model, weight_dtype: torch.dtype, device) -> None:
+    """Freeze a model and store it in the run's weight dtype on the device (saves memory under fp16/bf16)."""
+    model.requires_grad_(False)
+    model.to(device, dtype=weight_dtype)
 
 
 def move_frozen(components: Components, device) -> None:

@@ -1,10 +1,10 @@
 """Silence known, harmless third-party notices at their source, so users see our lines and real warnings.
 
 Each notice is named by the logger that emits it and a fragment of its text (or, for a Python warning, its category
-and how it starts): only those are dropped, and every other warning of the same libraries still shows. A logger's filter sees the records created on it whether
-or not the library has been imported yet, so silence_notices() runs when the `utils` package is first imported
-(utils/__init__.py): every script, the process `accelerate launch` starts and its dataloader workers import the
-project's modules before they load these libraries.
+and how it starts): only those are dropped, and every other warning of the same libraries still shows. A logger's
+filter sees the records created on it whether or not the library has been imported yet, so silence_notices() runs
+when the `utils` package is first imported (utils/__init__.py): every script, the process `accelerate launch` starts
+and its dataloader workers import the project's modules before they load these libraries.
 """
 
 import logging
@@ -18,6 +18,12 @@ NOTICES = (
     # transformers without torchvision (it has no CPU build for our torch) falls back to the PIL image processors,
     # which is what we want; diffusers touches CLIPImageProcessor for the safety checker we never load.
     ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+    # diffusers warns on every dtype cast of a model even when it keeps no module in fp32 (the list is empty), so
+    # each fp16/bf16 run printed it for the frozen VAE (seen on the GPU check); a non-empty list still shows.
+    ("diffusers.models.modeling_utils", "that should be kept in float32: []."),
+    # diffusers' EMAModel.from_pretrained, which our EMA resume calls, loads the UNet with the EMA's own state in its
+    # config and warns twice that those keys are ignored; only an EMA save carries 'optimization_step'.
+    ("diffusers.configuration_utils", "'optimization_step'"),
 )
 
 # (category, start of the message): Python warnings about a library's own internals.
