@@ -1,12 +1,17 @@
 """Training learns the link from caption to image: after fine-tuning, generated images show their caption's scene.
 
-A tiny model (its VAE and text encoder first fitted to the scenes, as demo.sh does; its UNet random) is fine-tuned
-by train_text_to_image.py on sample rows of five visibly distinct scene classes. The untrained base and the fine-tuned model then draw the same
-held-out captions with the same seeds, and the scene classifier (evaluation.scene, trained on the generated images,
-tested on the real ones) scores both. The fine-tuned model must beat the base by MARGIN: with captions paired with
-the wrong rows, or with the text states zeroed, it cannot (both were checked by breaking the code once).
-Features are the images' own pixels at 8x8: the Inception stand-in would cost more than the training, and what is
-under test is the training, not the features.
+A tiny model (its VAE and text encoder first fitted to the scenes and its cross-attention silenced, as demo.sh does;
+its UNet random) is fine-tuned by train_text_to_image.py on sample rows of five visibly distinct scene classes. The
+untrained base and the fine-tuned model then draw the same held-out captions, every one from the same seed, and the
+scene classifier (evaluation.scene, trained on the generated images, tested on the real ones) scores both.
+
+One seed for all captions makes the figure exact where it must be: a model that ignores captions draws one image for
+every caption, so the classifier can only answer one class and scores chance (0.2) to the digit, whatever its noise;
+only the caption can make the images differ. (evaluate.py gives each row its own seed, as FID needs; with 5 tight
+real clusters a caption-blind model then scores 0.2, 0.4 or more by luck, which a 25-caption test cannot tell apart.)
+The fine-tuned model must beat chance by MARGIN. With the captions paired with the wrong rows, or the text states
+zeroed, it cannot: both were checked by breaking the code once (README, Tests). Features are the images' own pixels at
+8x8: the Inception stand-in would cost more than the training, and what is under test is the training.
 """
 
 import numpy as np
@@ -21,14 +26,16 @@ from evaluation.scene import read_labels, scene_figures
 from inference.pipeline import generate
 
 RESOLUTION = 16
-TRAIN_ROWS = 40
+TRAIN_ROWS = 200  # 40 rows learned too slowly: 0.44 at 150 steps, 0.24 at 200; 200 rows gave 0.56 and 0.88
 HELD_OUT = 25  # 5 per class
-TRAIN_STEPS = 250
+TRAIN_STEPS = 200
 BATCH = 32
 SAMPLE_STEPS = 10
 GUIDANCE = 1.0  # as demo.sh: the tiny base has no unconditional image to guide away from
 FEATURE_SIDE = 8
-# Five classes: chance is 0.2. The untrained base scores about that; the fine-tuned model must clear it by this.
+SEED = 0  # every held-out caption's image starts from this seed
+# Five classes: chance is 0.2, which the caption-blind base scores exactly; the fine-tuned model must clear it by this
+# (it scored 0.88 when this was written).
 MARGIN = 0.3
 
 
@@ -39,12 +46,12 @@ def features(images) -> np.ndarray:
 
 
 def draw(model_dir, captions) -> np.ndarray:
-    """The model's images of the captions (seed i for caption i), as features."""
+    """The model's images of the captions, all from SEED, as features."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
-    images = generate(pipeline, captions, list(range(len(captions))), negative_prompt=None,
+    images = generate(pipeline, captions, [SEED] * len(captions), negative_prompt=None,
                       num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE, height=RESOLUTION, width=RESOLUTION,
                       batch_size=len(captions))
     return features(images)
@@ -86,10 +93,6 @@ def learned(tmp_path_factory):
             for name, model in (("base", base), ("tuned", tuned))}
 
 
-@pytest.mark.skip(reason="not yet reliable at suite sizes: with the fitted text encoder and silenced base (40 rows, "
-                         "250 steps, 25 held-out captions, pixel features) two runs gave fine-tuned 0.72 / 0.64 vs "
-                         "base 0.56 / 0.52 trained-on-generated, 0.48 vs 0.32 real-trained: the +0.3 margin does not "
-                         "hold, and the run takes ~2 min quiet; demo.sh's larger run does meet the bar")
 def test_the_fine_tuned_model_draws_its_captions_scenes_and_the_base_does_not(learned):
     base, tuned = learned["base"], learned["tuned"]
     print(f"real-trained: base {base['scene_accuracy_real_trained']:.3f}, "
@@ -98,6 +101,5 @@ def test_the_fine_tuned_model_draws_its_captions_scenes_and_the_base_does_not(le
           f"real ceiling {tuned['scene_accuracy_real']:.3f}, chance {tuned['chance']:.3f}")
     assert tuned["num_classes"] == len(SCENES) and tuned["chance"] == pytest.approx(1 / len(SCENES))
     assert tuned["scene_accuracy_real"] >= 0.9  # the pixel features do tell the real scenes apart
+    assert base["scene_accuracy"] == pytest.approx(base["chance"])  # caption-blind: one image for every caption
     assert tuned["scene_accuracy"] >= base["scene_accuracy"] + MARGIN
-    assert tuned["scene_accuracy"] >= tuned["chance"] + MARGIN
-    assert abs(base["scene_accuracy"] - base["chance"]) <= 0.15
