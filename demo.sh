@@ -73,11 +73,13 @@ step "4/7 tiny random Stable Diffusion pipeline (stands in for SD1.5, which cann
 python -m trainer.tiny_model "$OUT/tiny_model" --fit_data "$OUT/data" --fit_resolution "$RESOLUTION" \
   --vae_steps "$VAE_STEPS" --text_steps "$TEXT_STEPS"
 
+# --shared_seed: every held-out caption drawn from the same seed, so images differ only by their caption; the
+# caption-blind base then scores chance exactly, where per-row seeds give it 0.2, 0.4 or more by luck at this N.
 evaluate_model() {  # evaluate_model NAME MODEL_DIR: evaluate.py on the held-out captions into $OUT/eval_NAME
   python evaluate.py --model "$2" --parquet_path "$OUT/rsicd_test.parquet" --num_samples "$EVAL_SAMPLES" \
     --inception_weights "$OUT/eval_models/inception_random.pth" --clip_model "$OUT/eval_models/clip_tiny" \
     --output_dir "$OUT/eval_$1" --num_inference_steps "$SAMPLE_STEPS" --resolution "$RESOLUTION" --seed 0 \
-    --batch_size 8 --guidance_scale "$GUIDANCE"
+    --batch_size 8 --guidance_scale "$GUIDANCE" --shared_seed
 }
 
 finish() {  # finish PID LOG WHAT: wait for a background step; on failure show its log and stop

@@ -6,7 +6,7 @@ scene accuracy (rows' classes from RSICD file names or --class_column).
         --inception_weights pt_inception-2015-12-05-6726825d.pth --clip_model clip-vit-base-patch32 \
         --output_dir eval/test
 
-Writes EVAL_DIR/generated/NNNNNN.png (row NNNNNN of the input, seed --seed + NNNNNN - 1), eval_report.json
+Writes EVAL_DIR/generated/NNNNNN.png (row NNNNNN of the input, seed --seed + NNNNNN - 1, or --seed with --shared_seed), eval_report.json
 (N, settings, FID, CLIP score, scene accuracy, bad rows, timings) and sheet.html (real vs generated). Rerun the
 same command to resume: images already on disk are kept, only the missing ones are generated.
 """
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     pending = missing_rows(rows, generated_dir)
     log.info("generating %d of %d images (%d already on disk)", len(pending), len(rows), len(rows) - len(pending))
     generate_missing(pipeline, pending, generated_dir, seed=args.seed, num_inference_steps=args.num_inference_steps,
-                     guidance_scale=args.guidance_scale, resolution=args.resolution, batch_size=args.batch_size)
+                     guidance_scale=args.guidance_scale, resolution=args.resolution, batch_size=args.batch_size,
+                     shared_seed=args.shared_seed)
     clock["generation"] = time.monotonic()
 
     # Generated side of FID, and CLIP score of each generated image against its caption.

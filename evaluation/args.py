@@ -53,6 +53,10 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="denoising steps")
     run.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="classifier-free guidance")
     run.add_argument("--seed", type=int, default=0, help="row n's image uses seed + n - 1")
+    run.add_argument("--shared_seed", action="store_true",
+                     help="every row's image from --seed itself: images then differ only by their captions, so a "
+                          "model that ignores captions scores exactly chance on scene accuracy (demo.sh uses it); "
+                          "FID then sees less diversity and compares only with other --shared_seed runs")
     run.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION,
                      help="side of the generated images; real images are centre-cropped and resized to it")
     run.add_argument("--batch_size", type=int, default=1, help="images generated per pipeline call")

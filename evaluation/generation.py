@@ -1,6 +1,6 @@
 """Generate one image per held-out caption into EVAL_DIR/generated/, resumably.
 
-Row n's image is generated/NNNNNN.png from seed --seed + n - 1, written to a temporary name and renamed, so an
+Row n's image is generated/NNNNNN.png from seed --seed + n - 1 (or --seed itself, with --shared_seed), written to a temporary name and renamed, so an
 interrupted run leaves only complete images and a rerun generates just the missing ones, with the same pixels an
 uninterrupted run would give. The settings that made the images are kept beside them; a rerun with other
 settings is refused rather than mixing two models' images in one figure.
@@ -27,9 +27,9 @@ def image_path(generated_dir: Path, row: EvalRow) -> Path:
     return generated_dir / f"{row.number:0{IMAGE_DIGITS}d}{PNG_SUFFIX}"
 
 
-def row_seed(seed: int, row: EvalRow) -> int:
-    """The seed of row's image: fixed by the row, not by which rows a run happens to generate."""
-    return seed + row.number - 1
+def row_seed(seed: int, row: EvalRow, shared: bool = False) -> int:
+    """The seed of row's image: fixed by the row (or one for all rows), not by which rows a run generates."""
+    return seed if shared else seed + row.number - 1
 
 
 def check_settings(generated_dir: Path, settings: dict, overwrite: bool) -> None:
@@ -63,7 +63,9 @@ def settings_from_args(args, device, dtype) -> dict:
             "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "resolution": args.resolution, "seed": args.seed,
             "caption_index": args.caption_index, "data": str(Path(source).resolve()) + input_split(args),
-            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "lora_scale": args.lora_scale}
+            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "lora_scale": args.lora_scale,
+            # only when on, so folders generated before the flag existed still resume
+            **({"shared_seed": True} if getattr(args, "shared_seed", False) else {})}
 
 
 def input_split(args) -> str:
@@ -84,11 +86,12 @@ def save_png(image, path: Path) -> None:
 
 
 def generate_missing(pipeline, rows: Sequence[EvalRow], generated_dir: Path, *, seed: int,
-                     num_inference_steps: int, guidance_scale: float, resolution: int, batch_size: int) -> int:
+                     num_inference_steps: int, guidance_scale: float, resolution: int, batch_size: int,
+                     shared_seed: bool = False) -> int:
     """Generate and save the images of rows (each saved as soon as it is ready); return how many were made."""
     if not rows:
         return 0
-    generate(pipeline, [row.caption for row in rows], [row_seed(seed, row) for row in rows],
+    generate(pipeline, [row.caption for row in rows], [row_seed(seed, row, shared_seed) for row in rows],
              negative_prompt=None, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
              height=resolution, width=resolution, batch_size=batch_size,
              on_image=lambda index, image: save_png(image, image_path(generated_dir, rows[index])))

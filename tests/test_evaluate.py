@@ -176,6 +176,9 @@ def test_resume_with_another_dtype_is_refused_unless_overwrite(runs, tiny_model_
     generated = runs["root"] / "meta" / "generated"
     args = parse_args(argv + ["--dtype", "bf16", "--overwrite"])
     check_settings(generated, settings_from_args(args, torch.device("cpu"), torch.bfloat16), overwrite=True)
+    # per-row seeds on disk, --shared_seed asked: the two kinds of image set must not mix in one figure
+    with pytest.raises(UsageError, match=r"other settings \(shared_seed\)"):
+        evaluate.main(argv + ["--shared_seed"])
 
 
 def test_rsicd_parquet_reports_scene_accuracy_with_classes_from_file_names(runs):

@@ -65,3 +65,11 @@ def test_missing_rows_are_generated_under_their_names_with_their_seeds(tmp_path)
     assert not list(tmp_path.glob("*.tmp")) and missing_rows(rows, tmp_path) == []
     assert generate_missing(painter, [], tmp_path, seed=0, num_inference_steps=1, guidance_scale=1.0,
                             resolution=16, batch_size=1) == 0
+
+
+def test_shared_seed_draws_every_row_from_the_one_seed(tmp_path):
+    rows = [EvalRow(1, "a pond", None), EvalRow(7, "a road", None)]
+    assert [row_seed(10, row, shared=True) for row in rows] == [10, 10]
+    generate_missing(SeedPainter(), rows, tmp_path, seed=10, num_inference_steps=1, guidance_scale=1.0,
+                     resolution=8, batch_size=2, shared_seed=True)
+    assert {Image.open(image_path(tmp_path, row)).getpixel((0, 0)) for row in rows} == {(10, 10, 10)}
