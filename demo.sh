@@ -115,9 +115,9 @@ MODEL_NAME="$OUT/tiny_model" DATA_DIR="$OUT/data" OUTPUT_DIR="$OUT/model" REPORT
 step "7/7 generate.py (${#PROMPTS[@]} prompts, one per scene class, x 2 images; log: $OUT/generate.log) and evaluate.py on the fine-tuned model, same $EVAL_SAMPLES held-out captions"
 prompt_args=()
 for prompt in "${PROMPTS[@]}"; do prompt_args+=(--prompt "$prompt"); done
-OMP_NUM_THREADS=1 python generate.py --model "$OUT/model" --output_dir "$OUT/generated" --seed 0 --num_images_per_prompt 2 \
-  --batch_size 5 --height "$RESOLUTION" --width "$RESOLUTION" --num_inference_steps "$SAMPLE_STEPS" \
-  --guidance_scale "$GUIDANCE" "${prompt_args[@]}" > "$OUT/generate.log" 2>&1 &
+OMP_NUM_THREADS=1 python generate.py --model "$OUT/model" --output_dir "$OUT/generated" --seed 0 \
+  --num_images_per_prompt 2 --batch_size 5 --height "$RESOLUTION" --width "$RESOLUTION" \
+  --num_inference_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" "${prompt_args[@]}" > "$OUT/generate.log" 2>&1 &
 generating=$!
 finish "$base_eval" "$OUT/eval_base.log" "evaluating the base"
 evaluate_model model "$OUT/model"

@@ -6,9 +6,10 @@ scene accuracy (rows' classes from RSICD file names or --class_column).
         --inception_weights pt_inception-2015-12-05-6726825d.pth --clip_model clip-vit-base-patch32 \
         --output_dir eval/test
 
-Writes EVAL_DIR/generated/NNNNNN.png (row NNNNNN of the input, seed --seed + NNNNNN - 1, or --seed with --shared_seed), eval_report.json
-(N, settings, FID, CLIP score, scene accuracy, bad rows, timings) and sheet.html (real vs generated). Rerun the
-same command to resume: images already on disk are kept, only the missing ones are generated.
+Writes EVAL_DIR/generated/NNNNNN.png (row NNNNNN of the input, seed --seed + NNNNNN - 1, or --seed with
+--shared_seed), eval_report.json (N, settings, FID, CLIP score, scene accuracy, bad rows, timings) and sheet.html
+(real vs generated). Rerun the same command to resume: images already on disk are kept, only the missing ones are
+generated.
 """
 
 import time

@@ -1,9 +1,9 @@
 """Generate one image per held-out caption into EVAL_DIR/generated/, resumably.
 
-Row n's image is generated/NNNNNN.png from seed --seed + n - 1 (or --seed itself, with --shared_seed), written to a temporary name and renamed, so an
-interrupted run leaves only complete images and a rerun generates just the missing ones, with the same pixels an
-uninterrupted run would give. The settings that made the images are kept beside them; a rerun with other
-settings is refused rather than mixing two models' images in one figure.
+Row n's image is generated/NNNNNN.png from seed --seed + n - 1 (or --seed itself, with --shared_seed), written to a
+temporary name and renamed, so an interrupted run leaves only complete images and a rerun generates just the missing
+ones, with the same pixels an uninterrupted run would give. The settings that made the images are kept beside them;
+a rerun with other settings is refused rather than mixing two models' images in one figure.
 """
 
 import io
@@ -65,7 +65,7 @@ def settings_from_args(args, device, dtype) -> dict:
             "caption_index": args.caption_index, "data": str(Path(source).resolve()) + input_split(args),
             "device": device.type, "dtype": str(dtype).replace("torch.", ""), "lora_scale": args.lora_scale,
             # only when on, so folders generated before the flag existed still resume
-            **({"shared_seed": True} if getattr(args, "shared_seed", False) else {})}
+            **({"shared_seed": True} if args.shared_seed else {})}
 
 
 def input_split(args) -> str:

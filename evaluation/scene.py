@@ -140,10 +140,9 @@ def make_classifier(seed: int):
 def predict(classifier, x: np.ndarray, train_y: np.ndarray) -> np.ndarray:
     """The classifier's answers; where classes tie within PROBABILITY_TIE, the most frequent training class."""
     probabilities = classifier.predict_proba(x)
-    names, counts = np.unique(train_y, return_counts=True)
-    frequency = dict(zip(names, counts))
-    # rank: training frequency first, then np.unique's sorted order (earlier is preferred)
-    preference = np.array([frequency[c] * len(names) - i for i, c in enumerate(classifier.classes_)], dtype=float)
+    _, counts = np.unique(train_y, return_counts=True)  # in classifier.classes_'s order: both are sorted
+    # rank: training frequency first, then the sorted order (earlier is preferred)
+    preference = (counts * len(counts) - np.arange(len(counts))).astype(float)
     tied = probabilities >= probabilities.max(axis=1, keepdims=True) - PROBABILITY_TIE
     return classifier.classes_[np.argmax(np.where(tied, preference, -np.inf), axis=1)]
 
