@@ -70,7 +70,7 @@ step "4/7 tiny random Stable Diffusion pipeline (stands in for SD1.5, which cann
 # SD fine-tuning keeps a pretrained VAE and text encoder. Random ones decode everything to noise and give every
 # caption nearly the same states, so they get a short stand-in for that pretraining ($VAE_STEPS and $TEXT_STEPS steps);
 # the UNet stays random, so the base draws no scene from its caption.
-python -m trainer.tiny_model "$OUT/tiny_model" --fit_data "$OUT/data" --fit_resolution "$RESOLUTION" \
+python -m stand_in.tiny_model "$OUT/tiny_model" --fit_data "$OUT/data" --fit_resolution "$RESOLUTION" \
   --vae_steps "$VAE_STEPS" --text_steps "$TEXT_STEPS"
 
 # --shared_seed: every held-out caption drawn from the same seed, so images differ only by their caption; the

@@ -15,7 +15,7 @@ generated.
 import time
 from pathlib import Path
 
-from diffusion_model.atomic import write_json_atomic
+from utils.atomic import write_json_atomic
 from evaluation.args import parse_args, source_options
 from evaluation.data import load_rows
 from evaluation.generation import (GENERATED_DIRNAME, check_settings, generate_missing, missing_rows,

@@ -2,7 +2,7 @@
 
 Seed configuration: batch 1, gradient accumulation 4, gradient checkpointing, EMA, constant LR (train.sh's recipe),
 --center_crop in both runs so they do the same work. Each run is a real `train_text_to_image.py` subprocess on a
-randomly initialised pipeline from trainer/tiny_model.py and a data folder made by create.py + format.py.
+randomly initialised pipeline from stand_in/tiny_model.py and a data folder made by create.py + format.py.
 
 What is timed:
   - steps/s, samples/s: after warm-up, from the first to the last optimizer step as the trainer's tensorboard log
@@ -135,7 +135,7 @@ def parse_args(argv: Optional[Sequence[str]]):
 
 def make_model(preset: str, folder: Path) -> Path:
     """Save the preset's random pipeline (in a subprocess, so this process stays small)."""
-    subprocess.run([sys.executable, "-m", "trainer.tiny_model", str(folder), "--preset", preset], cwd=REPO_ROOT,
+    subprocess.run([sys.executable, "-m", "stand_in.tiny_model", str(folder), "--preset", preset], cwd=REPO_ROOT,
                    check=True, capture_output=True)
     return folder
 

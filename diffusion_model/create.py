@@ -18,7 +18,7 @@ if __package__ in (None, ""):
 from dataclasses import asdict
 from typing import Optional, Sequence
 
-from diffusion_model.atomic import write_json_atomic
+from utils.atomic import write_json_atomic
 from diffusion_model.captions import CAPTION_MODES
 from diffusion_model.create_job import (PREVIOUS_REPORT_FILENAME, SETTINGS_FILENAME, ImageSettings, build_report,
                                         default_workers, prepare_output, run_job, summary_line)

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion_model.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
+from utils.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
 from diffusion_model.captions import select_captions
 from diffusion_model.geotiff import MultibandSettings
 from diffusion_model.imaging import ImageRejected, prepare

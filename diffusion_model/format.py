@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict
 from typing import Optional, Sequence
 
-from diffusion_model.atomic import open_text_atomic, write_json_atomic
+from utils.atomic import open_text_atomic, write_json_atomic
 from diffusion_model.metadata import build_records, drop_missing, group_lines, unlisted_images
 from utils.cli import ArgumentParser, UsageError, run_main
 from utils.constants import FORMAT_REPORT_FILENAME, METADATA_FILENAME

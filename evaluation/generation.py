@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import List, Sequence
 
-from diffusion_model.atomic import write_bytes_atomic, write_json_atomic
+from utils.atomic import write_bytes_atomic, write_json_atomic
 from evaluation.data import EvalRow
 from inference.pipeline import generate
 from utils.cli import UsageError

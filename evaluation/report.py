@@ -5,7 +5,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-from diffusion_model.atomic import open_text_atomic
+from utils.atomic import open_text_atomic
 from evaluation.data import BadRow, EvalRow
 from evaluation.generation import GENERATED_DIRNAME, image_path, save_png
 from evaluation.metrics import CLIP_SCORE_DEFINITION as CLIP_SCORE

@@ -14,7 +14,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from evaluation.fidelity_compat import register_torch_fidelity
 from evaluation.metrics import STAND_IN_MARKER
-from trainer.tiny_model import build_tokenizer
+from stand_in.tiny_model import build_tokenizer
 from utils.cli import ArgumentParser, UsageError, run_main
 from utils.quiet import quiet_loading_bars
 

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from diffusion_model.atomic import write_bytes_atomic, write_json_atomic
+from utils.atomic import write_bytes_atomic, write_json_atomic
 from utils.cli import UsageError
 
 INDEX_DIGITS = 6

@@ -150,9 +150,9 @@ class Check:
         return self.once("tiny_model", lambda: self._model("tiny"))
 
     def _model(self, preset: str) -> Path:
-        """A random pipeline of trainer/tiny_model.py's preset."""
+        """A random pipeline of stand_in/tiny_model.py's preset."""
         folder = self.work / f"model_{preset}"
-        self.python("-m", "trainer.tiny_model", folder, "--preset", preset)
+        self.python("-m", "stand_in.tiny_model", folder, "--preset", preset)
         return folder
 
     def data(self, resolution: int, rows: int = 8) -> Path:

@@ -49,8 +49,8 @@ TRAIN_RESOLUTION = 64
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Stable Diffusion pipeline saved once per session (trainer.tiny_model)."""
-    from trainer.tiny_model import save_tiny_pipeline
+    """A tiny random Stable Diffusion pipeline saved once per session (stand_in.tiny_model)."""
+    from stand_in.tiny_model import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_model") / "pipeline")
 
@@ -102,7 +102,7 @@ def compiled_ddp_unet(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from trainer.tiny_model import build_unet
+    from stand_in.tiny_model import build_unet
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

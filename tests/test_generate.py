@@ -80,7 +80,7 @@ def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory):
     """Another random tiny pipeline: other VAE and text encoder than the run's, same UNet shape."""
-    from trainer.tiny_model import save_tiny_pipeline
+    from stand_in.tiny_model import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("other_base") / "pipeline", seed=1)
 

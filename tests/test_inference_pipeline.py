@@ -10,7 +10,7 @@ import torch
 from inference.pipeline import (ModelSource, batches, check_pipeline, check_size, checkpoint_unet, generate,
                                 hub_offline, is_checkpoint, load_pipeline, load_source, pick_device,
                                 resolve_model)
-from trainer.tiny_model import build_unet
+from stand_in.tiny_model import build_unet
 from utils.cli import UsageError
 from utils.constants import DEFAULT_BASE_MODEL, EMA_UNET_DIRNAME, UNET_DIRNAME
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference.schedulers import SCHEDULERS, check_scheduler, make_scheduler
-from trainer.tiny_model import build_scheduler
+from stand_in.tiny_model import build_scheduler
 from utils.cli import UsageError
 
 # What a model's scheduler config fixes and every sampler built from it must keep.

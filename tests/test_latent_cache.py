@@ -48,7 +48,7 @@ def make_table(captions, image_seeds=None):
 @pytest.fixture(scope="module")
 def tiny_parts():
     """The tiny pipeline's VAE, text encoder and tokenizer, built in memory (fp32, eval mode)."""
-    from trainer.tiny_model import build_tiny_pipeline
+    from stand_in.tiny_model import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(0)
     pipe.vae.eval()

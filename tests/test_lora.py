@@ -10,7 +10,7 @@ import torch
 from trainer import lora
 from trainer.args import parse_args
 from trainer.models import Components, ema_weights, trainable_parameters
-from trainer.tiny_model import build_text_encoder, build_tokenizer, build_unet
+from stand_in.tiny_model import build_text_encoder, build_tokenizer, build_unet
 from utils.cli import UsageError
 
 

@@ -1,7 +1,7 @@
 """LoRA end to end, run as users run it: diffusers' LoRA command line on train_text_to_image_lora.py, our LoRA
 flags on train_text_to_image.py, then the files loaded by diffusers, by generate.py and as kohya keys.
 
-The base is a tiny pipeline built here with diffusers/transformers classes, independently of trainer.tiny_model
+The base is a tiny pipeline built here with diffusers/transformers classes, independently of stand_in.tiny_model
 (other tokenizer, PNDM scheduler). Runs are shared through module fixtures; BASES names the base-model builders
 the fixtures run on: adding a preset (e.g. SD2's) is one line there.
 """
@@ -51,7 +51,7 @@ def build_independent_pipeline(path: Path) -> Path:
     return path
 
 
-# name → builder(path) of a base pipeline folder. SD2, once trainer/tiny_model.py has the preset:
+# name → builder(path) of a base pipeline folder. SD2, once stand_in/tiny_model.py has the preset:
 #   "sd2": lambda path: save_tiny_pipeline(path, preset="sd2"),
 BASES = {
     "independent": build_independent_pipeline,

@@ -1,4 +1,4 @@
-"""SD 2.x bases end to end, as users run them: the tiny SD2-shaped presets (trainer.tiny_model sd2 = 2.1-base,
+"""SD 2.x bases end to end, as users run them: the tiny SD2-shaped presets (stand_in.tiny_model sd2 = 2.1-base,
 sd2_v = the 768 v-prediction model) and an SD2-shaped v-prediction pipeline built here from raw diffusers and
 transformers constructors, through create.py → format.py → train_text_to_image.py / train.sh → generate.py →
 evaluate.py.
@@ -113,9 +113,9 @@ def save_independent_sd2_v(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sd2_bases(tmp_path_factory) -> dict:
-    """Base pipelines by name: the sd2 and sd2_v presets (what `python -m trainer.tiny_model DIR --preset P`
+    """Base pipelines by name: the sd2 and sd2_v presets (what `python -m stand_in.tiny_model DIR --preset P`
     writes, saved in this process to spare two interpreter starts), and the independently built v model."""
-    from trainer.tiny_model import save_tiny_pipeline
+    from stand_in.tiny_model import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("sd2_bases")
     bases = {preset: save_tiny_pipeline(root / preset, preset=preset) for preset in ("sd2", "sd2_v")}

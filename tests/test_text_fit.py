@@ -1,4 +1,4 @@
-"""trainer/text_fit.py: the contrastive fit makes a random text encoder tell captions of different-looking images
+"""stand_in/text_fit.py: the contrastive fit makes a random text encoder tell captions of different-looking images
 apart (a random one barely does), writes it back whole, counts unusable records, and bad command lines are
 one-line errors."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import text_fit
-from trainer.tiny_model import build_tiny_pipeline
+from stand_in import text_fit
+from stand_in.tiny_model import build_tiny_pipeline
 from utils.cli import UsageError
 
 # Two looks, each with captions that share most of their characters with the other look's captions.
@@ -105,10 +105,10 @@ def test_main_writes_the_fitted_text_encoder_back_whole(tiny_model_dir, data_dir
     (["--batch_size", "0"], "--batch_size"),
 ])
 def test_bad_flags_are_one_line_errors(run_script, tiny_model_dir, data_dir, argv, message):
-    done = run_script("trainer/text_fit.py", [tiny_model_dir, data_dir, *argv])
+    done = run_script("stand_in/text_fit.py", [tiny_model_dir, data_dir, *argv])
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_folder_without_a_text_encoder_is_refused(run_script, data_dir, tmp_path):
-    done = run_script("trainer/text_fit.py", [tmp_path, data_dir])
+    done = run_script("stand_in/text_fit.py", [tmp_path, data_dir])
     assert done.returncode == 2 and "no text_encoder/config.json" in done.stderr and "Traceback" not in done.stderr

@@ -1,4 +1,4 @@
-"""trainer.tiny_model: the offline stand-in pipelines (tiny for tests, larger presets for bench/bench_train.py)."""
+"""stand_in.tiny_model: the offline stand-in pipelines (tiny for tests, larger presets for bench/bench_train.py)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.tiny_model import (TOKENIZER_MAX_LENGTH, build_components, build_preset_scheduler,
+from stand_in.tiny_model import (TOKENIZER_MAX_LENGTH, build_components, build_preset_scheduler,
                                 build_preset_tokenizer, build_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_cli_saves_a_pipeline_that_diffusers_loads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "tiny"
-    done = subprocess.run([sys.executable, "-m", "trainer.tiny_model", str(out), "--preset", "tiny"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "stand_in.tiny_model", str(out), "--preset", "tiny"], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     pipe = StableDiffusionPipeline.from_pretrained(out)
@@ -109,7 +109,7 @@ def test_cli_saves_a_pipeline_that_diffusers_loads(tmp_path):
 def test_silenced_cross_attention_makes_the_output_independent_of_the_text():
     import torch
 
-    from trainer.tiny_model import build_unet, silence_cross_attention
+    from stand_in.tiny_model import build_unet, silence_cross_attention
 
     torch.manual_seed(0)
     unet = build_unet()

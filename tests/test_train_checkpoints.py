@@ -82,7 +82,7 @@ def build_state(accelerator, seed: int):
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from trainer.tiny_model import build_unet
+    from stand_in.tiny_model import build_unet
 
     torch.manual_seed(seed)
     unet = build_unet()

@@ -143,7 +143,7 @@ def row_key(pixels: torch.Tensor, ids: torch.Tensor) -> tuple:
 
 def test_persistent_workers_see_each_new_epoch():
     """With a persistent worker, epoch 1's batch holds epoch 1's flips and captions, not a replay of epoch 0's."""
-    from trainer.tiny_model import build_tokenizer
+    from stand_in.tiny_model import build_tokenizer
 
     table = [{"image": gradient_image(24, 16), "text": [f"caption {i}" for i in range(6)]} for _ in range(6)]
     transform = data.make_image_transform(16, center_crop=True, random_flip=True, interpolation="bilinear")
@@ -183,7 +183,7 @@ def test_each_process_shard_gets_every_new_epoch():
     """
     from accelerate.data_loader import prepare_data_loader
 
-    from trainer.tiny_model import build_tokenizer
+    from stand_in.tiny_model import build_tokenizer
 
     table = [{"image": gradient_image(24 + i, 16), "text": [f"caption {i} {j}" for j in range(6)]} for i in range(4)]
     transform = data.make_image_transform(16, center_crop=False, random_flip=True, interpolation="bilinear")

@@ -60,7 +60,7 @@ def draw(model_dir, captions) -> np.ndarray:
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     """Scene figures of the untrained base and of the fine-tuned model on the same held-out captions."""
-    from trainer.tiny_model import fit_to_data, save_tiny_pipeline
+    from stand_in.tiny_model import fit_to_data, save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("learns")
     parquet = make_sample_parquet(root / "train.parquet", TRAIN_ROWS, seed=0)

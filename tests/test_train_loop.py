@@ -181,7 +181,7 @@ def tiny_run(accelerator, tmp_path, rows: list, max_train_steps: int):
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from trainer.tiny_model import build_unet
+    from stand_in.tiny_model import build_unet
 
     torch.manual_seed(0)
     unet = build_unet()

@@ -68,7 +68,7 @@ def test_validation_uses_ema_weights_then_restores_training_weights(monkeypatch,
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from trainer.tiny_model import build_scheduler, build_text_encoder, build_tokenizer, build_unet
+    from stand_in.tiny_model import build_scheduler, build_text_encoder, build_tokenizer, build_unet
 
     torch.manual_seed(0)
     unet = build_unet()

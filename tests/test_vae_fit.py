@@ -1,4 +1,4 @@
-"""trainer/vae_fit.py: fitting the tiny random VAE to images lowers its reconstruction error, sets the latent
+"""stand_in/vae_fit.py: fitting the tiny random VAE to images lowers its reconstruction error, sets the latent
 scaling factor, and replaces the pipeline's VAE whole; bad command lines are one-line errors."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import vae_fit
+from stand_in import vae_fit
 from utils.cli import UsageError
 
 SIDE = 8
@@ -87,7 +87,7 @@ def refusals(run_script, tiny_model_dir, tmp_path_factory) -> dict:
                 "no_vae": [root / "no_model", data]}
     (root / "no_model").mkdir()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_script, "trainer/vae_fit.py", args) for name, args in commands.items()}
+        futures = {name: pool.submit(run_script, "stand_in/vae_fit.py", args) for name, args in commands.items()}
         return {name: future.result() for name, future in futures.items()}
 
 

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from utils.atomic import TRASH_SUFFIX, publish_dir as publish
 from utils.cli import UsageError
 from utils.constants import CHECKPOINT_PREFIX, EMA_UNET_DIRNAME, UNET_DIRNAME
 from utils.logger import get_logger
@@ -12,7 +13,6 @@ from utils.logger import get_logger
 CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 # Leading dot and suffix: never matched by CHECKPOINT_RE, so "latest" and pruning cannot pick a half-written save.
 PARTIAL_SUFFIX = ".partial"
-TRASH_SUFFIX = ".old"
 
 
 def checkpoint_step(name: str) -> Optional[int]:
@@ -73,16 +73,6 @@ def resume_position(global_step: int, steps_per_epoch: int, gradient_accumulatio
     """(first epoch, batches of it already consumed) for a run resumed at global_step optimizer steps."""
     first_epoch = global_step // steps_per_epoch
     return first_epoch, (global_step % steps_per_epoch) * gradient_accumulation_steps
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; an existing final is moved aside first so no moment lacks a complete checkpoint."""
-    trash = final.with_name(f".{final.name}{TRASH_SUFFIX}")
-    if final.exists():
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-    tmp.rename(final)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: Optional[int]) -> Path:

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from diffusion_model.atomic import write_json_atomic
+from utils.atomic import write_json_atomic
 from utils.cli import UsageError
 from utils.logger import get_logger
 

@@ -193,7 +193,7 @@ def run_record(args) -> dict:
 
 def write_run_record(folder: Path, args) -> Path:
     """FOLDER/lora_run.json, written atomically."""
-    from diffusion_model.atomic import write_json_atomic
+    from utils.atomic import write_json_atomic
 
     path = Path(folder) / LORA_RUN_FILENAME
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ def make_state_hooks(accelerator, ema, setup: LoraSetup, args):
     """accelerate hooks that store only the adapters (and their EMA) in a checkpoint, each as a loadable LoRA file."""
     from diffusers import UNet2DConditionModel
 
-    from diffusion_model.atomic import write_json_atomic
+    from utils.atomic import write_json_atomic
     from trainer.models import bare_model, ema_weights, place_ema
 
     def split(models):

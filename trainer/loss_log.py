@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from diffusion_model.atomic import open_text_atomic, write_bytes_atomic
+from utils.atomic import open_text_atomic, write_bytes_atomic
 from utils.constants import LOSS_CURVE_FILENAME, LOSS_LOG_FILENAME
 
 HEADER = "step,loss,lr"

@@ -5,10 +5,14 @@ A reader (or a resumed run) therefore sees either the old file or the complete n
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from utils.constants import TMP_SUFFIX
+
+# A folder being replaced waits under ".<name>.old" until its successor is in place (checkpoints skip dot-names).
+TRASH_SUFFIX = ".old"
 
 
 def tmp_path_for(path: Path) -> Path:
@@ -42,3 +46,13 @@ def write_json_atomic(path: Path, payload) -> None:
     with open_text_atomic(path) as handle:
         json.dump(payload, handle, ensure_ascii=False, indent=2)
         handle.write("\n")
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename folder tmp to final; an existing final is moved aside first so no moment lacks a complete one."""
+    trash = final.with_name(f".{final.name}{TRASH_SUFFIX}")
+    if final.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+    tmp.rename(final)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -3,7 +3,7 @@
 No weights can be downloaded here, so this makes a pipeline with the same structure as SD1.5 (UNet, VAE,
 CLIP text encoder, byte-level CLIP tokenizer, DDPM-style scheduler with SD's betas) but tiny sizes.
 The sd2 / sd2_v presets are tiny pipelines shaped like SD 2.1-base / SD 2.1 (768, v-prediction): see SD2_PRESETS.
-Run: python -m trainer.tiny_model OUTPUT_DIR [--seed 0] [--preset tiny|vae_realistic|sd15|sd2|sd2_v|sd21]
+Run: python -m stand_in.tiny_model OUTPUT_DIR [--seed 0] [--preset tiny|vae_realistic|sd15|sd2|sd2_v|sd21]
 (the larger presets exist for bench/bench_train.py); --fit_data DATA_DIR then fits its VAE and text encoder to a
 data folder, as the demo does.
 """
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                              "(default tiny)")
     parser.add_argument("--fit_data", metavar="DATA_DIR",
                         help="then fit the random VAE and text encoder to DATA_DIR (format.py's output), as "
-                             "trainer.vae_fit and trainer.text_fit do, so a fine-tune can learn in minutes")
+                             "stand_in.vae_fit and stand_in.text_fit do, so a fine-tune can learn in minutes")
     parser.add_argument("--fit_resolution", type=int, default=16,
                         help="image side the VAE is fitted at, whole images (default 16)")
     parser.add_argument("--vae_steps", type=int, default=200, help="VAE fitting steps (default 200)")
@@ -233,8 +233,8 @@ def silence_cross_attention(unet) -> None:
 def fit_to_data(model_dir: Path, data_dir: str, resolution: int, vae_steps: int, text_steps: int, seed: int) -> None:
     """Fit the saved pipeline's VAE and text encoder to the data, in this process (one start-up, not three), and
     silence its UNet's cross-attention so the base does not follow captions by accident."""
-    from trainer import text_fit, vae_fit
-    from trainer.fitting import replace_component
+    from stand_in import text_fit, vae_fit
+    from stand_in.fitting import replace_component
 
     vae_fit.main([str(model_dir), data_dir, "--resolution", str(resolution), "--crop", str(resolution),
                   "--steps", str(vae_steps), "--seed", str(seed)])

@@ -6,7 +6,7 @@ caption (a shared prefix dominates them), so its UNet has almost nothing to cond
 This gives the stand-in the same kind of training, briefly: a contrastive (CLIP-style) loss between each caption's
 pooled state and a linear projection of its image's pixels, then writes the text encoder back into the pipeline
 folder. Real bases never need this: their text encoder is trained.
-Run: python -m trainer.text_fit MODEL_DIR DATA_DIR [--steps 150] [--seed 0]   (DATA_DIR holds metadata.jsonl)
+Run: python -m stand_in.text_fit MODEL_DIR DATA_DIR [--steps 150] [--seed 0]   (DATA_DIR holds metadata.jsonl)
 """
 
 import sys
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.fitting import fit_steps, replace_component
+from stand_in.fitting import fit_steps, replace_component
 from utils.cli import ArgumentParser, UsageError, check_at_least, run_main
 from utils.logger import get_logger, setup_logging
 
@@ -113,8 +113,8 @@ def caption_similarity(text_encoder, tokenizer, captions: List[str]) -> torch.Te
 
 def parse_args(argv=None):
     """Command line: pipeline folder, data folder and schedule."""
-    parser = ArgumentParser(prog="python -m trainer.text_fit", description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", help="a saved pipeline folder (python -m trainer.tiny_model writes one)")
+    parser = ArgumentParser(prog="python -m stand_in.text_fit", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="a saved pipeline folder (python -m stand_in.tiny_model writes one)")
     parser.add_argument("data_dir", help="folder with metadata.jsonl and its images (format.py's output)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
     parser.add_argument("--batch_size", type=int, default=64, help="caption/image pairs per step (default 64)")

@@ -1,4 +1,4 @@
-"""What the stand-in fits (trainer.vae_fit, trainer.text_fit) share: their optimizer loop and the atomic swap of a
+"""What the stand-in fits (stand_in.vae_fit, stand_in.text_fit) share: their optimizer loop and the atomic swap of a
 fitted component into a saved pipeline folder."""
 
 import shutil
@@ -7,7 +7,7 @@ from typing import Callable, List
 
 import torch
 
-from trainer.checkpoints import publish
+from utils.atomic import publish_dir
 
 
 def fit_steps(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -34,5 +34,5 @@ def replace_component(module, model_dir: Path, subfolder: str) -> Path:
     partial = model_dir / f"{subfolder}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     module.save_pretrained(partial, safe_serialization=True)
-    publish(partial, target)
+    publish_dir(partial, target)
     return target

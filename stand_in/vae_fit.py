@@ -4,7 +4,7 @@ A random VAE decodes every latent to colour noise, so a random tiny pipeline can
 its UNet trains. This fits the VAE (reconstruction MSE plus a small KL term) on the training images, sets the
 latent scaling factor from the fitted latents (as Stable Diffusion's 0.18215 was set: unit variance for the
 UNet), and writes the VAE back into the pipeline folder. Real bases never need this: their VAE is trained.
-Run: python -m trainer.vae_fit MODEL_DIR DATA_DIR [--resolution 64] [--steps 150] [--seed 0]
+Run: python -m stand_in.vae_fit MODEL_DIR DATA_DIR [--resolution 64] [--steps 150] [--seed 0]
 """
 
 import sys
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.fitting import fit_steps, replace_component
+from stand_in.fitting import fit_steps, replace_component
 from utils.cli import ArgumentParser, UsageError, check_at_least, run_main
 from utils.logger import get_logger, setup_logging
 
@@ -98,8 +98,8 @@ def reconstruction_error(vae, images: torch.Tensor, batch_size: int = 32) -> flo
 
 def parse_args(argv=None):
     """Command line: pipeline folder, image folder, size and schedule."""
-    parser = ArgumentParser(prog="python -m trainer.vae_fit", description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", help="a saved pipeline folder (python -m trainer.tiny_model writes one)")
+    parser = ArgumentParser(prog="python -m stand_in.vae_fit", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="a saved pipeline folder (python -m stand_in.tiny_model writes one)")
     parser.add_argument("data_dir", help="folder of training images (searched recursively), e.g. create.py's output")
     parser.add_argument("--resolution", type=int, default=64, help="side the images are resized to (default 64)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
