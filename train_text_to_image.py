@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     lora_setup = lora.apply_lora(args, components, weight_dtype, accelerator.device) if args.lora_rank else None
     trainable = lora_setup.params if lora_setup else models.trainable_parameters(components.unet)
     models.configure_unet(components.unet, args.gradient_checkpointing,
-                          args.enable_xformers_memory_efficient_attention)
+                          args.enable_xformers_memory_efficient_attention, args.channels_last)
     ema = models.build_ema(args, components.unet, accelerator.device, lora_setup) if args.use_ema else None
     register_state_hooks(accelerator, ema, args.offload_ema, lora_setup, args)
 

@@ -33,6 +33,9 @@ CARD_8GB_LIMIT_GIB = 7.0
 LOOP_PEAK_RE = re.compile(r"peak CUDA memory allocated ([\d.]+) GiB(?:, reserved ([\d.]+) GiB)?")
 PROMPT = "A satellite image of a crop field"
 BLACK_MEAN = 8  # a validation/sample image darker than this on average is "black" (the fp16 VAE NaN failure)
+# Rows at once on a GPU machine: each process spends most of its first minute importing and loading, little of it
+# on the GPU, and the tiny rows use under 1 GiB each; the H200 machine has 16 cores.
+DEFAULT_CUDA_JOBS = 6
 
 
 class CheckFailed(Exception):
@@ -41,21 +44,29 @@ class CheckFailed(Exception):
 
 @dataclass
 class Row:
-    """One table row: its name, whether it needs CUDA, and the function that runs it."""
+    """One table row: its name, whether it needs CUDA, the function that runs it, the rows whose output it reads
+    (it starts after they end), and whether it must run alone (a measurement that other rows would disturb)."""
 
     name: str
     cuda_only: bool
     run: Callable[["Check"], Optional[str]]
+    needs: tuple = ()
+    alone: bool = False
+
+    @property
+    def key(self) -> str:
+        """The name GPU_CHECK_ROWS and needs use: the function's."""
+        return self.run.__name__
 
 
 ROWS: List[Row] = []
 
 
-def row(name: str, cuda_only: bool = False):
+def row(name: str, cuda_only: bool = False, needs: tuple = (), alone: bool = False):
     """Register the decorated function as the next table row."""
 
     def register(function):
-        ROWS.append(Row(name, cuda_only, function))
+        ROWS.append(Row(name, cuda_only, function, tuple(needs), alone))
         return function
 
     return register
@@ -68,7 +79,7 @@ def expect(condition: bool, message: str) -> None:
 
 
 class MemoryWatch:
-    """Peak GPU memory in use (nvidia-smi, every 0.2 s) while a row runs; what the card, not torch, sees."""
+    """Peak GPU memory in use (nvidia-smi, every 0.2 s) over the check; what the card, not torch, sees."""
 
     def __init__(self):
         self.peak_mib = 0.0
@@ -109,15 +120,29 @@ class Check:
         # fp16 is the recipe's precision on a GPU; on CPU bf16 takes its place (fp16 is refused there).
         self.precision = "fp16" if self.cuda else "bf16"
         self.resolution = 64 if self.cuda else 32
-        self.row_peak_rss_mib = 0.0
         self.recipe: Optional[Path] = None  # the recipe row's output folder, once it passed
-        self._made = {}
+        self._made, self._locks, self._lock = {}, {}, threading.Lock()
+        self._row = threading.local()  # rows run in threads: each keeps its own peaks
+
+    def start_row(self) -> None:
+        """Reset this thread's row peaks."""
+        self._row.rss_mib, self._row.reserved_gib = 0.0, 0.0
+
+    def row_peak(self) -> str:
+        """This thread's row peak: the trainers' own peak CUDA reserved on a GPU, else the processes' peak RSS."""
+        if self.cuda and getattr(self._row, "reserved_gib", 0.0):
+            return f"{self._row.reserved_gib:.2f} GiB reserved"
+        rss = getattr(self._row, "rss_mib", 0.0)
+        return f"{rss:.0f} MiB RSS" if rss else "-"  # "-": no process ran
 
     def once(self, key: str, make: Callable[[], object]):
-        """make() the first time key is asked for, then the same value."""
-        if key not in self._made:
-            self._made[key] = make()
-        return self._made[key]
+        """make() the first time key is asked for, then the same value; a thread asking meanwhile waits for it."""
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._made:
+                self._made[key] = make()
+            return self._made[key]
 
     def env(self, **extra) -> dict:
         """Offline, no tracker login, this Python for train.sh's launcher."""
@@ -127,19 +152,34 @@ class Check:
         return env
 
     def run(self, command: list, env: Optional[dict] = None) -> str:
-        """Run command under peak_rss.py from the repo root; its output goes to the log and is returned."""
-        done = subprocess.run([sys.executable, str(PEAK_RSS), *map(str, command)], cwd=REPO, env=env or self.env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.log.write(f"\n$ {' '.join(map(str, command))}\n{done.stdout}")
-        self.log.flush()
-        last = done.stdout.strip().splitlines()[-1:] or [""]
+        """Run command under peak_rss.py from the repo root; its output, each line stamped with the seconds since
+        the start (where startup time goes), goes to the log as one block and is returned."""
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, str(PEAK_RSS), *map(str, command)], cwd=REPO,
+                                   env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [(time.monotonic() - started, line.rstrip("\n")) for line in process.stdout]
+        process.wait()
+        output = "\n".join(line for _, line in lines)
+        with self._lock:
+            self.log.write(f"\n$ {' '.join(map(str, command))}\n")
+            self.log.write("".join(f"[{seconds:7.2f} s] {line}\n" for seconds, line in lines))
+            self.log.write(f"[{time.monotonic() - started:7.2f} s] exit {process.returncode}\n")
+            self.log.flush()
+        self._note_peaks(output)
+        if process.returncode != 0:
+            tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+            raise CheckFailed(f"exit {process.returncode}: {' | '.join(tail)[-300:]}")
+        return output
+
+    def _note_peaks(self, output: str) -> None:
+        """Keep the row's largest peak RSS (peak_rss.py's last line) and trainer peak CUDA reserved."""
+        last = output.strip().splitlines()[-1:] or [""]
         match = re.match(r"peak_rss_mib ([\d.]+)", last[0])
         if match:
-            self.row_peak_rss_mib = max(self.row_peak_rss_mib, float(match.group(1)))
-        if done.returncode != 0:
-            tail = [line for line in done.stdout.strip().splitlines() if line.strip()][-3:]
-            raise CheckFailed(f"exit {done.returncode}: {' | '.join(tail)[-300:]}")
-        return done.stdout
+            self._row.rss_mib = max(getattr(self._row, "rss_mib", 0.0), float(match.group(1)))
+        for peak in LOOP_PEAK_RE.finditer(output):
+            if peak.group(2):
+                self._row.reserved_gib = max(getattr(self._row, "reserved_gib", 0.0), float(peak.group(2)))
 
     def python(self, *args, **kwargs) -> str:
         """A repo script or module with this Python."""
@@ -212,9 +252,7 @@ def expect_not_black(paths: List[Path], what: str) -> None:
 
 
 def recipe_output(check: Check) -> Path:
-    """The recipe row's output folder; the row runs first when it has not yet (GPU_CHECK_ROWS left it out)."""
-    if "recipe" not in check._made:
-        recipe(check)
+    """The recipe row's output folder (rows that read it declare needs=("recipe",...), so it has run)."""
     expect(check.recipe is not None, "needs the recipe row, which failed")
     return check.recipe
 
@@ -242,12 +280,44 @@ def skipped_note(log: str) -> str:
     return f"{match.group(1)} fp16 update(s) skipped" if match else ""
 
 
+# What one trainer process imports before its first step, then the CUDA start-up it pays (where there is CUDA).
+STARTUP_PROBE = '''
+import time
+started = time.perf_counter()
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from trainer import data, export, latent_cache, lora, loop, models
+from trainer.validation import load_inference_scheduler
+imported = time.perf_counter()
+if torch.cuda.is_available():
+    torch.cuda.init()
+    torch.zeros(1, device="cuda").sum().item()
+print(f"STARTUP imports {imported - started:.2f} s, CUDA init {time.perf_counter() - imported:.2f} s")
+'''
+IMPORTTIME_RE = re.compile(r"^import time:\s+\d+ \|\s+(\d+) \| (\S+)$", re.M)  # top level: not indented
+
+
+def top_imports(output: str, count: int = 4) -> str:
+    """The slowest top-level imports of a `python -X importtime` run, cumulative seconds each."""
+    found = [(int(micros) / 1e6, name) for micros, name in IMPORTTIME_RE.findall(output)]
+    return ", ".join(f"{name} {seconds:.1f}" for seconds, name in sorted(found, reverse=True)[:count])
+
+
 # --- the rows, in table order
+
+
+@row("start-up: a trainer process's imports and CUDA initialisation", alone=True)
+def startup(check: Check) -> str:
+    cold = check.python("-X", "importtime", "-c", STARTUP_PROBE)
+    warm = check.python("-c", STARTUP_PROBE)  # the same again: files now in the page cache, bytecode compiled
+    figures = [re.search(r"STARTUP (.*)", out).group(1) for out in (cold, warm)]
+    return f"first: {figures[0]} ({top_imports(cold)}); again: {figures[1]}"
+
 
 
 @row("train.sh recipe: cache, EMA, checkpoints, validation, fp32 export")
 def recipe(check: Check) -> str:
-    check._made["recipe"] = True  # attempted: rows that need its output do not run it again
     output, log = check.train("recipe", "--max_train_steps=4", "--checkpointing_steps=2", "--validation_epochs=1")
     for step in (2, 4):
         expect((output / f"checkpoint-{step}" / "unet_ema").is_dir(), f"checkpoint-{step}/unet_ema missing")
@@ -258,7 +328,7 @@ def recipe(check: Check) -> str:
     return "; ".join(filter(None, [loop_peak(log), skipped_note(log)]))
 
 
-@row("train.sh recipe: resume from the latest checkpoint")
+@row("train.sh recipe: resume from the latest checkpoint", needs=("recipe",))
 def recipe_resume(check: Check) -> str:
     output = recipe_output(check)
     _, log = check.train("recipe", "--max_train_steps=6", "--checkpointing_steps=2", "--validation_epochs=1",
@@ -268,7 +338,7 @@ def recipe_resume(check: Check) -> str:
     return ""
 
 
-@row("EMA weights shipped = last checkpoint's unet_ema")
+@row("EMA weights shipped = last checkpoint's unet_ema", needs=("recipe_resume",))
 def ema_shipped(check: Check) -> str:
     output = recipe_output(check)
     steps = sorted(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*"))
@@ -279,7 +349,7 @@ def ema_shipped(check: Check) -> str:
     return f"checkpoint-{steps[-1]}, {len(shipped)} tensors"
 
 
-@row("validation PNGs not black")
+@row("validation PNGs not black", needs=("recipe_resume",))
 def validation_not_black(check: Check) -> str:
     output = recipe_output(check)
     images = sorted((output / "validation").rglob("*.png"))
@@ -359,7 +429,7 @@ def skipped_step_holds_lr(check: Check) -> str:
     return next((line for line in out.splitlines() if line.startswith("PROBE")), "")
 
 
-@row("generate.py from a checkpoint, batch 1 and 2")
+@row("generate.py from a checkpoint, batch 1 and 2", needs=("recipe_resume",))
 def generate_batches(check: Check) -> str:
     import numpy as np
     from PIL import Image
@@ -384,7 +454,7 @@ def generate_batches(check: Check) -> str:
     return f"{checkpoint.name}; batch 1 vs 2 mean abs diff {worst:.2f}"
 
 
-@row("evaluate.py: FID, CLIP score, scene accuracy")
+@row("evaluate.py: FID, CLIP score, scene accuracy", needs=("recipe_resume",))
 def evaluate(check: Check) -> str:
     output = recipe_output(check)
     stand_ins = check.work / "eval_models"
@@ -440,37 +510,71 @@ def sd15_lora_8gb(check: Check) -> str:
 # --- the table
 
 
-def run_rows(check: Check, names: Optional[set]) -> Iterator[tuple]:
-    """Run every selected row; yield (name, result, seconds, peak memory text, note) as each ends."""
-    for entry in ROWS:
-        if names and entry.name not in names and entry.run.__name__ not in names:
-            continue
-        if entry.cuda_only and not check.cuda:
-            yield entry.name, "SKIP", 0.0, "", "needs CUDA"
-            continue
-        check.row_peak_rss_mib = 0.0
-        watch = MemoryWatch() if check.cuda else None
-        started = time.monotonic()
-        try:
-            note, result = entry.run(check) or "", "PASS"
-        except Exception as err:  # noqa: BLE001 - a failing row is recorded, and the table goes on
-            note, result = (str(err).splitlines() or [type(err).__name__])[0][:300], "FAIL"
-            if not isinstance(err, CheckFailed):
-                check.log.write(traceback.format_exc())
-        seconds = time.monotonic() - started
-        rss = f"{check.row_peak_rss_mib:.0f} MiB RSS" if check.row_peak_rss_mib else "-"  # "-": no process ran
-        peak = watch.stop() if watch else rss
-        print(f"{result:4} {seconds:6.1f} s  {peak:>14}  {entry.name}  {note}", flush=True)
-        yield entry.name, result, seconds, peak, note
+def selected_rows(names: set) -> List[Row]:
+    """The rows GPU_CHECK_ROWS names (all when empty) plus, transitively, the rows they need, in table order."""
+    by_key = {entry.key: entry for entry in ROWS}
+    wanted = {entry.key for entry in ROWS if not names or entry.name in names or entry.key in names}
+    pending = list(wanted)
+    while pending:
+        for need in by_key[pending.pop()].needs:
+            if need not in wanted:
+                wanted.add(need)
+                pending.append(need)
+    return [entry for entry in ROWS if entry.key in wanted]
 
 
-def table(results: List[tuple], device: str, total_s: float) -> str:
+def run_row(check: Check, entry: Row, failed_needs: List[str]) -> tuple:
+    """Run one row in this thread: (name, result, seconds, peak memory text, note); a failing row is recorded."""
+    if entry.cuda_only and not check.cuda:
+        return entry.name, "SKIP", 0.0, "", "needs CUDA"
+    if failed_needs:
+        return entry.name, "FAIL", 0.0, "", f"not run: needs {', '.join(failed_needs)}, which did not pass"
+    check.start_row()
+    started = time.monotonic()
+    try:
+        note, result = entry.run(check) or "", "PASS"
+    except Exception as err:  # noqa: BLE001 - a failing row is recorded, and the table goes on
+        note, result = (str(err).splitlines() or [type(err).__name__])[0][:300], "FAIL"
+        if not isinstance(err, CheckFailed):
+            check.log.write(traceback.format_exc())
+    seconds = time.monotonic() - started
+    print(f"{result:4} {seconds:6.1f} s  {check.row_peak():>18}  {entry.name}  {note}", flush=True)
+    return entry.name, result, seconds, check.row_peak(), note
+
+
+def run_rows(check: Check, rows: List[Row], jobs: int) -> Iterator[tuple]:
+    """Run the rows, `alone` ones first and one at a time, the others up to `jobs` at once, each as soon as the
+    rows it needs have ended; yield each row's result as it ends."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    results = {}
+    for entry in [entry for entry in rows if entry.alone]:
+        results[entry.key] = run_row(check, entry, [])
+        yield results[entry.key]
+    waiting, running = [entry for entry in rows if not entry.alone], {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while waiting or running:
+            for entry in [e for e in waiting if all(need in results for need in e.needs)][:jobs - len(running)]:
+                failed = [need for need in entry.needs if results[need][1] != "PASS"]
+                running[pool.submit(run_row, check, entry, failed)] = entry
+                waiting.remove(entry)
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                entry = running.pop(future)
+                results[entry.key] = future.result()
+                yield results[entry.key]
+
+
+def table(results: List[tuple], device: str, total_s: float, jobs: int, card_peak: str) -> str:
     """The results as a Markdown table with a header line."""
     import torch
 
     what = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke mode: bf16 for fp16, tiny sizes)"
     lines = [f"GPU check on {what}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-             f"total {total_s:.0f} s", "", "| row | result | time (s) | peak memory | note |", "|---|---|---|---|---|"]
+             f"total {total_s:.0f} s, {jobs} row(s) at once; peak memory of the card over the whole check: "
+             f"{card_peak}. A row's peak memory is its trainers' own peak CUDA reserved (GPU) or its processes' "
+             "peak RSS (CPU); its time includes waiting for the cores that rows running beside it use.",
+             "", "| row | result | time (s) | peak memory | note |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {result} | {seconds:.1f} | {peak} | {note.replace('|', '/')} |"
               for name, result, seconds, peak, note in results]
     passed = sum(r[1] == "PASS" for r in results)
@@ -488,24 +592,34 @@ def main() -> int:
         sys.stderr.write("gpu_check: error: GPU_CHECK_DEVICE=cuda but torch sees no CUDA device\n")
         return 2
     names = set(filter(None, os.environ.get("GPU_CHECK_ROWS", "").split(",")))
-    unknown = names - {entry.name for entry in ROWS} - {entry.run.__name__ for entry in ROWS}
+    unknown = names - {entry.name for entry in ROWS} - {entry.key for entry in ROWS}
     if unknown:
         sys.stderr.write(f"gpu_check: error: GPU_CHECK_ROWS names no row {', '.join(sorted(unknown))}; rows: "
-                         f"{', '.join(entry.run.__name__ for entry in ROWS)}\n")
+                         f"{', '.join(entry.key for entry in ROWS)}\n")
+        return 2
+    jobs_text = os.environ.get("GPU_CHECK_JOBS") or (str(DEFAULT_CUDA_JOBS) if device == "cuda" else "1")
+    if not jobs_text.isdigit() or int(jobs_text) < 1:
+        sys.stderr.write(f"gpu_check: error: GPU_CHECK_JOBS must be a whole number of at least 1, got {jobs_text}\n")
         return 2
     work = Path(os.environ.get("GPU_CHECK_WORK") or "/tmp/gpu_check")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     log_path = (out or work) / "gpu_check.log"
+    rows, jobs = selected_rows(names), int(jobs_text)
     started, results = time.monotonic(), []
-    text = table(results, device, 0.0)
+    watch = MemoryWatch() if device == "cuda" else None
+    text = table(results, device, 0.0, jobs, "-")
     with open(log_path, "w", encoding="utf-8") as log:
-        for result in run_rows(Check(work, device, log), names):
+        for result in run_rows(Check(work, device, log), rows, jobs):
             results.append(result)
-            text = table(results, device, time.monotonic() - started)
+            results.sort(key=lambda done: [entry.name for entry in rows].index(done[0]))  # table order
+            card_peak = f"{watch.peak_mib:.0f} MiB (nvidia-smi)" if watch else "-"
+            text = table(results, device, time.monotonic() - started, jobs, card_peak)
             if out is not None:  # after every row: a run stopped at the device's time limit still returns its rows
                 (out / "gpu_check.md").write_text(text, encoding="utf-8")
+    if watch:
+        watch.stop()
     print("\n" + text + f"(log: {log_path})")
     return 1 if any(r[1] == "FAIL" for r in results) else 0
 

@@ -244,3 +244,37 @@ def fresh_accelerator():
 
     yield Accelerator(cpu=True)
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("compile_flag", [True, False])
+def test_torch_compile_flag_sets_the_inductor_backend(tmp_path, compile_flag):
+    """--torch_compile gives the Accelerator accelerate's inductor dynamo plugin (prepare() then compiles the UNet);
+    without it the accelerate config's choice (here none) stays."""
+    from accelerate.state import AcceleratorState
+
+    from trainer.args import parse_args
+
+    argv = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--output_dir", str(tmp_path),
+            "--report_to", "tensorboard", *(["--torch_compile"] if compile_flag else [])]
+    try:
+        accelerator = loop.make_accelerator(parse_args(argv))
+        assert (accelerator.state.dynamo_plugin.backend.value == "INDUCTOR") == compile_flag
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_channels_last_puts_conv_weights_in_nhwc_and_keeps_the_outputs():
+    """--channels_last: every 4-D convolution weight is channels-last, and the UNet computes the same output."""
+    from stand_in.tiny_model import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet().eval()
+    sample, states = torch.randn(1, 4, 8, 8), torch.randn(1, 4, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = unet(sample, 10, states).sample
+        models.configure_unet(unet, False, False, channels_last=True)
+        after = unet(sample, 10, states).sample
+    convs = [p for p in unet.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                         for p in convs if p.shape[-1] > 1)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

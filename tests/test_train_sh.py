@@ -24,7 +24,8 @@ SEED_FLAGS = [
 # Writes each argument on its own line, so the test sees exactly what train.sh passed.
 FAKE_ACCELERATE = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGV_FILE"\n'
 ISOLATED_VARS = ("HF_HOME", "XDG_CACHE_HOME", "ACCELERATE_CONFIG_FILE", "MODEL_NAME", "DATA_DIR", "OUTPUT_DIR",
-                 "REPORT_TO", "PUSH_TO_HUB", "ACCELERATE", "HF_TOKEN", "CACHE_LATENTS", "LORA_RANK")
+                 "REPORT_TO", "PUSH_TO_HUB", "ACCELERATE", "HF_TOKEN", "CACHE_LATENTS", "LORA_RANK", "THROUGHPUT",
+                 "THROUGHPUT_BATCH")
 
 
 @pytest.fixture()
@@ -82,6 +83,20 @@ def test_cache_latents_off(sandbox):
     assert done.returncode == 0, done.stderr
     passed = script_args(argv)
     assert "--cache_latents" not in passed and "--center_crop" not in passed
+
+
+def test_throughput_recipe(sandbox):
+    """THROUGHPUT=1: bf16 (launch and trainer), a large batch without accumulation or checkpointing, fused AdamW,
+    foreach EMA, channels-last and torch.compile, on the cache; THROUGHPUT_BATCH sets the batch."""
+    done, argv = run_train_sh(sandbox, THROUGHPUT=1, THROUGHPUT_BATCH=48)
+    assert done.returncode == 0, done.stderr
+    assert argv[argv.index("--mixed_precision") + 1] == "bf16"
+    args = parse_args(script_args(argv))
+    assert (args.train_batch_size, args.gradient_accumulation_steps, args.mixed_precision) == (48, 1, "bf16")
+    assert not args.gradient_checkpointing and args.optimizer_impl == "fused" and args.foreach_ema and args.use_ema
+    assert args.channels_last and args.torch_compile and args.cache_latents and args.center_crop
+    default, _ = run_train_sh(sandbox, THROUGHPUT=1)
+    assert parse_args(script_args(sandbox["argv_file"].read_text().splitlines())).train_batch_size == 32, default
 
 
 def test_report_to_and_push_overrides(sandbox):
@@ -155,6 +170,9 @@ def test_folder_without_metadata(sandbox):
 
 @pytest.mark.parametrize("env,fragment", [({"PUSH_TO_HUB": "yes"}, "PUSH_TO_HUB 'yes'"),
                                           ({"CACHE_LATENTS": "on"}, "CACHE_LATENTS 'on'"),
+                                          ({"THROUGHPUT": "yes"}, "THROUGHPUT 'yes'"),
+                                          ({"THROUGHPUT": "1", "THROUGHPUT_BATCH": "0"}, "THROUGHPUT_BATCH '0'"),
+                                          ({"THROUGHPUT": "1", "CACHE_LATENTS": "0"}, "CACHE_LATENTS=0"),
                                           ({"ACCELERATE_CONFIG_FILE": "/no/such.yaml"}, "ACCELERATE_CONFIG_FILE"),
                                           ({"ACCELERATE": "/no/such/accelerate"}, "not found"),
                                           ({"MODEL_NAME": "./no/such/model"}, "MODEL_NAME")])

@@ -130,6 +130,13 @@ def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
                             "'loop' (one tensor at a time, least temporary memory), or 'auto' (fused on CUDA, "
                             "torch's default elsewhere). Not used with --use_8bit_adam.")
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
+    group.add_argument("--channels_last", action="store_true",
+                       help="Keep the UNet's convolution weights in channels-last (NHWC) memory order, which tensor "
+                            "cores prefer; saved weights are written in the usual order.")
+    group.add_argument("--torch_compile", action="store_true",
+                       help="Compile the UNet with torch.compile (inductor, through accelerate): the first steps "
+                            "take minutes to compile, the rest run faster. Overrides the accelerate config's "
+                            "dynamo backend.")
     group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
     group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")

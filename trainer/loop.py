@@ -49,15 +49,17 @@ def plan_steps(num_batches: int, num_processes: int, gradient_accumulation_steps
 def make_accelerator(args):
     """An Accelerator with trackers under OUTPUT_DIR/logging_dir and a seedable sampler (exact resume)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin
 
     from trainer.data import data_seed
 
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir)))
     loader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args.seed))
+    # None leaves the accelerate config's (or `accelerate launch --dynamo_backend`'s) choice in force.
+    dynamo = TorchDynamoPlugin(backend="inductor") if args.torch_compile else None
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision, log_with=args.report_to,
-                       project_config=project, dataloader_config=loader_config)
+                       project_config=project, dataloader_config=loader_config, dynamo_plugin=dynamo)
 
 
 def init_trackers(accelerator, args) -> None:

@@ -131,12 +131,15 @@ def ema_weights(ema, params):
         ema.restore(params)
 
 
-def configure_unet(unet, gradient_checkpointing: bool, xformers: bool) -> None:
-    """Memory options: gradient checkpointing, and xformers attention only when asked (SDPA otherwise)."""
+def configure_unet(unet, gradient_checkpointing: bool, xformers: bool, channels_last: bool = False) -> None:
+    """Memory and speed options: gradient checkpointing, xformers attention only when asked (SDPA otherwise), and
+    channels-last convolution weights."""
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if xformers:
         unet.enable_xformers_memory_efficient_attention()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
 
 
 def build_ema(args, unet, device, lora=None):
