@@ -132,7 +132,8 @@ def test_a_missing_file_heading_or_escape_is_reported(tmp_path):
     (root / "docs" / "other.md").write_text("# Other\n\n## Part two\n", encoding="utf-8")
     page = root / "docs" / "page.md"
     page.write_text("# Page\n[ok](#page) [gone](#nowhere) [file](no_such_file.md) [up](../../x.md)\n"
-                    "[there](other.md#part-two) [not there](other.md#part-three) ![pic](../pic.png)\n", encoding="utf-8")
+                    "[there](other.md#part-two) [not there](other.md#part-three) ![pic](../pic.png)\n",
+                    encoding="utf-8")
     reported = [problem.split(":")[0] for problem in broken_links(page, root)]
     assert reported == ["#nowhere", "no_such_file.md", "../../x.md", "other.md#part-three", "../pic.png"]
 
