@@ -1,37 +1,47 @@
 #!/usr/bin/env bash
-# The GPU check: every path that only a GPU runs, on one H100/H200 (tiny models except the two 512 px rows), as a
-# PASS/FAIL table with time and peak memory per row (printed, and rewritten in $OUT/gpu_check.md after every row when
-# $OUT is set). On the device H200 (2026-11-30) each process took about 60 s before its first step, so all rows take
-# about 20 minutes: more than one session's device time; pick rows with GPU_CHECK_ROWS (README, What has run on a
-# GPU). Rows (scripts/gpu_check.py, where one more row is one more @row function): train.sh's fp16 recipe with the
-# cache, EMA, checkpoints, validation, fp32 export, and resume; EMA weights shipped = unet_ema; validation PNGs not
-# black; --offload_ema --foreach_ema --use_8bit_adam with resume; foreach and loop AdamW; bf16 without the cache with
-# --random_flip --allow_tf32; DREAM + min-SNR; v-prediction; the fp16 grad scaler's skipped step holding the LR;
-# generate.py from a checkpoint at batch 1 and 2 and evaluate.py, in fp16; an SD1.5-shaped 512 px run with
-# --use_8bit_adam --offload_ema against README's 16 GB row; LoRA rank 16 (fp32 adapters, EMA, adapter-only checkpoints,
-# resume, both files) and an SD1.5-shaped 512 px LoRA run against README's 8 GB row. Exit 0 when every row passed, 1
-# when one failed.
+# The GPU check, in one command: (1) every path that only a GPU runs, on one H100/H200 (tiny models except the two
+# SD1.5-shaped 512 px memory rows), as a PASS/FAIL table with time and peak memory per row (scripts/gpu_check.py;
+# printed, and rewritten in $OUT/gpu_check.md after every row when $OUT is set); then (2) the speed table
+# (bench/bench_train.py --configs sd15 --sd15_rows speed): our trainer uncached and cached against diffusers' own
+# train_text_to_image.py in the seed recipe, and the THROUGHPUT=1 recipe, at 512 px on the SD1.5-shaped model
+# ($OUT/bench_train.txt). Exit 0 when every row passed, 1 when one failed.
+#
+# Rows (one @row function each in gpu_check.py): a trainer process's start-up (imports, CUDA init: measured alone,
+# first); train.sh's fp16 recipe with the cache, EMA, checkpoints, validation, fp32 export, and resume; EMA weights
+# shipped = unet_ema; validation PNGs not black; --offload_ema --foreach_ema --use_8bit_adam with resume; foreach and
+# loop AdamW; bf16 without the cache with --random_flip --allow_tf32; DREAM + min-SNR; v-prediction; the fp16 grad
+# scaler's skipped step holding the LR; generate.py from a checkpoint at batch 1 and 2 and evaluate.py, in fp16; an
+# SD1.5-shaped 512 px run with --use_8bit_adam --offload_ema against docs/training.md's 16 GB row; LoRA rank 16
+# (fp32 adapters, EMA, adapter-only checkpoints, resume, both files) and an SD1.5-shaped 512 px LoRA run against
+# docs/lora.md's 8 GB row. Independent rows run GPU_CHECK_JOBS at once (default 6 on CUDA, 1 in smoke mode), each
+# after the rows whose output it reads: on the device each process spent about a minute before its first step
+# (2026-11-30), nearly all of it outside the GPU, so one at a time the rows took about 20 minutes.
 #
 # It needs no network. It uses the machine's own torch (with CUDA) and accelerate, and installs the project's other
-# pinned packages that the GPU machine lacks from wheels in .whl/ (when .whl/ exists) into /tmp/gpu_check_site.
+# pinned packages that the GPU machine lacks from wheels in .whl/ (when .whl/ exists) into /tmp/gpu_check_site,
+# then compiles their bytecode once, in parallel, so no process pays for it.
 #
-# Preparation, once, in the repository root of the machine that calls the device tool (needs PyPI; about 61 MiB):
+# Preparation, once, in the repository root of the machine that calls the device tool (needs PyPI; about 62 MiB):
 #   echo /.whl/ >> .git/info/exclude   # .gitignore already ignores it; this covers an older checkout
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 --platform any -d .whl \
 #     diffusers==0.42.1 transformers==5.23.0 datasets==5.2.0 bitsandbytes==0.50.2 torch-fidelity==0.4.0 \
-#     dill==0.4.1 multiprocess==0.70.19 importlib_metadata==10.2.0 regex==2026.11.19 peft==0.21.2
-# (the versions of requirements.txt, 62.5 MiB: with the repo just under the device's 64 MiB limit; the GPU image has
-# torch, accelerate, huggingface_hub, safetensors, tokenizers, torchmetrics, pyarrow, pandas, Pillow, tensorboard,
-# matplotlib, scikit-learn 1.9.1 and peft 0.21.0.) Then the device tool's call, rows picked to fit the time left:
-#   run(command="GPU_CHECK_ROWS=generate_batches,evaluate bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=400)
-# and copy the table from the reply's files (gpu_check.md; gpu_check.log holds every command's output) into README's
-# "What has run on a GPU" section.
+#     dill==0.4.1 multiprocess==0.70.19 importlib_metadata==10.2.0 peft==0.21.2
+#   (the versions of requirements.txt, 61.8 MiB, under the device's 64 MiB with the repo; the GPU image has torch,
+#   torchvision, accelerate, huggingface_hub, safetensors, tokenizers, torchmetrics, pyarrow, pandas, Pillow, regex,
+#   tensorboard, matplotlib, scikit-learn and peft 0.21.0.)
+#   For the reference row, a copy of diffusers' examples/text_to_image/train_text_to_image.py (the project does not
+#   ship it) in .reference/ (git-ignored): mkdir -p .reference && cp PATH/train_text_to_image.py .reference/
+# Then one device call does everything (about 8-10 minutes; the tables come back even when it is stopped early):
+#   run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh", carry=[".whl", ".reference"], timeout_s=600)
+# and copy gpu_check.md and bench_train.txt from the reply's files into docs/gpu.md.
 #
-# Without a GPU: GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh runs the same rows at CPU sizes with bf16 in place of fp16,
-# CUDA-only rows SKIP (a smoke test of this script). GPU_CHECK_ROWS=recipe,evaluate runs only those rows (function
-# names or row titles). GPU_CHECK_WORK sets the scratch folder (default /tmp/gpu_check, replaced).
+# Settings: GPU_CHECK_ROWS=recipe,evaluate runs only those rows (function names or row titles; the rows they need
+# run too); GPU_CHECK_JOBS=N rows at once; GPU_CHECK_SPEED=0 skips the speed table, =only runs it alone;
+# GPU_CHECK_WORK sets the scratch folder (default /tmp/gpu_check, replaced). Without a GPU:
+# GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh runs the same rows at CPU sizes with bf16 in place of fp16, CUDA-only
+# rows SKIP, and no speed table (a smoke test of this script).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -40,9 +50,28 @@ PYTHON="${PYTHON:-python3}"
 if [[ "${GPU_CHECK_DEVICE:-}" != cpu ]] && compgen -G ".whl/*.whl" >/dev/null; then
   site=/tmp/gpu_check_site
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  "$PYTHON" -m compileall -q -j 0 "$site" >/dev/null || true  # bytecode once, on every core, not in each process
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
   torch accelerate diffusers transformers datasets bitsandbytes torch_fidelity ||
   { echo "gpu_check: error: a required package is missing (see the preparation at the top of $0)" >&2; exit 2; }
-exec "$PYTHON" scripts/gpu_check.py
+speed="${GPU_CHECK_SPEED:-1}"
+case "$speed" in
+  0 | 1 | only) ;;
+  *) echo "gpu_check: error: GPU_CHECK_SPEED '$speed' must be 0, 1 or only" >&2; exit 2 ;;
+esac
+status=0
+if [[ "$speed" != only ]]; then
+  "$PYTHON" scripts/gpu_check.py || status=$?
+  [[ $status -le 1 ]] || exit "$status"
+fi
+if [[ "$speed" != 0 && "${GPU_CHECK_DEVICE:-}" != cpu ]]; then
+  work="${GPU_CHECK_WORK:-/tmp/gpu_check}"
+  bench=(bench/bench_train.py --configs sd15 --sd15_rows speed --work_dir "$work/bench")
+  [[ -f .reference/train_text_to_image.py ]] && bench+=(--reference .reference/train_text_to_image.py)
+  [[ -f "$work/model_sd15/model_index.json" ]] && bench+=(--model "$work/model_sd15")  # the memory rows' model
+  table="${OUT:-$work}/bench_train.txt"
+  "$PYTHON" "${bench[@]}" 2>&1 | tee "$table" || status=1
+fi
+exit "$status"
