@@ -295,6 +295,14 @@ if torch.cuda.is_available():
     torch.zeros(1, device="cuda").sum().item()
 print(f"STARTUP imports {imported - started:.2f} s, CUDA init {time.perf_counter() - imported:.2f} s")
 '''
+# What train.sh's launcher process (utils/launch.py) imports before it starts the trainer's process.
+LAUNCHER_PROBE = '''
+import time
+started = time.perf_counter()
+from accelerate.commands.launch import launch_command
+import train_text_to_image
+print(f"LAUNCHER imports {time.perf_counter() - started:.2f} s")
+'''
 IMPORTTIME_RE = re.compile(r"^import time:\s+\d+ \|\s+(\d+) \| (\S+)$", re.M)  # top level: not indented
 
 
@@ -311,8 +319,9 @@ def top_imports(output: str, count: int = 4) -> str:
 def startup(check: Check) -> str:
     cold = check.python("-X", "importtime", "-c", STARTUP_PROBE)
     warm = check.python("-c", STARTUP_PROBE)  # the same again: files now in the page cache, bytecode compiled
+    launcher = re.search(r"LAUNCHER (.*)", check.python("-c", LAUNCHER_PROBE)).group(1)
     figures = [re.search(r"STARTUP (.*)", out).group(1) for out in (cold, warm)]
-    return f"first: {figures[0]} ({top_imports(cold)}); again: {figures[1]}"
+    return f"trainer, first: {figures[0]} ({top_imports(cold)}); again: {figures[1]}; train.sh's launcher: {launcher}"
 
 
 
