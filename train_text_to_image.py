@@ -88,9 +88,8 @@ def main(argv=None) -> int:
     if args.train_text_encoder_lora:  # trained, so it joins the gradient sync; the loss then runs it wrapped
         components.text_encoder = accelerator.prepare(components.text_encoder)
     loop.init_trackers(accelerator, args)
-    skipped = SkippedSteps()
-    accelerator.register_for_checkpointing(skipped)  # skipped updates consumed data: resume needs their count
-    global_step = loop.resume_from(accelerator, args.output_dir, args.resume_from_checkpoint)
+    skipped = SkippedSteps()  # skipped updates consumed data: checkpoints keep their count for the resume position
+    global_step = loop.resume_from(accelerator, args.output_dir, args.resume_from_checkpoint, [skipped])
     logger.info("%d examples, %d optimizer steps (%d per epoch), %d process(es), starting at step %d",
                 len(dataset), plan.max_train_steps, plan.steps_per_epoch, accelerator.num_processes, global_step)
 

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from utils.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
 from diffusion_model.captions import select_captions
 from diffusion_model.geotiff import MultibandSettings
-from diffusion_model.imaging import ImageRejected, prepare
+from diffusion_model.image_errors import ImageRejected
+from diffusion_model.imaging import prepare
 from diffusion_model.ledger import LEGACY
 from utils.cli import UsageError
 from utils.constants import (

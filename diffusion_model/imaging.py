@@ -10,6 +10,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
+from diffusion_model.geotiff import MultibandSettings, tiff_to_rgb
+from diffusion_model.image_errors import (REASON_EMPTY, REASON_NULL, REASON_TOO_LARGE, REASON_TRUNCATED,
+                                          REASON_UNDECODABLE, ImageRejected)
 from utils.constants import ALPHA_BACKGROUND
 
 RESIZE_MODES = ("center_crop", "stretch", "pad")
@@ -20,23 +23,6 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Little- and big-endian TIFF, classic and BigTIFF: such bytes go to the multi-band reader whatever the source.
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-# Reasons a row fails, as they appear in create_report.json.
-REASON_NULL = "null_image"
-REASON_EMPTY = "empty_image"
-REASON_UNDECODABLE = "undecodable"
-REASON_TRUNCATED = "truncated"
-REASON_TOO_LARGE = "too_large"
-
-
-class ImageRejected(Exception):
-    """A row's bytes cannot become a training image; .reason is the report's category."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        """Keep the reason (report category) and a human-readable detail."""
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def open_checked(data: Optional[bytes], max_pixels: int) -> Image.Image:
@@ -133,9 +119,6 @@ def is_tiff(data: Optional[bytes]) -> bool:
 def decode_rgb(data: Optional[bytes], max_pixels: int, multiband=None) -> Image.Image:
     """Any row's bytes as 8-bit RGB: TIFFs by bands, nodata and stretch (multiband settings), the rest by Pillow."""
     if is_tiff(data):
-        # Imported here because geotiff builds on this module's ImageRejected.
-        from diffusion_model.geotiff import MultibandSettings, tiff_to_rgb
-
         rgb = tiff_to_rgb(data, max_pixels, multiband or MultibandSettings())
         if rgb is not None:
             return rgb

@@ -14,7 +14,8 @@ from typing import Iterable, List, Optional, Tuple, Union
 from PIL import Image
 
 from diffusion_model.captions import select_captions
-from diffusion_model.imaging import ImageRejected, decode_rgb, resize
+from diffusion_model.image_errors import ImageRejected
+from diffusion_model.imaging import decode_rgb, resize
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
 from diffusion_model.sources import SourceOptions, open_source

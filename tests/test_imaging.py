@@ -8,7 +8,8 @@ from PIL import Image, ImageFile
 
 import odd_images as odd
 from diffusion_model import imaging
-from diffusion_model.imaging import ImageRejected, decode, encode, orient, prepare, resize, to_rgb
+from diffusion_model.image_errors import REASON_TRUNCATED, ImageRejected
+from diffusion_model.imaging import decode, encode, orient, prepare, resize, to_rgb
 from utils.constants import ALPHA_BACKGROUND
 
 BIG = 10**8
@@ -139,7 +140,7 @@ def test_prepare_gives_8bit_rgb_jpeg_at_resolution(maker):
 def test_prepare_rejects_with_reason():
     with pytest.raises(ImageRejected) as caught:
         prepare(odd.truncated_jpeg(), 96, "center_crop", 90, BIG)
-    assert caught.value.reason == imaging.REASON_TRUNCATED
+    assert caught.value.reason == REASON_TRUNCATED
 
 
 def tiff_bytes(image: Image.Image) -> bytes:

@@ -10,19 +10,28 @@ from utils.launch import exit_code_of
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "utils" / "launch.py"
 ONE_MACHINE = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-# Every rank exits with the code it is given; rank 0 says so first. Its checks refuse the argument "bad".
-CHILD = '''import os, sys
+# Every rank exits with the code it is given; rank 0 says so first. Its checks refuse the argument "bad"; "late" is
+# a mistake only the launched processes see (every one of them raises it, rank 0 last).
+CHILD = '''import os, sys, time
+sys.path.insert(0, {repo!r})
+from utils.cli import UsageError, run_main
 
 def check_command_line(argv):
     if argv[:1] == ["bad"]:
-        from utils.cli import UsageError
         raise UsageError("bad is not a code")
 
-if __name__ == "__main__":
+def main(argv):
+    if sys.argv[1] == "late":
+        if os.environ["RANK"] == "0":
+            time.sleep(0.5)  # rank 1 gets there first, and the launcher stops rank 0 once rank 1 has exited
+        raise UsageError("late is seen by rank " + os.environ["RANK"])
     if os.environ.get("RANK", "0") == "0":
         sys.stderr.write("rank 0 stops\\n")
-    sys.exit(int(sys.argv[1]))
-'''
+    return int(sys.argv[1])
+
+if __name__ == "__main__":
+    run_main(main)
+'''.format(repo=str(REPO))
 
 
 def launch(tmp_path, *args) -> subprocess.CompletedProcess:
@@ -52,3 +61,10 @@ def test_script_checks_run_once_before_any_process_starts(tmp_path):
     done = launch(tmp_path, "--multi_gpu", "--num_processes", "2", *ONE_MACHINE, "bad")
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip() == "error: bad is not a code", done.stderr[-3000:]
+
+
+def test_a_usage_error_every_process_sees_prints_once(tmp_path):
+    """Raised in both launched processes after the checks, rank 1 first: rank 0's one line, exit 2."""
+    done = launch(tmp_path, "--multi_gpu", "--num_processes", "2", *ONE_MACHINE, "late")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == "error: late is seen by rank 0", done.stderr[-3000:]

@@ -1,5 +1,5 @@
 """trainer/lora.py: target presets, fp32 adapters on a half-precision base, trainable set, kohya keys and alphas,
-run record, EMA swap; and the LoRA flag checks of trainer/args.py."""
+run record, adapter EMA and its swap; and the LoRA flag checks of trainer/args.py."""
 
 import json
 from types import SimpleNamespace
@@ -9,7 +9,7 @@ import torch
 
 from trainer import lora
 from trainer.args import parse_args
-from trainer.models import Components, ema_weights, trainable_parameters
+from trainer.models import Components, build_ema, ema_weights, trainable_parameters
 from stand_in.tiny_model import build_text_encoder, build_tokenizer, build_unet
 from utils.cli import UsageError
 
@@ -133,6 +133,15 @@ def test_ema_weights_swap_and_restore():
         assert torch.equal(param.data, torch.zeros(3))
     assert torch.equal(param.data, torch.ones(3))
 
+
+
+def test_lora_ema_averages_the_adapters_only():
+    """With a LoRA setup, build_ema shadows exactly the adapter parameters (not the UNet), with no model class."""
+    unet = build_unet()
+    param = torch.nn.Parameter(torch.full((3,), 2.0))
+    args = SimpleNamespace(foreach_ema=False, offload_ema=False, non_ema_revision=None)
+    ema = build_ema(args, unet, "cpu", lora.LoraSetup(None, None, [param]))
+    assert len(ema.shadow_params) == 1 and torch.equal(ema.shadow_params[0], param.data) and ema.model_cls is None
 
 BASE = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
 

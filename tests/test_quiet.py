@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils.quiet import NOTICES, WARNINGS
+from utils.quiet import NOTICES, WARNINGS, no_datasets_bars
 
 REPO = Path(__file__).resolve().parents[1]
 # Reproduces the notices as the libraries emit them: transformers' torchvision fallback on first access of an image
@@ -52,3 +52,20 @@ def test_notices_silenced_real_warnings_kept():
     for name, _ in NOTICES:
         assert f"a real warning from {name}" in done.stderr
     assert "a real FutureWarning" in done.stderr
+
+
+def test_no_datasets_bars_restores_the_switch_and_spares_the_hub():
+    """Off inside the block, as before after it (on, or off when the user had turned them off); hub bars untouched."""
+    import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    hub_bars_off = are_progress_bars_disabled()
+    for before_off in (False, True):
+        if before_off:
+            datasets.disable_progress_bars()
+        else:
+            datasets.enable_progress_bars()
+        with no_datasets_bars():
+            assert datasets.are_progress_bars_disabled() and are_progress_bars_disabled() == hub_bars_off
+        assert datasets.are_progress_bars_disabled() == before_off
+    datasets.enable_progress_bars()

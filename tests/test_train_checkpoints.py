@@ -1,5 +1,8 @@
-"""trainer/checkpoints.py: naming, pruning, resume resolution and position, atomic publish, exact state restore."""
+"""trainer/checkpoints.py: naming, pruning, resume resolution and position, atomic publish, exact state restore,
+and checkpoints saved before the skipped-update counter."""
 
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,3 +155,39 @@ def test_state_hooks_keep_ddp_inside_a_compiled_model(compiled_ddp_unet, tmp_pat
     load_hook([compiled], str(tmp_path))
     assert compiled._orig_mod is ddp
     assert all(torch.equal(saved[k], v) for k, v in unet.state_dict().items())
+
+
+def test_checkpoint_from_before_the_counter_resumes_with_it_at_zero(tmp_path, fresh_accelerate_state, caplog):
+    """The counter's file deleted from a copy (as a checkpoint saved before it existed): it loads with the count at 0
+    and one warning, and the counter is registered again, so the next save keeps it; an intact copy loads it back;
+    one with an extra counter file is a usage error naming the folder."""
+    from accelerate import Accelerator
+
+    from trainer.loss import SkippedSteps
+
+    accelerator = Accelerator(cpu=True)
+    build_state(accelerator, seed=0)
+    accelerator.register_for_checkpointing(SkippedSteps(total=3, in_a_row=1))
+    saved = C.save_checkpoint(accelerator, tmp_path / "intact", 2, total_limit=None)
+    old, other = tmp_path / "old" / "checkpoint-2", tmp_path / "other" / "checkpoint-2"
+    shutil.copytree(saved, old)
+    (old / "custom_checkpoint_0.pkl").unlink()
+    shutil.copytree(saved, other)
+    shutil.copy(other / "custom_checkpoint_0.pkl", other / "custom_checkpoint_1.pkl")
+    assert [C.saved_counters(path) for path in (saved, old, other)] == [1, 0, 2]
+
+    caplog.set_level(logging.INFO, logger="rsdiff")
+    for path, counts in ((saved, (3, 1)), (old, (0, 0))):
+        fresh = Accelerator(cpu=True)
+        build_state(fresh, seed=1)
+        counter = SkippedSteps()
+        C.load_checkpoint(fresh, path, [counter])
+        assert (counter.total, counter.in_a_row) == counts
+        resaved = C.save_checkpoint(fresh, tmp_path / f"again-{path.parent.name}", 4, total_limit=None)
+        assert C.saved_counters(resaved) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["checkpoint-2 was saved before checkpoints kept the count of updates the fp16 grad scaler "
+                        "skipped: resuming with that count at 0, as the version that saved it would."]
+
+    with pytest.raises(UsageError, match="checkpoint-2 holds 2 saved counter.s. where this trainer keeps 1"):
+        C.load_checkpoint(fresh, other, [SkippedSteps()])

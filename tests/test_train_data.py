@@ -127,6 +127,28 @@ def test_imagefolder_from_create_and_format_batches(tiny_data_dir, tiny_model_di
     assert batch["input_ids"].shape == (2, tokenizer.model_max_length)
 
 
+
+def test_local_imagefolder_loads_without_datasets_bars(tmp_path, capfd):
+    """No "Downloading data" (datasets shows it from 16 files) or "Generating train split" bar for a local folder
+    read into a fresh cache; datasets' bars are back on afterwards, huggingface_hub's were never touched."""
+    import json
+
+    import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [{"file_name": f"image_{i:02d}.jpg", "text": f"caption {i}"} for i in range(16)]
+    for row in rows:
+        gradient_image(8, 8).save(folder / row["file_name"])
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    hub_bars_off = are_progress_bars_disabled()
+    table = data.load_raw_dataset(None, None, str(folder), str(tmp_path / "cache"))
+    assert len(table) == 16 and table[3]["text"] == "caption 3"
+    err = capfd.readouterr().err
+    assert "Downloading data" not in err and "Generating train split" not in err, err
+    assert not datasets.are_progress_bars_disabled() and are_progress_bars_disabled() == hub_bars_off
+
 def test_saved_dataset_is_detected(tmp_path):
     """A save_to_disk folder is recognised (load_from_disk), a plain folder is not."""
     import datasets

@@ -3,7 +3,7 @@
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from utils.atomic import TRASH_SUFFIX, publish_dir as publish
 from utils.cli import UsageError
@@ -13,6 +13,9 @@ from utils.logger import get_logger
 CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 # Leading dot and suffix: never matched by CHECKPOINT_RE, so "latest" and pruning cannot pick a half-written save.
 PARTIAL_SUFFIX = ".partial"
+# accelerate's file for each object given to register_for_checkpointing; its load_state refuses a folder holding a
+# different number of them than are registered.
+COUNTER_FILE_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
 
 def checkpoint_step(name: str) -> Optional[int]:
@@ -67,6 +70,34 @@ def resolve_resume(output_dir: Path, value: Optional[str]) -> Optional[Path]:
         raise UsageError(f"--resume_from_checkpoint: no checkpoint folder '{value}' (expected 'latest', "
                          f"'{CHECKPOINT_PREFIX}N' in {output_dir}, or the path of one).")
     return candidate
+
+
+def saved_counters(path: Path) -> int:
+    """How many registered objects (counters kept beside the models) a checkpoint folder holds."""
+    return sum(1 for p in Path(path).iterdir() if COUNTER_FILE_RE.match(p.name))
+
+
+def load_checkpoint(accelerator, path: Path, counters: Sequence) -> None:
+    """accelerator.load_state with the counters registered, so later saves keep them too.
+
+    A checkpoint saved before the trainer kept any counter loads with them at their start values (zero skipped
+    updates: its step count already included them, so the data position is the one that version resumed at). One
+    holding a different number of them was written by another version of the trainer: a usage error.
+    """
+    saved = saved_counters(path)
+    if saved not in (0, len(counters)):
+        raise UsageError(f"--resume_from_checkpoint: {path.name} holds {saved} saved counter(s) where this trainer "
+                         f"keeps {len(counters)}: it was written by another version of the trainer; resume it with "
+                         "that version.")
+    older = saved < len(counters)
+    if older and accelerator.is_main_process:
+        get_logger().warning("%s was saved before checkpoints kept the count of updates the fp16 grad scaler "
+                             "skipped: resuming with that count at 0, as the version that saved it would.", path.name)
+    if not older:
+        accelerator.register_for_checkpointing(*counters)
+    accelerator.load_state(str(path))
+    if older:
+        accelerator.register_for_checkpointing(*counters)
 
 
 def resume_position(global_step: int, steps_per_epoch: int, gradient_accumulation_steps: int) -> Tuple[int, int]:

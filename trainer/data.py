@@ -1,5 +1,6 @@
 """Training data: load image/caption pairs with `datasets`, transform them with Pillow + torch, batch them."""
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from utils.cli import UsageError
+from utils.quiet import no_datasets_bars
 
 # Pillow has no separate "nearest_exact": its NEAREST already samples pixel centres, which is what
 # torchvision's nearest_exact fixes about its own nearest.
@@ -41,15 +43,20 @@ def is_saved_dataset(path: Path) -> bool:
 
 def load_raw_dataset(dataset_name: Optional[str], dataset_config_name: Optional[str],
                      train_data_dir: Optional[str], cache_dir: Optional[str]):
-    """The training split: a saved dataset folder, a hub/local dataset, or an imagefolder with metadata.jsonl."""
+    """The training split: a saved dataset folder, a hub/local dataset, or an imagefolder with metadata.jsonl.
+
+    datasets' bars show only for a Hub dataset, whose download can take minutes; a local source loads quietly.
+    """
     import datasets
 
-    if dataset_name is not None and is_saved_dataset(Path(dataset_name)):
-        loaded = datasets.load_from_disk(dataset_name)
-    elif dataset_name is not None:
-        loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-    else:
-        loaded = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    local = dataset_name is None or Path(dataset_name).exists()
+    with no_datasets_bars() if local else contextlib.nullcontext():
+        if dataset_name is not None and is_saved_dataset(Path(dataset_name)):
+            loaded = datasets.load_from_disk(dataset_name)
+        elif dataset_name is not None:
+            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        else:
+            loaded = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
 
 

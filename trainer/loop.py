@@ -5,12 +5,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from trainer.checkpoints import (checkpoint_step, remove_stale_partials, resolve_resume, resume_position,
-                                 save_checkpoint)
+from trainer.checkpoints import (checkpoint_step, load_checkpoint, remove_stale_partials, resolve_resume,
+                                 resume_position, save_checkpoint)
 from trainer.data import set_epoch
 from trainer.loss import (LossOptions, SkippedSteps, TrainingDiverged, check_finite, check_finite_parameters,
                           diffusion_loss)
@@ -73,8 +73,11 @@ def init_trackers(accelerator, args) -> None:
                               init_kwargs={"wandb": {"dir": str(wandb_dir)}})
 
 
-def resume_from(accelerator, output_dir: str, value: Optional[str]) -> int:
-    """Clear half-written saves, load the requested checkpoint's state; return its optimizer step (0 if none)."""
+def resume_from(accelerator, output_dir: str, value: Optional[str], counters: Sequence = ()) -> int:
+    """Clear half-written saves, load the requested checkpoint's state; return its optimizer step (0 if none).
+
+    counters: objects every checkpoint keeps beside the models (SkippedSteps), registered here with accelerate.
+    """
     if accelerator.is_main_process:
         for stale in remove_stale_partials(Path(output_dir)):
             get_logger().info("Removed an unfinished checkpoint save: %s", stale.name)
@@ -84,9 +87,10 @@ def resume_from(accelerator, output_dir: str, value: Optional[str]) -> int:
     if accelerator.is_main_process:
         truncate_loss_log(output_dir, step)
     if path is None:
+        accelerator.register_for_checkpointing(*counters)
         return 0
     get_logger().info("Resuming from %s", path)
-    accelerator.load_state(str(path))
+    load_checkpoint(accelerator, path, counters)
     return step
 
 

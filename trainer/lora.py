@@ -98,17 +98,6 @@ def apply_lora(args, components, weight_dtype: torch.dtype, device) -> LoraSetup
     return LoraSetup(unet_config, text_encoder_config, params)
 
 
-def build_ema(params, foreach: bool, offload: bool, device):
-    """diffusers' EMAModel over the adapter parameters only."""
-    from diffusers.training_utils import EMAModel
-
-    from trainer.models import place_ema
-
-    ema = EMAModel(params, foreach=foreach)
-    place_ema(ema, offload, device)
-    return ema
-
-
 def adapter_state(model) -> dict:
     """The adapter weights of a peft-wrapped model, with diffusers' key names (no adapter name)."""
     from peft.utils import get_peft_model_state_dict

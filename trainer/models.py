@@ -145,22 +145,21 @@ def configure_unet(unet, gradient_checkpointing: bool, xformers: bool, channels_
 def build_ema(args, unet, device, lora=None):
     """diffusers' EMAModel over the UNet; from the --revision UNet when a separate non-EMA revision is trained.
 
-    In LoRA mode (lora: trainer.lora.LoraSetup) it averages the adapter weights only.
+    In LoRA mode (lora: trainer.lora.LoraSetup) it averages the adapter weights only, with no model class: a
+    checkpoint stores them as LoRA files (trainer.lora's state hooks).
     """
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
     if lora is not None:
-        from trainer.lora import build_ema as build_lora_ema
-
-        return build_lora_ema(lora.params, args.foreach_ema, args.offload_ema, device)
-
-    source = unet
-    if args.non_ema_revision is not None:
-        source = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                      revision=args.revision, variant=args.variant)
-    ema = EMAModel(source.parameters(), model_cls=UNet2DConditionModel, model_config=source.config,
-                   foreach=args.foreach_ema)
+        ema = EMAModel(lora.params, foreach=args.foreach_ema)
+    else:
+        source = unet
+        if args.non_ema_revision is not None:
+            source = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                          revision=args.revision, variant=args.variant)
+        ema = EMAModel(source.parameters(), model_cls=UNet2DConditionModel, model_config=source.config,
+                       foreach=args.foreach_ema)
     place_ema(ema, args.offload_ema, device)
     return ema
 

@@ -2,14 +2,44 @@
 
 import argparse
 import math
+import os
 import sys
-from typing import Callable, Optional, Sequence
+import time
+from typing import Callable, NoReturn, Optional, Sequence
 
 USAGE_EXIT_CODE = 2
+# Where launchers put a process's global rank: torchrun and `accelerate launch` set RANK, MPI launchers their own.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+# How long a process other than rank 0 waits before reporting a usage error itself (see exit_usage_error).
+OTHER_RANKS_WAIT_S = 5.0
 
 
 class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2, no traceback."""
+
+
+def process_rank() -> int:
+    """This process's global rank as its launcher set it, 0 when it was not launched (nothing is initialised)."""
+    for name in RANK_VARIABLES:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def exit_usage_error(line: str) -> NoReturn:
+    """Write the one-line usage error and exit 2; under several processes, rank 0 writes it.
+
+    Every process checks the same command line and data, so each finds the same mistake. The others wait first:
+    torchrun and `accelerate launch` stop every process once one has failed, so when rank 0 has written the line
+    and exited they are stopped before writing it again; a launcher that does not, or a rank 0 that has not got
+    there by then, still gets the line from them.
+    """
+    if process_rank() != 0:
+        time.sleep(OTHER_RANKS_WAIT_S)
+    sys.stderr.write(f"{line}\n")
+    sys.exit(USAGE_EXIT_CODE)
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -30,8 +60,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(USAGE_EXIT_CODE)
+        exit_usage_error(f"{self.prog}: error: {message}")
 
 
 def check_at_least(flag: str, value: Optional[int], minimum: int) -> None:
@@ -51,8 +80,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
     try:
         code = main(argv)
     except UsageError as err:
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(USAGE_EXIT_CODE)
+        exit_usage_error(f"error: {err}")
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)

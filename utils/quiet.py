@@ -7,6 +7,7 @@ when the `utils` package is first imported (utils/__init__.py): every script, th
 and its dataloader workers import the project's modules before they load these libraries.
 """
 
+import contextlib
 import logging
 import re
 import warnings
@@ -74,6 +75,27 @@ def quiet_loading_bars() -> None:
     transformers_logging.disable_progress_bar()
     if hub_bars_were_on:
         hub_utils.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def no_datasets_bars():
+    """datasets' own bars off for the block, then as they were: reading a local folder, its "Downloading data" and
+    "Generating train split" bars only copy files the user already has, in every training run.
+
+    Only datasets' switch is touched: our tqdm bars and huggingface_hub's download bars keep theirs. A user who set
+    HF_DATASETS_DISABLE_PROGRESS_BARS=0 keeps the bars, without datasets' warning that the variable wins.
+    """
+    import datasets
+
+    were_off = datasets.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_off:
+            datasets.enable_progress_bars()
 
 
 def quiet_libraries() -> None:

@@ -1,0 +1,21 @@
+"""Why a row's bytes cannot become an image: ImageRejected and the reasons create_report.json counts.
+
+Its own module so that every reader (Pillow's in imaging, the multi-band one in geotiff) raises the same error
+while imaging, which picks the reader for a row's bytes, imports geotiff and not the other way round.
+"""
+
+REASON_NULL = "null_image"
+REASON_EMPTY = "empty_image"
+REASON_UNDECODABLE = "undecodable"
+REASON_TRUNCATED = "truncated"
+REASON_TOO_LARGE = "too_large"
+
+
+class ImageRejected(Exception):
+    """A row's bytes cannot become a training image; .reason is the report's category."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        """Keep the reason (report category) and a human-readable detail."""
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
