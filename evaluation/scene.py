@@ -25,8 +25,9 @@ from torch import nn
 
 from utils.cli import UsageError
 
-# A class prefix, an underscore and a number before the extension; RSICD's numeric names (00012.jpg) have none.
-CLASS_NAME_PATTERN = re.compile(r"^(?P<scene>[A-Za-z][A-Za-z0-9 -]*?)_\d+$")
+# The class is the shortest prefix (from a letter) before "_<digit>": airport_1, farmland_2009_00 (NAIP tiles named by
+# year and cell), storage_tank_001 (NWPU-RESISC45); RSICD's numeric names (00012.jpg) have none.
+CLASS_NAME_PATTERN = re.compile(r"^(?P<scene>[A-Za-z][A-Za-z0-9 _-]*?)_\d")
 FILENAME_COLUMNS = ("filename", "file_name")
 CV_FOLDS = 5
 MAX_ITER = 2000
@@ -63,7 +64,8 @@ class FeatureRecorder(nn.Module):
 
 
 def class_from_filename(name: Optional[str]) -> Optional[str]:
-    """RSICD's rule: `rsicd_images/airport_1.jpg` -> 'airport'; a name without a `class_N` stem -> None."""
+    """RSICD's rule: `rsicd_images/airport_1.jpg` -> 'airport', `farmland_2009_00.jpg` -> 'farmland'; a stem with no
+    `<class>_<digits>` start -> None."""
     if not name:
         return None
     match = CLASS_NAME_PATTERN.match(PurePosixPath(str(name).replace("\\", "/")).stem)

@@ -31,6 +31,14 @@ def separable(per_class: int, seed: int, dims: int = 16, spread: float = 0.1) ->
     ("rsicd_images/storagetanks_7.png", "storagetanks"),
     ("Pond_3.JPG", "pond"),
     ("rsicd_images\\bridge_2.jpg", "bridge"),
+    # the class is the prefix before the first "_" followed by digits, whatever follows (the NAIP sample's names)
+    ("rsicd_images/farmland_2009_00.jpg", "farmland"),
+    ("farmland_2009_00.jpg", "farmland"),
+    ("airport_1_b.jpg", "airport"),
+    ("storage_tank_001.jpg", "storage_tank"),  # NWPU-RESISC45's names: an underscore inside the class
+    ("00123.jpg", None),
+    ("2009_00.jpg", None),
+    ("airport_x.jpg", None),
     ("rsicd_images/00012.jpg", None),
     ("rsicd_images/12.jpg", None),
     ("rsicd_images/airport.jpg", None),
