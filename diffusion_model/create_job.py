@@ -67,6 +67,7 @@ class JobTally:
     images_written: int = 0
     images_reused: int = 0
     caption_lines: int = 0
+    kept_caption_lines: int = 0  # other sources' lines (--append) written back around this source's
     failures: list = field(default_factory=list)
 
     def fail(self, number: int, filename, reason: str, detail: str = "") -> None:
@@ -195,7 +196,7 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
             open_text_atomic(caption_file) as captions_out, \
             tqdm(total=total, unit="row", desc="create", disable=None) as bar:
         if keep_outside is not None:
-            captions_out.writelines(kept_caption_lines(caption_file, keep_outside, before=True))
+            tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, True))
         for chunk in chunked(rows, CHUNK_ROWS, CHUNK_BYTES):
             plans, work = plan_chunk(chunk, caption_mode)
             pending.append((plans, pool.apply_async(process_chunk, (work,)) if work else None))
@@ -204,8 +205,17 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
         while pending:
             settle_oldest(pending, tally, captions_out, bar)
         if keep_outside is not None:
-            captions_out.writelines(kept_caption_lines(caption_file, keep_outside, before=False))
+            tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, False))
     return tally, time.monotonic() - started
+
+
+def write_lines(out, lines) -> int:
+    """Write lines; return how many."""
+    count = 0
+    for line in lines:
+        out.write(line)
+        count += 1
+    return count
 
 
 def settle_oldest(pending: deque, tally: JobTally, captions_out, bar) -> None:
@@ -228,6 +238,7 @@ def build_report(tally: JobTally, seconds: float, inputs: list, rows_total: int,
         "images_written": tally.images_written,
         "images_reused": tally.images_reused,
         "caption_lines": tally.caption_lines,
+        "caption_lines_in_file": tally.caption_lines + tally.kept_caption_lines,
         "rows_failed": len(tally.failures),
         "failures_by_reason": tally.failures_by_reason(),
         "elapsed_seconds": round(seconds, 3),
@@ -242,8 +253,11 @@ def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds
     reasons = ", ".join(f"{n} {r}" for r, n in tally.failures_by_reason().items())
     failed = f"{len(tally.failures)} failed ({reasons})" if tally.failures else "0 failed"
     label = f" ({source})" if source else ""
+    total = tally.caption_lines + tally.kept_caption_lines
+    share = (f" ({tally.caption_lines} from this source, {tally.kept_caption_lines} from the folder's other sources)"
+             if tally.kept_caption_lines else "")
     return (f"create{label}: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
-            f"{failed}; {tally.caption_lines} caption lines in {caption_file}; {seconds:.1f}s; report {report_path}")
+            f"{failed}; {total} caption lines in {caption_file}{share}; {seconds:.1f}s; report {report_path}")
 
 
 def default_workers() -> int:

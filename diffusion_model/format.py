@@ -75,6 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     caption_dir, data_dir = caption_file.parent, output_file.parent
     with open(caption_file, "rb") as handle:
         groups, line_numbers, problems = group_lines(line.rstrip(b"\n") for line in handle)
+    if not groups and not problems:
+        raise UsageError(f"--caption_file {args.caption_file} is empty (no caption lines)")
     problems = sorted(problems + drop_missing(groups, line_numbers, caption_dir), key=lambda p: p.line)
     log_problems(problems)
     if problems and not args.skip_invalid:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from diffusion_model.captions import collapse_whitespace
 from utils.constants import CAPTION_SEPARATOR
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -44,7 +45,9 @@ def parse_line(raw: bytes) -> tuple:
         raise ValueError("not valid UTF-8") from None
     if CAPTION_SEPARATOR not in line:
         raise ValueError("no tab between image name and caption")
-    name, caption = (part.strip() for part in line.split(CAPTION_SEPARATOR, 1))
+    name, caption = line.split(CAPTION_SEPARATOR, 1)
+    # The caption's whitespace as create.py writes it: a hand-edited line's tabs or double spaces become one space.
+    name, caption = name.strip(), collapse_whitespace(caption)
     if not name:
         raise ValueError("empty image name")
     if not caption:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from diffusion_model.create_job import (SETTINGS_FILENAME, JobTally, chunked, clear_images, guard_settings,
-                                        image_name, kept_caption_lines, plan_chunk, settle_chunk)
+                                        image_name, kept_caption_lines, plan_chunk, settle_chunk, summary_line)
 from diffusion_model.parquet_source import Row
 from utils.cli import UsageError
 
@@ -84,3 +84,13 @@ def test_clear_images_of_some_rows_only(tmp_path):
         (tmp_path / image_name(number)).write_bytes(b"x")
     assert clear_images(tmp_path, finished_too=True, rows=range(2, 4)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [image_name(1)]
+
+
+def test_summary_counts_the_caption_file_and_this_source_apart(tmp_path):
+    """After --append the file holds other sources' lines too: the line gives its total and this source's share."""
+    caption_file, report = tmp_path / "captions.txt", tmp_path / "create_report.json"
+    alone = JobTally(rows_processed=4, images_written=4, caption_lines=4)
+    assert "; 4 caption lines in " + str(caption_file) + ";" in summary_line(alone, caption_file, report, 1.0)
+    appended = JobTally(rows_processed=6, images_written=6, caption_lines=6, kept_caption_lines=4)
+    line = summary_line(appended, caption_file, report, 1.0, "webdataset")
+    assert f"; 10 caption lines in {caption_file} (6 from this source, 4 from the folder's other sources);" in line

@@ -105,6 +105,10 @@ def test_append_numbers_after_the_existing_rows_and_reruns_resume(tmp_path, run_
     create(run_script, tmp_path / "csv" / "index.csv", out)
     first = create(run_script, tmp_path / "wds", out, "--append")
     assert "webdataset" in first.stdout
+    n_csv_lines, n_wds_lines = (sum(r is None for r, _ in expected) for expected in (csv_expected, wds_expected))
+    assert (f"; {n_csv_lines + n_wds_lines} caption lines in {out / 'captions.txt'} ({n_wds_lines} from this source, "
+            f"{n_csv_lines} from the folder's other sources);") in first.stdout
+    assert read_report(out)["caption_lines_in_file"] == n_csv_lines + n_wds_lines
     create(run_script, tmp_path / "k" / "dataset_test.json", out, "--append")
     n_csv, n_wds = len(csv_expected), len(wds_expected)
     assert_outcomes(out, k_expected, offset=n_csv + n_wds)

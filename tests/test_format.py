@@ -50,6 +50,15 @@ def test_parse_line_strips_and_keeps_unicode():
     assert parse_line("a.jpg\t  été 河流 \r".encode()) == ("a.jpg", "été 河流")
 
 
+def test_parse_line_collapses_whitespace_inside_a_caption_as_create_does():
+    """A tab, a run of spaces or a line separator inside a caption become one space, as create.py writes them."""
+    from diffusion_model.captions import clean_caption
+
+    raw = "a pond\tnear  a road\u2028and\x0bfields "
+    assert parse_line(f"a.jpg\t{raw}\r".encode()) == ("a.jpg", "a pond near a road and fields")
+    assert parse_line(f"a.jpg\t{raw}".encode())[1] == clean_caption(raw)
+
+
 def test_group_lines_keeps_first_seen_order():
     lines = [b"b.jpg\tb one", b"a.jpg\ta one", b"", b"b.jpg\tb two", b"bad line"]
     groups, line_numbers, problems = group_lines(lines)
@@ -161,3 +170,15 @@ def test_usage_errors(tmp_path, run_script, caption_file, output_file, named):
     result = run_script(FORMAT, ["--caption_file", caption_file, "--output_file", output_file], cwd=tmp_path)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\n \n\r\n"])
+def test_empty_caption_file_is_a_usage_error(tmp_path, run_script, content):
+    """A captions.txt with no line at all (or only blank ones) is one line naming it, exit 2, nothing written."""
+    (tmp_path / "captions.txt").write_bytes(content)
+    result = run_script(FORMAT, ["--caption_file", tmp_path / "captions.txt", "--output_file",
+                                 tmp_path / "metadata.jsonl"])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "captions.txt") in lines[0] and "empty" in lines[0]
+    assert not (tmp_path / "metadata.jsonl").exists()
