@@ -13,22 +13,18 @@ ceiling either direction could reach with these features and this N. `chance` is
 the most frequent class (1/classes when they are balanced).
 """
 
-import json
 import re
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from utils.cli import UsageError
-
 # The class is the shortest prefix (from a letter) before "_<digit>": airport_1, farmland_2009_00 (NAIP tiles named by
 # year and cell), storage_tank_001 (NWPU-RESISC45); RSICD's numeric names (00012.jpg) have none.
 CLASS_NAME_PATTERN = re.compile(r"^(?P<scene>[A-Za-z][A-Za-z0-9 _-]*?)_\d")
-FILENAME_COLUMNS = ("filename", "file_name")
 CV_FOLDS = 5
 MAX_ITER = 2000
 REASON_NO_CLASS = "no_class"
@@ -78,58 +74,6 @@ def class_from_value(value) -> Optional[str]:
         return None
     text = str(value).strip()
     return text or None
-
-
-def parquet_labels(spec: str, class_column: Optional[str], limit: Optional[int]) -> Dict[int, Optional[str]]:
-    """Row number (1-based across shards, as evaluation.data numbers them) -> class, read from one column."""
-    import pyarrow.parquet as pq
-
-    from diffusion_model.parquet_source import resolve_parquet_paths
-
-    labels = {}
-    for path in resolve_parquet_paths([spec]):
-        parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-        if class_column and class_column not in names:
-            raise UsageError(f"--class_column {class_column!r} is not a column of {path} "
-                             f"(columns: {', '.join(names)})")
-        column = class_column or next((c for c in FILENAME_COLUMNS if c in names), None)
-        values = (parquet.read(columns=[column]).column(0).to_pylist() if column
-                  else [None] * parquet.metadata.num_rows)
-        for value in values:
-            if limit is not None and len(labels) >= limit:
-                return labels
-            labels[len(labels) + 1] = class_from_value(value) if class_column else class_from_filename(value)
-    return labels
-
-
-def metadata_labels(data_dir: str, class_column: Optional[str], limit: Optional[int]) -> Dict[int, Optional[str]]:
-    """Line number of metadata.jsonl -> class, from the record's class_column or its file_name."""
-    labels, has_column = {}, False
-    with open(Path(data_dir) / "metadata.jsonl", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if limit is not None and number > limit:
-                break
-            try:
-                record = json.loads(line)
-            except ValueError:
-                labels[number] = None
-                continue
-            record = record if isinstance(record, dict) else {}
-            has_column = has_column or class_column in record
-            labels[number] = (class_from_value(record.get(class_column)) if class_column
-                              else class_from_filename(record.get("file_name")))
-    if class_column and labels and not has_column:
-        raise UsageError(f"--class_column {class_column!r} is a key of no line of {data_dir}/metadata.jsonl")
-    return labels
-
-
-def read_labels(data_dir: Optional[str], parquet_path: Optional[str], class_column: Optional[str],
-                limit: Optional[int]) -> Dict[int, Optional[str]]:
-    """Each source row's scene class (None when it has none), keyed by the row numbers evaluate.py uses."""
-    if data_dir is not None:
-        return metadata_labels(data_dir, class_column, limit)
-    return parquet_labels(parquet_path, class_column, limit)
 
 
 def make_classifier(seed: int):

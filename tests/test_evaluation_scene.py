@@ -1,17 +1,13 @@
-"""Scene accuracy: classes from file names or a column, known answers of the classifier, left-out rows reported."""
-
-import json
+"""Scene accuracy: classes from file names (the rows carry them, see test_evaluation_data), known answers of the
+classifier, left-out rows reported."""
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from evaluation.metrics import FeatureVectors, make_fid
 from evaluation.scene import (FeatureRecorder, chance_accuracy, class_from_filename, cross_validated_accuracy,
-                              fit_and_score, read_labels, scene_figures, scene_report)
-from utils.cli import UsageError
+                              fit_and_score, scene_figures, scene_report)
 
 CLASSES = ("airport", "beach", "forest", "pond", "river")
 
@@ -130,33 +126,6 @@ def test_no_class_with_two_rows_has_no_ceiling():
     features = np.eye(3)
     figures = scene_figures(features, features, ["a", "b", "c"])
     assert figures["scene_accuracy_real"] is None and figures["cv_folds"] == 0
-
-
-def test_labels_from_parquet_file_names_across_shards_and_limit(tmp_path):
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    pq.write_table(pa.table({"filename": ["rsicd_images/pond_1.jpg", "rsicd_images/00002.jpg"]}), folder / "a.parquet")
-    pq.write_table(pa.table({"filename": ["rsicd_images/river_9.jpg", "x/beach_4.jpg"]}), folder / "b.parquet")
-    assert read_labels(None, str(folder), None, None) == {1: "pond", 2: None, 3: "river", 4: "beach"}
-    assert read_labels(None, str(folder), None, 3) == {1: "pond", 2: None, 3: "river"}
-
-
-def test_labels_from_a_class_column(tmp_path):
-    path = tmp_path / "a.parquet"
-    pq.write_table(pa.table({"filename": ["1.jpg", "2.jpg", "3.jpg"], "label": ["Forest", "", None]}), path)
-    assert read_labels(None, str(path), "label", None) == {1: "Forest", 2: None, 3: None}
-    with pytest.raises(UsageError, match="--class_column 'scene'"):
-        read_labels(None, str(path), "scene", None)
-
-
-def test_labels_from_metadata_jsonl(tmp_path):
-    lines = [{"file_name": "rsicd_images/farmland_3.jpg", "text": "x", "kind": "a"},
-             {"file_name": "rsicd_images/77.jpg", "text": "y"}]
-    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
-    assert read_labels(str(tmp_path), None, None, None) == {1: "farmland", 2: None, 3: None}
-    assert read_labels(str(tmp_path), None, "kind", 2) == {1: "a", 2: None}
-    with pytest.raises(UsageError, match="--class_column 'scene' is a key of no line"):
-        read_labels(str(tmp_path), None, "scene", None)
 
 
 def test_recorder_keeps_the_features_fid_computes_in_order():
