@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     add_generated_images(rows, generated_dir, fid, clip_score, args.resolution, args.metric_batch_size, device)
     figures = {"fid": float(fid.compute()), "clip_score": float(clip_score.compute()),
                "clip_cosine": clip_cosine(clip_score),
-               "scene": scene_report([row.number for row in rows], real_features, features.take(),
-                                     {row.number: row.scene for row in rows}, class_source(args.class_column),
+               "scene": scene_report(rows, real_features, features.take(), class_source(args.class_column),
                                      args.seed)}
     clock["end"] = time.monotonic()
 

@@ -16,6 +16,7 @@ from typing import Iterable, List, NamedTuple, Optional, Tuple, Union
 from PIL import Image
 
 from diffusion_model.captions import select_captions
+from diffusion_model.create_job import image_number
 from diffusion_model.imaging import ImageRejected, decode_rgb, resize
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
@@ -23,7 +24,7 @@ from diffusion_model.parquet_source import check_label_column
 from diffusion_model.sources import SourceOptions, open_source
 from evaluation.scene import class_from_filename, class_from_value
 from utils.cli import UsageError
-from utils.constants import METADATA_FILENAME
+from utils.constants import METADATA_FILENAME, SOURCE_FILE_KEY
 from utils.logger import get_logger
 
 PARQUET_BATCH_ROWS = 64
@@ -37,23 +38,23 @@ REASON_BAD_LINE = "bad_metadata_line"
 @dataclass(frozen=True)
 class EvalRow:
     """One held-out pair: source row number (1-based), the caption used, the real image (bytes or a file), and the
-    row's scene class (None when it has none) with the source name it was read from."""
+    row's scene class, or why it has none (a key of evaluation.scene.NO_CLASS_WHY)."""
 
     number: int
     caption: str
     image: Union[bytes, Path, None]
     scene: Optional[str] = None
-    name: Optional[str] = None
+    no_class: Optional[str] = None
 
 
 class RawRow(NamedTuple):
-    """A source row as read, before a caption is chosen: number, captions cell, image, class, source name."""
+    """A source row as read, before a caption is chosen: number, captions cell, image, class or why none."""
 
     number: int
     captions: object
     image: Union[bytes, Path, None]
     scene: Optional[str]
-    name: Optional[str]
+    no_class: Optional[str]
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,18 @@ def usable_captions(raw) -> list:
     return select_captions(raw, "all")
 
 
-def row_class(name: Optional[str], label, class_column: Optional[str]) -> Optional[str]:
-    """A row's scene class: its --class_column cell when one is named, else its file name's prefix."""
-    return class_from_value(label) if class_column else class_from_filename(name)
+def row_class(name: Optional[str], label, class_column: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+    """(scene class, None), or (None, why it has none): the --class_column cell when one is named, else the file
+    name's prefix; create.py's own image_NNNNNN names carry none."""
+    if class_column:
+        scene = class_from_value(label)
+        return (scene, None) if scene else (None, "empty_cell")
+    if not name:
+        return None, "no_name"
+    if image_number(str(name).replace("\\", "/")) is not None:
+        return None, "create_name"
+    scene = class_from_filename(name)
+    return (scene, None) if scene else (None, "no_prefix")
 
 
 def split_rows(raw_rows: Iterable[RawRow], caption_index: int) -> Tuple[list, list, int]:
@@ -85,7 +95,7 @@ def split_rows(raw_rows: Iterable[RawRow], caption_index: int) -> Tuple[list, li
             bad.append(BadRow(raw.number, REASON_NO_CAPTION,
                               f"{len(captions)} usable caption(s), index {caption_index}"))
         else:
-            rows.append(EvalRow(raw.number, captions[caption_index], raw.image, raw.scene, raw.name))
+            rows.append(EvalRow(raw.number, captions[caption_index], raw.image, raw.scene, raw.no_class))
     return rows, bad, most
 
 
@@ -110,8 +120,10 @@ def metadata_raw_rows(data_dir: Path, limit: Optional[int], class_column: Option
                 bad.append(BadRow(number, REASON_BAD_LINE, f"file_name {name!r}: {reason}"))
                 continue
             has_column = has_column or class_column in record
+            # format.py's source_file is the image's name before create.py renamed it (null: the source had none)
+            source_name = record[SOURCE_FILE_KEY] if SOURCE_FILE_KEY in record else name
             raw_rows.append(RawRow(number, record.get("text"), data_dir / name,
-                                  row_class(name, record.get(class_column), class_column), name))
+                                   *row_class(source_name, record.get(class_column), class_column)))
     if class_column and raw_rows and not has_column:
         raise UsageError(f"--class_column {class_column!r} is a key of no line of {metadata}")
     return raw_rows, bad
@@ -129,7 +141,7 @@ def parquet_raw_rows(spec: str, limit: Optional[int], class_column: Optional[str
 
 def raw_row(row, class_column: Optional[str]) -> RawRow:
     """A reader's Row (diffusion_model.parquet_source.Row) as a RawRow, its class from the label or the name."""
-    return RawRow(row.number, row.captions, row.image, row_class(row.filename, row.label, class_column), row.filename)
+    return RawRow(row.number, row.captions, row.image, *row_class(row.filename, row.label, class_column))
 
 
 def source_raw_rows(spec: str, options: SourceOptions, limit: Optional[int]) -> Tuple[list, list]:

@@ -214,11 +214,21 @@ def test_rsicd_parquet_input_reports_scene_accuracy_with_classes_from_file_names
 
 
 def test_rows_without_classes_leave_the_scene_figure_out_with_the_reason(runs):
+    """image+text shards carry no file names: the figure is skipped, and the report says why."""
     report = json.loads((runs["root"] / "parquet" / "eval_report.json").read_text())
     assert report["scene_accuracy"] is None and report["num_classes"] is None
-    assert report["scene_details"]["left_out"] == {"count": 3, "reason": "no_class", "rows": [1, 2, 4]}
-    assert "at least 2 classes" in report["scene_details"]["skipped"]
-    assert "scene accuracy skipped" in runs["parquet"].stderr
+    assert report["scene_details"]["left_out"] == {"count": 3, "reason": "no_class", "rows": [1, 2, 4],
+                                                   "why": {"no_name": 3}}
+    assert report["scene_details"]["skipped"].startswith("no row has a scene class: the source gives no file name")
+    assert "scene accuracy skipped: no row has a scene class" in runs["parquet"].stderr
+
+
+def test_a_create_folder_s_classes_come_from_metadata_source_file(runs):
+    """tiny_data_dir is create.py -> format.py over RSICD-named rows: its images are image_NNNNNN.jpg, and the
+    classes come back from metadata.jsonl's source_file (they used to be 'image' for every row, and skipped)."""
+    report = runs["first_report"]
+    assert report["scene_details"]["class_counts"] == {"farmland": 1, "pond": 1, "residential": 1, "river": 1}
+    assert report["num_classes"] == 4 and report["scene_details"]["left_out"]["count"] == 0
 
 
 def test_other_settings_in_the_same_folder_are_refused_in_one_line(runs):

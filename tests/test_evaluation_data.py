@@ -234,3 +234,29 @@ def test_the_naip_sample_rows_are_farmland_but_its_numeric_names():
     rows, bad, read = load_rows(None, None, 0, None, str(SHARED_SAMPLE), SourceOptions(default_split="test"))
     assert read == 120 and not bad
     assert Counter(row.scene for row in rows) == {"farmland": 110, None: 10}
+
+
+def test_a_create_folder_s_rows_take_their_class_from_source_file(tmp_path):
+    """format.py's source_file (create.py's source name) gives the class; create.py's own image_NNNNNN names give
+    none, and say why; so does a null source_file (the source had no names)."""
+    (tmp_path / "rsicd_images").mkdir()
+    names = [f"rsicd_images/image_{n:06d}.jpg" for n in (1, 2, 3)]
+    for name in names:
+        (tmp_path / name).write_bytes(png())
+    sources = ["rsicd_images/farmland_2009_00.jpg", None, "airport_1.jpg"]
+    lines = [{"file_name": n, "text": "a field", "source_file": s} for n, s in zip(names, sources)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows, _, _ = load_rows(str(tmp_path), None, 0, None)
+    assert [(r.scene, r.no_class) for r in rows] == [("farmland", None), (None, "no_name"), ("airport", None)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "a field"}) + "\n"
+                                                     for n in names))
+    rows, _, _ = load_rows(str(tmp_path), None, 0, None)
+    assert [(r.scene, r.no_class) for r in rows] == [(None, "create_name")] * 3
+
+
+def test_rows_without_a_class_say_why(tmp_path):
+    """No <class>_<digits> prefix, or an empty --class_column cell."""
+    rows, _, _ = load_classed(write_classed(tmp_path / "csv", "csv"))
+    assert [r.no_class for r in rows] == [None, None, "no_prefix"]
+    rows, _, _ = load_classed(write_classed(tmp_path / "jsonl", "jsonl"), class_column="label")
+    assert [r.no_class for r in rows] == [None, "empty_cell", None]

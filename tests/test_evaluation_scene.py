@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from evaluation.metrics import FeatureVectors, make_fid
+from evaluation.data import EvalRow
 from evaluation.scene import (FeatureRecorder, chance_accuracy, class_from_filename, cross_validated_accuracy,
-                              fit_and_score, scene_figures, scene_report)
+                              fit_and_score, scene_figures, scene_report, scene_summary)
 
 CLASSES = ("airport", "beach", "forest", "pond", "river")
 
@@ -94,15 +95,20 @@ def test_chance_is_the_most_frequent_class():
     assert chance_accuracy(["a", "b", "c", "d"]) == 0.25
 
 
+def rows_of(scenes, why=None) -> list:
+    """EvalRows numbered from 1 with these classes; a row without one gets the reason why (default no_prefix)."""
+    return [EvalRow(n, "a caption", None, scene, None if scene else (why or "no_prefix"))
+            for n, scene in enumerate(scenes, start=1)]
+
+
 def test_rows_without_a_class_are_left_out_counted_and_listed():
     real, labels = separable(4, seed=0)
-    numbers = list(range(1, len(labels) + 3))
     real = np.vstack([real, np.zeros((2, real.shape[1]))])
-    by_number = {n: str(label) for n, label in zip(numbers, labels)}
-    by_number.update({numbers[-2]: None})  # numbers[-1] is missing from the labels altogether
-    section = scene_report(numbers, real, real, by_number, "file names")
+    rows = rows_of([str(label) for label in labels] + [None, None])
+    section = scene_report(rows, real, real, "file names")
     assert section["num_samples"] == len(labels)
-    assert section["left_out"] == {"count": 2, "reason": "no_class", "rows": numbers[-2:]}
+    assert section["left_out"] == {"count": 2, "reason": "no_class", "rows": [len(labels) + 1, len(labels) + 2],
+                                   "why": {"no_prefix": 2}}
     assert section["scene_accuracy"] == 1.0 and section["num_classes"] == len(CLASSES)
 
 
@@ -117,9 +123,22 @@ def test_a_class_with_one_row_is_reported():
 
 def test_fewer_than_two_classes_is_skipped_with_a_reason():
     features = np.zeros((3, 4))
-    section = scene_report([1, 2, 3], features, features, {1: "pond", 2: None, 3: "pond"}, "file names")
-    assert "scene_accuracy" not in section and "at least 2 classes" in section["skipped"]
+    section = scene_report(rows_of(["pond", None, "pond"]), features, features, "file names")
+    assert "scene_accuracy" not in section
+    assert section["skipped"] == ("only one scene class among the evaluated rows (pond: 2 rows); it needs at least "
+                                  "2. 1 of 3 rows have no class: file names have no <class>_<digits> prefix "
+                                  "(1 row)")
     assert section["left_out"]["rows"] == [2]
+
+
+def test_a_create_folder_without_source_files_says_so():
+    """metadata.jsonl from a create.py folder made before source_file: every name is image_NNNNNN."""
+    features = np.zeros((3, 4))
+    section = scene_report(rows_of([None] * 3, "create_name"), features, features, "file names")
+    assert section["skipped"] == ("no row has a scene class: file names are create.py's image_NNNNNN and "
+                                  "metadata.jsonl has no source_file (remake the folder with this version's "
+                                  "create.py and format.py, or give --class_column) (3 rows)")
+    assert scene_summary(section) == f"scene accuracy skipped: {section['skipped']}"
 
 
 def test_no_class_with_two_rows_has_no_ceiling():
