@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Measure a fine-tuned pipeline on held-out captions: one generated image per caption, then FID, CLIP score and
-scene accuracy (rows' classes from RSICD file names or --class_column).
+scene accuracy (rows' classes from RSICD file names, a create.py folder's metadata.jsonl source_file, or
+--class_column).
 
     python evaluate.py --model sd-rsicd-model --parquet_path rsicd_parquet/data/test-*.parquet \
         --inception_weights pt_inception-2015-12-05-6726825d.pth --clip_model clip-vit-base-patch32 \
