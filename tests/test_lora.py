@@ -123,7 +123,7 @@ def lora_deltas(model) -> dict:
 def test_kohya_names_are_the_ones_a1111_and_comfyui_look_for(tmp_path, tiny_model_dir):
     """A1111/ComfyUI name text-encoder modules after the original CLIP layout (text_model.encoder...), which
     transformers 5's CLIPTextModel no longer has: the file still carries those names, and diffusers' kohya loader
-    puts the same deltas back into both models."""
+    puts the same deltas back into both models, as its loader of our diffusers-format file does."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
@@ -145,13 +145,16 @@ def test_kohya_names_are_the_ones_a1111_and_comfyui_look_for(tmp_path, tiny_mode
                 "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha"):
         assert key in keys
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in keys)
-    loaded = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
-    loaded.load_lora_weights(str(tmp_path), weight_name=path.name)
-    for trained, model in ((components.text_encoder, loaded.text_encoder), (components.unet, loaded.unet)):
-        want, got = lora_deltas(trained), lora_deltas(model)
-        assert sorted(got) == sorted(want)
-        for name, delta in want.items():
-            torch.testing.assert_close(got[name], delta, rtol=1e-4, atol=1e-5)
+    # The diffusers-format file keeps transformers 5's paths (text_encoder.encoder.layers...): diffusers loads it.
+    lora.save_diffusers_file(tmp_path, components.unet, components.text_encoder, setup)
+    for weight_name in (path.name, lora.LORA_WEIGHTS_FILENAME):
+        loaded = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+        loaded.load_lora_weights(str(tmp_path), weight_name=weight_name)
+        for trained, model in ((components.text_encoder, loaded.text_encoder), (components.unet, loaded.unet)):
+            want, got = lora_deltas(trained), lora_deltas(model)
+            assert sorted(got) == sorted(want), weight_name
+            for name, delta in want.items():
+                torch.testing.assert_close(got[name], delta, rtol=1e-4, atol=1e-5)
 
 
 def test_run_record_resolves_a_local_base(tmp_path, monkeypatch):
