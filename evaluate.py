@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Measure a fine-tuned pipeline on held-out captions: one generated image per caption, then FID, CLIP score and
-scene accuracy (rows' classes from RSICD file names or --class_column).
+scene accuracy (rows' classes from RSICD file names, a create.py folder's metadata.jsonl source_file, or
+--class_column).
 
     python evaluate.py --model sd-rsicd-model --parquet_path rsicd_parquet/data/test-*.parquet \
         --inception_weights pt_inception-2015-12-05-6726825d.pth --clip_model clip-vit-base-patch32 \
@@ -23,7 +24,7 @@ from evaluation.generation import (GENERATED_DIRNAME, check_settings, generate_m
 from evaluation.metrics import (clip_cosine, clip_info, inception_info, load_clip, load_inception, make_clip_score,
                                 make_fid)
 from evaluation.report import REPORT_FILENAME, build_report, write_sheet
-from evaluation.scene import FeatureRecorder, class_source, read_labels, scene_report, scene_summary
+from evaluation.scene import FeatureRecorder, class_source, scene_report, scene_summary
 from evaluation.scoring import add_generated_images, add_real_images
 from inference.pipeline import load_pipeline, pick_device
 from utils.cli import UsageError, run_main
@@ -44,11 +45,11 @@ def main(argv=None) -> int:
 
     # Held-out pairs: the first --num_samples rows, each with the caption at --caption_index; a folder that holds
     # images made with other settings is refused now, before anything loads.
+    # Each row carries its scene class (--class_column, else its file name's prefix), read with it.
     rows, bad, rows_read = load_rows(args.data_dir, args.parquet_path, args.caption_index, args.num_samples,
-                                     args.input, source_options(args))
+                                     args.input, source_options(args), args.class_column)
     if args.num_samples and rows_read < args.num_samples:
         log.warning("--num_samples %d asked, but the data has only %d rows", args.num_samples, rows_read)
-    labels = read_labels(args.data_dir, args.parquet_path, args.class_column, args.num_samples)
     device, dtype = pick_device(args.device, args.dtype)
     settings = settings_from_args(args, device, dtype)
     generated_dir = eval_dir / GENERATED_DIRNAME
@@ -91,8 +92,8 @@ def main(argv=None) -> int:
     add_generated_images(rows, generated_dir, fid, clip_score, args.resolution, args.metric_batch_size, device)
     figures = {"fid": float(fid.compute()), "clip_score": float(clip_score.compute()),
                "clip_cosine": clip_cosine(clip_score),
-               "scene": scene_report([row.number for row in rows], real_features, features.take(), labels,
-                                     class_source(args.class_column), args.seed)}
+               "scene": scene_report(rows, real_features, features.take(), class_source(args.class_column),
+                                     args.seed)}
     clock["end"] = time.monotonic()
 
     timings = {"loading": clock["loaded"] - clock["start"], "real_features": clock["real"] - clock["loaded"],

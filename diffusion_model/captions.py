@@ -10,12 +10,17 @@ LETTER = re.compile(r"[^\W\d_]")
 PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
+def collapse_whitespace(text: str) -> str:
+    """Strip and collapse all whitespace (tabs, newlines, U+2028...) to single spaces."""
+    # str.split() with no argument splits on every Unicode whitespace, so no line break can survive into captions.txt.
+    return " ".join(text.split())
+
+
 def clean_caption(text) -> Optional[str]:
-    """Strip and collapse all whitespace (tabs, newlines, U+2028...) to single spaces; None if not a real caption."""
+    """A caption with its whitespace collapsed (collapse_whitespace); None if not a real caption."""
     if not isinstance(text, str):
         return None
-    # str.split() with no argument splits on every Unicode whitespace, so no line break can survive into captions.txt.
-    cleaned = " ".join(text.split())
+    cleaned = collapse_whitespace(text)
     if len(LETTER.findall(cleaned)) < MIN_LETTERS:
         return None
     return cleaned

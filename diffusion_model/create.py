@@ -3,7 +3,9 @@
 Sources: Parquet (RSICD or image+text schema), Karpathy JSON, NWPU-Captions JSON, CSV, JSONL, webdataset shards
 (diffusion_model/sources). NNNNNN is the 1-based input row number across all files in sorted order; --append
 adds another source to the folder, numbered after the rows already there. captions.txt holds one
-`rsicd_images/image_NNNNNN.jpg<TAB>caption` line per caption, the name relative to the folder holding it.
+`rsicd_images/image_NNNNNN.jpg<TAB>caption` line per caption, the name relative to the folder holding it;
+OUTPUT_DIR/source_files.jsonl names each image's file in the source ({"file_name", "source_file"} per line; rows
+whose source has no names get none), which format.py carries into metadata.jsonl.
 Failed rows leave a gap that OUTPUT_DIR/create_report.json explains. Re-running resumes; --overwrite redoes all.
 
 Run: python diffusion_model/create.py --input P [P ...] --output_dir O [--format auto] [--split train] [--append]

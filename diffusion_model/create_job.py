@@ -3,7 +3,8 @@
 The main process reads rows, cleans captions and ships raw image bytes in small chunks to a pool; each worker
 decodes, resizes, encodes and writes its JPEG itself, returning only a tiny status. At most a fixed number of
 chunks are in flight, so memory stays flat however long the input is, and results are consumed in submission
-order, so captions.txt is streamed in row order.
+order, so captions.txt is streamed in row order, and beside it source_files.jsonl, each image's file name in the
+source (the renaming to image_NNNNNN.jpg would otherwise lose the scene class RSICD's names carry).
 """
 
 import json
@@ -34,6 +35,8 @@ from utils.constants import (
     IMAGE_INDEX_DIGITS,
     IMAGE_PREFIX,
     IMAGES_DIRNAME,
+    SOURCE_FILE_KEY,
+    SOURCE_FILES_FILENAME,
     TMP_SUFFIX,
 )
 
@@ -68,6 +71,7 @@ class JobTally:
     images_written: int = 0
     images_reused: int = 0
     caption_lines: int = 0
+    kept_caption_lines: int = 0  # other sources' lines (--append) written back around this source's
     failures: list = field(default_factory=list)
 
     def fail(self, number: int, filename, reason: str, detail: str = "") -> None:
@@ -90,16 +94,41 @@ def image_number(name: str) -> Optional[int]:
     return int(base[len(IMAGE_PREFIX): -len(IMAGE_EXTENSION)]) if OUR_IMAGE.match(base) else None
 
 
-def kept_caption_lines(caption_file: Path, rows: range, before: bool):
-    """Existing caption lines of other sources' rows: those numbered before rows, or (before=False) after them."""
-    if not caption_file.is_file():
+def kept_lines(path: Path, rows: range, before: bool, number_of):
+    """Existing lines of other sources' rows (number_of(line) gives a line's row): those numbered before rows, or
+    (before=False) after them."""
+    if not path.is_file():
         return
-    with open(caption_file, encoding="utf-8", newline="\n") as handle:
+    with open(path, encoding="utf-8", newline="\n") as handle:
         for line in handle:
-            number = image_number(line.partition(CAPTION_SEPARATOR)[0])
+            number = number_of(line)
             # A line that is not ours (hand-edited) is kept at the top rather than lost.
             if (number is None or number < rows.start) if before else (number is not None and number >= rows.stop):
                 yield line if line.endswith("\n") else line + "\n"
+
+
+def kept_caption_lines(caption_file: Path, rows: range, before: bool):
+    """Existing captions.txt lines of other sources' rows (see kept_lines)."""
+    return kept_lines(caption_file, rows, before, lambda line: image_number(line.partition(CAPTION_SEPARATOR)[0]))
+
+
+def source_line_number(line: str) -> Optional[int]:
+    """The row number of a source_files.jsonl line's image, or None for a line that is not one of ours."""
+    try:
+        name = json.loads(line).get("file_name")
+    except (ValueError, AttributeError):
+        return None
+    return image_number(name) if isinstance(name, str) else None
+
+
+def kept_source_lines(sources_file: Path, rows: range, before: bool):
+    """Existing source_files.jsonl lines of other sources' rows (see kept_lines)."""
+    return kept_lines(sources_file, rows, before, source_line_number)
+
+
+def source_line(name: str, source_file: str) -> str:
+    """A source_files.jsonl line: an image's name (as in captions.txt) and its row's file name in the source."""
+    return json.dumps({"file_name": name, SOURCE_FILE_KEY: source_file}, ensure_ascii=False) + "\n"
 
 
 def clear_images(images_dir: Path, finished_too: bool, rows: Optional[range] = None) -> int:
@@ -153,8 +182,8 @@ def plan_chunk(rows: list, caption_mode: str) -> tuple:
     return plans, work
 
 
-def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out) -> None:
-    """Merge a finished chunk into the tally and append its caption lines, in row order."""
+def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out, sources_out=None) -> None:
+    """Merge a finished chunk into the tally and append its caption lines (and source-name lines), in row order."""
     outcomes = {number: (outcome, detail) for number, outcome, detail in statuses}
     for row, captions in plans:
         tally.rows_processed += 1
@@ -167,6 +196,8 @@ def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out) -> 
         name = f"{IMAGES_DIRNAME}/{image_name(row.number)}"
         captions_out.writelines(f"{name}{CAPTION_SEPARATOR}{caption}\n" for caption in captions)
         tally.caption_lines += len(captions)
+        if sources_out is not None and row.filename:
+            sources_out.write(source_line(name, row.filename))
 
 
 def chunked(rows: Iterable, max_rows: int, max_bytes: int):
@@ -187,32 +218,45 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
             caption_mode: str, num_workers: int, overwrite: bool, keep_outside: Optional[range] = None) -> tuple:
     """Process all rows with a bounded pool; write captions.txt atomically; return (tally, seconds).
 
-    keep_outside: this run's output rows; the caption lines other sources wrote outside them stay, in row order.
+    keep_outside: this run's output rows; the caption lines (and source-name lines) other sources wrote outside
+    them stay, in row order.
     """
-    images_dir = output_dir / IMAGES_DIRNAME
+    images_dir, sources_file = output_dir / IMAGES_DIRNAME, output_dir / SOURCE_FILES_FILENAME
     started, tally, pending = time.monotonic(), JobTally(), deque()
     max_in_flight = num_workers * CHUNKS_IN_FLIGHT_PER_WORKER
     with multiprocessing.Pool(num_workers, init_worker, (str(images_dir), settings, overwrite)) as pool, \
-            open_text_atomic(caption_file) as captions_out, \
+            open_text_atomic(caption_file) as captions_out, open_text_atomic(sources_file) as sources_out, \
             tqdm(total=total, unit="row", desc="create", disable=None) as bar:
+        outs = (captions_out, sources_out)
         if keep_outside is not None:
-            captions_out.writelines(kept_caption_lines(caption_file, keep_outside, before=True))
+            tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, True))
+            write_lines(sources_out, kept_source_lines(sources_file, keep_outside, True))
         for chunk in chunked(rows, CHUNK_ROWS, CHUNK_BYTES):
             plans, work = plan_chunk(chunk, caption_mode)
             pending.append((plans, pool.apply_async(process_chunk, (work,)) if work else None))
             while len(pending) >= max_in_flight:
-                settle_oldest(pending, tally, captions_out, bar)
+                settle_oldest(pending, tally, outs, bar)
         while pending:
-            settle_oldest(pending, tally, captions_out, bar)
+            settle_oldest(pending, tally, outs, bar)
         if keep_outside is not None:
-            captions_out.writelines(kept_caption_lines(caption_file, keep_outside, before=False))
+            tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, False))
+            write_lines(sources_out, kept_source_lines(sources_file, keep_outside, False))
     return tally, time.monotonic() - started
 
 
-def settle_oldest(pending: deque, tally: JobTally, captions_out, bar) -> None:
-    """Wait for the oldest chunk in flight and fold it into the results."""
+def write_lines(out, lines) -> int:
+    """Write lines; return how many."""
+    count = 0
+    for line in lines:
+        out.write(line)
+        count += 1
+    return count
+
+
+def settle_oldest(pending: deque, tally: JobTally, outs: tuple, bar) -> None:
+    """Wait for the oldest chunk in flight and fold it into the results (outs: the captions and sources files)."""
     plans, result = pending.popleft()
-    settle_chunk(plans, result.get() if result else [], tally, captions_out)
+    settle_chunk(plans, result.get() if result else [], tally, *outs)
     bar.update(len(plans))
 
 
@@ -229,6 +273,7 @@ def build_report(tally: JobTally, seconds: float, inputs: list, rows_total: int,
         "images_written": tally.images_written,
         "images_reused": tally.images_reused,
         "caption_lines": tally.caption_lines,
+        "caption_lines_in_file": tally.caption_lines + tally.kept_caption_lines,
         "rows_failed": len(tally.failures),
         "failures_by_reason": tally.failures_by_reason(),
         "elapsed_seconds": round(seconds, 3),
@@ -243,8 +288,11 @@ def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds
     reasons = ", ".join(f"{n} {r}" for r, n in tally.failures_by_reason().items())
     failed = f"{len(tally.failures)} failed ({reasons})" if tally.failures else "0 failed"
     label = f" ({source})" if source else ""
+    total = tally.caption_lines + tally.kept_caption_lines
+    share = (f" ({tally.caption_lines} from this source, {tally.kept_caption_lines} from the folder's other sources)"
+             if tally.kept_caption_lines else "")
     return (f"create{label}: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
-            f"{failed}; {tally.caption_lines} caption lines in {caption_file}; {seconds:.1f}s; report {report_path}")
+            f"{failed}; {total} caption lines in {caption_file}{share}; {seconds:.1f}s; report {report_path}")
 
 
 def default_workers() -> int:

@@ -2,7 +2,9 @@
 
 The folder holding --output_file is DATA_DIR: `datasets.load_dataset("imagefolder", data_dir=DATA_DIR)` then
 yields `image` and `text` columns, one row per image. Each JSON line is {"file_name": ..., "text": ...} with
-file_name relative to DATA_DIR; text is a list in every row when any image has several captions.
+file_name relative to DATA_DIR; text is a list in every row when any image has several captions. When create.py's
+source_files.jsonl lies beside --caption_file, each line also gets "source_file": the image's file name in the
+source create.py read (null for an image it does not name), from which evaluate.py reads the scene class.
 A bad line (no tab, empty name or caption, unsafe name, missing image) makes the run exit 1 and write nothing,
 unless --skip_invalid drops it. A format_report.json is written beside the output.
 
@@ -20,9 +22,9 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 from utils.atomic import open_text_atomic, write_json_atomic
-from diffusion_model.metadata import build_records, drop_missing, group_lines, unlisted_images
+from diffusion_model.metadata import build_records, drop_missing, group_lines, read_source_files, unlisted_images
 from utils.cli import ArgumentParser, UsageError, run_main
-from utils.constants import FORMAT_REPORT_FILENAME, METADATA_FILENAME
+from utils.constants import FORMAT_REPORT_FILENAME, METADATA_FILENAME, SOURCE_FILE_KEY, SOURCE_FILES_FILENAME
 from utils.logger import get_logger, setup_logging
 
 MAX_PROBLEMS_SHOWN = 20
@@ -59,12 +61,28 @@ def log_problems(problems: list) -> None:
         logger.error("... and %d more bad lines", len(problems) - MAX_PROBLEMS_SHOWN)
 
 
-def format_report(caption_file: Path, output_file: Path, groups: dict, problems: list, unlisted: list) -> dict:
+def load_source_files(caption_dir: Path) -> tuple:
+    """create.py's image -> source file names beside the captions ({} when absent) and its unreadable line numbers,
+    each logged."""
+    path = caption_dir / SOURCE_FILES_FILENAME
+    if not path.is_file():
+        return {}, []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        names, bad = read_source_files(handle)
+    for number in bad[:MAX_PROBLEMS_SHOWN]:
+        get_logger().warning("%s line %d is not a {file_name, source_file} object; its image gets no source_file",
+                             SOURCE_FILES_FILENAME, number)
+    return names, bad
+
+
+def format_report(caption_file: Path, output_file: Path, groups: dict, problems: list, unlisted: list,
+                  records: list, bad_source_lines: list) -> dict:
     """The format_report.json document."""
     return {"caption_file": str(caption_file), "output_file": str(output_file), "data_dir": str(output_file.parent),
             "images": len(groups), "captions": sum(len(c) for c in groups.values()),
             "text_is_list": any(len(c) > 1 for c in groups.values()), "skipped_lines": [asdict(p) for p in problems],
-            "unlisted_images": unlisted}
+            "unlisted_images": unlisted, "source_files": sum(bool(r.get(SOURCE_FILE_KEY)) for r in records),
+            "source_files_bad_lines": bad_source_lines}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -75,6 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     caption_dir, data_dir = caption_file.parent, output_file.parent
     with open(caption_file, "rb") as handle:
         groups, line_numbers, problems = group_lines(line.rstrip(b"\n") for line in handle)
+    if not groups and not problems:
+        raise UsageError(f"--caption_file {args.caption_file} is empty (no caption lines)")
     problems = sorted(problems + drop_missing(groups, line_numbers, caption_dir), key=lambda p: p.line)
     log_problems(problems)
     if problems and not args.skip_invalid:
@@ -84,13 +104,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"format: no usable captions in {caption_file}; nothing written")
         return 1
 
-    records = build_records(groups, caption_dir, data_dir)
+    sources, bad_source_lines = load_source_files(caption_dir)
+    records = build_records(groups, caption_dir, data_dir, sources)
     unlisted = unlisted_images(data_dir, (caption_dir / name for name in groups))
     for name in unlisted:
         get_logger().warning("image without caption (the loader will leave it out): %s", name)
     with open_text_atomic(output_file) as out:
         out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    report = format_report(caption_file, output_file, groups, problems, unlisted)
+    report = format_report(caption_file, output_file, groups, problems, unlisted, records, bad_source_lines)
     write_json_atomic(data_dir / FORMAT_REPORT_FILENAME, report)
     print(f"format: {len(records)} images, {report['captions']} captions -> {output_file}; "
           f"{len(problems)} bad line(s) skipped, {len(unlisted)} image(s) without caption; DATA_DIR={data_dir}")

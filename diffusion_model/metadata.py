@@ -3,13 +3,15 @@
 Pure functions over lines and paths; format.py does the reading and writing.
 """
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from utils.constants import CAPTION_SEPARATOR
+from diffusion_model.captions import collapse_whitespace
+from utils.constants import CAPTION_SEPARATOR, SOURCE_FILE_KEY
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # "http:", "s3:", "file:" and Windows drives like "C:" all name something outside the data folder.
@@ -44,7 +46,9 @@ def parse_line(raw: bytes) -> tuple:
         raise ValueError("not valid UTF-8") from None
     if CAPTION_SEPARATOR not in line:
         raise ValueError("no tab between image name and caption")
-    name, caption = (part.strip() for part in line.split(CAPTION_SEPARATOR, 1))
+    name, caption = line.split(CAPTION_SEPARATOR, 1)
+    # The caption's whitespace as create.py writes it: a hand-edited line's tabs or double spaces become one space.
+    name, caption = name.strip(), collapse_whitespace(caption)
     if not name:
         raise ValueError("empty image name")
     if not caption:
@@ -92,10 +96,33 @@ def relative_name(name: str, caption_dir: Path, data_dir: Path) -> str:
     return Path(os.path.relpath(caption_dir / name, data_dir)).as_posix()
 
 
-def build_records(groups: dict, caption_dir: Path, data_dir: Path) -> list:
-    """One {"file_name", "text"} record per image; text is a list for all rows when any image has several."""
+def read_source_files(lines: Iterable[str]) -> tuple:
+    """create.py's source_files.jsonl lines -> ({image name: source file name}, numbers of unreadable lines)."""
+    names, bad = {}, []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            name, source = record["file_name"], record[SOURCE_FILE_KEY]
+        except (ValueError, KeyError, TypeError):
+            bad.append(number)
+            continue
+        if not (isinstance(name, str) and isinstance(source, str)):
+            bad.append(number)
+            continue
+        names[name] = source
+    return names, bad
+
+
+def build_records(groups: dict, caption_dir: Path, data_dir: Path, sources: Optional[dict] = None) -> list:
+    """One {"file_name", "text"} record per image; text is a list for all rows when any image has several.
+
+    With sources (image name -> source file name, create.py's source_files.jsonl), every record also gets
+    "source_file", null for an image it does not name, so all lines have the same keys for the loader."""
     as_list = any(len(captions) > 1 for captions in groups.values())
     return [
-        {"file_name": relative_name(name, caption_dir, data_dir), "text": captions if as_list else captions[0]}
+        {"file_name": relative_name(name, caption_dir, data_dir), "text": captions if as_list else captions[0],
+         **({SOURCE_FILE_KEY: sources.get(name)} if sources else {})}
         for name, captions in groups.items()
     ]

@@ -35,6 +35,7 @@ class Row(NamedTuple):
     """One input row: 1-based number across all files, source filename (or None), image bytes, raw captions.
 
     failure is (reason, detail) when the reader already knows the row is bad (say, its image file is missing).
+    label is the cell of a column the reader was asked for besides these (evaluate.py's --class_column), else None.
     """
 
     number: int
@@ -42,6 +43,7 @@ class Row(NamedTuple):
     image: Optional[bytes]
     captions: object
     failure: Optional[tuple] = None
+    label: object = None
 
 
 def resolve_parquet_paths(specs: Sequence[str]) -> list:
@@ -136,26 +138,39 @@ def inspect_sources(paths: Sequence[Path], image_column=None, caption_column=Non
     return columns, total
 
 
-def batch_rows(batch: pa.RecordBatch, columns: Columns, first_number: int) -> list:
-    """Turn one record batch into Rows numbered from first_number."""
+def check_label_column(paths: Sequence[Path], column: str, flag: str) -> None:
+    """A usage error naming the flag when a file lacks the column the user named."""
+    for path in paths:
+        parquet = open_parquet(path)
+        names = parquet.schema_arrow.names
+        parquet.close()
+        if column not in names:
+            raise UsageError(f"{flag} {column!r} is not a column of {path} (columns: {', '.join(names)})")
+
+
+def batch_rows(batch: pa.RecordBatch, columns: Columns, first_number: int, label_column: Optional[str] = None) -> list:
+    """Turn one record batch into Rows numbered from first_number (with label_column's cells as labels)."""
     images = batch.column(columns.image).to_pylist()
     if columns.image_is_struct:
         images = [cell["bytes"] if cell else None for cell in images]
     captions = batch.column(columns.caption).to_pylist()
     names = batch.column(columns.filename).to_pylist() if columns.filename else [None] * batch.num_rows
-    return [Row(first_number + i, names[i], images[i], captions[i]) for i in range(batch.num_rows)]
+    labels = batch.column(label_column).to_pylist() if label_column else [None] * batch.num_rows
+    return [Row(first_number + i, names[i], images[i], captions[i], label=labels[i]) for i in range(batch.num_rows)]
 
 
-def iter_rows(paths: Sequence[Path], columns: Columns, batch_size: int, limit: Optional[int] = None) -> Iterator[Row]:
-    """Yield rows across all files in order, numbered from 1, stopping after limit rows."""
-    wanted = [c for c in (columns.image, columns.caption, columns.filename) if c]
+def iter_rows(paths: Sequence[Path], columns: Columns, batch_size: int, limit: Optional[int] = None,
+              label_column: Optional[str] = None) -> Iterator[Row]:
+    """Yield rows across all files in order, numbered from 1, stopping after limit rows; label_column (checked by
+    check_label_column) is read beside the image, caption and file name."""
+    wanted = list(dict.fromkeys(c for c in (columns.image, columns.caption, columns.filename, label_column) if c))
     number = 1
     for path in paths:
         parquet = open_parquet(path)
         try:
             # Single-threaded decoding: the worker processes own the cores, the reader should not compete with them.
             for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted, use_threads=False):
-                for row in batch_rows(batch, columns, number):
+                for row in batch_rows(batch, columns, number, label_column):
                     if limit is not None and row.number > limit:
                         return
                     yield row

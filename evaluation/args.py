@@ -42,8 +42,9 @@ def build_parser() -> ArgumentParser:
                       help="which of a row's captions to use, counted after dropping junk and near-duplicates as "
                            "create.py does (0 = first, the standard protocol)")
     data.add_argument("--num_samples", type=int, help="evaluate the first N rows (default: all)")
-    data.add_argument("--class_column", help="column (Parquet) or metadata.jsonl key holding each row's scene class "
-                                             "(default: the class prefix of RSICD file names, airport_1.jpg)")
+    data.add_argument("--class_column", help="column (Parquet, CSV, JSONL) or metadata.jsonl key holding each row's "
+                                             "scene class (default: the class prefix of the row's file name, "
+                                             "airport_1.jpg or farmland_2009_00.jpg)")
     metrics = parser.add_argument_group("metric models (local paths; python -m evaluation.stand_ins makes random ones)")
     metrics.add_argument("--inception_weights", required=True,
                          help="FID InceptionV3 weights, e.g. pt_inception-2015-12-05-6726825d.pth")

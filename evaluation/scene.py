@@ -1,7 +1,8 @@
 """Scene accuracy: does a generated image show the scene class its caption's row belongs to?
 
-Each held-out row gets a class, from RSICD's file-name prefix (`rsicd_images/airport_1.jpg` -> airport) or from a
-column the user names; rows without one (RSICD's numeric names) are left out of this figure, counted and listed.
+Each held-out row gets a class, from RSICD's file-name prefix (`rsicd_images/airport_1.jpg` -> airport; in a create.py
+folder, the source name metadata.jsonl keeps as source_file) or from a column the user names; rows without one
+(RSICD's numeric names) are left out of this figure, counted, listed and explained.
 A scikit-learn logistic regression over image features (evaluate.py uses the FID Inception pool features it
 computes anyway, so the figure costs no extra forward pass) is fitted and scored in two directions:
   - train on generated, test on real (`scene_accuracy`): the Txt2Img-MHN "zero-shot OA" direction, the one papers
@@ -13,24 +14,30 @@ ceiling either direction could reach with these features and this N. `chance` is
 the most frequent class (1/classes when they are balanced).
 """
 
-import json
 import re
 import warnings
-from pathlib import Path, PurePosixPath
+from collections import Counter
+from pathlib import PurePosixPath
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from utils.cli import UsageError
-
-# A class prefix, an underscore and a number before the extension; RSICD's numeric names (00012.jpg) have none.
-CLASS_NAME_PATTERN = re.compile(r"^(?P<scene>[A-Za-z][A-Za-z0-9 -]*?)_\d+$")
-FILENAME_COLUMNS = ("filename", "file_name")
+# The class is the shortest prefix (from a letter) before "_<digit>": airport_1, farmland_2009_00 (NAIP tiles named by
+# year and cell), storage_tank_001 (NWPU-RESISC45); RSICD's numeric names (00012.jpg) have none.
+CLASS_NAME_PATTERN = re.compile(r"^(?P<scene>[A-Za-z][A-Za-z0-9 _-]*?)_\d")
 CV_FOLDS = 5
 MAX_ITER = 2000
 REASON_NO_CLASS = "no_class"
+# Why a row has no class (EvalRow.no_class), in the words a skipped figure's report gives.
+NO_CLASS_WHY = {
+    "create_name": "file names are create.py's image_NNNNNN and metadata.jsonl has no source_file (remake the folder "
+                   "with this version's create.py and format.py, or give --class_column)",
+    "no_name": "the source gives no file name (give --class_column)",
+    "no_prefix": "file names have no <class>_<digits> prefix",
+    "empty_cell": "the --class_column cell is empty",
+}
 SCENE_CLASSIFIER = ("scikit-learn StandardScaler (fitted on the real images' features) + LogisticRegression (lbfgs, "
                     "multinomial) on the 2048-d FID Inception pool features; answers within 1e-6 in probability go "
                     "to the most frequent training class")
@@ -63,7 +70,8 @@ class FeatureRecorder(nn.Module):
 
 
 def class_from_filename(name: Optional[str]) -> Optional[str]:
-    """RSICD's rule: `rsicd_images/airport_1.jpg` -> 'airport'; a name without a `class_N` stem -> None."""
+    """RSICD's rule: `rsicd_images/airport_1.jpg` -> 'airport', `farmland_2009_00.jpg` -> 'farmland'; a stem with no
+    `<class>_<digits>` start -> None."""
     if not name:
         return None
     match = CLASS_NAME_PATTERN.match(PurePosixPath(str(name).replace("\\", "/")).stem)
@@ -76,58 +84,6 @@ def class_from_value(value) -> Optional[str]:
         return None
     text = str(value).strip()
     return text or None
-
-
-def parquet_labels(spec: str, class_column: Optional[str], limit: Optional[int]) -> Dict[int, Optional[str]]:
-    """Row number (1-based across shards, as evaluation.data numbers them) -> class, read from one column."""
-    import pyarrow.parquet as pq
-
-    from diffusion_model.parquet_source import resolve_parquet_paths
-
-    labels = {}
-    for path in resolve_parquet_paths([spec]):
-        parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-        if class_column and class_column not in names:
-            raise UsageError(f"--class_column {class_column!r} is not a column of {path} "
-                             f"(columns: {', '.join(names)})")
-        column = class_column or next((c for c in FILENAME_COLUMNS if c in names), None)
-        values = (parquet.read(columns=[column]).column(0).to_pylist() if column
-                  else [None] * parquet.metadata.num_rows)
-        for value in values:
-            if limit is not None and len(labels) >= limit:
-                return labels
-            labels[len(labels) + 1] = class_from_value(value) if class_column else class_from_filename(value)
-    return labels
-
-
-def metadata_labels(data_dir: str, class_column: Optional[str], limit: Optional[int]) -> Dict[int, Optional[str]]:
-    """Line number of metadata.jsonl -> class, from the record's class_column or its file_name."""
-    labels, has_column = {}, False
-    with open(Path(data_dir) / "metadata.jsonl", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if limit is not None and number > limit:
-                break
-            try:
-                record = json.loads(line)
-            except ValueError:
-                labels[number] = None
-                continue
-            record = record if isinstance(record, dict) else {}
-            has_column = has_column or class_column in record
-            labels[number] = (class_from_value(record.get(class_column)) if class_column
-                              else class_from_filename(record.get("file_name")))
-    if class_column and labels and not has_column:
-        raise UsageError(f"--class_column {class_column!r} is a key of no line of {data_dir}/metadata.jsonl")
-    return labels
-
-
-def read_labels(data_dir: Optional[str], parquet_path: Optional[str], class_column: Optional[str],
-                limit: Optional[int]) -> Dict[int, Optional[str]]:
-    """Each source row's scene class (None when it has none), keyed by the row numbers evaluate.py uses."""
-    if data_dir is not None:
-        return metadata_labels(data_dir, class_column, limit)
-    return parquet_labels(parquet_path, class_column, limit)
 
 
 def make_classifier(seed: int):
@@ -210,17 +166,42 @@ def scene_figures(real: np.ndarray, generated: np.ndarray, classes: Sequence[str
     }
 
 
-def scene_report(numbers: Sequence[int], real: np.ndarray, generated: np.ndarray, labels: Dict[int, Optional[str]],
-                 class_source: str, seed: int = 0) -> dict:
-    """The report's scene section: figures over the rows with a class, and the rows left out, counted and listed."""
-    keep = [i for i, number in enumerate(numbers) if labels.get(number)]
-    left_out = [number for number in numbers if not labels.get(number)]
+def row_count(count: int) -> str:
+    """'1 row', '3 rows'."""
+    return f"{count} row{'s' * (count != 1)}"
+
+
+def no_class_words(why: Dict[str, int]) -> str:
+    """Why rows have no class, each reason with its row count."""
+    return "; ".join(f"{NO_CLASS_WHY.get(key, key)} ({row_count(count)})" for key, count in why.items())
+
+
+def skip_reason(classes: Sequence[str], rows: int, why: Dict[str, int]) -> Optional[str]:
+    """Why the figure cannot be computed (no class, or only one, among the rows), in plain words; None if it can."""
+    if not classes:
+        return f"no row has a scene class: {no_class_words(why)}"
+    names, counts = np.unique(classes, return_counts=True)
+    if len(names) > 1:
+        return None
+    left = sum(why.values())
+    return (f"only one scene class among the evaluated rows ({names[0]}: {row_count(int(counts[0]))}); it needs at "
+            "least 2"
+            + (f". {left} of {rows} rows have no class: {no_class_words(why)}" if left else ""))
+
+
+def scene_report(rows: Sequence, real: np.ndarray, generated: np.ndarray, class_source: str, seed: int = 0) -> dict:
+    """The report's scene section: figures over the rows (EvalRows, in feature order) with a class, and the rows
+    left out, counted, listed and explained."""
+    keep = [i for i, row in enumerate(rows) if row.scene]
+    left_out = [row for row in rows if not row.scene]
+    why = dict(Counter(row.no_class or REASON_NO_CLASS for row in left_out))
     section = {"num_samples": len(keep), "class_source": class_source,
-               "left_out": {"count": len(left_out), "reason": REASON_NO_CLASS, "rows": left_out}}
-    classes = [labels[numbers[i]] for i in keep]
-    if len(set(classes)) < 2:
-        section["skipped"] = (f"scene accuracy needs at least 2 classes among the evaluated rows; found "
-                              f"{len(set(classes))} ({len(left_out)} of {len(numbers)} rows have no class)")
+               "left_out": {"count": len(left_out), "reason": REASON_NO_CLASS, "rows": [r.number for r in left_out],
+                            "why": why}}
+    classes = [rows[i].scene for i in keep]
+    skipped = skip_reason(classes, len(rows), why)
+    if skipped:
+        section["skipped"] = skipped
         return section
     section.update(scene_figures(np.asarray(real)[keep], np.asarray(generated)[keep], classes, seed))
     return section
@@ -230,7 +211,8 @@ def class_source(class_column: Optional[str]) -> str:
     """How classes were found, in words for the report."""
     if class_column:
         return f"column {class_column!r}"
-    return "file-name prefix (RSICD: rsicd_images/<class>_<n>.jpg); names without one have no class"
+    return ("file-name prefix (RSICD: rsicd_images/<class>_<n>.jpg; a create.py folder: metadata.jsonl's "
+            "source_file); names without one have no class")
 
 
 def directions_note() -> List[str]:

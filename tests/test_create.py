@@ -15,7 +15,7 @@ from PIL import Image
 
 import odd_images as odd
 from diffusion_model.sample_data import make_sample_parquet
-from parquet_cases import GOOD, PLAIN_SCHEMA, expected_failures, write_odd_shards, write_rows
+from parquet_cases import GOOD, ODD_CASES, PLAIN_SCHEMA, expected_failures, write_odd_shards, write_rows
 
 CREATE = "diffusion_model/create.py"
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "naip_rsicd_sample.parquet"
@@ -45,6 +45,12 @@ def read_captions(output_dir: Path) -> list:
     lines = (output_dir / "captions.txt").read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "", "captions.txt must end with a newline"
     return [tuple(line.split("\t")) for line in lines[:-1]]
+
+
+def read_source_files(output_dir: Path) -> list:
+    """source_files.jsonl as (image name, source file name) pairs."""
+    lines = (output_dir / "source_files.jsonl").read_text(encoding="utf-8").splitlines()
+    return [(record["file_name"], record["source_file"]) for record in map(json.loads, lines)]
 
 
 def read_report(output_dir: Path) -> dict:
@@ -109,6 +115,14 @@ def test_odd_cases_captions(odd_run):
     assert read_captions(output_dir) == [(name(n), caption) for n, caption in EXPECTED_ODD_CAPTIONS]
 
 
+def test_odd_cases_source_files_name_each_image_s_source_row(odd_run):
+    """source_files.jsonl: one line per image written, its source file name as the Parquet row gave it (a '..'
+    name too: it is recorded as text, never opened), so the class in a name like airport_1.jpg is not lost."""
+    _, _, output_dir, _ = odd_run
+    ok_rows = sorted({number for number, _ in EXPECTED_ODD_CAPTIONS})
+    assert read_source_files(output_dir) == [(name(n), ODD_CASES[n - 1][0]) for n in ok_rows]
+
+
 def test_odd_cases_report(odd_run):
     _, shards, output_dir, _ = odd_run
     report = read_report(output_dir)
@@ -130,7 +144,7 @@ def test_nothing_lands_outside_output_dir(odd_run):
     assert sorted(p.relative_to(root).as_posix() for p in outside) == [
         "elsewhere", "shards", "shards/train-00000.parquet", "shards/train-00001.parquet", "shards/train-00002.parquet"]
     assert {p.name for p in output_dir.iterdir()} == {"rsicd_images", "captions.txt", "create_report.json",
-                                                      "create_settings.json"}
+                                                      "create_settings.json", "source_files.jsonl"}
 
 
 def test_strict_exits_one_on_failed_row(tmp_path, run_script):
@@ -196,6 +210,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, run_script):
     assert read_report(tmp_path / "run")["images_reused"] >= done_before >= 5
     assert image_files(tmp_path / "run") == image_files(tmp_path / "ref")
     assert (tmp_path / "run" / "captions.txt").read_bytes() == (tmp_path / "ref" / "captions.txt").read_bytes()
+    assert read_source_files(tmp_path / "run") == read_source_files(tmp_path / "ref")
 
 
 @pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason="shared NAIP sample not present")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from diffusion_model.create_job import (SETTINGS_FILENAME, JobTally, chunked, clear_images, guard_settings,
-                                        image_name, kept_caption_lines, plan_chunk, settle_chunk)
+                                        image_name, kept_caption_lines, plan_chunk, settle_chunk, summary_line)
 from diffusion_model.parquet_source import Row
 from utils.cli import UsageError
 
@@ -84,3 +84,38 @@ def test_clear_images_of_some_rows_only(tmp_path):
         (tmp_path / image_name(number)).write_bytes(b"x")
     assert clear_images(tmp_path, finished_too=True, rows=range(2, 4)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [image_name(1)]
+
+
+def test_summary_counts_the_caption_file_and_this_source_apart(tmp_path):
+    """After --append the file holds other sources' lines too: the line gives its total and this source's share."""
+    caption_file, report = tmp_path / "captions.txt", tmp_path / "create_report.json"
+    alone = JobTally(rows_processed=4, images_written=4, caption_lines=4)
+    assert "; 4 caption lines in " + str(caption_file) + ";" in summary_line(alone, caption_file, report, 1.0)
+    appended = JobTally(rows_processed=6, images_written=6, caption_lines=6, kept_caption_lines=4)
+    line = summary_line(appended, caption_file, report, 1.0, "webdataset")
+    assert f"; 10 caption lines in {caption_file} (6 from this source, 4 from the folder's other sources);" in line
+
+
+def test_settled_rows_name_their_source_file_beside_their_captions():
+    """A written or reused row's image and source file name go to source_files.jsonl; a failed row's do not, and a
+    row whose source gives no name gets no line."""
+    rows = [Row(1, "rsicd_images/airport_1.jpg", b"x", ["a runway ."]), Row(2, "pond_2.jpg", b"x", ["a pond ."]),
+            Row(3, None, b"x", ["a road ."]), Row(4, "river_4.jpg", b"x", ["a river ."])]
+    plans, _ = plan_chunk(rows, "first")
+    captions, sources = io.StringIO(), io.StringIO()
+    settle_chunk(plans, [(1, "written", ""), (2, "undecodable", ""), (3, "written", ""), (4, "reused", "")],
+                 JobTally(), captions, sources)
+    assert [json.loads(line) for line in sources.getvalue().splitlines()] == [
+        {"file_name": "rsicd_images/image_000001.jpg", "source_file": "rsicd_images/airport_1.jpg"},
+        {"file_name": "rsicd_images/image_000004.jpg", "source_file": "river_4.jpg"}]
+
+
+def test_kept_source_file_lines_are_those_outside_the_run(tmp_path):
+    """--append keeps the other sources' source_files.jsonl lines as it keeps their caption lines."""
+    from diffusion_model.create_job import kept_source_lines
+
+    lines = [json.dumps({"file_name": f"rsicd_images/{image_name(n)}", "source_file": f"s_{n}.jpg"}) + "\n"
+             for n in (1, 2, 5, 9)] + ["{broken\n"]
+    (tmp_path / "s.jsonl").write_text("".join(lines))
+    assert list(kept_source_lines(tmp_path / "s.jsonl", range(2, 6), True)) == [lines[0], "{broken\n"]
+    assert list(kept_source_lines(tmp_path / "s.jsonl", range(2, 6), False)) == [lines[3]]

@@ -14,7 +14,7 @@ import pytest
 
 import source_cases as cases
 from conftest import REPO_ROOT
-from test_create import assert_usage_error, image_files, name, read_captions, read_report
+from test_create import assert_usage_error, image_files, name, read_captions, read_report, read_source_files
 
 CREATE = "diffusion_model/create.py"
 FORMAT = "diffusion_model/format.py"
@@ -105,6 +105,10 @@ def test_append_numbers_after_the_existing_rows_and_reruns_resume(tmp_path, run_
     create(run_script, tmp_path / "csv" / "index.csv", out)
     first = create(run_script, tmp_path / "wds", out, "--append")
     assert "webdataset" in first.stdout
+    n_csv_lines, n_wds_lines = (sum(r is None for r, _ in expected) for expected in (csv_expected, wds_expected))
+    assert (f"; {n_csv_lines + n_wds_lines} caption lines in {out / 'captions.txt'} ({n_wds_lines} from this source, "
+            f"{n_csv_lines} from the folder's other sources);") in first.stdout
+    assert read_report(out)["caption_lines_in_file"] == n_csv_lines + n_wds_lines
     create(run_script, tmp_path / "k" / "dataset_test.json", out, "--append")
     n_csv, n_wds = len(csv_expected), len(wds_expected)
     assert_outcomes(out, k_expected, offset=n_csv + n_wds)
@@ -118,6 +122,12 @@ def test_append_numbers_after_the_existing_rows_and_reruns_resume(tmp_path, run_
     numbers = [int(line[0][-10:-4]) for line in captions]
     assert numbers == sorted(numbers) and len(captions) == sum(r is None for r, _ in csv_expected + wds_expected + k_expected)
 
+    # Each image's source name, whatever the form: the CSV's file_name, the tar's sample key, the JSON's filename.
+    sources = dict(read_source_files(out))
+    assert sorted(sources) == [n for n, _ in captions]
+    assert sources[name(1)] == "images/scene_0.png" and sources[name(n_csv + 1)] == "shard-0000.tar:s0/000000"
+    assert sources[name(n_csv + n_wds + 1)] == "00000.tif"
+
     # The same append again resumes its own rows: nothing is added twice, nothing rewritten.
     before_files, before_captions = image_files(out), read_captions(out)
     again = create(run_script, tmp_path / "wds", out, "--append")
@@ -125,11 +135,12 @@ def test_append_numbers_after_the_existing_rows_and_reruns_resume(tmp_path, run_
     assert image_files(out) == before_files and read_captions(out) == before_captions, again.stdout
     # So does the first command: the appended sources' lines stay.
     create(run_script, tmp_path / "csv" / "index.csv", out)
-    assert read_captions(out) == before_captions
+    assert read_captions(out) == before_captions and dict(read_source_files(out)) == sources
     assert_outcomes(out, csv_expected + wds_expected + k_expected)
 
     dataset = load_imagefolder(out, run_script, tmp_path / "cache")
     assert dataset.num_rows == len(before_captions)
+    assert dataset["source_file"] == [sources[n] for n in dict(before_captions)]
 
 
 def test_append_overwrite_redoes_only_its_own_rows_and_never_other_image_settings(tmp_path, run_script):
@@ -214,3 +225,4 @@ def test_kill_during_an_append_and_resume_matches_an_uninterrupted_run(tmp_path,
     assert not (tmp_path / "run" / "create_report.previous.json").exists()
     assert image_files(tmp_path / "run") == image_files(tmp_path / "ref")
     assert (tmp_path / "run" / "captions.txt").read_bytes() == (tmp_path / "ref" / "captions.txt").read_bytes()
+    assert read_source_files(tmp_path / "run") == read_source_files(tmp_path / "ref")

@@ -66,6 +66,24 @@ def write_image_text_shards(folder) -> None:
         pq.write_table(table, folder / f"test-{index:05d}.parquet")
 
 
+def write_class_named_index(folder) -> None:
+    """index.csv beside images/: 4 sample scenes in 2 classes, the class in each file name (river_2.png)."""
+    import csv
+
+    import source_cases
+
+    rows = []
+    for index in (0, 1, 5, 6):  # the sample scenes cycle through 5 classes: farmland, river, farmland, river
+        scene, image, captions = source_cases.scene(index)
+        name = f"images/{scene}_{index + 1}.png"
+        source_cases.save(image, folder / name, "PNG")
+        rows.append({"file_name": name, "text": source_cases.first_caption(captions)})
+    with open(folder / "index.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["file_name", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sample_parquet, lora_run_dir):
     """A metadata.jsonl run and a Parquet-shards run side by side; an RSICD-schema run beside a LoRA checkpoint's
@@ -77,12 +95,13 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sampl
                                 "--num_samples", METADATA_ROWS, "--seed", 7)
     parquet_cmd = evaluate_command(tiny_model_dir, "--parquet_path", shards, stand_in_models, root / "parquet",
                                    "--sheet_pairs", 2, "--dtype", "bf16")
-    # RSICD schema, names carrying classes: 5 classes in turn, 2 rows each.
-    rsicd_cmd = evaluate_command(tiny_model_dir, "--parquet_path", sample_parquet, stand_in_models, root / "rsicd",
+    # RSICD schema through --input (the reader create.py uses), names carrying classes: 5 classes in turn, 2 rows each.
+    rsicd_cmd = evaluate_command(tiny_model_dir, "--input", sample_parquet, stand_in_models, root / "rsicd",
                                  "--num_samples", 10, "--sheet_pairs", 0)
-    # A LoRA run's checkpoint-N (base from lora_run.json) at --lora_scale 0.5.
-    lora_cmd = evaluate_command(lora_run_dir / "checkpoint-2", "--data_dir", tiny_data_dir, stand_in_models,
-                                root / "lora", "--num_samples", 2, "--lora_scale", 0.5)
+    # A LoRA run's checkpoint-N (base from lora_run.json) at --lora_scale 0.5, on a CSV index through --input.
+    write_class_named_index(root / "index")
+    lora_cmd = evaluate_command(lora_run_dir / "checkpoint-2", "--input", root / "index" / "index.csv",
+                                stand_in_models, root / "lora", "--lora_scale", 0.5)
     meta_process, parquet_process = start(meta_cmd), start(parquet_cmd)
     meta, parquet = finish(meta_process), finish(parquet_process)
     rsicd_process, lora_process = start(rsicd_cmd), start(lora_cmd)
@@ -181,8 +200,10 @@ def test_resume_with_another_dtype_is_refused_unless_overwrite(runs, tiny_model_
         evaluate.main(argv + ["--shared_seed"])
 
 
-def test_rsicd_parquet_reports_scene_accuracy_with_classes_from_file_names(runs):
+def test_rsicd_parquet_input_reports_scene_accuracy_with_classes_from_file_names(runs):
+    """evaluate.py --input on an RSICD-schema Parquet (it used to fail in scene.read_labels with a TypeError)."""
     report = json.loads((runs["root"] / "rsicd" / "eval_report.json").read_text())
+    assert report["data"]["input"].endswith(".parquet") and report["data"]["parquet_path"] is None
     assert report["num_classes"] == 5 and report["scene_num_samples"] == 10 and report["chance"] == 0.2
     for key in ("scene_accuracy", "scene_accuracy_real", "scene_accuracy_real_trained"):
         assert 0.0 <= report[key] <= 1.0
@@ -193,11 +214,21 @@ def test_rsicd_parquet_reports_scene_accuracy_with_classes_from_file_names(runs)
 
 
 def test_rows_without_classes_leave_the_scene_figure_out_with_the_reason(runs):
+    """image+text shards carry no file names: the figure is skipped, and the report says why."""
     report = json.loads((runs["root"] / "parquet" / "eval_report.json").read_text())
     assert report["scene_accuracy"] is None and report["num_classes"] is None
-    assert report["scene_details"]["left_out"] == {"count": 3, "reason": "no_class", "rows": [1, 2, 4]}
-    assert "at least 2 classes" in report["scene_details"]["skipped"]
-    assert "scene accuracy skipped" in runs["parquet"].stderr
+    assert report["scene_details"]["left_out"] == {"count": 3, "reason": "no_class", "rows": [1, 2, 4],
+                                                   "why": {"no_name": 3}}
+    assert report["scene_details"]["skipped"].startswith("no row has a scene class: the source gives no file name")
+    assert "scene accuracy skipped: no row has a scene class" in runs["parquet"].stderr
+
+
+def test_a_create_folder_s_classes_come_from_metadata_source_file(runs):
+    """tiny_data_dir is create.py -> format.py over RSICD-named rows: its images are image_NNNNNN.jpg, and the
+    classes come back from metadata.jsonl's source_file (they used to be 'image' for every row, and skipped)."""
+    report = runs["first_report"]
+    assert report["scene_details"]["class_counts"] == {"farmland": 1, "pond": 1, "residential": 1, "river": 1}
+    assert report["num_classes"] == 4 and report["scene_details"]["left_out"]["count"] == 0
 
 
 def test_other_settings_in_the_same_folder_are_refused_in_one_line(runs):
@@ -251,10 +282,13 @@ def test_input_reaches_the_held_out_rows(tmp_path, tiny_model_dir, stand_in_mode
 
 
 def test_a_lora_checkpoint_is_evaluated_on_its_recorded_base(runs):
-    """--model a LoRA run's checkpoint-N (base from lora_run.json) at --lora_scale 0.5: measured, scale recorded."""
+    """--model a LoRA run's checkpoint-N (base from lora_run.json) at --lora_scale 0.5, on a CSV index read with
+    --input: measured, scale recorded, scene classes from the index's file names."""
     out, done = runs["root"] / "lora", runs["lora"]
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "eval_report.json").read_text())
     assert math.isfinite(report["fid"]) and report["settings"]["lora_scale"] == 0.5
-    assert sorted(p.name for p in (out / "generated").glob("*.png")) == ["000001.png", "000002.png"]
+    assert sorted(p.name for p in (out / "generated").glob("*.png")) == [f"{n:06d}.png" for n in range(1, 5)]
+    assert report["scene_details"]["class_counts"] == {"farmland": 2, "river": 2}
+    assert report["num_classes"] == 2 and report["chance"] == 0.5 and 0.0 <= report["scene_accuracy"] <= 1.0
     assert "Traceback" not in done.stderr

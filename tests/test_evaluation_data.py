@@ -1,7 +1,9 @@
 """evaluation.data: held-out rows from metadata.jsonl and Parquet, caption choice, bad rows, real image decoding."""
 
+import csv
 import io
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -145,3 +147,116 @@ def test_csv_folder_rows_and_missing_or_escaping_images(tmp_path):
     evaluator_reason = {"no_caption": "no_caption_at_index"}
     assert {(b.number, b.reason) for b in bad} == {(i + 1, evaluator_reason.get(r, r)) for i, (r, _) in enumerate(expected) if r}
     assert real_image(rows[0], 16).size == (16, 16)
+
+
+SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "naip_rsicd_sample.parquet"
+# Held-out rows whose names carry a class (or not, the numeric one), with a class column beside them.
+CLASSED = [("pond_1.png", "a pond near a road .", "Lake"), ("river_2009_00.png", "a winding river .", ""),
+           ("00003.png", "some bare land .", "forest")]
+SCENES = ["pond", "river", None]
+LABELS = ["Lake", None, "forest"]
+
+
+def write_classed(root: Path, form: str) -> tuple:
+    """The CLASSED rows in one source form under root: load_rows's (data_dir, parquet_path, source, options)."""
+    from diffusion_model.sources import SourceOptions
+
+    (root / "imgs").mkdir(parents=True)
+    for name, _, _ in CLASSED:
+        (root / "imgs" / name).write_bytes(png())
+    records = [{"file_name": f"imgs/{name}", "text": text, "label": label} for name, text, label in CLASSED]
+    held_out = SourceOptions(default_split="test")
+    if form == "data_dir":
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(root), None, None, None
+    if form in ("parquet", "parquet_path"):
+        import pyarrow as pa
+
+        pq.write_table(pa.table({"filename": [f"rsicd_images/{n}" for n, _, _ in CLASSED],
+                                 "captions": [[text] for _, text, _ in CLASSED], "image": [png() for _ in CLASSED],
+                                 "label": [label for _, _, label in CLASSED]}), root / "test.parquet")
+        path = str(root / "test.parquet")
+        return (None, path, None, None) if form == "parquet_path" else (None, None, path, held_out)
+    if form == "karpathy":
+        images = [{"filename": name, "filepath": "imgs", "split": "test", "sentences": [{"raw": text}]}
+                  for name, text, _ in CLASSED]
+        (root / "dataset.json").write_text(json.dumps({"images": images}))
+        return None, None, str(root / "dataset.json"), held_out
+    if form == "csv":
+        with open(root / "index.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, ["file_name", "text", "label"])
+            writer.writeheader()
+            writer.writerows(records)
+        return None, None, str(root / "index.csv"), held_out
+    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return None, None, str(root / "index.jsonl"), held_out
+
+
+def load_classed(where: tuple, class_column=None):
+    """load_rows on a write_classed source: every row, caption 0."""
+    data_dir, parquet_path, source, options = where
+    return load_rows(data_dir, parquet_path, 0, None, source, options, class_column=class_column)
+
+
+@pytest.mark.parametrize("form", ["data_dir", "parquet_path", "parquet", "karpathy", "csv", "jsonl"])
+def test_each_row_carries_its_scene_class_from_every_source_form(tmp_path, form):
+    """The class travels with the row from the reader: the file name's prefix, or the --class_column cell."""
+    where = write_classed(tmp_path / form, form)
+    rows, bad, read = load_classed(where)
+    assert read == 3 and not bad
+    assert [row.scene for row in rows] == SCENES
+    assert [row.caption for row in rows] == [text for _, text, _ in CLASSED]
+    if form != "karpathy":
+        rows, _, _ = load_classed(where, class_column="label")
+        assert [row.scene for row in rows] == LABELS
+
+
+@pytest.mark.parametrize("form, words", [
+    ("data_dir", "--class_column 'scene' is a key of no line"),
+    ("parquet_path", "--class_column 'scene' is not a column of"),
+    ("parquet", "--class_column 'scene' is not a column of"),
+    ("csv", "--class_column 'scene' is not a column of"),
+    ("jsonl", "--class_column 'scene' is not a column of"),
+    ("karpathy", "--class_column scene does not apply to a json source"),
+])
+def test_a_class_column_the_source_lacks_is_a_usage_error(tmp_path, form, words):
+    with pytest.raises(UsageError, match=words):
+        load_classed(write_classed(tmp_path / form, form), class_column="scene")
+
+
+@pytest.mark.skipif(not SHARED_SAMPLE.is_file(), reason="the shared NAIP sample is not on this machine")
+def test_the_naip_sample_rows_are_farmland_but_its_numeric_names():
+    """The user's command: --input the NAIP sample (farmland_2009_00.jpg ...; 10 RSICD-style numeric names)."""
+    from collections import Counter
+
+    from diffusion_model.sources import SourceOptions
+
+    rows, bad, read = load_rows(None, None, 0, None, str(SHARED_SAMPLE), SourceOptions(default_split="test"))
+    assert read == 120 and not bad
+    assert Counter(row.scene for row in rows) == {"farmland": 110, None: 10}
+
+
+def test_a_create_folder_s_rows_take_their_class_from_source_file(tmp_path):
+    """format.py's source_file (create.py's source name) gives the class; create.py's own image_NNNNNN names give
+    none, and say why; so does a null source_file (the source had no names)."""
+    (tmp_path / "rsicd_images").mkdir()
+    names = [f"rsicd_images/image_{n:06d}.jpg" for n in (1, 2, 3)]
+    for name in names:
+        (tmp_path / name).write_bytes(png())
+    sources = ["rsicd_images/farmland_2009_00.jpg", None, "airport_1.jpg"]
+    lines = [{"file_name": n, "text": "a field", "source_file": s} for n, s in zip(names, sources)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows, _, _ = load_rows(str(tmp_path), None, 0, None)
+    assert [(r.scene, r.no_class) for r in rows] == [("farmland", None), (None, "no_name"), ("airport", None)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "a field"}) + "\n"
+                                                     for n in names))
+    rows, _, _ = load_rows(str(tmp_path), None, 0, None)
+    assert [(r.scene, r.no_class) for r in rows] == [(None, "create_name")] * 3
+
+
+def test_rows_without_a_class_say_why(tmp_path):
+    """No <class>_<digits> prefix, or an empty --class_column cell."""
+    rows, _, _ = load_classed(write_classed(tmp_path / "csv", "csv"))
+    assert [r.no_class for r in rows] == [None, None, "no_prefix"]
+    rows, _, _ = load_classed(write_classed(tmp_path / "jsonl", "jsonl"), class_column="label")
+    assert [r.no_class for r in rows] == [None, "empty_cell", None]

@@ -1,17 +1,14 @@
-"""Scene accuracy: classes from file names or a column, known answers of the classifier, left-out rows reported."""
-
-import json
+"""Scene accuracy: classes from file names (the rows carry them, see test_evaluation_data), known answers of the
+classifier, left-out rows reported."""
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from evaluation.metrics import FeatureVectors, make_fid
+from evaluation.data import EvalRow
 from evaluation.scene import (FeatureRecorder, chance_accuracy, class_from_filename, cross_validated_accuracy,
-                              fit_and_score, read_labels, scene_figures, scene_report)
-from utils.cli import UsageError
+                              fit_and_score, scene_figures, scene_report, scene_summary)
 
 CLASSES = ("airport", "beach", "forest", "pond", "river")
 
@@ -31,6 +28,14 @@ def separable(per_class: int, seed: int, dims: int = 16, spread: float = 0.1) ->
     ("rsicd_images/storagetanks_7.png", "storagetanks"),
     ("Pond_3.JPG", "pond"),
     ("rsicd_images\\bridge_2.jpg", "bridge"),
+    # the class is the prefix before the first "_" followed by digits, whatever follows (the NAIP sample's names)
+    ("rsicd_images/farmland_2009_00.jpg", "farmland"),
+    ("farmland_2009_00.jpg", "farmland"),
+    ("airport_1_b.jpg", "airport"),
+    ("storage_tank_001.jpg", "storage_tank"),  # NWPU-RESISC45's names: an underscore inside the class
+    ("00123.jpg", None),
+    ("2009_00.jpg", None),
+    ("airport_x.jpg", None),
     ("rsicd_images/00012.jpg", None),
     ("rsicd_images/12.jpg", None),
     ("rsicd_images/airport.jpg", None),
@@ -90,15 +95,20 @@ def test_chance_is_the_most_frequent_class():
     assert chance_accuracy(["a", "b", "c", "d"]) == 0.25
 
 
+def rows_of(scenes, why=None) -> list:
+    """EvalRows numbered from 1 with these classes; a row without one gets the reason why (default no_prefix)."""
+    return [EvalRow(n, "a caption", None, scene, None if scene else (why or "no_prefix"))
+            for n, scene in enumerate(scenes, start=1)]
+
+
 def test_rows_without_a_class_are_left_out_counted_and_listed():
     real, labels = separable(4, seed=0)
-    numbers = list(range(1, len(labels) + 3))
     real = np.vstack([real, np.zeros((2, real.shape[1]))])
-    by_number = {n: str(label) for n, label in zip(numbers, labels)}
-    by_number.update({numbers[-2]: None})  # numbers[-1] is missing from the labels altogether
-    section = scene_report(numbers, real, real, by_number, "file names")
+    rows = rows_of([str(label) for label in labels] + [None, None])
+    section = scene_report(rows, real, real, "file names")
     assert section["num_samples"] == len(labels)
-    assert section["left_out"] == {"count": 2, "reason": "no_class", "rows": numbers[-2:]}
+    assert section["left_out"] == {"count": 2, "reason": "no_class", "rows": [len(labels) + 1, len(labels) + 2],
+                                   "why": {"no_prefix": 2}}
     assert section["scene_accuracy"] == 1.0 and section["num_classes"] == len(CLASSES)
 
 
@@ -113,42 +123,28 @@ def test_a_class_with_one_row_is_reported():
 
 def test_fewer_than_two_classes_is_skipped_with_a_reason():
     features = np.zeros((3, 4))
-    section = scene_report([1, 2, 3], features, features, {1: "pond", 2: None, 3: "pond"}, "file names")
-    assert "scene_accuracy" not in section and "at least 2 classes" in section["skipped"]
+    section = scene_report(rows_of(["pond", None, "pond"]), features, features, "file names")
+    assert "scene_accuracy" not in section
+    assert section["skipped"] == ("only one scene class among the evaluated rows (pond: 2 rows); it needs at least "
+                                  "2. 1 of 3 rows have no class: file names have no <class>_<digits> prefix "
+                                  "(1 row)")
     assert section["left_out"]["rows"] == [2]
+
+
+def test_a_create_folder_without_source_files_says_so():
+    """metadata.jsonl from a create.py folder made before source_file: every name is image_NNNNNN."""
+    features = np.zeros((3, 4))
+    section = scene_report(rows_of([None] * 3, "create_name"), features, features, "file names")
+    assert section["skipped"] == ("no row has a scene class: file names are create.py's image_NNNNNN and "
+                                  "metadata.jsonl has no source_file (remake the folder with this version's "
+                                  "create.py and format.py, or give --class_column) (3 rows)")
+    assert scene_summary(section) == f"scene accuracy skipped: {section['skipped']}"
 
 
 def test_no_class_with_two_rows_has_no_ceiling():
     features = np.eye(3)
     figures = scene_figures(features, features, ["a", "b", "c"])
     assert figures["scene_accuracy_real"] is None and figures["cv_folds"] == 0
-
-
-def test_labels_from_parquet_file_names_across_shards_and_limit(tmp_path):
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    pq.write_table(pa.table({"filename": ["rsicd_images/pond_1.jpg", "rsicd_images/00002.jpg"]}), folder / "a.parquet")
-    pq.write_table(pa.table({"filename": ["rsicd_images/river_9.jpg", "x/beach_4.jpg"]}), folder / "b.parquet")
-    assert read_labels(None, str(folder), None, None) == {1: "pond", 2: None, 3: "river", 4: "beach"}
-    assert read_labels(None, str(folder), None, 3) == {1: "pond", 2: None, 3: "river"}
-
-
-def test_labels_from_a_class_column(tmp_path):
-    path = tmp_path / "a.parquet"
-    pq.write_table(pa.table({"filename": ["1.jpg", "2.jpg", "3.jpg"], "label": ["Forest", "", None]}), path)
-    assert read_labels(None, str(path), "label", None) == {1: "Forest", 2: None, 3: None}
-    with pytest.raises(UsageError, match="--class_column 'scene'"):
-        read_labels(None, str(path), "scene", None)
-
-
-def test_labels_from_metadata_jsonl(tmp_path):
-    lines = [{"file_name": "rsicd_images/farmland_3.jpg", "text": "x", "kind": "a"},
-             {"file_name": "rsicd_images/77.jpg", "text": "y"}]
-    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
-    assert read_labels(str(tmp_path), None, None, None) == {1: "farmland", 2: None, 3: None}
-    assert read_labels(str(tmp_path), None, "kind", 2) == {1: "a", 2: None}
-    with pytest.raises(UsageError, match="--class_column 'scene' is a key of no line"):
-        read_labels(str(tmp_path), None, "scene", None)
 
 
 def test_recorder_keeps_the_features_fid_computes_in_order():

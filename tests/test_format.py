@@ -50,6 +50,15 @@ def test_parse_line_strips_and_keeps_unicode():
     assert parse_line("a.jpg\t  été 河流 \r".encode()) == ("a.jpg", "été 河流")
 
 
+def test_parse_line_collapses_whitespace_inside_a_caption_as_create_does():
+    """A tab, a run of spaces or a line separator inside a caption become one space, as create.py writes them."""
+    from diffusion_model.captions import clean_caption
+
+    raw = "a pond\tnear  a road\u2028and\x0bfields "
+    assert parse_line(f"a.jpg\t{raw}\r".encode()) == ("a.jpg", "a pond near a road and fields")
+    assert parse_line(f"a.jpg\t{raw}".encode())[1] == clean_caption(raw)
+
+
 def test_group_lines_keeps_first_seen_order():
     lines = [b"b.jpg\tb one", b"a.jpg\ta one", b"", b"b.jpg\tb two", b"bad line"]
     groups, line_numbers, problems = group_lines(lines)
@@ -81,11 +90,14 @@ def test_create_then_format_loads_with_imagefolder(tmp_path, run_script):
     assert formatted.returncode == 0, formatted.stderr
     records = [json.loads(line) for line in (output_dir / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(records) == 10 and all(isinstance(r["text"], list) for r in records)
-    assert records[7] == {"file_name": "rsicd_images/image_000013.jpg", "text": ["河流 und Flußufer — été", "second caption ."]}
+    assert records[7] == {"file_name": "rsicd_images/image_000013.jpg",
+                          "text": ["河流 und Flußufer — été", "second caption ."], "source_file": "rsicd_images/unicode.jpg"}
     assert "河流" in (output_dir / "metadata.jsonl").read_text(encoding="utf-8"), "ensure_ascii must be off"
+    assert json.loads((output_dir / "format_report.json").read_text())["source_files"] == 10
 
     dataset = load_imagefolder(output_dir, tmp_path / "cache")
-    assert dataset.num_rows == 10 and set(dataset.column_names) == {"image", "text"}
+    assert dataset.num_rows == 10 and dataset.column_names == ["image", "text", "source_file"]
+    assert dataset[0]["source_file"] == "rsicd_images/gray.jpg"
     assert dataset[7]["text"] == ["河流 und Flußufer — été", "second caption ."]
     assert isinstance(dataset[0]["image"], Image.Image) and dataset[0]["image"].size == (32, 32)
 
@@ -161,3 +173,42 @@ def test_usage_errors(tmp_path, run_script, caption_file, output_file, named):
     result = run_script(FORMAT, ["--caption_file", caption_file, "--output_file", output_file], cwd=tmp_path)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\n \n\r\n"])
+def test_empty_caption_file_is_a_usage_error(tmp_path, run_script, content):
+    """A captions.txt with no line at all (or only blank ones) is one line naming it, exit 2, nothing written."""
+    (tmp_path / "captions.txt").write_bytes(content)
+    result = run_script(FORMAT, ["--caption_file", tmp_path / "captions.txt", "--output_file",
+                                 tmp_path / "metadata.jsonl"])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "captions.txt") in lines[0] and "empty" in lines[0]
+    assert not (tmp_path / "metadata.jsonl").exists()
+
+
+def test_source_files_join_metadata_and_an_image_without_one_gets_null(tmp_path, run_script):
+    """source_files.jsonl beside captions.txt: each record gets its image's source_file (null when the sidecar does
+    not name it, so every line has the same keys); a broken sidecar line is counted in the report and logged."""
+    folder = make_folder(tmp_path / "d", [b"rsicd_images/a.jpg\tfirst", b"rsicd_images/b.jpg\tsecond",
+                                          b"rsicd_images/c.jpg\tthird"])
+    sidecar = [json.dumps({"file_name": "rsicd_images/a.jpg", "source_file": "airport_1.jpg"}), "{broken",
+               json.dumps({"file_name": "rsicd_images/c.jpg", "source_file": "farmland_2009_00.jpg"})]
+    (folder / "source_files.jsonl").write_text("\n".join(sidecar) + "\n")
+    result = run_script(FORMAT, ["--caption_file", folder / "captions.txt", "--output_file", folder / "metadata.jsonl"])
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [r["source_file"] for r in records] == ["airport_1.jpg", None, "farmland_2009_00.jpg"]
+    report = json.loads((folder / "format_report.json").read_text())
+    assert report["source_files"] == 2 and report["source_files_bad_lines"] == [2]
+    assert "source_files.jsonl line 2" in result.stderr
+
+
+def test_without_source_files_metadata_keeps_its_two_keys(tmp_path, run_script):
+    """A folder from an older create.py (or hand-made): no sidecar, no source_file key."""
+    folder = make_folder(tmp_path / "d", [b"rsicd_images/a.jpg\tfirst"])
+    (folder / "rsicd_images" / "b.jpg").unlink()
+    (folder / "rsicd_images" / "c.jpg").unlink()
+    result = run_script(FORMAT, ["--caption_file", folder / "captions.txt", "--output_file", folder / "metadata.jsonl"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads((folder / "metadata.jsonl").read_text()) == {"file_name": "rsicd_images/a.jpg", "text": "first"}

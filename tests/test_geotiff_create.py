@@ -117,7 +117,7 @@ def test_outputs_load_as_an_imagefolder(default_run):
 
     output_dir, _, _ = default_run
     dataset = load_dataset("imagefolder", data_dir=str(output_dir), split="train")
-    assert dataset.num_rows == 10 and dataset.column_names == ["image", "text"]
+    assert dataset.num_rows == 10 and dataset.column_names == ["image", "text", "source_file"]
     assert {(image.mode, image.size) for image in dataset["image"]} == {("RGB", (RESOLUTION, RESOLUTION))}
 
 

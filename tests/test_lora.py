@@ -93,7 +93,8 @@ def peft_deltas(components, scale: float) -> dict:
 
 
 def test_kohya_keys_and_alphas_decode_to_the_same_deltas():
-    """Kohya file: lora_unet_/lora_te_ + module path with '_' for '.', alpha/rank * up @ down == peft's delta."""
+    """Kohya file: lora_unet_/lora_te_text_model_ + module path with '_' for '.', alpha/rank * up @ down == peft's
+    delta."""
     components = tiny_components()
     setup = lora.apply_lora(lora_args(lora_alpha=6, train_text_encoder_lora=True), components, torch.float32, "cpu")
     for p in setup.params:  # lora_B starts at zero: give every delta a value
@@ -104,10 +105,56 @@ def test_kohya_keys_and_alphas_decode_to_the_same_deltas():
     assert len(expected) * 3 == len(state)
     for name, delta in expected.items():
         model, _, path = name.partition(".")
-        key = ("lora_unet_" if model == "unet" else "lora_te_") + path.replace(".", "_")
+        key = ("lora_unet_" if model == "unet" else "lora_te_text_model_") + path.replace(".", "_")
         up, down, alpha = state[f"{key}.lora_up.weight"], state[f"{key}.lora_down.weight"], state[f"{key}.alpha"]
         assert float(alpha) == 6.0
         torch.testing.assert_close(float(alpha) / down.shape[0] * up @ down, delta)
+
+
+def lora_deltas(model) -> dict:
+    """scaling * B @ A of every adapted Linear of model, whatever its adapter's name, by module name."""
+    deltas = {}
+    for name, module in model.named_modules():
+        for adapter in getattr(module, "lora_A", {}):
+            deltas[name] = module.scaling[adapter] * module.lora_B[adapter].weight @ module.lora_A[adapter].weight
+    return deltas
+
+
+def test_kohya_names_are_the_ones_a1111_and_comfyui_look_for(tmp_path, tiny_model_dir):
+    """A1111/ComfyUI name text-encoder modules after the original CLIP layout (text_model.encoder...), which
+    transformers 5's CLIPTextModel no longer has: the file still carries those names, and diffusers' kohya loader
+    puts the same deltas back into both models, as its loader of our diffusers-format file does."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    components = Components(pipeline.tokenizer, pipeline.text_encoder.requires_grad_(False), None, pipeline.unet,
+                            None)
+    setup = lora.apply_lora(lora_args(lora_alpha=6, train_text_encoder_lora=True), components, torch.float32, "cpu")
+    torch.manual_seed(0)
+    for p in setup.params:
+        torch.nn.init.normal_(p, std=0.3)
+    path = lora.save_kohya_file(tmp_path / lora.KOHYA_WEIGHTS_FILENAME, components.unet, components.text_encoder,
+                                setup, 6.0)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(path)))
+    for key in ("lora_te_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight",
+                "lora_te_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight",
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+                "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha"):
+        assert key in keys
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in keys)
+    # The diffusers-format file keeps transformers 5's paths (text_encoder.encoder.layers...): diffusers loads it.
+    lora.save_diffusers_file(tmp_path, components.unet, components.text_encoder, setup)
+    for weight_name in (path.name, lora.LORA_WEIGHTS_FILENAME):
+        loaded = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+        loaded.load_lora_weights(str(tmp_path), weight_name=weight_name)
+        for trained, model in ((components.text_encoder, loaded.text_encoder), (components.unet, loaded.unet)):
+            want, got = lora_deltas(trained), lora_deltas(model)
+            assert sorted(got) == sorted(want), weight_name
+            for name, delta in want.items():
+                torch.testing.assert_close(got[name], delta, rtol=1e-4, atol=1e-5)
 
 
 def test_run_record_resolves_a_local_base(tmp_path, monkeypatch):

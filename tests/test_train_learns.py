@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import run_script_at
 from diffusion_model.sample_data import SCENES, make_sample_parquet
 from evaluation.data import load_rows, real_image
-from evaluation.scene import read_labels, scene_figures
+from evaluation.scene import scene_figures
 from inference.pipeline import generate
 
 RESOLUTION = 16
@@ -85,8 +85,7 @@ def learned(tmp_path_factory):
     held_out = make_sample_parquet(root / "test.parquet", HELD_OUT, seed=1)
     rows, bad, _ = load_rows(None, str(held_out), 0, None)
     assert not bad
-    labels = read_labels(None, str(held_out), None, None)
-    classes = [labels[row.number] for row in rows]
+    classes = [row.scene for row in rows]
     captions = [row.caption for row in rows]
     real = features([real_image(row, RESOLUTION) for row in rows])
     return {name: scene_figures(real, draw(model, captions), classes)

@@ -29,6 +29,9 @@ ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_PREFIX, TEXT_ENCODER_PREFIX = "unet", "text_encoder"
 KOHYA_PREFIXES = {"lora_te1_": "lora_te_"}  # diffusers' converter writes SDXL's first text-encoder prefix
+# A1111/ComfyUI name text-encoder layers as in the original CLIP checkpoints (lora_te_text_model_encoder_...); since
+# transformers 5, CLIPTextModel has no `text_model` level, so its module paths start at `encoder.`.
+KOHYA_TEXT_MODEL = "text_model."
 
 
 @dataclass
@@ -133,12 +136,18 @@ def save_diffusers_file(folder: Path, unet, text_encoder, setup: LoraSetup) -> P
     return folder / LORA_WEIGHTS_FILENAME
 
 
+def kohya_text_path(key: str) -> str:
+    """A text-encoder adapter key under CLIP's `text_model.` level, as kohya names it (once, whichever transformers)."""
+    return key if key.startswith(KOHYA_TEXT_MODEL) else KOHYA_TEXT_MODEL + key
+
+
 def kohya_state_dict(unet_state: dict, text_encoder_state: Optional[dict], alpha: float) -> dict:
-    """kohya/A1111 keys (lora_unet_…, lora_te_…, .lora_down/.lora_up) with the trained alpha (diffusers' converter)."""
+    """kohya/A1111 keys (lora_unet_…, lora_te_text_model_…, .lora_down/.lora_up) with the trained alpha (diffusers'
+    converter)."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     prefixed = {f"{UNET_PREFIX}.{k}": v for k, v in unet_state.items()}
-    prefixed.update({f"{TEXT_ENCODER_PREFIX}.{k}": v for k, v in (text_encoder_state or {}).items()})
+    prefixed.update({f"{TEXT_ENCODER_PREFIX}.{kohya_text_path(k)}": v for k, v in (text_encoder_state or {}).items()})
     converted = {}
     for key, value in convert_state_dict_to_kohya(prefixed).items():
         for wrong, right in KOHYA_PREFIXES.items():

@@ -9,6 +9,10 @@ IMAGE_PREFIX = "image_"
 IMAGE_INDEX_DIGITS = 6
 IMAGE_EXTENSION = ".jpg"
 CAPTIONS_FILENAME = "captions.txt"
+# create.py's image -> source file name, one JSON line per image; format.py copies it into metadata.jsonl's
+# source_file (the class in RSICD names like airport_1.jpg survives the renaming to image_NNNNNN.jpg).
+SOURCE_FILES_FILENAME = "source_files.jsonl"
+SOURCE_FILE_KEY = "source_file"
 METADATA_FILENAME = "metadata.jsonl"
 CREATE_REPORT_FILENAME = "create_report.json"
 FORMAT_REPORT_FILENAME = "format_report.json"

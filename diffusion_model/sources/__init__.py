@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
+from diffusion_model.parquet_source import check_label_column, inspect_sources, iter_rows, resolve_parquet_paths
 from diffusion_model.sources.base import FORMATS, SPLIT_NAMES, SPLITS, Source, SourceOptions
 from diffusion_model.sources.karpathy import is_karpathy, open_karpathy
 from diffusion_model.sources.nwpu import is_nwpu, open_nwpu
@@ -102,13 +102,17 @@ def open_parquet_source(paths: list, options: SourceOptions) -> Source:
     paths = resolve_parquet_paths([str(p) for p in paths])
     paths = shards_of_split(paths, options.split) if options.split else paths
     columns, total = inspect_sources(paths, options.image_column, options.caption_column)
-    return Source("parquet", paths, total, lambda limit: iter_rows(paths, columns, PARQUET_BATCH_ROWS, limit),
+    if options.class_column:
+        check_label_column(paths, options.class_column, "--class_column")
+    return Source("parquet", paths, total,
+                  lambda limit: iter_rows(paths, columns, PARQUET_BATCH_ROWS, limit, options.class_column),
                   options.split, [], {"columns": vars(columns)})
 
 
 # Flags that only some forms read; given to another form they would be silently ignored, so they are refused.
 FLAG_FORMS = {"images_dir": ("json", "karpathy", "nwpu", "csv", "jsonl"),
-              "image_column": ("parquet", "csv", "jsonl"), "caption_column": ("parquet", "csv", "jsonl")}
+              "image_column": ("parquet", "csv", "jsonl"), "caption_column": ("parquet", "csv", "jsonl"),
+              "class_column": ("parquet", "csv", "jsonl")}
 
 
 def check_flags(form: str, options: SourceOptions) -> None:

@@ -40,6 +40,8 @@ class SourceOptions:
     caption_column: Optional[str] = None
     # create.py trains on `train` unless told otherwise; the evaluator reads `test`.
     default_split: str = "train"
+    # evaluate.py's --class_column: read beside the captions into each Row's label (Parquet, CSV and JSONL only).
+    class_column: Optional[str] = None
 
 
 @dataclass

@@ -103,7 +103,8 @@ def table_entries(path: Path, form: str, columns: dict, match, seen: Optional[Co
         if not isinstance(name, str) or not name.strip():
             yield {"name": f"{path.name}:{line}", "failure": (REASON_BAD_ENTRY, f"no {columns['image']}")}
             continue
-        yield {"name": name.strip(), "captions": caption_cell(record.get(columns["caption"]))}
+        yield {"name": name.strip(), "captions": caption_cell(record.get(columns["caption"])),
+               "label": record.get(columns["label"]) if columns.get("label") else None}
 
 
 def table_rows(plans: list, limit: Optional[int]) -> Iterator[Row]:
@@ -118,7 +119,7 @@ def table_rows(plans: list, limit: Optional[int]) -> Iterator[Row]:
                 yield Row(number, entry["name"], None, entry.get("captions"), entry["failure"])
                 continue
             data, failure = folder.read(entry)
-            yield Row(number, entry["name"], data, entry["captions"], failure)
+            yield Row(number, entry["name"], data, entry["captions"], failure, entry["label"])
 
 
 def open_table(paths: Sequence[Path], form: str, options: SourceOptions) -> Source:
@@ -129,6 +130,8 @@ def open_table(paths: Sequence[Path], form: str, options: SourceOptions) -> Sour
         columns = {"image": pick(names, options.image_column, IMAGE_COLUMNS, "--image_column", path),
                    "caption": pick(names, options.caption_column, CAPTION_COLUMNS, "--caption_column", path),
                    "split": SPLIT_COLUMN if SPLIT_COLUMN in names else None}
+        if options.class_column:  # only then: create.py keeps these columns as part of a source's identity
+            columns["label"] = pick(names, options.class_column, (), "--class_column", path)
         has_split.append(columns["split"] is not None)
         split = effective_split(options) if columns["split"] else "all"
         match = split_matcher(split)
