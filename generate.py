@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference.args import parse_args  # noqa: E402
-from inference.outputs import grid_columns, prepare_output_dir, save_grid, save_image  # noqa: E402
+from inference.outputs import prepare_output_dir, save_grid, save_image  # noqa: E402
 from inference.pipeline import pick_device, resolve_model  # noqa: E402
 from inference.prompts import base_seed, collect_prompts, plan_images  # noqa: E402
 from utils.cli import run_main  # noqa: E402
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     images = generate(pipeline, [p for p, _ in plan], [s for _, s in plan], negative_prompt=args.negative_prompt,
                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                       height=args.height, width=args.width, batch_size=args.batch_size, on_image=save)
-    grid = save_grid(output_dir, images, grid_columns(len(images), args.num_images_per_prompt))
+    grid = save_grid(output_dir, images, plan, args.num_images_per_prompt)
     logger.info("Wrote %d image(s) with JSON sidecars to %s; grid: %s", len(images), output_dir, grid)
     print(grid)
     return 0

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from utils.atomic import open_text_atomic
+from utils.grids import upscale_factor
 from evaluation.data import BadRow, EvalRow
 from evaluation.generation import GENERATED_DIRNAME, image_path, save_png
 from evaluation.metrics import CLIP_SCORE_DEFINITION as CLIP_SCORE
@@ -45,21 +46,31 @@ def bad_row_summary(bad: Sequence[BadRow]) -> dict:
     }
 
 
+def shown_size(size) -> str:
+    """CSS width and height that show an image of size (w, h) enlarged by an integer factor to be seen."""
+    factor = upscale_factor(*size)
+    return f"width:{size[0] * factor}px;height:{size[1] * factor}px"
+
+
 def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title: str) -> Path:
-    """sheet.html: caption, real and generated image side by side for the first pairs (relative image paths)."""
+    """sheet.html: one row per pair, its caption as the row's label, then the real and the generated image, small
+    ones enlarged by an integer factor without smoothing (relative image paths)."""
     sheet_dir = eval_dir / SHEET_DIRNAME
     sheet_dir.mkdir(exist_ok=True)
     lines = ["<!DOCTYPE html>", "<meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
-             "<style>td{vertical-align:top;padding:4px} img{width:256px;height:256px}</style>",
+             "<style>td,th{vertical-align:top;padding:4px;text-align:left} th[scope=row]{font-weight:normal;"
+             "max-width:320px} img{image-rendering:pixelated}</style>",
              f"<h1>{html.escape(title)}</h1>", "<table>", "<tr><th>row</th><th>caption</th><th>real</th>"
              "<th>generated</th></tr>"]
     for row, real in zip(rows, reals):
         real_path = sheet_dir / f"real_{row.number:06d}.png"
         save_png(real, real_path)
         generated = image_path(eval_dir / GENERATED_DIRNAME, row).relative_to(eval_dir).as_posix()
-        lines.append(f"<tr><td>{row.number}</td><td>{html.escape(row.caption)}</td>"
-                     f"<td><img src='{real_path.relative_to(eval_dir).as_posix()}' alt='real'></td>"
-                     f"<td><img src='{generated}' alt='generated'></td></tr>")
+        # Both sides are at --resolution: the real one was cropped and resized to it, the generated one drawn at it.
+        style = shown_size(real.size)
+        lines.append(f"<tr><td>{row.number}</td><th scope='row'>{html.escape(row.caption)}</th>"
+                     f"<td><img src='{real_path.relative_to(eval_dir).as_posix()}' alt='real' style='{style}'></td>"
+                     f"<td><img src='{generated}' alt='generated' style='{style}'></td></tr>")
     lines.append("</table>")
     path = eval_dir / SHEET_FILENAME
     with open_text_atomic(path) as handle:

@@ -1,12 +1,12 @@
 """generate.py's output folder: NNNNNN.png with a NNNNNN.json sidecar of its settings, and grid.png, all atomic."""
 
 import io
-import math
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Tuple
 
-from utils.atomic import write_bytes_atomic, write_json_atomic
+from utils.atomic import write_bytes_atomic, write_json_atomic, write_png_atomic
 from utils.cli import UsageError
+from utils.grids import labelled_grid
 
 INDEX_DIGITS = 6
 GRID_FILENAME = "grid.png"
@@ -60,20 +60,19 @@ def save_image(output_dir: Path, index: int, image, settings: dict) -> Path:
     return path
 
 
-def grid_columns(count: int, images_per_prompt: int) -> int:
-    """One row per prompt when each has several images; otherwise a near-square sheet."""
-    if images_per_prompt > 1:
-        return images_per_prompt
-    return max(1, math.ceil(math.sqrt(count)))
+def row_label(pairs: Sequence[Tuple[str, int]]) -> str:
+    """A grid row's label: its prompt, then the seeds of its images."""
+    seeds = [seed for _, seed in pairs]
+    return f"{pairs[0][0]} (seed {seeds[0]})" if len(seeds) == 1 else f"{pairs[0][0]} (seeds {seeds[0]}-{seeds[-1]})"
 
 
-def save_grid(output_dir: Path, images: Sequence, columns: int) -> Path:
-    """All images in one PNG, row by row, the last row padded with black."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
-    rows = math.ceil(len(images) / columns)
-    padding = [Image.new("RGB", images[0].size) for _ in range(rows * columns - len(images))]
+def save_grid(output_dir: Path, images: Sequence, plan: Sequence[Tuple[str, int]], images_per_prompt: int) -> Path:
+    """grid.png: one row per prompt (labelled with it and its seeds), one column per image of that prompt, small
+    images enlarged so they can be seen."""
+    starts = range(0, len(images), images_per_prompt)
+    grid = labelled_grid([images[i:i + images_per_prompt] for i in starts],
+                         [row_label(plan[i:i + images_per_prompt]) for i in starts],
+                         [f"image {column + 1}" for column in range(images_per_prompt)])
     path = Path(output_dir) / GRID_FILENAME
-    write_bytes_atomic(path, png_bytes(make_image_grid(list(images) + padding, rows=rows, cols=columns)))
+    write_png_atomic(path, grid)
     return path

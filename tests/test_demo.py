@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from utils import grids
 from utils.quiet import NOTICES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,13 +68,25 @@ def test_outputs_hold_what_the_pipeline_made(demo):
     assert "untrained base" in done.stdout and "fine-tuned" in done.stdout and "ceiling" in done.stdout
 
 
+def demo_layout(rows: int, columns: int):
+    """A demo picture's layout: 16 px tiles enlarged 8x to 128, the long class captions wrapped in the widest margin."""
+    font = grids.label_font()
+    return grids.grid_layout((128, 128), rows, columns, grids.MAX_ROW_LABEL_WIDTH, grids.line_height(font))
+
+
 def test_progress_picture_has_the_base_and_one_column_per_validation(demo):
     out, done = demo
     assert done.returncode == 0, done.stderr[-3000:]
-    side = int(SMALL["DEMO_RESOLUTION"])
+    assert int(SMALL["DEMO_RESOLUTION"]) * 8 == 128
     validations = [p for p in (out / "model" / "validation").glob("step-*") if p.name != "step-0"]
     with Image.open(out / "model" / "validation_progress.png") as progress:
-        assert progress.size == (side * (len(validations) + 1), side * 5)  # 5 prompts, one per class
+        assert progress.size == demo_layout(5, len(validations) + 1).size  # 5 prompts, one per class
+    with Image.open(out / "model" / "validation_grid.png") as grid:
+        assert grid.size == demo_layout(5, 1).size
+    with Image.open(out / "generated" / "grid.png") as grid:
+        assert grid.size == demo_layout(5, 2).size  # 5 prompts x 2 images
+    with Image.open(out / "model" / "validation" / "step-0" / "0.png") as native:
+        assert native.size == (16, 16)
     assert "](validation_progress.png)" in (out / "model" / "README.md").read_text()
 
 

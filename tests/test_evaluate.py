@@ -144,6 +144,8 @@ def test_one_image_per_row_at_the_resolution_and_a_sheet(runs):
     sheet = (runs["root"] / "meta" / "sheet.html").read_text()
     for n in range(1, METADATA_ROWS + 1):
         assert f"generated/{n:06d}.png" in sheet and (runs["root"] / "meta" / "sheet" / f"real_{n:06d}.png").is_file()
+    # 32 px images shown 4x, pixelated, beside a caption per row (each img tag: real, then generated)
+    assert sheet.count("style='width:128px;height:128px'") == 2 * METADATA_ROWS and "pixelated" in sheet
 
 
 def test_resume_generates_only_the_lost_images_with_the_same_pixels_and_figures(runs):

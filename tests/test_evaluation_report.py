@@ -2,6 +2,7 @@
 
 from argparse import Namespace
 
+import pytest
 from PIL import Image
 
 from evaluation.data import BadRow, EvalRow
@@ -60,3 +61,18 @@ def test_sheet_pairs_captions_escaped_with_relative_paths(tmp_path):
     assert "src='sheet/real_000004.png'" in sheet and "src='generated/000006.png'" in sheet
     assert Image.open(tmp_path / "sheet" / "real_000004.png").getpixel((0, 0)) == (1, 2, 3)
     assert str(tmp_path) not in sheet
+
+
+def test_sheet_labels_rows_by_caption_and_columns_real_and_generated(tmp_path):
+    sheet = write_sheet(tmp_path, [EvalRow(4, "ponds", None)], [Image.new("RGB", (8, 8))], "m").read_text()
+    assert "<th>real</th><th>generated</th>" in sheet and "<th scope='row'>ponds</th>" in sheet
+
+
+@pytest.mark.parametrize("side, shown", [(16, 128), (8, 128), (100, 200), (128, 128), (512, 512)])
+def test_sheet_shows_small_images_enlarged_by_a_whole_factor_without_smoothing(tmp_path, side, shown):
+    """8 px -> 16x, 100 px -> 2x (200 px), 512 px as it is; both images of the pair, pixelated."""
+    reals = [Image.new("RGB", (side, side))]
+    sheet = write_sheet(tmp_path, [EvalRow(1, "a field", None)], reals, "m").read_text()
+    assert sheet.count(f"style='width:{shown}px;height:{shown}px'") == 2
+    assert "img{image-rendering:pixelated}" in sheet
+    assert Image.open(tmp_path / "sheet" / "real_000001.png").size == (side, side)  # the file stays native

@@ -22,6 +22,7 @@ from PIL import Image
 from conftest import REPO_ROOT, single_thread_env
 from inference.args import build_parser
 from inference.schedulers import SCHEDULERS
+from utils import grids
 from utils.cli import run_main
 from utils.constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 from utils.logger import LOGGER_NAME
@@ -223,10 +224,17 @@ def test_height_and_width_are_respected_and_grid_is_a_row_per_prompt(runs):
     folder = folder_of(runs, "pipeline")
     images = [pixels(folder / f"{i:06d}.png") for i in range(8)]
     assert all(image.shape == (HEIGHT, WIDTH, 3) for image in images)
+    # Tiles enlarged 4x (short side 32 -> 128 px), each prompt's row labelled with it and its seeds.
+    font = grids.label_font()
+    labels = [f"{prompt} (seeds {SEED + PER_PROMPT * row}-{SEED + PER_PROMPT * row + 1})"
+              for row, prompt in enumerate(PROMPTS + FILE_PROMPTS)]
+    layout = grids.grid_layout((4 * WIDTH, 4 * HEIGHT), 4, PER_PROMPT, grids.row_label_width(labels, font),
+                               grids.line_height(font))
     grid = pixels(folder / "grid.png")
-    assert grid.shape == (4 * HEIGHT, PER_PROMPT * WIDTH, 3)
+    assert grid.shape == (layout.size[1], layout.size[0], 3)
     # Image 5 is the second image of the third prompt: row 2, column 1.
-    assert np.array_equal(grid[2 * HEIGHT:3 * HEIGHT, WIDTH:], images[5])
+    x, y = layout.origin(2, 1)
+    assert np.array_equal(grid[y:y + 4 * HEIGHT, x:x + 4 * WIDTH], images[5].repeat(4, axis=0).repeat(4, axis=1))
 
 
 def test_same_seed_gives_the_same_pixels(runs):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.outputs import (GRID_FILENAME, grid_columns, image_path, png_bytes, prepare_output_dir,
-                               previous_outputs, save_grid, save_image)
+from inference.outputs import (GRID_FILENAME, image_path, png_bytes, prepare_output_dir, previous_outputs, row_label,
+                               save_grid, save_image)
+from utils import grids
 from utils.cli import UsageError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
@@ -86,19 +87,22 @@ def test_png_bytes_is_a_lossless_png():
     assert decoded.format == "PNG" and np.array_equal(np.asarray(decoded), np.asarray(image))
 
 
-@pytest.mark.parametrize("count, per_prompt, columns", [
-    (1, 1, 1), (2, 1, 2), (4, 1, 2), (5, 1, 3), (9, 1, 3), (10, 1, 4), (6, 3, 3), (8, 2, 2), (4, 4, 4),
-])
-def test_grid_columns_are_images_per_prompt_or_near_square(count, per_prompt, columns):
-    assert grid_columns(count, per_prompt) == columns
+def test_row_label_is_the_prompt_and_its_seeds():
+    assert row_label([("a field", 7)]) == "a field (seed 7)"
+    assert row_label([("a river", 7), ("a river", 8), ("a river", 9)]) == "a river (seeds 7-9)"
 
 
-def test_grid_places_images_row_by_row_and_pads_with_black(tmp_path):
-    images = [Image.new("RGB", (8, 6), colour) for colour in COLOURS]
-    path = save_grid(tmp_path, images, columns=3)
-    grid = np.asarray(Image.open(path).convert("RGB"))
-    assert path == tmp_path / GRID_FILENAME and grid.shape == (2 * 6, 3 * 8, 3)
-    for index, colour in enumerate(COLOURS):
-        row, column = divmod(index, 3)
-        assert tuple(grid[row * 6 + 3, column * 8 + 4]) == colour, index
-    assert not grid[6:, 16:].any()
+def test_grid_is_a_labelled_row_per_prompt_with_images_enlarged(tmp_path):
+    """6 images of 8x6 px, 3 per prompt: 2 rows x 3 columns, each enlarged 22x (short side 132 px) in its cell."""
+    images = [Image.new("RGB", (8, 6), colour) for colour in COLOURS + [(9, 9, 9)]]
+    plan = [(prompt, 5 + i) for i, prompt in enumerate(["a field"] * 3 + ["a river"] * 3)]
+    path = save_grid(tmp_path, images, plan, 3)
+    font = grids.label_font()
+    layout = grids.grid_layout((8 * 22, 6 * 22), 2, 3, grids.row_label_width(
+        ["a field (seeds 5-7)", "a river (seeds 8-10)"], font), grids.line_height(font))
+    grid = Image.open(path)
+    assert path == tmp_path / GRID_FILENAME and grid.size == layout.size
+    for index, image in enumerate(images):
+        x, y = layout.origin(*divmod(index, 3))
+        assert grid.getpixel((x, y)) == grid.getpixel((x + 8 * 22 - 1, y + 6 * 22 - 1)) == image.getpixel((0, 0))
+    assert not list(tmp_path.glob("*.tmp"))

@@ -15,8 +15,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from utils import grids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train_text_to_image.py"
@@ -205,8 +209,16 @@ def test_validation_images_grid_and_tensorboard_loss(run4):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output, _ = run4
-    assert (output / "validation" / "step-4" / "0.png").is_file()
-    assert (output / "validation_grid.png").is_file()
+    with Image.open(output / "validation" / "step-4" / "0.png") as drawn:
+        native = np.asarray(drawn.convert("RGB"))
+    assert native.shape == (64, 64, 3)  # the PNG stays as drawn; the grid enlarges it 2x to 128 px, labelled
+    font = grids.label_font()
+    layout = grids.grid_layout((128, 128), 1, 1, grids.row_label_width([PROMPT], font), grids.line_height(font))
+    with Image.open(output / "validation_grid.png") as grid:
+        assert grid.size == layout.size
+        x, y = layout.origin(0, 0)
+        tile = np.asarray(grid.convert("RGB"))[y:y + 128, x:x + 128]
+    assert np.array_equal(tile, native.repeat(2, axis=0).repeat(2, axis=1))
     events = sorted((output / "logs").rglob("events.out.tfevents.*"))
     tags = set()
     for event_file in events:

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from trainer import validation as V
+from utils import grids
 
 
 def test_should_validate_every_n_epochs_including_zero():
@@ -100,10 +101,26 @@ def test_inference_scheduler_carries_the_trained_prediction_type(tiny_model_dir)
     assert V.load_inference_scheduler(str(tiny_model_dir), None, None).config.prediction_type == "epsilon"
 
 
-def test_grid_is_one_row(tmp_path):
-    """validation_grid.png holds the images side by side."""
-    path = V.save_grid([Image.fromarray(np.zeros((4, 4, 3), np.uint8))] * 3, tmp_path)
-    assert Image.open(path).size == (12, 4)
+def layout_for(prompts, columns: int):
+    """The labelled grid's layout for 4 px tiles (enlarged to 128 px), prompts as row labels, steps above."""
+    font = grids.label_font()
+    return grids.grid_layout((128, 128), len(prompts), columns, grids.row_label_width(prompts, font),
+                             grids.line_height(font))
+
+
+def test_grid_is_a_labelled_row_per_prompt_at_the_final_step(tmp_path):
+    """validation_grid.png: each prompt's image enlarged to 128 px in its own row, the step above, prompts at left."""
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
+    prompts = ["a field", "a river", "a harbour"]
+    path = V.save_grid([Image.new("RGB", (4, 4), colour) for colour in colours], prompts, 12, tmp_path)
+    layout = layout_for(prompts, 1)
+    sheet = Image.open(path)
+    assert path == tmp_path / V.GRID_FILENAME and sheet.size == layout.size
+    for row, colour in enumerate(colours):
+        x, y = layout.origin(row, 0)
+        assert sheet.getpixel((x, y)) == sheet.getpixel((x + 127, y + 127)) == colour
+        assert sheet.getpixel((x + 128, y + 128)) == grids.BACKGROUND
+    assert V.step_label(12) == "step 12" and V.step_label(V.BASE_STEP) == "base"
 
 
 def write_step(output_dir, step: int, colours) -> None:
@@ -112,15 +129,18 @@ def write_step(output_dir, step: int, colours) -> None:
 
 
 def test_progress_has_the_base_first_then_each_step_in_order(tmp_path):
-    """One row per prompt, one column per validation (base at step 0 first), steps in numeric order."""
+    """One row per prompt, one column per validation (base at step 0 first), steps in numeric order, each tile
+    enlarged to 128 px."""
     for step, shade in ((16, 16), (0, 0), (112, 112), (32, 32)):
         write_step(tmp_path, step, [(shade, 0, 0), (0, shade, 0)])
-    path = V.save_progress(tmp_path, 112, 2)
+    prompts = ["a field", "a river"]
+    path = V.save_progress(tmp_path, 112, prompts)
     assert path == tmp_path / V.PROGRESS_FILENAME
     sheet = Image.open(path)
-    assert sheet.size == (4 * 4, 4 * 2)
-    assert [sheet.getpixel((column * 4, 0))[0] for column in range(4)] == [0, 16, 32, 112]
-    assert [sheet.getpixel((column * 4, 4))[1] for column in range(4)] == [0, 16, 32, 112]
+    layout = layout_for(prompts, 4)
+    assert sheet.size == layout.size
+    assert [sheet.getpixel(layout.origin(0, column))[0] for column in range(4)] == [0, 16, 32, 112]
+    assert [sheet.getpixel(layout.origin(1, column))[1] for column in range(4)] == [0, 16, 32, 112]
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -132,8 +152,8 @@ def test_progress_ignores_later_incomplete_and_foreign_folders(tmp_path):
     write_step(tmp_path, 500, [(4, 4, 4), (4, 4, 4)])
     (tmp_path / "validation" / "step-x").mkdir()
     assert V.validation_steps(tmp_path, 10, 2) == [0, 8]
-    assert Image.open(V.save_progress(tmp_path, 10, 2)).size == (8, 8)
-    assert V.save_progress(tmp_path / "empty", 10, 2) is None
+    assert Image.open(V.save_progress(tmp_path, 10, ["a", "b"])).size == layout_for(["a", "b"], 2).size
+    assert V.save_progress(tmp_path / "empty", 10, ["a", "b"]) is None
 
 
 def test_validation_draws_at_the_training_resolution():

@@ -57,8 +57,8 @@ def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
     grid_path = None
     if args.validation_prompts:
         images = validate(accelerator, pipeline.to(accelerator.device), args, global_step, dtype)
-        grid_path = save_grid(images, output_dir)
-        save_progress(output_dir, global_step, len(args.validation_prompts))
+        grid_path = save_grid(images, args.validation_prompts, global_step, output_dir)
+        save_progress(output_dir, global_step, args.validation_prompts)
     write_model_card(output_dir, args, hub_repo_id, grid_path)
     curve = write_loss_curve(output_dir)
     if curve is not None:

@@ -7,13 +7,18 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from utils.constants import DEFAULT_GUIDANCE_SCALE, TMP_SUFFIX, VALIDATION_DIRNAME
+from utils.atomic import write_png_atomic
+from utils.constants import DEFAULT_GUIDANCE_SCALE, VALIDATION_DIRNAME
+from utils.grids import labelled_grid
 from utils.logger import get_logger
 
 VALIDATION_INFERENCE_STEPS = 20
 # Without --seed, validation still uses a fixed seed so images of successive steps are comparable.
 DEFAULT_VALIDATION_SEED = 0
 GRID_FILENAME = "validation_grid.png"
+PROGRESS_FILENAME = "validation_progress.png"
+# Validation before the first optimizer step: the base model's images, the progress picture's first column.
+BASE_STEP = 0
 
 
 def load_inference_scheduler(model_path: str, revision: Optional[str], prediction_type: Optional[str]):
@@ -106,18 +111,17 @@ def validate_during_training(accelerator, components, unet, ema, scheduler, args
         return validate(accelerator, pipeline, args, step, weight_dtype)
 
 
-def save_grid(images: Sequence, output_dir: Path) -> Path:
-    """All validation images side by side in OUTPUT_DIR/validation_grid.png (the model card shows it)."""
-    from diffusers.utils import make_image_grid
+def step_label(step: int) -> str:
+    """A validation's column label: "base" for the untrained model, else "step N"."""
+    return "base" if step == BASE_STEP else f"step {step}"
 
+
+def save_grid(images: Sequence, prompts: Sequence[str], step: int, output_dir: Path) -> Path:
+    """OUTPUT_DIR/validation_grid.png (the model card shows it): one labelled row per prompt, the column this step,
+    small images enlarged so they can be seen."""
     path = Path(output_dir) / GRID_FILENAME
-    make_image_grid(list(images), rows=1, cols=len(images)).save(path)
+    write_png_atomic(path, labelled_grid([[image] for image in images], prompts, [step_label(step)]))
     return path
-
-
-PROGRESS_FILENAME = "validation_progress.png"
-# Validation before the first optimizer step: the base model's images, the progress picture's first column.
-BASE_STEP = 0
 
 
 def validation_steps(output_dir: Path, last_step: int, num_prompts: int) -> List[int]:
@@ -131,26 +135,30 @@ def validation_steps(output_dir: Path, last_step: int, num_prompts: int) -> List
     return sorted(steps)
 
 
-def save_progress(output_dir: Path, last_step: int, num_prompts: int) -> Optional[Path]:
-    """OUTPUT_DIR/validation_progress.png: one row per prompt, one column per validation step, the base (step 0)
-    first, read back from validation/step-N/ so a resumed run's earlier steps are in it too; None without images."""
+def read_validation_images(output_dir: Path, steps: Sequence[int], num_prompts: int) -> List[List]:
+    """validation/step-N/<row>.png as RGB, one list per prompt with one image per step, all at the first's size."""
     from PIL import Image
 
-    steps = validation_steps(output_dir, last_step, num_prompts)
-    if not steps or not num_prompts:
-        return None
     folder = Path(output_dir) / VALIDATION_DIRNAME
-    with Image.open(folder / f"step-{steps[0]}" / "0.png") as first:
-        width, height = first.size
-    sheet = Image.new("RGB", (width * len(steps), height * num_prompts))
-    for column, step in enumerate(steps):
+    rows = [[] for _ in range(num_prompts)]
+    for step in steps:
         for row in range(num_prompts):
             with Image.open(folder / f"step-{step}" / f"{row}.png") as image:
-                sheet.paste(image.convert("RGB").resize((width, height)), (column * width, row * height))
+                rows[row].append(image.convert("RGB"))
+    size = rows[0][0].size
+    return [[image if image.size == size else image.resize(size) for image in row] for row in rows]
+
+
+def save_progress(output_dir: Path, last_step: int, prompts: Sequence[str]) -> Optional[Path]:
+    """OUTPUT_DIR/validation_progress.png: one row per prompt, one column per validation step, the base (step 0)
+    first, labelled and enlarged, read back from validation/step-N/ so a resumed run's earlier steps are in it too;
+    None without images."""
+    steps = validation_steps(output_dir, last_step, len(prompts))
+    if not steps or not prompts:
+        return None
+    rows = read_validation_images(output_dir, steps, len(prompts))
     path = Path(output_dir) / PROGRESS_FILENAME
-    partial = path.with_name(path.name + TMP_SUFFIX)
-    sheet.save(partial, format="PNG")
-    partial.replace(path)
+    write_png_atomic(path, labelled_grid(rows, prompts, [step_label(step) for step in steps]))
     get_logger().info("Validation progress (rows: prompts; columns: %s): %s",
-                      ", ".join("base" if s == BASE_STEP else f"step {s}" for s in steps), path)
+                      ", ".join(step_label(step) for step in steps), path)
     return path

@@ -28,6 +28,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_png_atomic(path: Path, image) -> None:
+    """Save a PIL image to path as PNG atomically."""
+    tmp = tmp_path_for(path)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 @contextmanager
 def open_text_atomic(path: Path):
     """Open path for UTF-8 text writing; it appears only if the block finishes without error."""

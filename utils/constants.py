@@ -39,3 +39,7 @@ LOSS_CURVE_FILENAME = "loss_curve.png"
 # Inference
 DEFAULT_NUM_INFERENCE_STEPS = 100
 DEFAULT_GUIDANCE_SCALE = 7.5
+
+# Pictures for people (validation progress, grids, evaluation sheet): a smaller tile is enlarged by an integer factor
+# (nearest neighbour) until its short side reaches this, so a 16 px image is seen pixel by pixel rather than as a dot.
+MIN_TILE_SIDE = 128
