@@ -67,11 +67,11 @@ def test_resume_position(step, per_epoch, ga, expected):
 
 
 def test_publish_and_stale_cleanup(tmp_path):
-    """publish renames the temp folder into place (replacing an old one); stale temp folders are removed."""
+    """publish_dir renames the temp folder into place (replacing an old one); stale temp folders are removed."""
     tmp, final = C.partial_dir(tmp_path, 4), tmp_path / "checkpoint-4"
     make_dirs(tmp_path, tmp.name, "checkpoint-4/old")
     (tmp / "new").mkdir()
-    C.publish(tmp, final)
+    C.publish_dir(tmp, final)
     assert (final / "new").is_dir() and not (final / "old").exists() and not tmp.exists()
     make_dirs(tmp_path, ".checkpoint-6.partial", ".checkpoint-2.old")
     removed = {p.name for p in C.remove_stale_partials(tmp_path)}

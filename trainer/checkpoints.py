@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from utils.atomic import TRASH_SUFFIX, publish_dir as publish
+from utils.atomic import TRASH_SUFFIX, publish_dir
 from utils.cli import UsageError
 from utils.constants import CHECKPOINT_PREFIX, EMA_UNET_DIRNAME, UNET_DIRNAME
 from utils.logger import get_logger
@@ -120,7 +120,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: Optio
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        publish(tmp, final)
+        publish_dir(tmp, final)
         get_logger().info("Saved %s", final)
     accelerator.wait_for_everyone()
     return final
