@@ -1,9 +1,10 @@
-"""trainer/latent_cache.py: key, caption index, sharding, sampling equivalence, build/reuse/rebuild, dataset parity."""
+"""trainer/latent_cache/: key, caption index, chunks, resume, bounded memory, Parquet index, text cache, parity."""
 
 import dataclasses
 import io
 import logging
 
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -46,21 +47,28 @@ def make_table(captions, image_seeds=None):
 
 
 @pytest.fixture(scope="module")
-def tiny_parts():
-    """The tiny pipeline's VAE, text encoder and tokenizer, built in memory (fp32, eval mode)."""
+def tiny_pipe():
+    """The tiny pipeline, built in memory (fp32, frozen parts in eval mode)."""
     from stand_in.tiny_model import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(0)
     pipe.vae.eval()
     pipe.text_encoder.eval()
-    return pipe.vae, pipe.text_encoder, pipe.tokenizer
+    return pipe
 
 
-def builder_for(parts, batch_size=2) -> lc.Builder:
-    """A single-process builder with the centre-crop transform at RESOLUTION."""
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_pipe):
+    """The tiny pipeline's VAE, text encoder and tokenizer."""
+    return tiny_pipe.vae, tiny_pipe.text_encoder, tiny_pipe.tokenizer
+
+
+def builder_for(parts, batch_size=2, chunk_rows=lc.build.DEFAULT_CACHE_CHUNK_ROWS, text=lc.TEXT_STATES,
+                rank=0, world=1) -> lc.Builder:
+    """A builder (one process unless rank/world say otherwise) with the centre-crop transform at RESOLUTION."""
     vae, text_encoder, tokenizer = parts
     return lc.Builder(vae, text_encoder, tokenizer, data.make_image_transform(RESOLUTION, True, False, "lanczos"),
-                      batch_size, 0)
+                      batch_size, 0, rank, world, chunk_rows=chunk_rows, text=text)
 
 
 def test_sample_posterior_draws_like_diffusers():
@@ -80,24 +88,31 @@ def test_sample_posterior_draws_like_diffusers():
 
 def test_index_captions_dedupes_and_keeps_list_positions():
     """Distinct captions once each; a list keeps its order and length (so rng.choice picks the same position)."""
-    captions, rows = lc.index_captions(["a", ["b", "a", "b"], "c", "a"], "text")
-    assert captions == ["a", "b", "c"]
-    assert rows == [0, [1, 0, 1], 2, 0]
+    index = lc.index_captions(["a", ["b", "a", "b"], "c", "a"], "text")
+    assert index.captions.to_pylist() == ["a", "b", "c"]
+    assert [index.row(i) for i in range(len(index))] == [0, [1, 0, 1], 2, 0]
+    arrow = lc.index_captions(pa.chunked_array([pa.array([["b", "a"], ["a"]]), pa.array([["c", "b"]])]), "text")
+    assert arrow.captions.to_pylist() == ["b", "a", "c"]
+    assert [arrow.row(i) for i in range(3)] == [[0, 1], [1], [2, 0]]
 
 
-@pytest.mark.parametrize("bad", [[], 3, None])
-def test_index_captions_rejects_what_training_rejects(bad):
+@pytest.mark.parametrize("cells", [["ok", []], ["ok", 3], ["ok", None], pa.array([["ok"], []]), pa.array(["a", None]),
+                                   pa.array([1, 2]), pa.array([["a"], None])])
+def test_index_captions_rejects_what_training_rejects(cells):
     """An empty list or a non-string caption: the training dataset's usage error."""
     with pytest.raises(UsageError, match="strings or lists of strings"):
-        lc.index_captions(["ok", bad], "text")
+        lc.index_captions(cells, "text")
 
 
-@pytest.mark.parametrize("total,world", [(0, 2), (1, 2), (7, 3), (8, 2), (10, 4)])
-def test_shards_cover_every_item_once(total, world):
-    """The processes' contiguous ranges tile [0, total) without overlap."""
-    covered = [i for rank in range(world) for i in range(*lc.shard_range(total, rank, world))]
-    assert covered == list(range(total))
-    assert sum(end - start for start, end in lc.nonempty_shards(total, world)) == total
+@pytest.mark.parametrize("total,chunk_rows,world", [(0, 2, 2), (1, 2, 2), (7, 3, 3), (8, 2, 2), (10, 3, 4)])
+def test_chunks_cover_every_item_once(total, chunk_rows, world):
+    """The chunks tile [0, total) in chunk_rows pieces; the processes' static shares (i % world) tile the chunks."""
+    ranges = lc.chunk_ranges(total, chunk_rows)
+    assert [i for start, end in ranges for i in range(start, end)] == list(range(total))
+    assert all(0 < end - start <= chunk_rows for start, end in ranges)
+    shares = [lc.assigned(ranges, rank, world) for rank in range(world)]
+    assert sorted(r for share in shares for r in share) == ranges
+    assert all(ranges.index(r) % world == rank for rank, share in enumerate(shares) for r in share)
 
 
 def test_key_changes_with_every_input():
@@ -150,8 +165,9 @@ def test_build_then_reuse_then_rebuild_on_change(tiny_parts, tmp_path, caplog):
     table = make_table([["a field"], ["a road", "a field"], ["a pond"]])
     folder, built = lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table, builder_for(tiny_parts))
     assert built and "Building the latent cache" in caplog.text
-    assert sorted(files_and_mtimes(folder)) == ["captions-0000000-0000003.safetensors",
-                                                "latents-0000000-0000003.safetensors", lc.MANIFEST_FILENAME]
+    assert sorted(files_and_mtimes(folder)) == ["captions-0000000-0000003.safetensors", lc.CAPTIONS_FILENAME,
+                                                lc.INDEX_FILENAME, "latents-0000000-0000003.safetensors",
+                                                lc.MANIFEST_FILENAME]
     before = files_and_mtimes(folder)
     caplog.clear()
     again, built = lc.prepare_cache(tmp_path, key_of(make_table([["a field"], ["a road", "a field"], ["a pond"]]),
@@ -177,7 +193,10 @@ def test_cached_rows_equal_what_training_would_encode(tiny_parts, tmp_path):
     vae, text_encoder, tokenizer = tiny_parts
     captions = [["a field"], ["a road", "a field", "a harbour"], ["x", "y"], ["a pond", "a field"]]
     table = make_table(captions)
-    folder, _ = lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table, builder_for(tiny_parts, 3))
+    # Chunks of 3 rows and captions: rows and caption states are read across chunk files.
+    folder, _ = lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table,
+                                 builder_for(tiny_parts, 2, chunk_rows=3))
+    assert (folder / "latents-0000003-0000004.safetensors").is_file()
     cached = lc.CachedDataset(folder, seed=5, random_flip=True)
     plain = data.TrainingDataset(table, tokenizer, data.make_image_transform(RESOLUTION, True, True, "lanczos"),
                                  "image", "text", seed=5)

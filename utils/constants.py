@@ -39,3 +39,7 @@ LOSS_CURVE_FILENAME = "loss_curve.png"
 # Inference
 DEFAULT_NUM_INFERENCE_STEPS = 100
 DEFAULT_GUIDANCE_SCALE = 7.5
+
+# Latent cache (train_text_to_image.py --cache_latents)
+DEFAULT_CACHE_CHUNK_ROWS = 1024
+DEFAULT_TEXT_CACHE_BUDGET_GB = 5.0
