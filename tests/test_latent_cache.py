@@ -244,3 +244,178 @@ def test_default_root_is_under_output_dir_and_skipped_by_the_hub_push(tmp_path):
     assert lc.cache_root("elsewhere", str(tmp_path)).as_posix() == "elsewhere"
     relative = f"{root.relative_to(tmp_path).as_posix()}/abc/latents-0000000-0000003.safetensors"
     assert any(fnmatch.fnmatch(relative, pattern) for pattern in BASE_IGNORE_PATTERNS)
+
+
+def chunk_bytes(folder) -> dict:
+    """name → bytes of every chunk file and Parquet index file in folder."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".parquet")}
+
+
+CHUNKED_CAPTIONS = [["a field"], ["a road", "a field"], ["a pond"], ["x", "y"], ["a lake"]]  # 5 rows, 6 captions
+
+
+def test_killed_build_redoes_only_the_unfinished_chunk_and_matches(tiny_parts, tmp_path, monkeypatch):
+    """A build that dies in its third latent chunk keeps two chunks; the rerun builds the rest, byte for byte alike."""
+    table = make_table(CHUNKED_CAPTIONS)
+    key = key_of(table, tiny_parts)
+    whole, _ = lc.prepare_cache(tmp_path / "whole", key, SETTINGS, table, builder_for(tiny_parts, 2, chunk_rows=2))
+    real, calls = lc.chunks.posterior, []
+
+    def dies_in_third_chunk(vae, pixels):
+        """One batch per 2-row chunk: the third batch is the third chunk's."""
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(vae, pixels)
+
+    monkeypatch.setattr(lc.chunks, "posterior", dies_in_third_chunk)
+    with pytest.raises(RuntimeError, match="killed"):
+        lc.prepare_cache(tmp_path / "killed", key, SETTINGS, table, builder_for(tiny_parts, 2, chunk_rows=2))
+    folder = tmp_path / "killed" / key
+    assert sorted(p.name for p in folder.iterdir()) == ["latents-0000000-0000002.safetensors",
+                                                       "latents-0000002-0000004.safetensors"]
+    (folder / ".latents-0000004-0000005.safetensors.123.tmp").write_bytes(b"partial")  # a save killed mid-write
+    builder = builder_for(tiny_parts, 2, chunk_rows=2)
+    _, built = lc.prepare_cache(tmp_path / "killed", key, SETTINGS, table, builder)
+    assert built and builder.stats.chunks_built == ["latents-0000004-0000005.safetensors",
+                                                    "captions-0000000-0000002.safetensors",
+                                                    "captions-0000002-0000004.safetensors",
+                                                    "captions-0000004-0000006.safetensors"]
+    assert chunk_bytes(folder) == chunk_bytes(whole)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in whole.iterdir())  # no .tmp left
+
+
+def test_missing_or_truncated_chunks_are_rebuilt(tiny_parts, tmp_path):
+    """Without a manifest, a deleted chunk and a truncated one are rebuilt; complete ones are kept untouched."""
+    table = make_table(CHUNKED_CAPTIONS)
+    key = key_of(table, tiny_parts)
+    folder, _ = lc.prepare_cache(tmp_path, key, SETTINGS, table, builder_for(tiny_parts, 2, chunk_rows=2))
+    reference, before = chunk_bytes(folder), files_and_mtimes(folder)
+    (folder / lc.MANIFEST_FILENAME).unlink()
+    (folder / "captions-0000004-0000006.safetensors").unlink()
+    truncated = folder / "latents-0000002-0000004.safetensors"
+    truncated.write_bytes(reference[truncated.name][:-1])
+    assert not lc.chunk_is_complete(truncated, 2, 4) and not lc.chunk_is_complete(truncated, 2, 3)
+    builder = builder_for(tiny_parts, 2, chunk_rows=2)
+    lc.prepare_cache(tmp_path, key, SETTINGS, table, builder)
+    assert builder.stats.chunks_built == ["latents-0000002-0000004.safetensors",
+                                          "captions-0000004-0000006.safetensors"]
+    assert chunk_bytes(folder) == reference
+    kept = set(before) - set(builder.stats.chunks_built) - {lc.MANIFEST_FILENAME, lc.INDEX_FILENAME,
+                                                            lc.CAPTIONS_FILENAME}
+    assert all(files_and_mtimes(folder)[name] == before[name] for name in kept)
+
+
+def test_build_holds_one_chunk_at_a_time(tiny_parts, tmp_path):
+    """7 rows in chunks of 3 (batches of 2): the builder never holds more than the 3 rows of one chunk."""
+    table = make_table([f"caption {i}" for i in range(7)])
+    builder = builder_for(tiny_parts, 2, chunk_rows=3)
+    lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table, builder)
+    assert builder.stats.peak_rows == 3
+
+
+def test_two_processes_write_the_single_process_files(tiny_parts, tmp_path):
+    """Process i % 2 builds chunk i: together the two write exactly the files one process writes."""
+    table = make_table(CHUNKED_CAPTIONS)
+    key = key_of(table, tiny_parts)
+    single, _ = lc.prepare_cache(tmp_path / "one", key, SETTINGS, table, builder_for(tiny_parts, 2, chunk_rows=2))
+    folder = tmp_path / "two" / key
+    folder.mkdir(parents=True)
+    index = lc.index_captions(table["text"], "text")
+    built = []
+    for rank in (1, 0):
+        builder = builder_for(tiny_parts, 2, chunk_rows=2, rank=rank, world=2)
+        lc.build_chunks(builder, folder, table, "image", index, True)
+        built.append(builder.stats.chunks_built)
+    assert built[0] == ["latents-0000002-0000004.safetensors", "captions-0000002-0000004.safetensors"]
+    lc.build.finish(folder, key, SETTINGS, len(table), index, builder)
+    assert chunk_bytes(folder) == chunk_bytes(single)
+
+
+def test_parquet_index_has_rows_and_distinct_captions(tiny_parts, tmp_path):
+    """index.parquet: one row per table row (chunk, offset, caption ids); captions.parquet: each caption once."""
+    import pyarrow.parquet as pq
+
+    table = make_table(CHUNKED_CAPTIONS)
+    folder, _ = lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table,
+                                 builder_for(tiny_parts, 2, chunk_rows=2))
+    rows = pq.read_table(folder / lc.INDEX_FILENAME).to_pydict()
+    assert list(rows) == ["row", "chunk", "offset", "caption_ids", "caption_is_list"]
+    assert rows["row"] == [0, 1, 2, 3, 4] and rows["chunk"] == [0, 0, 1, 1, 2] and rows["offset"] == [0, 1, 0, 1, 0]
+    assert rows["caption_ids"] == [[0], [1, 0], [2], [3, 4], [5]] and all(rows["caption_is_list"])
+    captions = pq.read_table(folder / lc.CAPTIONS_FILENAME).to_pydict()
+    assert captions["caption"] == ["a field", "a road", "a pond", "x", "y", "a lake"]
+    assert captions["chunk"] == [0, 0, 1, 1, 2, 2] and captions["caption_id"] == list(range(6))
+    manifest = lc.read_manifest(folder, folder.name)
+    assert "captions" not in manifest and manifest["num_captions"] == 6 and manifest["latent_chunks"] == 3
+
+
+def test_bytes_on_disk_are_the_tensor_bytes(tiny_parts, tmp_path):
+    """The chunk files take within 5% of their tensors' raw bytes (numel × itemsize): no pickling, no padding."""
+    from safetensors import safe_open
+
+    table = make_table([f"caption {i}" for i in range(32)])
+    folder, _ = lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table,
+                                 builder_for(tiny_parts, 8, chunk_rows=16))
+    on_disk = raw = 0
+    for path in folder.glob("*.safetensors"):
+        on_disk += path.stat().st_size
+        with safe_open(str(path), framework="pt") as handle:
+            raw += sum(handle.get_tensor(n).numel() * handle.get_tensor(n).element_size() for n in handle.keys())
+    assert raw <= on_disk <= 1.05 * raw, (on_disk, raw)
+
+
+@pytest.mark.parametrize("mode,size,budget,kind", [
+    ("on", 10**12, 0, lc.TEXT_STATES), ("off", 0, 10**12, lc.TEXT_TOKENS), ("auto", 5, 5, lc.TEXT_STATES),
+    ("auto", 6, 5, lc.TEXT_TOKENS), ("auto", 0, 0, lc.TEXT_STATES)])
+def test_text_cache_decision(mode, size, budget, kind):
+    """on always caches states, off never, auto when the states' bytes are within the budget."""
+    assert lc.text_kind(mode, size, budget) == kind
+
+
+def test_text_states_bytes():
+    """Distinct captions × context × hidden × dtype bytes: NWPU-Captions' 157,500 in CLIP-L fp16 ≈ 18.6 GB."""
+    assert lc.text_states_bytes(157_500, 77, 768, torch.float16) == 157_500 * 77 * 768 * 2
+    assert lc.text_states_bytes(3, 77, 32, torch.float32) == 3 * 77 * 32 * 4
+    with pytest.raises(ValueError):
+        lc.text_kind("maybe", 0, 0)
+
+
+def test_token_ids_cache_gives_the_states_cache_losses(tiny_pipe, tiny_parts, tmp_path):
+    """Same seed, same batch: the loss from cached token ids (text encoder run per step) equals the cached states'."""
+    from trainer.loss import LossOptions, diffusion_loss
+
+    table = make_table([["a field", "a road"], ["a pond"], ["x", "y", "z"], ["a lake"]])
+    opened = {}
+    for text in (lc.TEXT_STATES, lc.TEXT_TOKENS):
+        folder, _ = lc.prepare_cache(tmp_path / text, key_of(table, tiny_parts), SETTINGS, table,
+                                     builder_for(tiny_parts, 2, chunk_rows=3, text=text))
+        opened[text] = lc.CachedDataset(folder, seed=3, random_flip=True)
+    assert opened[lc.TEXT_TOKENS].served_models == ("vae",)
+    assert opened[lc.TEXT_STATES].served_models == ("vae", "text_encoder")
+    losses = {}
+    for text, dataset in opened.items():
+        dataset.set_epoch(1)
+        batch = lc.collate_cached([dataset[i] for i in range(len(table))])
+        assert ("input_ids" in batch) == (text == lc.TEXT_TOKENS)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            losses[text] = [diffusion_loss(batch, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder,
+                                           tiny_pipe.scheduler, LossOptions(), torch.float32).item()
+                            for _ in range(3)]
+    assert losses[lc.TEXT_TOKENS] == pytest.approx(losses[lc.TEXT_STATES], rel=1e-5, abs=1e-7)
+
+
+def test_reads_work_with_one_open_chunk(tiny_parts, tmp_path, monkeypatch):
+    """With room for one open handle, reading rows across chunks closes the older handle and still reads right."""
+    table = make_table(CHUNKED_CAPTIONS)
+    folder, _ = lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table,
+                                 builder_for(tiny_parts, 2, chunk_rows=2))
+    roomy = lc.CachedDataset(folder, seed=0, random_flip=True)
+    expected = [roomy[i] for i in range(len(table))]
+    monkeypatch.setattr(lc.dataset, "MAX_OPEN_CHUNKS", 1)
+    tight = lc.CachedDataset(folder, seed=0, random_flip=True)
+    for i in (4, 0, 3, 1, 2):
+        got = tight[i]
+        assert len(tight._handles) == 1
+        assert all(torch.equal(got[k], expected[i][k]) for k in got)

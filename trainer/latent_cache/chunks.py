@@ -37,8 +37,8 @@ def save_chunk(tensors: dict, path: Path, start: int, end: int) -> None:
     from safetensors.torch import save_file
 
     partial = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
-              metadata={"start": str(start), "end": str(end)})
+    # One metadata entry: safetensors writes several in no fixed order, and chunks must be byte-reproducible.
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"rows": f"{start}-{end}"})
     os.replace(partial, path)
 
 
@@ -53,8 +53,8 @@ def chunk_is_complete(path: Path, start: int, end: int) -> bool:
     metadata = header.pop("__metadata__", None) or {}
     tensors = [v for v in header.values() if isinstance(v, dict) and "shape" in v and "data_offsets" in v]
     data_end = max((t["data_offsets"][1] for t in tensors), default=0)
-    return (path.stat().st_size == 8 + header_size + data_end and metadata.get("start") == str(start)
-            and metadata.get("end") == str(end) and bool(tensors)
+    return (path.stat().st_size == 8 + header_size + data_end and metadata.get("rows") == f"{start}-{end}"
+            and bool(tensors)
             and all(t["shape"][:1] == [end - start] for t in tensors))
 
 
