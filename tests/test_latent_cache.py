@@ -351,17 +351,17 @@ def test_parquet_index_has_rows_and_distinct_captions(tiny_parts, tmp_path):
 
 
 def test_bytes_on_disk_are_the_tensor_bytes(tiny_parts, tmp_path):
-    """The chunk files take within 5% of their tensors' raw bytes (numel × itemsize): no pickling, no padding."""
-    from safetensors import safe_open
-
-    table = make_table([f"caption {i}" for i in range(32)])
+    """The chunk files take within 5% of the raw bytes of what they must hold: per row mean and std of both views
+    and its caption id, per distinct caption its states (no pickling, padding, duplicates or wider dtypes)."""
+    vae, text_encoder, tokenizer = tiny_parts
+    rows = 32
+    table = make_table([f"caption {i}" for i in range(rows)])
     folder, _ = lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table,
                                  builder_for(tiny_parts, 8, chunk_rows=16))
-    on_disk = raw = 0
-    for path in folder.glob("*.safetensors"):
-        on_disk += path.stat().st_size
-        with safe_open(str(path), framework="pt") as handle:
-            raw += sum(handle.get_tensor(n).numel() * handle.get_tensor(n).element_size() for n in handle.keys())
+    side = RESOLUTION // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = vae.config.latent_channels * side * side * 4  # fp32 bytes of one view's mean (or std)
+    raw = rows * (2 * 2 * latent + 4 + 1) + rows * tokenizer.model_max_length * text_encoder.config.hidden_size * 4
+    on_disk = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
     assert raw <= on_disk <= 1.05 * raw, (on_disk, raw)
 
 
