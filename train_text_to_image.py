@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ema = models.build_ema(args, components.unet, accelerator.device, lora_setup) if args.use_ema else None
     register_state_hooks(accelerator, ema, args.offload_ema, lora_setup, args)
 
-    # Data; with --cache_latents the frozen encoders run once here, then leave the accelerator.
+    # Data; with --cache_latents the frozen encoders run once here, then those the cache serves leave the accelerator.
     num_workers = data.resolve_num_workers(args.dataloader_num_workers, accelerator.num_processes)
     with accelerator.main_process_first():
         dataset = data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed))
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     if args.cache_latents:
         dataset = latent_cache.cached_training_dataset(accelerator, args, components, dataset, weight_dtype,
                                                        num_workers)
-        models.move_frozen(components, "cpu")
+        models.offload_frozen(components, dataset.served_models)
         collate = latent_cache.collate_cached
     dataloader = data.build_dataloader(dataset, args.train_batch_size, num_workers, data.data_seed(args.seed),
                                        collate)

@@ -124,7 +124,7 @@ def test_hub_token_with_tensorboard_allowed():
 
 
 @pytest.mark.parametrize("flag", ["--train_batch_size", "--gradient_accumulation_steps", "--checkpointing_steps",
-                                  "--validation_epochs", "--max_train_steps"])
+                                  "--validation_epochs", "--max_train_steps", "--cache_chunk_rows"])
 def test_non_positive_counts_rejected(flag, capsys):
     """A zero count would divide by zero or loop forever hours into the run."""
     err = _usage_error(REQUIRED + [f"{flag}=0"], capsys)
@@ -132,7 +132,8 @@ def test_non_positive_counts_rejected(flag, capsys):
 
 
 @pytest.mark.parametrize("argv,named", [(["--mixed_precision=fp32"], "fp32"), (["--lr_scheduler=cosin"], "cosin"),
-                                        (["--report_to=wandbb"], "wandbb"), (["--resolution=abc"], "abc")])
+                                        (["--report_to=wandbb"], "wandbb"), (["--resolution=abc"], "abc"),
+                                        (["--text_cache=maybe"], "maybe"), (["--text_cache_budget_gb=-1"], "-1")])
 def test_bad_values_name_the_value(argv, named, capsys):
     """Typos fail at parse time, naming the bad value."""
     assert named in _usage_error(REQUIRED + argv, capsys)
@@ -202,3 +203,11 @@ def test_entry_script_help():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "--pretrained_model_name_or_path" in out.stdout and "--validation_prompt" in out.stdout
+
+
+def test_cache_scaling_defaults():
+    """Chunks of 1,024 rows; text states cached when they fit 5 GB; all three text cache modes accepted."""
+    args = parse_args(REQUIRED)
+    assert (args.cache_chunk_rows, args.text_cache, args.text_cache_budget_gb) == (1024, "auto", 5.0)
+    for mode in ("auto", "on", "off"):
+        assert parse_args(REQUIRED + ["--text_cache", mode]).text_cache == mode

@@ -1,4 +1,4 @@
-"""train_text_to_image.py --cache_latents end to end: same losses as uncached, exact resume, memory modes.
+"""train_text_to_image.py --cache_latents end to end: same losses as uncached, exact resume, memory modes, token ids.
 
 Four trainer runs (~10 s each), two at a time, shared through module fixtures.
 """
@@ -45,7 +45,8 @@ def first_runs(tiny_model_dir, caption_list_dataset, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def second_runs(first_runs, tiny_model_dir, tiny_data_dir, caption_list_dataset, tmp_path_factory) -> dict:
-    """A copy of the cached run resumed from checkpoint-2, and a cached run through the memory modes."""
+    """A copy of the cached run resumed from checkpoint-2, and a cached run (token ids only) through the memory
+    modes."""
     root = tmp_path_factory.mktemp("cache_second")
     resumed = root / "resumed"
     shutil.copytree(first_runs["cached"][0], resumed)
@@ -57,7 +58,7 @@ def second_runs(first_runs, tiny_model_dir, tiny_data_dir, caption_list_dataset,
         "memory": trainer_command(tiny_model_dir, tiny_data_dir, memory, "--max_train_steps", 2,
                                   "--gradient_accumulation_steps", 2, "--gradient_checkpointing", "--use_ema",
                                   "--offload_ema", "--foreach_ema", "--use_8bit_adam", "--dataloader_num_workers", 2,
-                                  "--checkpointing_steps", 2, *CACHE_FLAGS),
+                                  "--checkpointing_steps", 2, "--text_cache", "off", *CACHE_FLAGS),
     }
     results = run_parallel(commands)
     return {"resumed": (resumed, results["resumed"]), "memory": (memory, results["memory"])}
@@ -81,6 +82,7 @@ def test_cache_is_built_once_with_both_views_and_all_captions(first_runs):
         assert shard.get_slice("mean").get_shape() == [2, 2, 4, 32, 32]
     with safe_open(str(folder / "captions-0000000-0000004.safetensors"), framework="pt") as shard:
         assert shard.get_slice("states").get_shape()[:2] == [4, 77]
+    assert (folder / "index.parquet").is_file() and (folder / "captions.parquet").is_file()
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert (output / "validation" / "step-2" / "0.png").is_file()  # mid-run validation with the encoders brought back
 
@@ -97,12 +99,19 @@ def test_resume_with_cache_is_exact_and_reuses_it(first_runs, second_runs):
 
 
 def test_memory_modes_train_from_the_cache(second_runs):
-    """8-bit AdamW, offloaded foreach EMA, gradient checkpointing, 2 workers: trains, checkpoints, finite weights."""
+    """8-bit AdamW, offloaded foreach EMA, gradient checkpointing, 2 workers, --text_cache off (token ids cached,
+    text encoder run each step): trains, checkpoints, finite weights."""
     import torch
+    from safetensors import safe_open
 
     output, done = second_runs["memory"]
     succeeded(done)
     assert len(losses(output)) == 2
+    assert "--text_cache off" in done.stderr and "caching token ids" in done.stderr
+    (folder,) = (output / ".cache" / "latents").iterdir()
+    (captions,) = folder.glob("captions-*.safetensors")
+    with safe_open(str(captions), framework="pt") as chunk:
+        assert list(chunk.keys()) == ["input_ids"] and chunk.get_slice("input_ids").get_dtype() == "I32"
     assert (output / "checkpoint-2" / "unet_ema").is_dir()
     weights = load_weights(output / "unet")
     assert all(torch.isfinite(t).all() for t in weights.values())

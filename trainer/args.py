@@ -9,7 +9,7 @@ import math
 from typing import Optional, Sequence
 
 from utils.cli import ArgumentParser
-from utils.constants import DEFAULT_GUIDANCE_SCALE
+from utils.constants import DEFAULT_CACHE_CHUNK_ROWS, DEFAULT_GUIDANCE_SCALE, DEFAULT_TEXT_CACHE_BUDGET_GB
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -79,13 +79,24 @@ def _add_cache_args(parser: argparse.ArgumentParser) -> None:
                        help="Before training, encode every image with the VAE (and its mirror image with "
                             "--random_flip) and every distinct caption with the text encoder, once; train from that "
                             "cache, sampling each step's latents from the stored mean and std. Needs --center_crop. "
-                            "The VAE and text encoder then stay off the accelerator except for validation.")
+                            "The VAE (and the text encoder when its states are cached, see --text_cache) then stay off "
+                            "the accelerator except for validation.")
     group.add_argument("--latents_cache_dir", type=str, default=None,
                        help="Folder of the latent cache (not --cache_dir, which is the datasets/models download "
                             "cache). Unset: OUTPUT_DIR/.cache/latents. A rerun with the same model, data and image "
                             "settings reuses it; any change builds a new one.")
     group.add_argument("--vae_batch_size", type=int, default=8,
                        help="Images (and captions) per encoder batch while building the latent cache.")
+    group.add_argument("--cache_chunk_rows", type=int, default=DEFAULT_CACHE_CHUNK_ROWS,
+                       help="Rows per chunk file of the latent cache. A build holds one chunk in memory at a time, "
+                            "and an interrupted build redoes at most one chunk per process.")
+    group.add_argument("--text_cache", type=str, default="auto", choices=("auto", "on", "off"),
+                       help="Cache the text encoder's states of every distinct caption (on), or only their token ids "
+                            "and run the frozen text encoder each step (off; it then stays on the accelerator). "
+                            "auto: on when the states fit --text_cache_budget_gb.")
+    group.add_argument("--text_cache_budget_gb", type=float, default=DEFAULT_TEXT_CACHE_BUDGET_GB,
+                       help="With --text_cache auto: the most disk, in GB (1e9 bytes), the text states may take "
+                            "(distinct captions x context length x hidden size x dtype bytes).")
 
 
 def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
@@ -240,6 +251,7 @@ def _positive_flags(args: argparse.Namespace) -> list:
         ("--max_train_samples", args.max_train_samples),
         ("--checkpoints_total_limit", args.checkpoints_total_limit),
         ("--vae_batch_size", args.vae_batch_size),
+        ("--cache_chunk_rows", args.cache_chunk_rows),
         ("--lora_rank", args.lora_rank),
     ]
 
@@ -255,7 +267,8 @@ def check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}.")
     for flag, value in (("--lr_warmup_steps", args.lr_warmup_steps),
-                        ("--dataloader_num_workers", args.dataloader_num_workers)):
+                        ("--dataloader_num_workers", args.dataloader_num_workers),
+                        ("--text_cache_budget_gb", args.text_cache_budget_gb)):
         if value is not None and value < 0:
             parser.error(f"{flag} must not be negative, got {value}.")
     if args.cache_latents and not args.center_crop:

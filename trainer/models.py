@@ -20,6 +20,7 @@ class Components:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    offloaded: tuple = ()  # names of the frozen models kept on the CPU while a cache serves them
 
 
 def weight_dtype_for(mixed_precision: Optional[str]) -> torch.dtype:
@@ -91,17 +92,25 @@ def bare_model(model: torch.nn.Module) -> torch.nn.Module:
     return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
+def offload_frozen(components: Components, names) -> None:
+    """Move the named frozen models ("vae", "text_encoder") to the CPU while a cache serves them."""
+    components.offloaded = tuple(names)
+    for name in components.offloaded:
+        getattr(components, name).to("cpu")
+
+
 @contextlib.contextmanager
 def frozen_models_on(components: Components, device, enabled: bool = True):
-    """Bring the VAE and text encoder to device for the block (validation), then back to the CPU; no-op if disabled."""
-    if not enabled:
-        yield
-        return
-    move_frozen(components, device)
+    """Bring the offloaded frozen models to device for the block (validation), then back to the CPU; no-op if
+    disabled or none is offloaded."""
+    moved = [getattr(components, name) for name in components.offloaded] if enabled else []
+    for model in moved:
+        model.to(device)
     try:
         yield
     finally:
-        move_frozen(components, "cpu")
+        for model in moved:
+            model.to("cpu")
 
 
 @contextlib.contextmanager

@@ -43,3 +43,7 @@ DEFAULT_GUIDANCE_SCALE = 7.5
 # Pictures for people (validation progress, grids, evaluation sheet): a smaller tile is enlarged by an integer factor
 # (nearest neighbour) until its short side reaches this, so a 16 px image is seen pixel by pixel rather than as a dot.
 MIN_TILE_SIDE = 128
+
+# Latent cache (train_text_to_image.py --cache_latents)
+DEFAULT_CACHE_CHUNK_ROWS = 1024
+DEFAULT_TEXT_CACHE_BUDGET_GB = 5.0

@@ -1,0 +1,130 @@
+"""Training from a cache: rows read lazily from the chunk files, caption and view drawn like TrainingDataset."""
+
+import json
+import os
+import random
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from trainer.latent_cache.build import (MANIFEST_FILENAME, TEXT_STATES, Builder, cache_root, prepare_cache,
+                                        text_kind, text_states_bytes)
+from trainer.latent_cache.chunks import CAPTIONS_PREFIX, LATENTS_PREFIX, chunk_name
+from trainer.latent_cache.index import caption_column, index_captions
+from trainer.latent_cache.keys import CacheSettings, cache_key, data_fingerprint, module_fingerprint
+from utils.logger import get_logger
+
+MAX_OPEN_CHUNKS = 32  # safe_open handles kept per process (each maps one chunk file); older ones are closed
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A draw from N(mean, std²) consuming the global RNG exactly as diffusers' latent_dist.sample() does."""
+    return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Rows → cached posterior (mean, std) and caption states or token ids, with flip and caption drawn like
+    TrainingDataset.
+
+    The per-(seed, epoch, row) RNG is consumed in the same order as TrainingDataset (caption choice, then flip),
+    so a cached run picks the same caption and view as an uncached one. Chunk files are opened lazily with
+    safe_open in each process (DataLoader workers too) and memory-mapped: only the rows read are paged in.
+    """
+
+    def __init__(self, folder: Path, seed: int, random_flip: bool, epoch=None):
+        """folder: a complete cache; epoch: a shared SharedEpoch (a new one when None)."""
+        from trainer.data import SharedEpoch
+
+        self.folder, self.seed, self.random_flip = Path(folder), seed, random_flip
+        manifest = json.loads((self.folder / MANIFEST_FILENAME).read_text(encoding="utf-8"))
+        self.num_rows, self.num_captions = manifest["num_rows"], manifest["num_captions"]
+        self.chunk_rows, self.text = manifest["chunk_rows"], manifest["text"]
+        self.epoch = epoch if epoch is not None else SharedEpoch()
+        self._handles, self._pid = OrderedDict(), None
+
+    @property
+    def served_models(self) -> tuple:
+        """The frozen models this cache replaces during training (the text encoder runs when only ids are cached)."""
+        return ("vae", "text_encoder") if self.text == TEXT_STATES else ("vae",)
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return self.num_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's DataLoader at each epoch; persistent workers see it through shared memory."""
+        self.epoch.set(epoch)
+
+    def __getstate__(self) -> dict:
+        """Pickled without open file handles (workers started by spawn reopen them)."""
+        return {**self.__dict__, "_handles": OrderedDict(), "_pid": None}
+
+    def _handle(self, name: str):
+        """The safe_open handle of a chunk file, opened on first use in this process; least recently used closed."""
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # a forked worker must not share its parent's handles
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if name in self._handles:
+            self._handles.move_to_end(name)
+        else:
+            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
+            if len(self._handles) > MAX_OPEN_CHUNKS:
+                self._handles.popitem(last=False)
+        return self._handles[name]
+
+    def _read(self, prefix: str, total: int, item: int, names) -> list:
+        """Row item of the chunk holding it: one tensor per name."""
+        start = item // self.chunk_rows * self.chunk_rows
+        handle = self._handle(chunk_name(prefix, start, min(start + self.chunk_rows, total)))
+        return [handle.get_slice(name)[item - start] for name in names]
+
+    def __getitem__(self, index: int) -> dict:
+        """The row's posterior of the view drawn for this epoch, and its drawn caption's states or token ids."""
+        index = int(index)
+        rng = random.Random(f"{self.seed}:{self.epoch.get()}:{index}")
+        mean, std, ids, is_list = self._read(LATENTS_PREFIX, self.num_rows, index,
+                                             ("mean", "std", "caption_ids", "caption_is_list"))
+        ids = [i for i in ids.tolist() if i >= 0]
+        caption_id = rng.choice(ids) if bool(is_list) else ids[0]
+        view = 1 if self.random_flip and rng.random() < 0.5 else 0
+        name = "states" if self.text == TEXT_STATES else "input_ids"
+        (text,) = self._read(CAPTIONS_PREFIX, self.num_captions, caption_id, (name,))
+        text = {"encoder_hidden_states": text} if self.text == TEXT_STATES else {"input_ids": text.long()}
+        return {"latent_mean": mean[view], "latent_std": std[view], **text}
+
+
+def collate_cached(examples) -> dict:
+    """Stack cached rows into a batch."""
+    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+def decide_text(args, components, num_captions: int, weight_dtype: torch.dtype) -> str:
+    """--text_cache resolved for this data: cache states or token ids; one line saying which and why."""
+    size = text_states_bytes(num_captions, components.tokenizer.model_max_length,
+                             components.text_encoder.config.hidden_size, weight_dtype)
+    kind = text_kind(args.text_cache, size, int(args.text_cache_budget_gb * 1e9))
+    get_logger().info("--text_cache %s: %d distinct captions, %.3f GB of text-encoder states (budget %g GB): "
+                      "caching %s", args.text_cache, num_captions, size / 1e9, args.text_cache_budget_gb,
+                      "the states" if kind == TEXT_STATES else "token ids; the text encoder runs each step")
+    return kind
+
+
+def cached_training_dataset(accelerator, args, components, dataset, weight_dtype: torch.dtype,
+                            num_workers: int) -> CachedDataset:
+    """Key the cache on settings, frozen models, data and text kind; reuse or build it (chunked); open it."""
+    from trainer.data import make_image_transform
+
+    settings = CacheSettings.from_args(args, weight_dtype)
+    index = index_captions(caption_column(dataset.table, dataset.caption_column), dataset.caption_column)
+    text = decide_text(args, components, len(index.captions), weight_dtype)
+    key = cache_key(settings, module_fingerprint(components.vae), module_fingerprint(components.text_encoder),
+                    data_fingerprint(dataset.table, dataset.image_column, dataset.caption_column), text)
+    builder = Builder(components.vae, components.text_encoder, components.tokenizer,
+                      make_image_transform(args.resolution, True, False, args.image_interpolation_mode),
+                      args.vae_batch_size, num_workers, accelerator.process_index, accelerator.num_processes,
+                      accelerator.wait_for_everyone, args.cache_chunk_rows, text)
+    folder, _ = prepare_cache(cache_root(args.latents_cache_dir, args.output_dir), key, settings,
+                              dataset.table, builder, index)
+    return CachedDataset(folder, dataset.seed, args.random_flip)
