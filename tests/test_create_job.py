@@ -32,7 +32,7 @@ def test_plan_chunk_sends_only_rows_with_captions():
     rows = [Row(1, "a", b"1", [" .", "a field ."]), Row(2, "b", b"2", [" ."]), Row(3, "c", None, "a road")]
     plans, work = plan_chunk(rows, "first")
     assert [captions for _, captions in plans] == [["a field ."], [], ["a road"]]
-    assert work == [(1, b"1"), (3, None)]
+    assert work == [(1, b"1", False), (3, None, False)]
 
 
 def test_clear_images_removes_only_our_temporaries_unless_overwriting(tmp_path):
@@ -65,7 +65,7 @@ def test_guard_reads_a_folder_from_before_source_forms_as_parquet(tmp_path):
 def test_a_row_failed_by_its_reader_is_not_sent_and_keeps_its_reason():
     rows = [Row(1, "a", b"x", ["a road ."]), Row(2, "b", None, ["a road ."], ("missing_image", "b not found"))]
     plans, work = plan_chunk(rows, "first")
-    assert [number for number, _ in work] == [1]
+    assert [number for number, *_ in work] == [1]
     tally = JobTally()
     settle_chunk(plans, [(1, "written", "")], tally, io.StringIO())
     assert tally.failures == [{"row": 2, "filename": "b", "reason": "missing_image", "detail": "b not found"}]
