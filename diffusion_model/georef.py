@@ -86,11 +86,19 @@ def pyproj_latlon(epsg: int, x: float, y: float) -> Optional[tuple]:
     return (lat, lon) if math.isfinite(lat) and math.isfinite(lon) else None
 
 
+def transformation(tags: dict) -> Optional[list]:
+    """ModelTransformation's first two rows as 8 floats (tifffile gives it as 4 rows of 4), or None."""
+    matrix = tags.get("ModelTransformation")
+    if matrix is None:
+        return None
+    flat = [float(v) for row in matrix for v in (row if isinstance(row, (list, tuple)) else [row])]
+    return flat[:8] if len(flat) >= 16 else None
+
+
 def raster_to_model(tags: dict, i: float, j: float) -> Optional[tuple]:
     """Model (CRS) coordinates of raster point (i, j) by ModelTransformation, or ModelTiepoint + ModelPixelScale."""
-    matrix = tags.get("ModelTransformation")
-    if matrix is not None:
-        m = [float(v) for v in list(matrix)[:8]] if len(matrix) >= 16 else None
+    if "ModelTransformation" in tags:
+        m = transformation(tags)
         return (m[0] * i + m[1] * j + m[3], m[4] * i + m[5] * j + m[7]) if m else None
     tie, scale = tags.get("ModelTiepoint"), tags.get("ModelPixelScale")
     if tie is None or scale is None or len(tie) < 6 or len(scale) < 2:
@@ -100,9 +108,9 @@ def raster_to_model(tags: dict, i: float, j: float) -> Optional[tuple]:
 
 def pixel_size(tags: dict) -> Optional[tuple]:
     """A pixel's (width, height) in CRS units."""
-    matrix = tags.get("ModelTransformation")
-    if matrix is not None and len(matrix) >= 16:
-        return math.hypot(float(matrix[0]), float(matrix[4])), math.hypot(float(matrix[1]), float(matrix[5]))
+    if "ModelTransformation" in tags:
+        m = transformation(tags)
+        return (math.hypot(m[0], m[4]), math.hypot(m[1], m[5])) if m else None
     scale = tags.get("ModelPixelScale")
     return (abs(float(scale[0])), abs(float(scale[1]))) if scale is not None and len(scale) >= 2 else None
 
