@@ -316,6 +316,8 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
             tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, False))
             write_lines(sources_out, kept_source_lines(sources_file, keep_outside, False))
             write_lines(metadata_out, kept_source_lines(metadata_file, keep_outside, False))
+    if metadata_file.stat().st_size == 0:  # no image in the folder has metadata: no file, rather than an empty one
+        metadata_file.unlink()
     return tally, time.monotonic() - started
 
 
