@@ -83,6 +83,12 @@ def test_locate_a_utm_tile_from_its_tie_point_and_scale():
     assert (found.lat, found.lon) == pytest.approx(georef.utm_to_latlon(551000, 4180000, 10, False), abs=1e-9)
 
 
+def test_locate_a_southern_utm_tile():
+    found = georef.locate(utm_tags(32756, corner=(334000 - 50, 6252000 + 50), scale=1.0), 100, 100)
+    expected = snyder_utm_inverse(334000, 6252000 - 10000000, 153)
+    assert (found.lat, found.lon) == pytest.approx(expected, abs=1e-6) and found.lat == pytest.approx(-33.86, abs=0.01)
+
+
 def test_pixel_is_point_shifts_the_centre_by_half_a_pixel():
     area = georef.locate(utm_tags(32610, corner=(551000, 4180000), scale=100), 2, 2)
     point = georef.locate(utm_tags(32610, corner=(551000, 4180000), scale=100, raster_type=2), 2, 2)
