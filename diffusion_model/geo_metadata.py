@@ -85,35 +85,36 @@ def check_number(field: str, raw) -> float:
     return value
 
 
-def check_date(raw) -> str:
-    """An ISO 8601 date or date-time, or a year alone -> 'YYYY', 'YYYY-MM-DD' or a full ISO timestamp."""
-    if isinstance(raw, dt.datetime):
-        parsed = raw
-    elif isinstance(raw, dt.date):
-        parsed = dt.datetime(raw.year, raw.month, raw.day)
-        raw = raw.isoformat()
-    elif isinstance(raw, int) and not isinstance(raw, bool):
-        raw = str(raw)
-        parsed = None
-    elif isinstance(raw, str):
-        raw = raw.strip()
-        parsed = None
-    else:
-        raise ValueError(f"not a date ({type(raw).__name__})")
-    if parsed is None:
-        if YEAR_ONLY.match(raw):
-            year = int(raw)
-            if not YEAR_RANGE[0] <= year <= YEAR_RANGE[1]:
-                raise ValueError(f"year outside {YEAR_RANGE[0]}-{YEAR_RANGE[1]}")
-            return raw
-        try:
-            parsed = dt.datetime.fromisoformat(raw)
-        except ValueError:
-            raise ValueError("not an ISO 8601 date, date-time or year") from None
-    if not YEAR_RANGE[0] <= parsed.year <= YEAR_RANGE[1]:
+def check_year(year: int) -> None:
+    """ValueError for a year no acquisition date has."""
+    if not YEAR_RANGE[0] <= year <= YEAR_RANGE[1]:
         raise ValueError(f"year outside {YEAR_RANGE[0]}-{YEAR_RANGE[1]}")
-    has_time = isinstance(raw, dt.datetime) or (isinstance(raw, str) and len(raw) > 10)
-    return parsed.isoformat() if has_time else parsed.date().isoformat()
+
+
+def check_date(raw) -> str:
+    """An ISO 8601 date or date-time, or a year alone -> 'YYYY', 'YYYY-MM-DD' or a full ISO timestamp (a year alone
+    stays a year: inventing 1 January would invent a season)."""
+    if isinstance(raw, dt.datetime):  # Parquet timestamp cells
+        check_year(raw.year)
+        return raw.isoformat()
+    if isinstance(raw, dt.date):  # Parquet date cells
+        check_year(raw.year)
+        return raw.isoformat()
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)
+    if not isinstance(raw, str):
+        raise ValueError(f"not a date ({type(raw).__name__})")
+    text = raw.strip()
+    if YEAR_ONLY.match(text):
+        check_year(int(text))
+        return text
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("not an ISO 8601 date, date-time or year") from None
+    check_year(parsed.year)
+    # fromisoformat reads "2021-07-01" and "20210701" as midnight; only a text longer than a date has a time.
+    return parsed.isoformat() if len(text) > len("YYYY-MM-DD") else parsed.date().isoformat()
 
 
 def check_sensor(raw) -> str:

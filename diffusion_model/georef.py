@@ -11,6 +11,8 @@ import io
 import math
 from typing import NamedTuple, Optional
 
+import tifffile
+
 # WGS84 ellipsoid; NAD83's GRS80 differs in the flattening's 10th digit, and the datums by about a metre.
 WGS84_A, WGS84_F = 6378137.0, 1 / 298.257223563
 UTM_K0, UTM_FALSE_EASTING, UTM_FALSE_NORTHING_SOUTH = 0.9996, 500000.0, 10000000.0
@@ -174,8 +176,6 @@ def locate(tags: Optional[dict], width: int, height: int) -> Optional[Location]:
 
 def read_georef(data: bytes) -> Optional[tuple]:
     """(width, height, GeoTIFF tags or None) of a TIFF's first image, from its header; None when unreadable."""
-    import tifffile
-
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages.first
