@@ -55,7 +55,7 @@ def parse_literals(text: str) -> dict:
     for field, raw in pairs.items():
         value, reason = check_value(field, raw)
         if reason:
-            raise argparse.ArgumentTypeError(f"{text!r}: {field}={raw}: {reason}")
+            raise argparse.ArgumentTypeError(f"{field}={raw}: {reason}")
         pairs[field] = value
     return pairs
 
