@@ -5,7 +5,9 @@ Sources: Parquet (RSICD or image+text schema), Karpathy JSON, NWPU-Captions JSON
 adds another source to the folder, numbered after the rows already there. captions.txt holds one
 `rsicd_images/image_NNNNNN.jpg<TAB>caption` line per caption, the name relative to the folder holding it;
 OUTPUT_DIR/source_files.jsonl names each image's file in the source ({"file_name", "source_file"} per line; rows
-whose source has no names get none), which format.py carries into metadata.jsonl.
+whose source has no names get none), which format.py carries into metadata.jsonl; OUTPUT_DIR/metadata_values.jsonl
+holds each image's metadata ({"file_name", "metadata": {"gsd", "lat", ...}}; only images that have some) from
+--metadata_columns, --metadata_sidecars, --metadata and GeoTIFF georeferencing, the GSD corrected for the resize.
 Failed rows leave a gap that OUTPUT_DIR/create_report.json explains. Re-running resumes; --overwrite redoes all.
 
 Run: python diffusion_model/create.py --input P [P ...] --output_dir O [--format auto] [--split train] [--append]
@@ -22,8 +24,9 @@ from typing import Optional, Sequence
 
 from utils.atomic import write_json_atomic
 from diffusion_model.captions import CAPTION_MODES
-from diffusion_model.create_job import (PREVIOUS_REPORT_FILENAME, SETTINGS_FILENAME, ImageSettings, build_report,
-                                        default_workers, prepare_output, run_job, summary_line)
+from diffusion_model.create_job import (PREVIOUS_REPORT_FILENAME, SETTINGS_FILENAME, ImageSettings, MetadataPlan,
+                                        build_report, default_workers, prepare_output, run_job, summary_line)
+from diffusion_model.geo_metadata import FIELDS, parse_columns, parse_literals
 from diffusion_model.geotiff import (DEFAULT_PERCENTILES, STRETCH_MODES, MultibandSettings, parse_bands,
                                      parse_percentiles)
 from diffusion_model.imaging import RESIZE_MODES
@@ -41,6 +44,7 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser = ArgumentParser(description="Turn captioned images (Parquet, Karpathy or NWPU JSON, CSV, JSONL, "
                                         "webdataset) into JPEGs plus captions.txt.")
     add_source_flags(parser)
+    add_metadata_flags(parser)
     parser.add_argument("--output_dir", required=True, help="Folder for rsicd_images/, captions.txt and the report.")
     parser.add_argument("--caption_file", default=CAPTIONS_FILENAME,
                         help="Captions file; a bare name is placed in --output_dir, and it must lie directly in it.")
@@ -91,9 +95,26 @@ def add_source_flags(parser: ArgumentParser) -> None:
                              "rerunning the same command resumes it.")
 
 
+def add_metadata_flags(parser: ArgumentParser) -> None:
+    """Where each image's metadata (GSD, place, date, cloud, off-nadir angle, sensor) comes from."""
+    known = ", ".join(FIELDS)
+    parser.add_argument("--metadata_columns", type=parse_columns, metavar="FIELD=COLUMN,...",
+                        help=f"Per-row metadata: our field names ({known}) = the source's columns (Parquet, CSV, "
+                             "JSONL), a webdataset sample's .json keys, or with --metadata_sidecars the sidecars' "
+                             "keys; e.g. gsd=ground_sample_distance,lat=latitude,lon=longitude,date=timestamp.")
+    parser.add_argument("--metadata_sidecars", action="store_true",
+                        help="Read each image's metadata from the JSON file beside it (<image stem>.json or "
+                             "<image stem>_rgb.json, as fMoW ships); its keys default to fMoW's (gsd, timestamp, "
+                             "cloud_cover, off_nadir_angle_dbl, sensor_platform_name, raw_location's centre).")
+    parser.add_argument("--metadata", type=parse_literals, metavar="FIELD=VALUE,...",
+                        help="Values for every image of this source, e.g. gsd=1.0,sensor=naip (a row's own values "
+                             "and a GeoTIFF's georeferencing come first; the GSD is the source images').")
+
+
 def source_options(args) -> SourceOptions:
     """The reader options from the command line."""
-    return SourceOptions(args.format, args.split, args.images_dir, args.image_column, args.caption_column)
+    return SourceOptions(args.format, args.split, args.images_dir, args.image_column, args.caption_column,
+                         metadata_columns=args.metadata_columns, metadata_sidecars=args.metadata_sidecars)
 
 
 def renumbered(rows, offset: int):
@@ -149,8 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = renumbered(source.rows(args.limit), spot.offset)
     total = min(source.rows_total, args.limit or source.rows_total)
     keep = None if args.overwrite and not spot.appended else own_rows
+    metadata = MetadataPlan(args.metadata or {}, args.resolution, args.resize_mode)
     tally, seconds = run_job(rows, total, output_dir, caption_file, settings, args.caption_mode,
-                             args.num_workers, args.overwrite, keep)
+                             args.num_workers, args.overwrite, keep, metadata)
 
     report_path = output_dir / CREATE_REPORT_FILENAME
     used = {**vars(args), "input": [str(p) for p in source.inputs], "output_dir": str(output_dir),

@@ -4,9 +4,12 @@ The main process reads rows, cleans captions and ships raw image bytes in small 
 decodes, resizes, encodes and writes its JPEG itself, returning only a tiny status. At most a fixed number of
 chunks are in flight, so memory stays flat however long the input is, and results are consumed in submission
 order, so captions.txt is streamed in row order, and beside it source_files.jsonl, each image's file name in the
-source (the renaming to image_NNNNNN.jpg would otherwise lose the scene class RSICD's names carry).
+source (the renaming to image_NNNNNN.jpg would otherwise lose the scene class RSICD's names carry), and
+metadata_values.jsonl, each image's metadata (GSD corrected for the resize; see geo_metadata.py). The workers read
+each GeoTIFF's georeference and the source size of every row with metadata from the image header, reused or not.
 """
 
+import io
 import json
 import multiprocessing
 import os
@@ -23,11 +26,14 @@ from tqdm import tqdm
 
 from utils.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
 from diffusion_model.captions import select_captions
+from diffusion_model.geo_metadata import FIELDS, row_metadata
+from diffusion_model.georef import locate, read_georef
 from diffusion_model.geotiff import MultibandSettings
 from diffusion_model.image_errors import ImageRejected
-from diffusion_model.imaging import prepare
+from diffusion_model.imaging import is_tiff, prepare
 from diffusion_model.ledger import LEGACY
 from utils.cli import UsageError
+from utils.logger import get_logger
 from utils.constants import (
     CAPTION_SEPARATOR,
     CREATE_REPORT_FILENAME,
@@ -35,6 +41,8 @@ from utils.constants import (
     IMAGE_INDEX_DIGITS,
     IMAGE_PREFIX,
     IMAGES_DIRNAME,
+    METADATA_KEY,
+    METADATA_VALUES_FILENAME,
     SOURCE_FILE_KEY,
     SOURCE_FILES_FILENAME,
     TMP_SUFFIX,
@@ -63,6 +71,15 @@ class ImageSettings:
     multiband: MultibandSettings = MultibandSettings()
 
 
+@dataclass(frozen=True)
+class MetadataPlan:
+    """How rows get their metadata: the source's literal values (--metadata) and the resize the GSD follows."""
+
+    literals: dict = field(default_factory=dict)
+    resolution: int = 512
+    resize_mode: str = "center_crop"
+
+
 @dataclass
 class JobTally:
     """Counts and failures gathered while the job runs."""
@@ -73,6 +90,10 @@ class JobTally:
     caption_lines: int = 0
     kept_caption_lines: int = 0  # other sources' lines (--append) written back around this source's
     failures: list = field(default_factory=list)
+    metadata_rows: int = 0
+    metadata_fields: Counter = field(default_factory=Counter)
+    metadata_problems: list = field(default_factory=list)
+    unlocated: Counter = field(default_factory=Counter)  # GeoTIFF rows left without lat/lon, per EPSG code
 
     def fail(self, number: int, filename, reason: str, detail: str = "") -> None:
         """Record a failed row."""
@@ -126,6 +147,11 @@ def kept_source_lines(sources_file: Path, rows: range, before: bool):
     return kept_lines(sources_file, rows, before, source_line_number)
 
 
+def metadata_line(name: str, values: dict) -> str:
+    """A metadata_values.jsonl line: an image's name (as in captions.txt) and its metadata."""
+    return json.dumps({"file_name": name, METADATA_KEY: values}, ensure_ascii=False) + "\n"
+
+
 def source_line(name: str, source_file: str) -> str:
     """A source_files.jsonl line: an image's name (as in captions.txt) and its row's file name in the source."""
     return json.dumps({"file_name": name, SOURCE_FILE_KEY: source_file}, ensure_ascii=False) + "\n"
@@ -154,40 +180,81 @@ def init_worker(images_dir: str, settings: ImageSettings, overwrite: bool) -> No
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
+def source_facts(data: bytes, wanted: bool) -> Optional[tuple]:
+    """(width, height, Location or None) of a row's source image from its header: every GeoTIFF (its georeference
+    gives GSD and place) and any image whose metadata needs its size (the GSD correction); None otherwise."""
+    if is_tiff(data):
+        found = read_georef(data)
+        if found:
+            width, height, tags = found
+            return width, height, locate(tags, width, height)
+    if not wanted:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size[0], image.size[1], None
+    except Exception:  # an undecodable image fails its row in prepare(); it has no size to give here
+        return None
+
+
 def process_chunk(items: list) -> list:
-    """Worker: for each (row number, image bytes) reuse or make and write the JPEG; return (number, outcome, detail)."""
+    """Worker: for each (row number, image bytes, metadata wanted) reuse or make and write the JPEG; return
+    (number, outcome, detail, source facts)."""
     settings, images_dir = _worker_state["settings"], _worker_state["images_dir"]
     statuses = []
-    for number, data in items:
+    for number, data, wanted in items:
         path = images_dir / image_name(number)
+        facts = source_facts(data, wanted) if data else None
         # The existence check runs here rather than in the main process, so resuming costs the reader nothing.
         if not _worker_state["overwrite"] and path.exists():
-            statuses.append((number, REUSED, ""))
+            statuses.append((number, REUSED, "", facts))
             continue
         try:
             jpeg = prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels,
                            settings.multiband)
         except ImageRejected as err:
-            statuses.append((number, err.reason, err.detail))
+            statuses.append((number, err.reason, err.detail, None))
             continue
         write_bytes_atomic(path, jpeg)
-        statuses.append((number, WRITTEN, ""))
+        statuses.append((number, WRITTEN, "", facts))
     return statuses
 
 
-def plan_chunk(rows: list, caption_mode: str) -> tuple:
-    """Clean each row's captions; return per-row plans and the image work (rows with a caption) to send out."""
+def plan_chunk(rows: list, caption_mode: str, literals: Optional[dict] = None) -> tuple:
+    """Clean each row's captions; return per-row plans and the image work (rows with a caption) to send out, each
+    marked when its metadata needs the source image's size."""
     plans = [(row, select_captions(row.captions, caption_mode)) for row in rows]
-    work = [(row.number, row.image) for row, captions in plans if captions and not row.failure]
+    work = [(row.number, row.image, bool(literals or row.metadata)) for row, captions in plans
+            if captions and not row.failure]
     return plans, work
 
 
-def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out, sources_out=None) -> None:
-    """Merge a finished chunk into the tally and append its caption lines (and source-name lines), in row order."""
-    outcomes = {number: (outcome, detail) for number, outcome, detail in statuses}
+def settle_metadata(row, name: str, facts: Optional[tuple], plan: MetadataPlan, tally: JobTally, out) -> None:
+    """Work out a kept row's metadata, write its line (when it has any) and count its fields and bad values."""
+    size, location = (facts[:2], facts[2]) if facts else (None, None)
+    tags = {k: v for k, v in zip(("gsd", "lat", "lon"), location[:3]) if v is not None} if location else {}
+    if location and location.unsupported is not None:
+        if location.unsupported not in tally.unlocated:
+            get_logger().warning("GeoTIFF CRS EPSG:%s is not UTM (WGS84/NAD83), Web Mercator or geographic, and pyproj "
+                                 "is not installed or cannot convert it: its rows keep no location",
+                                 location.unsupported)
+        tally.unlocated[location.unsupported] += 1
+    values, problems = row_metadata(row.metadata, tags, plan.literals, size, plan.resolution, plan.resize_mode)
+    tally.metadata_problems += [{"row": row.number, "field": f, "value": v, "reason": r} for f, v, r in problems]
+    if values:
+        tally.metadata_rows += 1
+        tally.metadata_fields.update(values.keys())
+        out.write(metadata_line(name, values))
+
+
+def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out, sources_out=None, metadata_out=None,
+                 metadata_plan: Optional[MetadataPlan] = None) -> None:
+    """Merge a finished chunk into the tally and append its caption lines (and source-name and metadata lines), in
+    row order."""
+    outcomes = {status[0]: status[1:] for status in statuses}
     for row, captions in plans:
         tally.rows_processed += 1
-        outcome, detail = outcomes.get(row.number, row.failure or (REASON_NO_CAPTION, ""))
+        outcome, detail, *facts = outcomes.get(row.number, row.failure or (REASON_NO_CAPTION, ""))
         if outcome not in (WRITTEN, REUSED):
             tally.fail(row.number, row.filename, outcome, detail)
             continue
@@ -198,6 +265,9 @@ def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out, sou
         tally.caption_lines += len(captions)
         if sources_out is not None and row.filename:
             sources_out.write(source_line(name, row.filename))
+        if metadata_out is not None:
+            settle_metadata(row, name, facts[0] if facts else None, metadata_plan or MetadataPlan(), tally,
+                            metadata_out)
 
 
 def chunked(rows: Iterable, max_rows: int, max_bytes: int):
@@ -215,24 +285,28 @@ def chunked(rows: Iterable, max_rows: int, max_bytes: int):
 
 
 def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, settings: ImageSettings,
-            caption_mode: str, num_workers: int, overwrite: bool, keep_outside: Optional[range] = None) -> tuple:
+            caption_mode: str, num_workers: int, overwrite: bool, keep_outside: Optional[range] = None,
+            metadata_plan: Optional[MetadataPlan] = None) -> tuple:
     """Process all rows with a bounded pool; write captions.txt atomically; return (tally, seconds).
 
-    keep_outside: this run's output rows; the caption lines (and source-name lines) other sources wrote outside
-    them stay, in row order.
+    keep_outside: this run's output rows; the caption lines (and source-name and metadata lines) other sources
+    wrote outside them stay, in row order.
     """
     images_dir, sources_file = output_dir / IMAGES_DIRNAME, output_dir / SOURCE_FILES_FILENAME
+    metadata_file, metadata_plan = output_dir / METADATA_VALUES_FILENAME, metadata_plan or MetadataPlan()
     started, tally, pending = time.monotonic(), JobTally(), deque()
     max_in_flight = num_workers * CHUNKS_IN_FLIGHT_PER_WORKER
     with multiprocessing.Pool(num_workers, init_worker, (str(images_dir), settings, overwrite)) as pool, \
             open_text_atomic(caption_file) as captions_out, open_text_atomic(sources_file) as sources_out, \
+            open_text_atomic(metadata_file) as metadata_out, \
             tqdm(total=total, unit="row", desc="create", disable=None) as bar:
-        outs = (captions_out, sources_out)
+        outs = (captions_out, sources_out, metadata_out, metadata_plan)
         if keep_outside is not None:
             tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, True))
             write_lines(sources_out, kept_source_lines(sources_file, keep_outside, True))
+            write_lines(metadata_out, kept_source_lines(metadata_file, keep_outside, True))
         for chunk in chunked(rows, CHUNK_ROWS, CHUNK_BYTES):
-            plans, work = plan_chunk(chunk, caption_mode)
+            plans, work = plan_chunk(chunk, caption_mode, metadata_plan.literals)
             pending.append((plans, pool.apply_async(process_chunk, (work,)) if work else None))
             while len(pending) >= max_in_flight:
                 settle_oldest(pending, tally, outs, bar)
@@ -241,6 +315,9 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
         if keep_outside is not None:
             tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, False))
             write_lines(sources_out, kept_source_lines(sources_file, keep_outside, False))
+            write_lines(metadata_out, kept_source_lines(metadata_file, keep_outside, False))
+    if metadata_file.stat().st_size == 0:  # no image in the folder has metadata: no file, rather than an empty one
+        metadata_file.unlink()
     return tally, time.monotonic() - started
 
 
@@ -254,7 +331,8 @@ def write_lines(out, lines) -> int:
 
 
 def settle_oldest(pending: deque, tally: JobTally, outs: tuple, bar) -> None:
-    """Wait for the oldest chunk in flight and fold it into the results (outs: the captions and sources files)."""
+    """Wait for the oldest chunk in flight and fold it into the results (outs: the captions, sources and metadata
+    files, and the metadata plan)."""
     plans, result = pending.popleft()
     settle_chunk(plans, result.get() if result else [], tally, *outs)
     bar.update(len(plans))
@@ -279,7 +357,30 @@ def build_report(tally: JobTally, seconds: float, inputs: list, rows_total: int,
         "elapsed_seconds": round(seconds, 3),
         "rows_per_second": round(tally.rows_processed / seconds, 2) if seconds > 0 else None,
         "failures": tally.failures,
+        "metadata": metadata_summary(tally),
+        "metadata_problems": tally.metadata_problems,
     }
+
+
+def metadata_summary(tally: JobTally) -> dict:
+    """Counts for the report: rows with metadata, rows per field, bad values per field, GeoTIFFs left unplaced."""
+    return {"rows_with_metadata": tally.metadata_rows,
+            "fields": {f: tally.metadata_fields[f] for f in FIELDS if tally.metadata_fields[f]},
+            "bad_values": len(tally.metadata_problems),
+            "bad_values_by_field": dict(Counter(p["field"] for p in tally.metadata_problems).most_common()),
+            "rows_without_location_by_epsg": {str(code): n for code, n in tally.unlocated.items()}}
+
+
+def metadata_note(tally: JobTally) -> str:
+    """The summary line's metadata part ("" when the source gave none)."""
+    if not (tally.metadata_rows or tally.metadata_problems or tally.unlocated):
+        return ""
+    fields = ", ".join(f"{f} {tally.metadata_fields[f]}" for f in FIELDS if tally.metadata_fields[f])
+    unplaced = sum(tally.unlocated.values())
+    return (f"; metadata on {tally.metadata_rows} rows ({fields or 'no fields'}), "
+            f"{len(tally.metadata_problems)} bad values dropped"
+            + (f", {unplaced} GeoTIFF rows without location (EPSG {', '.join(map(str, tally.unlocated))})"
+               if unplaced else ""))
 
 
 def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds: float, source: str = "") -> str:
@@ -292,7 +393,8 @@ def summary_line(tally: JobTally, caption_file: Path, report_path: Path, seconds
     share = (f" ({tally.caption_lines} from this source, {tally.kept_caption_lines} from the folder's other sources)"
              if tally.kept_caption_lines else "")
     return (f"create{label}: {ok}/{tally.rows_processed} rows ok ({tally.images_written} written, {tally.images_reused} reused), "
-            f"{failed}; {total} caption lines in {caption_file}{share}; {seconds:.1f}s; report {report_path}")
+            f"{failed}; {total} caption lines in {caption_file}{share}{metadata_note(tally)}; {seconds:.1f}s; "
+            f"report {report_path}")
 
 
 def default_workers() -> int:

@@ -4,7 +4,9 @@ The folder holding --output_file is DATA_DIR: `datasets.load_dataset("imagefolde
 yields `image` and `text` columns, one row per image. Each JSON line is {"file_name": ..., "text": ...} with
 file_name relative to DATA_DIR; text is a list in every row when any image has several captions. When create.py's
 source_files.jsonl lies beside --caption_file, each line also gets "source_file": the image's file name in the
-source create.py read (null for an image it does not name), from which evaluate.py reads the scene class.
+source create.py read (null for an image it does not name), from which evaluate.py reads the scene class; when
+create.py's metadata_values.jsonl lies there too, an image with metadata gets "metadata": {"gsd": 0.6, "lat": ...}
+(only the fields it has; no key at all for an image without any).
 A bad line (no tab, empty name or caption, unsafe name, missing image) makes the run exit 1 and write nothing,
 unless --skip_invalid drops it. A format_report.json is written beside the output.
 
@@ -22,9 +24,11 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 from utils.atomic import open_text_atomic, write_json_atomic
-from diffusion_model.metadata import build_records, drop_missing, group_lines, read_source_files, unlisted_images
+from diffusion_model.metadata import (build_records, drop_missing, group_lines, read_metadata_values,
+                                      read_source_files, unlisted_images)
 from utils.cli import ArgumentParser, UsageError, run_main
-from utils.constants import FORMAT_REPORT_FILENAME, METADATA_FILENAME, SOURCE_FILE_KEY, SOURCE_FILES_FILENAME
+from utils.constants import (FORMAT_REPORT_FILENAME, METADATA_FILENAME, METADATA_KEY, METADATA_VALUES_FILENAME,
+                             SOURCE_FILE_KEY, SOURCE_FILES_FILENAME)
 from utils.logger import get_logger, setup_logging
 
 MAX_PROBLEMS_SHOWN = 20
@@ -75,14 +79,29 @@ def load_source_files(caption_dir: Path) -> tuple:
     return names, bad
 
 
+def load_metadata_values(caption_dir: Path) -> tuple:
+    """create.py's image -> metadata beside the captions ({} when absent) and its unreadable line numbers, logged."""
+    path = caption_dir / METADATA_VALUES_FILENAME
+    if not path.is_file():
+        return {}, []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        values, bad = read_metadata_values(handle)
+    for number in bad[:MAX_PROBLEMS_SHOWN]:
+        get_logger().warning("%s line %d is not a {file_name, metadata} object; its image gets no metadata",
+                             METADATA_VALUES_FILENAME, number)
+    return values, bad
+
+
 def format_report(caption_file: Path, output_file: Path, groups: dict, problems: list, unlisted: list,
-                  records: list, bad_source_lines: list) -> dict:
+                  records: list, bad_source_lines: list, bad_metadata_lines: tuple = ()) -> dict:
     """The format_report.json document."""
     return {"caption_file": str(caption_file), "output_file": str(output_file), "data_dir": str(output_file.parent),
             "images": len(groups), "captions": sum(len(c) for c in groups.values()),
             "text_is_list": any(len(c) > 1 for c in groups.values()), "skipped_lines": [asdict(p) for p in problems],
             "unlisted_images": unlisted, "source_files": sum(bool(r.get(SOURCE_FILE_KEY)) for r in records),
-            "source_files_bad_lines": bad_source_lines}
+            "source_files_bad_lines": bad_source_lines,
+            "images_with_metadata": sum(METADATA_KEY in r for r in records),
+            "metadata_values_bad_lines": list(bad_metadata_lines)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -105,13 +124,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
     sources, bad_source_lines = load_source_files(caption_dir)
-    records = build_records(groups, caption_dir, data_dir, sources)
+    metadata, bad_metadata_lines = load_metadata_values(caption_dir)
+    records = build_records(groups, caption_dir, data_dir, sources, metadata)
     unlisted = unlisted_images(data_dir, (caption_dir / name for name in groups))
     for name in unlisted:
         get_logger().warning("image without caption (the loader will leave it out): %s", name)
     with open_text_atomic(output_file) as out:
         out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    report = format_report(caption_file, output_file, groups, problems, unlisted, records, bad_source_lines)
+    report = format_report(caption_file, output_file, groups, problems, unlisted, records, bad_source_lines,
+                           bad_metadata_lines)
     write_json_atomic(data_dir / FORMAT_REPORT_FILENAME, report)
     print(f"format: {len(records)} images, {report['captions']} captions -> {output_file}; "
           f"{len(problems)} bad line(s) skipped, {len(unlisted)} image(s) without caption; DATA_DIR={data_dir}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from diffusion_model.captions import collapse_whitespace
-from utils.constants import CAPTION_SEPARATOR, SOURCE_FILE_KEY
+from utils.constants import CAPTION_SEPARATOR, METADATA_KEY, SOURCE_FILE_KEY
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # "http:", "s3:", "file:" and Windows drives like "C:" all name something outside the data folder.
@@ -115,14 +115,38 @@ def read_source_files(lines: Iterable[str]) -> tuple:
     return names, bad
 
 
-def build_records(groups: dict, caption_dir: Path, data_dir: Path, sources: Optional[dict] = None) -> list:
+def read_metadata_values(lines: Iterable[str]) -> tuple:
+    """create.py's metadata_values.jsonl lines -> ({image name: metadata object}, numbers of unreadable lines)."""
+    values, bad = {}, []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            name, metadata = record["file_name"], record[METADATA_KEY]
+        except (ValueError, KeyError, TypeError):
+            bad.append(number)
+            continue
+        if not (isinstance(name, str) and isinstance(metadata, dict)):
+            bad.append(number)
+            continue
+        values[name] = metadata
+    return values, bad
+
+
+def build_records(groups: dict, caption_dir: Path, data_dir: Path, sources: Optional[dict] = None,
+                  metadata: Optional[dict] = None) -> list:
     """One {"file_name", "text"} record per image; text is a list for all rows when any image has several.
 
     With sources (image name -> source file name, create.py's source_files.jsonl), every record also gets
-    "source_file", null for an image it does not name, so all lines have the same keys for the loader."""
+    "source_file", null for an image it does not name, so all lines have the same keys for the loader.
+    With metadata (image name -> {field: value}, create.py's metadata_values.jsonl), an image that has some gets
+    "metadata"; one without has no such key (the loader reads it as null), never zeros."""
     as_list = any(len(captions) > 1 for captions in groups.values())
+    metadata = metadata or {}
     return [
         {"file_name": relative_name(name, caption_dir, data_dir), "text": captions if as_list else captions[0],
-         **({SOURCE_FILE_KEY: sources.get(name)} if sources else {})}
+         **({SOURCE_FILE_KEY: sources.get(name)} if sources else {}),
+         **({METADATA_KEY: metadata[name]} if metadata.get(name) else {})}
         for name, captions in groups.items()
     ]

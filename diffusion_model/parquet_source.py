@@ -36,6 +36,7 @@ class Row(NamedTuple):
 
     failure is (reason, detail) when the reader already knows the row is bad (say, its image file is missing).
     label is the cell of a column the reader was asked for besides these (evaluate.py's --class_column), else None.
+    metadata is {field: raw value} of the row's metadata (create.py's --metadata_columns or sidecars), else None.
     """
 
     number: int
@@ -44,6 +45,7 @@ class Row(NamedTuple):
     captions: object
     failure: Optional[tuple] = None
     label: object = None
+    metadata: Optional[dict] = None
 
 
 def resolve_parquet_paths(specs: Sequence[str]) -> list:
@@ -148,29 +150,55 @@ def check_label_column(paths: Sequence[Path], column: str, flag: str) -> None:
             raise UsageError(f"{flag} {column!r} is not a column of {path} (columns: {', '.join(names)})")
 
 
-def batch_rows(batch: pa.RecordBatch, columns: Columns, first_number: int, label_column: Optional[str] = None) -> list:
-    """Turn one record batch into Rows numbered from first_number (with label_column's cells as labels)."""
+def check_metadata_columns(paths: Sequence[Path], mapping: Optional[dict]) -> None:
+    """A usage error naming the first --metadata_columns column a file lacks."""
+    for path in paths if mapping else ():
+        parquet = open_parquet(path)
+        names = parquet.schema_arrow.names
+        parquet.close()
+        for field, column in mapping.items():
+            if column not in names:
+                raise UsageError(f"--metadata_columns {field}={column}: {column!r} is not a column of {path} "
+                                 f"(columns: {', '.join(names)})")
+
+
+def metadata_cells(batch: pa.RecordBatch, mapping: Optional[dict]) -> list:
+    """Per row, {field: cell} of the mapped metadata columns (None per row without a mapping)."""
+    if not mapping:
+        return [None] * batch.num_rows
+    cells = {field: batch.column(column).to_pylist() for field, column in mapping.items()}
+    return [{field: values[i] for field, values in cells.items()} for i in range(batch.num_rows)]
+
+
+def batch_rows(batch: pa.RecordBatch, columns: Columns, first_number: int, label_column: Optional[str] = None,
+               metadata_columns: Optional[dict] = None) -> list:
+    """Turn one record batch into Rows numbered from first_number (with label_column's cells as labels and the
+    metadata columns' cells as raw metadata)."""
     images = batch.column(columns.image).to_pylist()
     if columns.image_is_struct:
         images = [cell["bytes"] if cell else None for cell in images]
     captions = batch.column(columns.caption).to_pylist()
     names = batch.column(columns.filename).to_pylist() if columns.filename else [None] * batch.num_rows
     labels = batch.column(label_column).to_pylist() if label_column else [None] * batch.num_rows
-    return [Row(first_number + i, names[i], images[i], captions[i], label=labels[i]) for i in range(batch.num_rows)]
+    metadata = metadata_cells(batch, metadata_columns)
+    return [Row(first_number + i, names[i], images[i], captions[i], label=labels[i], metadata=metadata[i])
+            for i in range(batch.num_rows)]
 
 
 def iter_rows(paths: Sequence[Path], columns: Columns, batch_size: int, limit: Optional[int] = None,
-              label_column: Optional[str] = None) -> Iterator[Row]:
+              label_column: Optional[str] = None, metadata_columns: Optional[dict] = None) -> Iterator[Row]:
     """Yield rows across all files in order, numbered from 1, stopping after limit rows; label_column (checked by
-    check_label_column) is read beside the image, caption and file name."""
-    wanted = list(dict.fromkeys(c for c in (columns.image, columns.caption, columns.filename, label_column) if c))
+    check_label_column) and the metadata columns (by check_metadata_columns) are read beside the image, caption
+    and file name."""
+    extra = (label_column, *(metadata_columns or {}).values())
+    wanted = list(dict.fromkeys(c for c in (columns.image, columns.caption, columns.filename, *extra) if c))
     number = 1
     for path in paths:
         parquet = open_parquet(path)
         try:
             # Single-threaded decoding: the worker processes own the cores, the reader should not compete with them.
             for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted, use_threads=False):
-                for row in batch_rows(batch, columns, number, label_column):
+                for row in batch_rows(batch, columns, number, label_column, metadata_columns):
                     if limit is not None and row.number > limit:
                         return
                     yield row

@@ -3,7 +3,9 @@
 NAIP: 4-band RGBN uint8, photometric RGB with the near-infrared band as an extra sample. Sentinel-2: 12-band
 uint16 surface reflectance (B1..B12 as named in GDAL_METADATA, offset 1000 as in L2A since 2022), a nodata wedge
 in one corner (GDAL_NODATA 0, like a tile at the edge of a swath) and a few bright glints (specular water, cloud
-cores) that a min-max stretch would let wash the picture out. Both carry a GeoTIFF georeference (UTM).
+cores) that a min-max stretch would let wash the picture out. Both carry a GeoTIFF georeference: NAIP on NAD83 UTM
+zone 10N (EPSG 26910, as NAIP ships) centred on San Francisco, Sentinel-2 on WGS84 UTM zone 33N; create.py reads
+their GSD and centre from it.
 """
 
 import io
@@ -27,7 +29,9 @@ GLINT_VALUE = 20000
 GLINT_SHARE = 0.004
 NODATA = 0
 PIXEL_METRES = {"naip": 0.6, "sentinel2": 10.0}
-UTM_ZONE_EPSG = {"naip": 32617, "sentinel2": 32633}
+UTM_ZONE_EPSG = {"naip": 26910, "sentinel2": 32633}
+# Easting, northing of each kind's tile centre (UTM 10N 551000 E, 4180000 N is about 37.766 N, 122.421 W).
+TILE_CENTRE = {"naip": (551000.0, 4180000.0), "sentinel2": (501120.0, 3998880.0)}
 # GeoTIFF tags and keys (GeoTIFF 1.1): model type projected, raster type pixel-is-area, projected CRS by EPSG code.
 MODEL_PIXEL_SCALE, MODEL_TIEPOINT, GEO_KEY_DIRECTORY = 33550, 33922, 34735
 GDAL_METADATA, GDAL_NODATA = 42112, 42113
@@ -75,12 +79,15 @@ def gdal_metadata(names: Sequence[str]) -> str:
     return f"<GDALMetadata>{items}</GDALMetadata>"
 
 
-def geo_tags(kind: str, nodata, names: Optional[Sequence[str]]) -> list:
-    """tifffile extratags: pixel scale, tie point, geo keys (UTM by EPSG), and GDAL nodata and band names."""
+def geo_tags(kind: str, nodata, names: Optional[Sequence[str]], shape: tuple = (224, 224)) -> list:
+    """tifffile extratags: pixel scale, tie point (the tile's top-left corner, so that a (height, width) tile is
+    centred on TILE_CENTRE), geo keys (UTM by EPSG), and GDAL nodata and band names."""
     scale = PIXEL_METRES[kind]
+    east, north = TILE_CENTRE[kind]
+    corner = (east - shape[1] / 2 * scale, north + shape[0] / 2 * scale)
     keys = (1, 1, 0, 3, GT_MODEL_TYPE, 0, 1, 1, GT_RASTER_TYPE, 0, 1, 1, PROJECTED_CRS, 0, 1, UTM_ZONE_EPSG[kind])
     tags = [(MODEL_PIXEL_SCALE, "d", 3, (scale, scale, 0.0), True),
-            (MODEL_TIEPOINT, "d", 6, (0.0, 0.0, 0.0, 500000.0, 4000000.0, 0.0), True),
+            (MODEL_TIEPOINT, "d", 6, (0.0, 0.0, 0.0, *corner, 0.0), True),
             (GEO_KEY_DIRECTORY, "H", len(keys), keys, True)]
     if nodata is not None:
         tags.append((GDAL_NODATA, "s", 0, str(nodata), True))
@@ -94,7 +101,7 @@ def encode_geotiff(pixels: np.ndarray, kind: str, nodata=None, names: Optional[S
     """(height, width, bands) pixels as GeoTIFF bytes: NAIP as photometric RGB + extra band, others as plain bands."""
     rgb = kind == "naip" and pixels.shape[-1] >= 3
     options = {"photometric": "rgb" if rgb else "minisblack", "compression": compression,
-               "extratags": geo_tags(kind, nodata, names)}
+               "extratags": geo_tags(kind, nodata, names, pixels.shape[:2])}
     if rgb and pixels.shape[-1] > 3:
         options["extrasamples"] = ["unspecified"] * (pixels.shape[-1] - 3)
     if pixels.shape[-1] == 1:

@@ -1,6 +1,7 @@
 """Writers of every caption source form from the project's sample scenes (diffusion_model/sample_data.py), each with
 a few hostile rows, and the outcome each row must have: its 1-based row number -> expected failure reason (None =
-a good row) and the caption create.py must keep.
+a good row) and the caption create.py must keep. Each also carries per-image metadata the way its form does
+(columns, .json members, fMoW-style sidecars), see scene_metadata.
 
 Forms: Karpathy JSON (three splits, .tif images in a subfolder), NWPU-Captions JSON (per-class folders), CSV,
 JSONL, and webdataset tar shards.
@@ -24,6 +25,12 @@ def scene(index: int, seed: int = 3) -> tuple:
     image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
     name = row["filename"].rpartition("/")[2]
     return name.rpartition("_")[0], image, row["captions"]
+
+
+def scene_metadata(index: int) -> dict:
+    """Metadata of scene `index` as a source would hold it (gsd in metres of the 224 px scene, lat, date); scene 1's
+    latitude is not a number, so create.py drops that field alone and reports it."""
+    return {"gsd": 0.5 * (index + 1), "lat": "north" if index == 1 else 10.0 + index, "date": f"2020-0{index + 1}-01"}
 
 
 def first_caption(captions) -> str:
@@ -57,6 +64,11 @@ def write_karpathy(root: Path, per_split: int = 3) -> dict:
                          for i, c in enumerate(captions)]
             entry = {"filename": name, "imgid": index, "split": split, "sentences": sentences,
                      "sentids": [s["sentid"] for s in sentences]}
+            if index < 2:  # fMoW's keys; the third train image has no sidecar (its row is kept, the gap reported)
+                sidecar = {"gsd": 0.3 * (index + 1), "timestamp": f"2016-07-0{index + 1}T10:00:00Z",
+                           "raw_location": "POLYGON ((10 40, 12 40, 12 42, 10 42, 10 40))"}
+                (root / "imgs").mkdir(parents=True, exist_ok=True)
+                (root / "imgs" / f"{index:05d}.json").write_text(json.dumps(sidecar), encoding="utf-8")
             outcomes.append((entry, (None, first_caption(captions))))
             index += 1
     outcomes += [({"filename": "gone.tif", "split": "train", "sentences": [{"raw": "a lost field ."}]},
@@ -109,7 +121,9 @@ def table_rows(root: Path, count: int = 4) -> tuple:
         _, image, captions = scene(index)
         name = f"images/scene_{index}.png"
         save(image, root / name, "PNG")
-        rows.append({"file_name": name, "text": captions[1]})
+        meta = scene_metadata(index)
+        rows.append({"file_name": name, "text": captions[1], "res": meta["gsd"], "latitude": meta["lat"],
+                     "acquired": meta["date"]})
         expected.append((None, first_caption([captions[1]])))
     # Real images where an escaping name would lead, so a reader that follows the name would keep a bad row.
     save(scene(0)[1], root.parent / "outside.png", "PNG")
@@ -128,7 +142,7 @@ def write_csv(root: Path) -> list:
     """index.csv (file_name,text) beside images/; returns expected outcomes."""
     rows, expected = table_rows(root)
     with open(root / "index.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, ["file_name", "text"])
+        writer = csv.DictWriter(handle, ["file_name", "text", "res", "latitude", "acquired"])
         writer.writeheader()
         writer.writerows(rows)
     return expected
@@ -137,7 +151,8 @@ def write_csv(root: Path) -> list:
 def write_jsonl(root: Path) -> list:
     """index.jsonl with keys filename and caption (a list), plus a broken line; returns expected outcomes."""
     rows, expected = table_rows(root)
-    lines = [json.dumps({"filename": r["file_name"], "caption": [r["text"]]}) for r in rows] + ["{broken"]
+    lines = [json.dumps({"filename": r["file_name"], "caption": [r["text"]],
+                         **{k: r[k] for k in ("res", "latitude", "acquired") if k in r}}) for r in rows] + ["{broken"]
     (root / "index.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return expected + [("bad_entry", None)]
 
@@ -170,8 +185,11 @@ def write_webdataset(root: Path, per_shard: int = 3) -> list:
                 add_member(tar, f"{key}.{image_ext}", jpeg_bytes(image))
                 caption = first_caption(captions)
                 kind = ("caption", "txt", "json")[n % 3]
-                payload = json.dumps({"caption": caption, "width": 224}) if kind == "json" else caption
+                meta = {"res": scene_metadata(index)["gsd"], "width": 224}
+                payload = json.dumps({"caption": caption, **meta}) if kind == "json" else caption
                 add_member(tar, f"{key}.{kind}", payload.encode("utf-8"))
+                if kind != "json":  # metadata in a .json member beside the caption member
+                    add_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
                 expected.append((None, caption))
                 index += 1
             if shard == 0:

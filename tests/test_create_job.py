@@ -32,7 +32,7 @@ def test_plan_chunk_sends_only_rows_with_captions():
     rows = [Row(1, "a", b"1", [" .", "a field ."]), Row(2, "b", b"2", [" ."]), Row(3, "c", None, "a road")]
     plans, work = plan_chunk(rows, "first")
     assert [captions for _, captions in plans] == [["a field ."], [], ["a road"]]
-    assert work == [(1, b"1"), (3, None)]
+    assert work == [(1, b"1", False), (3, None, False)]
 
 
 def test_clear_images_removes_only_our_temporaries_unless_overwriting(tmp_path):
@@ -65,7 +65,7 @@ def test_guard_reads_a_folder_from_before_source_forms_as_parquet(tmp_path):
 def test_a_row_failed_by_its_reader_is_not_sent_and_keeps_its_reason():
     rows = [Row(1, "a", b"x", ["a road ."]), Row(2, "b", None, ["a road ."], ("missing_image", "b not found"))]
     plans, work = plan_chunk(rows, "first")
-    assert [number for number, _ in work] == [1]
+    assert [number for number, *_ in work] == [1]
     tally = JobTally()
     settle_chunk(plans, [(1, "written", "")], tally, io.StringIO())
     assert tally.failures == [{"row": 2, "filename": "b", "reason": "missing_image", "detail": "b not found"}]
@@ -119,3 +119,66 @@ def test_kept_source_file_lines_are_those_outside_the_run(tmp_path):
     (tmp_path / "s.jsonl").write_text("".join(lines))
     assert list(kept_source_lines(tmp_path / "s.jsonl", range(2, 6), True)) == [lines[0], "{broken\n"]
     assert list(kept_source_lines(tmp_path / "s.jsonl", range(2, 6), False)) == [lines[3]]
+
+
+def test_settled_rows_get_their_metadata_lines_with_the_gsd_corrected(caplog):
+    """Row values over GeoTIFF values over literals, GSD scaled by source/output pixels, bad values reported per row,
+    a GeoTIFF in a CRS we cannot read warned about once and counted, an image without metadata left out."""
+    from diffusion_model.create_job import MetadataPlan, build_report
+    from diffusion_model.georef import Location
+
+    rows = [Row(1, "a.tif", b"x", ["a field ."], metadata={"gsd": "0.3", "lat": "95", "cloud": 10}),
+            Row(2, "b.tif", b"x", ["a pond ."]), Row(3, "c.tif", b"x", ["a road ."]),
+            Row(4, "d.jpg", b"x", ["a dam ."], metadata={"gsd": None})]
+    plans, work = plan_chunk(rows, "first", {"sensor": "naip"})
+    assert [wanted for *_, wanted in work] == [True, True, True, True]
+    statuses = [(1, "written", "", (1024, 768, Location(0.6, 37.7, -122.4))),
+                (2, "reused", "", (224, 224, Location(0.5, None, None, 2154))),
+                (3, "written", "", (224, 224, Location(0.5, None, None, 2154))), (4, "reused", "", None)]
+    tally, metadata = JobTally(), io.StringIO()
+    plan = MetadataPlan({"sensor": "naip"}, 256, "center_crop")
+    settle_chunk(plans, statuses, tally, io.StringIO(), io.StringIO(), metadata, plan)
+    assert [json.loads(line) for line in metadata.getvalue().splitlines()] == [
+        {"file_name": "rsicd_images/image_000001.jpg",
+         "metadata": {"gsd": 0.9, "lat": 37.7, "lon": -122.4, "cloud": 10.0, "sensor": "naip"}},
+        {"file_name": "rsicd_images/image_000002.jpg", "metadata": {"gsd": 0.4375, "sensor": "naip"}},
+        {"file_name": "rsicd_images/image_000003.jpg", "metadata": {"gsd": 0.4375, "sensor": "naip"}},
+        {"file_name": "rsicd_images/image_000004.jpg", "metadata": {"sensor": "naip"}}]
+    assert tally.metadata_problems == [{"row": 1, "field": "lat", "value": "95", "reason": "outside [-90, 90]"}]
+    assert [r.message.count("EPSG:2154") for r in caplog.records] == [1], "one warning per CRS, not per row"
+    summary = build_report(tally, 1.0, [], 4, {})["metadata"]
+    assert summary == {"rows_with_metadata": 4, "fields": {"gsd": 3, "lat": 1, "lon": 1, "cloud": 1, "sensor": 4},
+                       "bad_values": 1, "bad_values_by_field": {"lat": 1},
+                       "rows_without_location_by_epsg": {"2154": 2}}
+    assert ("; metadata on 4 rows (gsd 3, lat 1, lon 1, cloud 1, sensor 4), 1 bad values dropped, 2 GeoTIFF rows "
+            "without location (EPSG 2154);") in summary_line(tally, io.StringIO(), "r.json", 1.0)
+    assert "metadata" not in summary_line(JobTally(), "c.txt", "r.json", 1.0)
+
+
+def test_workers_read_the_georeference_and_size_of_reused_images_too(tmp_path):
+    """A resumed row is not decoded again, yet its metadata needs the source size and GeoTIFF tags."""
+    from diffusion_model.create_job import ImageSettings, init_worker, process_chunk, source_facts
+    from diffusion_model.sample_geotiff import geotiff_row
+
+    tiff = geotiff_row(3, 0, "naip")["image"]["bytes"]
+    init_worker(str(tmp_path), ImageSettings(32, "center_crop", 90, 10 ** 8), False)
+    first = process_chunk([(1, tiff, False)])
+    again = process_chunk([(1, tiff, False)])
+    assert [s[1] for s in first + again] == ["written", "reused"]
+    width, height, location = again[0][3]
+    assert (width, height) == (224, 224) and location.gsd == pytest.approx(0.6)
+    assert location.lat == pytest.approx(37.7659, abs=1e-4) and location.lon == pytest.approx(-122.4210, abs=1e-4)
+    jpeg = (tmp_path / image_name(1)).read_bytes()
+    assert source_facts(jpeg, False) is None, "an image without metadata costs no header read"
+    assert source_facts(jpeg, True) == (32, 32, None)
+    assert source_facts(b"junk", True) is None
+
+
+def test_kept_metadata_lines_are_those_outside_the_run(tmp_path):
+    """--append keeps the other sources' metadata_values.jsonl lines (the same rule as source_files.jsonl)."""
+    from diffusion_model.create_job import kept_source_lines, metadata_line
+
+    lines = [metadata_line(f"rsicd_images/{image_name(n)}", {"gsd": float(n)}) for n in (1, 3, 7)]
+    (tmp_path / "m.jsonl").write_text("".join(lines))
+    assert list(kept_source_lines(tmp_path / "m.jsonl", range(2, 5), True)) == lines[:1]
+    assert list(kept_source_lines(tmp_path / "m.jsonl", range(2, 5), False)) == lines[2:]

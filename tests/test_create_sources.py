@@ -30,6 +30,36 @@ FORMS = {
 }
 
 
+SCALE = 224 / RESOLUTION  # the scenes are 224 px, written at RESOLUTION: each output pixel covers SCALE of theirs
+
+
+def table_metadata(count: int = 4) -> list:
+    """metadata.jsonl's metadata of the CSV and JSONL cases' good rows (gsd=res,lat=latitude,date=acquired)."""
+    expected = []
+    for index in range(count):
+        meta = cases.scene_metadata(index)
+        expected.append({"gsd": round(meta["gsd"] * SCALE, 6), **({"lat": meta["lat"]} if index != 1 else {}),
+                         "date": meta["date"]})
+    return expected
+
+
+FMOW_CENTRE = {"lat": 41.0, "lon": 11.0}
+# form -> (create.py's metadata flags, metadata.jsonl's metadata of the good rows in order, bad values reported)
+METADATA = {
+    "csv": (["--metadata_columns", "gsd=res,lat=latitude,date=acquired"], table_metadata(),
+            [{"row": 2, "field": "lat", "value": "north", "reason": "not a number"}]),
+    "jsonl": (["--metadata_columns", "gsd=res,lat=latitude,date=acquired"], table_metadata(),
+              [{"row": 2, "field": "lat", "value": "north", "reason": "not a number"}]),
+    "webdataset": (["--metadata_columns", "gsd=res"], [{"gsd": round(0.5 * (i + 1) * SCALE, 6)} for i in range(6)],
+                   []),
+    "karpathy": (["--metadata_sidecars"],
+                 [{"gsd": 2.1, **FMOW_CENTRE, "date": "2016-07-01T10:00:00+00:00"},
+                  {"gsd": 4.2, **FMOW_CENTRE, "date": "2016-07-02T10:00:00+00:00"}, None],
+                 [{"row": 3, "field": "sidecar", "value": "00002.json", "reason": "missing"}]),
+    "nwpu": (["--metadata", "gsd=0.2,sensor=aerial"], [{"gsd": 1.4, "sensor": "aerial"}] * 6, []),
+}
+
+
 def create(run_script, source, output_dir, *extra):
     """Run create.py at a small resolution; assert it succeeded."""
     result = run_script(CREATE, ["--input", source, "--output_dir", output_dir, "--resolution", RESOLUTION,
@@ -62,14 +92,20 @@ def test_form_end_to_end(form, tmp_path, run_script):
     writer, index, label = FORMS[form]
     expected = writer(tmp_path / "src")
     output_dir = tmp_path / "out"
-    result = create(run_script, tmp_path / "src" / index, output_dir)
+    flags, metadata, bad_values = METADATA[form]
+    result = create(run_script, tmp_path / "src" / index, output_dir, *flags)
     good = sum(reason is None for reason, _ in expected)
     assert f"create ({label}): {good}/{len(expected)} rows ok" in result.stdout
+    assert f"metadata on {sum(m is not None for m in metadata)} rows" in result.stdout
     assert_outcomes(output_dir, expected)
     report = read_report(output_dir)
     assert report["source"]["format"] == form and report["rows_in_inputs"] == len(expected)
+    assert report["metadata_problems"] == bad_values and report["metadata"]["bad_values"] == len(bad_values)
     dataset = load_imagefolder(output_dir, run_script, tmp_path / "cache")
     assert dataset.num_rows == good
+    records = [json.loads(line) for line in (output_dir / "metadata.jsonl").read_text().splitlines()]
+    assert [r.get("metadata") for r in records] == metadata, "each image's metadata, GSD scaled to the output"
+    assert "metadata" in dataset.column_names
     assert dataset[0]["image"].size == (RESOLUTION, RESOLUTION)
     assert [row["text"] for row in dataset] == [c for r, c in expected if r is None]
     outside = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if output_dir not in (p, *p.parents)}
@@ -102,8 +138,9 @@ def test_append_numbers_after_the_existing_rows_and_reruns_resume(tmp_path, run_
     wds_expected = cases.write_webdataset(tmp_path / "wds")
     k_expected = cases.write_karpathy(tmp_path / "k")["train"]
     out = tmp_path / "out"
-    create(run_script, tmp_path / "csv" / "index.csv", out)
-    first = create(run_script, tmp_path / "wds", out, "--append")
+    csv_flags, wds_flags = ["--metadata_columns", "gsd=res"], ["--metadata", "sensor=s2"]
+    create(run_script, tmp_path / "csv" / "index.csv", out, *csv_flags)
+    first = create(run_script, tmp_path / "wds", out, "--append", *wds_flags)
     assert "webdataset" in first.stdout
     n_csv_lines, n_wds_lines = (sum(r is None for r, _ in expected) for expected in (csv_expected, wds_expected))
     assert (f"; {n_csv_lines + n_wds_lines} caption lines in {out / 'captions.txt'} ({n_wds_lines} from this source, "
@@ -128,14 +165,21 @@ def test_append_numbers_after_the_existing_rows_and_reruns_resume(tmp_path, run_
     assert sources[name(1)] == "images/scene_0.png" and sources[name(n_csv + 1)] == "shard-0000.tar:s0/000000"
     assert sources[name(n_csv + n_wds + 1)] == "00000.tif"
 
+    # Each source's metadata lines stay through the later appends (the Karpathy source gave none).
+    metadata = (out / "metadata_values.jsonl").read_text()
+    by_row = {int(r["file_name"][-10:-4]): r["metadata"] for r in map(json.loads, metadata.splitlines())}
+    assert by_row == {**{i + 1: {"gsd": round(0.5 * (i + 1) * SCALE, 6)} for i in range(4)},
+                      **{n_csv + i + 1: {"sensor": "s2"} for i, (r, _) in enumerate(wds_expected) if r is None}}
+
     # The same append again resumes its own rows: nothing is added twice, nothing rewritten.
     before_files, before_captions = image_files(out), read_captions(out)
-    again = create(run_script, tmp_path / "wds", out, "--append")
+    again = create(run_script, tmp_path / "wds", out, "--append", *wds_flags)
     assert read_report(out)["images_written"] == 0 and read_report(out)["source"]["first_row"] == n_csv + 1
     assert image_files(out) == before_files and read_captions(out) == before_captions, again.stdout
     # So does the first command: the appended sources' lines stay.
-    create(run_script, tmp_path / "csv" / "index.csv", out)
+    create(run_script, tmp_path / "csv" / "index.csv", out, *csv_flags)
     assert read_captions(out) == before_captions and dict(read_source_files(out)) == sources
+    assert (out / "metadata_values.jsonl").read_text() == metadata
     assert_outcomes(out, csv_expected + wds_expected + k_expected)
 
     dataset = load_imagefolder(out, run_script, tmp_path / "cache")
@@ -181,6 +225,12 @@ def write_neither_json(root: Path) -> None:
         (cases.write_csv, ["--input", "src/index.csv", "--format", "tsv"], "tsv"),
         (cases.write_webdataset, ["--input", "src", "--images_dir", "src"], "--images_dir src does not apply"),
         (cases.write_nwpu, ["--input", "src/dataset_nwpu.json", "--caption_column", "raw"], "--caption_column raw"),
+        (cases.write_csv, ["--input", "src/index.csv", "--metadata_columns", "height=res"],
+         "unknown field 'height' (known: gsd, lat, lon, date, cloud, off_nadir, sensor)"),
+        (cases.write_csv, ["--input", "src/index.csv", "--metadata_columns", "gsd=resolution"],
+         "--metadata_columns gsd=resolution: 'resolution' is not a column of"),
+        (cases.write_webdataset, ["--input", "src", "--metadata_sidecars"], "--metadata_sidecars does not apply"),
+        (cases.write_csv, ["--input", "src/index.csv", "--metadata", "gsd=-1"], "gsd=-1: must be above 0"),
     ],
 )
 def test_usage_errors(tmp_path, run_script, make, extra, named):

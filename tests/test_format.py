@@ -7,7 +7,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from diffusion_model.metadata import build_records, group_lines, parse_line, unsafe_name_reason
+from diffusion_model.metadata import build_records, group_lines, parse_line, read_metadata_values, unsafe_name_reason
 from parquet_cases import write_odd_shards
 
 CREATE, FORMAT = "diffusion_model/create.py", "diffusion_model/format.py"
@@ -195,13 +195,19 @@ def test_source_files_join_metadata_and_an_image_without_one_gets_null(tmp_path,
     sidecar = [json.dumps({"file_name": "rsicd_images/a.jpg", "source_file": "airport_1.jpg"}), "{broken",
                json.dumps({"file_name": "rsicd_images/c.jpg", "source_file": "farmland_2009_00.jpg"})]
     (folder / "source_files.jsonl").write_text("\n".join(sidecar) + "\n")
+    values = [json.dumps({"file_name": "rsicd_images/b.jpg", "metadata": {"gsd": 0.6, "date": "2021"}}),
+              json.dumps({"file_name": "rsicd_images/c.jpg", "metadata": [1]})]
+    (folder / "metadata_values.jsonl").write_text("\n".join(values) + "\n")
     result = run_script(FORMAT, ["--caption_file", folder / "captions.txt", "--output_file", folder / "metadata.jsonl"])
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert [r["source_file"] for r in records] == ["airport_1.jpg", None, "farmland_2009_00.jpg"]
+    assert [r.get("metadata") for r in records] == [None, {"gsd": 0.6, "date": "2021"}, None]
+    assert "metadata" not in records[0], "an image without metadata has no key, not zeros"
     report = json.loads((folder / "format_report.json").read_text())
     assert report["source_files"] == 2 and report["source_files_bad_lines"] == [2]
-    assert "source_files.jsonl line 2" in result.stderr
+    assert report["images_with_metadata"] == 1 and report["metadata_values_bad_lines"] == [2]
+    assert "source_files.jsonl line 2" in result.stderr and "metadata_values.jsonl line 2" in result.stderr
 
 
 def test_without_source_files_metadata_keeps_its_two_keys(tmp_path, run_script):
@@ -212,3 +218,14 @@ def test_without_source_files_metadata_keeps_its_two_keys(tmp_path, run_script):
     result = run_script(FORMAT, ["--caption_file", folder / "captions.txt", "--output_file", folder / "metadata.jsonl"])
     assert result.returncode == 0, result.stderr
     assert json.loads((folder / "metadata.jsonl").read_text()) == {"file_name": "rsicd_images/a.jpg", "text": "first"}
+
+
+def test_metadata_values_join_only_the_images_that_have_some(tmp_path):
+    lines = ['{"file_name": "a.jpg", "metadata": {"gsd": 0.6}}', "", '{"file_name": "b.jpg"}', "[]",
+             '{"file_name": "c.jpg", "metadata": {}}']
+    values, bad = read_metadata_values(lines)
+    assert values == {"a.jpg": {"gsd": 0.6}, "c.jpg": {}} and bad == [3, 4]
+    groups = {"a.jpg": ["x"], "b.jpg": ["y"], "c.jpg": ["z"]}
+    records = build_records(groups, tmp_path, tmp_path, None, values)
+    assert records == [{"file_name": "a.jpg", "text": "x", "metadata": {"gsd": 0.6}},
+                       {"file_name": "b.jpg", "text": "y"}, {"file_name": "c.jpg", "text": "z"}]

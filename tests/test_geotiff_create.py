@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from diffusion_model.georef import utm_to_latlon
 from diffusion_model.imaging import RESAMPLE
 from diffusion_model.sample_data import RSICD_SCHEMA, make_sample_row
 from diffusion_model.sample_geotiff import (NODATA, SENTINEL2_BANDS, encode_geotiff, geotiff_row, naip_like,
@@ -117,8 +118,28 @@ def test_outputs_load_as_an_imagefolder(default_run):
 
     output_dir, _, _ = default_run
     dataset = load_dataset("imagefolder", data_dir=str(output_dir), split="train")
-    assert dataset.num_rows == 10 and dataset.column_names == ["image", "text", "source_file"]
+    assert dataset.num_rows == 10 and dataset.column_names == ["image", "text", "source_file", "metadata"]
     assert {(image.mode, image.size) for image in dataset["image"]} == {("RGB", (RESOLUTION, RESOLUTION))}
+    metadata = dataset["metadata"]
+    assert metadata[3]["gsd"] == 2.1 and metadata[7] is None, "NAIP row 4 has its GSD, the JPEG row 9 nothing"
+
+
+def test_geotiff_rows_carry_gsd_and_centre_from_their_georeference(default_run):
+    """No flag needed: each GeoTIFF's pixel scale, tie point and EPSG code give its output GSD (source metres per
+    pixel x 224 source px / 64 output px) and centre; a JPEG or a plain TIFF gets no metadata at all."""
+    output_dir, created, _ = default_run
+    lines = (output_dir / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    metadata = {int(r["file_name"][-10:-4]): r.get("metadata") for r in map(json.loads, lines)}
+    naip = {"gsd": 0.6 * 224 / RESOLUTION, "lat": 37.7659046, "lon": -122.420955}  # UTM 10N 551000 E 4180000 N
+    s2_lat, s2_lon = utm_to_latlon(501120, 3998880, 33, False)
+    for number in (*NAIP_ROWS, JUNK_NODATA):
+        assert metadata[number] == pytest.approx(naip, abs=1e-6), number
+    for number in (*S2_ROWS, S2_LZW_PLANAR, GREY_FLOAT):
+        assert metadata[number] == pytest.approx({"gsd": 35.0, "lat": s2_lat, "lon": s2_lon}, abs=1e-6), number
+    assert metadata[JPEG_ROW] is None and metadata[PLAIN_RGB_TIFF] is None
+    report = read_report(output_dir)
+    assert report["metadata"]["rows_with_metadata"] == 8 and report["metadata_problems"] == []
+    assert "metadata on 8 rows (gsd 8, lat 8, lon 8), 0 bad values dropped" in created.stdout
 
 
 def test_sentinel2_default_is_true_colour_stretched_with_nodata_black(default_run):
@@ -175,10 +196,13 @@ def test_resume_refuses_other_band_settings(default_run, mixed, run_script):
         result = run_script(CREATE, ["--parquet_path", mixed, "--output_dir", output_dir, "--resolution", RESOLUTION,
                                      *flags])
         assert_usage_error(result, named)
+    metadata = (output_dir / "metadata_values.jsonl").read_text(encoding="utf-8")
     again = run_script(CREATE, ["--parquet_path", mixed, "--output_dir", output_dir, "--resolution", RESOLUTION,
                                 "--stretch", "auto", "--stretch_percentiles", "2,98", "--num_workers", 1])
     assert again.returncode == 0, again.stderr
     assert read_report(output_dir)["images_reused"] == 10
+    assert (output_dir / "metadata_values.jsonl").read_text(encoding="utf-8") == metadata, \
+        "reused images get the same metadata: their georeference is read from the header again"
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -94,3 +94,22 @@ def test_missing_path_and_empty_folder_and_junk_file(tmp_path):
     junk.write_bytes(b"not parquet at all")
     with pytest.raises(UsageError, match="junk.parquet"):
         inspect_sources([junk])
+
+
+def test_metadata_columns_are_read_beside_the_image(tmp_path):
+    from diffusion_model.parquet_source import check_metadata_columns
+
+    schema = pa.schema([("image", pa.binary()), ("text", pa.string()), ("res", pa.float64()),
+                        ("when", pa.timestamp("s"))])
+    table = pa.table({"image": [b"a", b"b"], "text": ["x", "y"], "res": [0.3, None],
+                      "when": pa.array([1600000000, None], pa.timestamp("s"))}, schema=schema)
+    import pyarrow.parquet as pq
+    pq.write_table(table, tmp_path / "m.parquet")
+    paths = [tmp_path / "m.parquet"]
+    columns, _ = inspect_sources(paths)
+    rows = list(iter_rows(paths, columns, batch_size=8, metadata_columns={"gsd": "res", "date": "when"}))
+    assert rows[0].metadata["gsd"] == 0.3 and rows[0].metadata["date"].year == 2020
+    assert rows[1].metadata == {"gsd": None, "date": None}
+    assert next(iter_rows(paths, columns, batch_size=8)).metadata is None
+    with pytest.raises(UsageError, match=r"--metadata_columns lat=latitude: 'latitude' is not a column of .*m.parquet"):
+        check_metadata_columns(paths, {"lat": "latitude"})

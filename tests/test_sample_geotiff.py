@@ -22,7 +22,9 @@ def test_naip_like_is_rgbn_uint8_over_the_scene():
     assert pixels.shape == (224, 224, 4) and pixels.dtype == np.uint8
     assert np.array_equal(pixels[..., :3], rgb)
     assert tags[262] == tifffile.PHOTOMETRIC.RGB and 42113 not in tags
-    assert geo["ProjectedCSTypeGeoKey"] == 32617 and geo["ModelPixelScale"][:2] == [0.6, 0.6]
+    assert geo["ProjectedCSTypeGeoKey"] == 26910 and geo["ModelPixelScale"][:2] == [0.6, 0.6], "NAD83 UTM 10N"
+    # The top-left corner lies half the tile (224 px x 0.6 m) west and north of the centre, 551000 E 4180000 N.
+    assert geo["ModelTiepoint"] == [0.0, 0.0, 0.0, 551000 - 67.2, 4180000 + 67.2, 0.0]
 
 
 def test_nir_is_bright_over_vegetation_and_dark_over_water():

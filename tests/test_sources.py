@@ -1,6 +1,7 @@
 """diffusion_model.sources: telling the form from the path (and a .json from its shape), folders, shard splits."""
 
 import json
+import re
 
 import pytest
 
@@ -58,3 +59,18 @@ def test_split_picks_shards_by_name_under_every_spelling(tmp_path):
     assert shards_of_split(paths, "all") == paths
     with pytest.raises(UsageError, match="--split test"):
         shards_of_split(paths[:1], "test")
+
+
+@pytest.mark.parametrize("writer, path, options, named", [
+    (cases.write_karpathy, "dataset_test.json", SourceOptions(metadata_columns={"gsd": "gsd"}),
+     "--metadata_columns gsd=gsd does not apply to a json source without --metadata_sidecars"),
+    (cases.write_webdataset, ".", SourceOptions(metadata_sidecars=True),
+     "--metadata_sidecars does not apply to a webdataset source"),
+    (write_odd_shards, ".", SourceOptions(metadata_sidecars=True), "--metadata_sidecars does not apply to a parquet"),
+    (write_odd_shards, ".", SourceOptions(metadata_columns={"lat": "latitude"}),
+     "--metadata_columns lat=latitude: 'latitude' is not a column of"),
+])
+def test_metadata_flags_a_form_cannot_use_are_refused(tmp_path, writer, path, options, named):
+    writer(tmp_path / "src")
+    with pytest.raises(UsageError, match=re.escape(named)):
+        open_source([str(tmp_path / "src" / path)], options)

@@ -54,3 +54,13 @@ def test_a_split_with_no_entries_is_a_usage_error_saying_what_is_there(tmp_path)
                       {"filename": "b.jpg", "split": "restval", "sentences": []}, "junk"]}
     with pytest.raises(UsageError, match=r"--split test: .* has no test entries \(it has 1 'train', 1 'restval'\)"):
         open_karpathy(tmp_path / "d.json", doc, SourceOptions(split="test"))
+
+
+def test_sidecars_give_karpathy_rows_their_metadata(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "imgs" / "a.json").write_text(json.dumps({"gsd": 0.3, "sensor_platform_name": "QUICKBIRD02"}))
+    doc = {"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "a field ."}]}]}
+    rows = list(open_karpathy(tmp_path / "d.json", doc, SourceOptions(metadata_sidecars=True)).rows())
+    assert rows[0].metadata == {"gsd": 0.3, "sensor": "QUICKBIRD02"}
+    assert next(iter(open_karpathy(tmp_path / "d.json", doc, SourceOptions()).rows())).metadata is None

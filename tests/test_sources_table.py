@@ -54,3 +54,62 @@ def test_a_row_of_bad_bytes_fails_alone(tmp_path):
     index.write_bytes(b"file_name,text\na.jpg,a road\n\xff\xfe.jpg,bad bytes\n")
     rows = list(open_table([index], "csv", SourceOptions()).rows())
     assert [(r.image, r.failure and r.failure[0]) for r in rows] == [(b"A", None), (None, "missing_image")]
+
+
+def test_metadata_columns_are_read_per_row_and_kept_out_of_the_source_identity(tmp_path):
+    index = write(tmp_path / "i.csv", "file_name,text,res,when\na.jpg,a road,0.3,2020-05-01\nb.jpg,a river,,\n")
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    source = open_table([index], "csv", SourceOptions(metadata_columns={"gsd": "res", "date": "when"}))
+    assert [r.metadata for r in source.rows()] == [{"gsd": "0.3", "date": "2020-05-01"}, {"gsd": "", "date": ""}]
+    assert source.details["columns"] == open_table([index], "csv", SourceOptions()).details["columns"], \
+        "a rerun with other metadata columns is the same source (it resumes, it is not appended twice)"
+    with pytest.raises(UsageError, match=r"--metadata_columns lat=latitude: 'latitude' is not a column of .*i.csv"):
+        open_table([index], "csv", SourceOptions(metadata_columns={"lat": "latitude"}))
+
+
+def test_jsonl_metadata_keys_keep_their_json_types(tmp_path):
+    lines = [{"file_name": "a.jpg", "text": "t", "gsd": 0.5, "sensor": "naip"}, {"file_name": "a.jpg", "text": "u"}]
+    index = write(tmp_path / "i.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    rows = open_table([index], "jsonl", SourceOptions(metadata_columns={"gsd": "gsd", "sensor": "sensor"})).rows()
+    assert [r.metadata for r in rows] == [{"gsd": 0.5, "sensor": "naip"}, {"gsd": None, "sensor": None}]
+
+
+def test_fmow_sidecars_beside_the_images(tmp_path):
+    index = write(tmp_path / "i.csv", "file_name,text\nimgs/x_rgb.jpg,a port\nimgs/y.jpg,a dam\nimgs/z.jpg,a road\n")
+    for name in ("x_rgb.jpg", "y.jpg", "z.jpg"):
+        write(tmp_path / "imgs" / name, "x")
+    fmow = {"gsd": 0.5, "timestamp": "2015-03-02T10:00:00Z", "cloud_cover": 3, "off_nadir_angle_dbl": 20.5,
+            "sensor_platform_name": "WORLDVIEW02", "raw_location": "POLYGON ((1 2, 3 2, 3 4, 1 4, 1 2))"}
+    write(tmp_path / "imgs" / "x_rgb.json", json.dumps(fmow))
+    write(tmp_path / "imgs" / "y_rgb.json", json.dumps({"gsd": 2}))
+    rows = list(open_table([index], "csv", SourceOptions(metadata_sidecars=True)).rows())
+    assert rows[0].metadata == {"gsd": 0.5, "date": "2015-03-02T10:00:00Z", "cloud": 3, "off_nadir": 20.5,
+                                "sensor": "WORLDVIEW02", "lat": 3.0, "lon": 2.0}
+    assert rows[1].metadata == {"gsd": 2}, "<stem>_rgb.json when there is no <stem>.json"
+    assert rows[2].metadata == {"sidecar": ("z.json", "missing")} and rows[2].failure is None, "the row is kept"
+    named = open_table([index], "csv", SourceOptions(metadata_sidecars=True, metadata_columns={"gsd": "gsd"}))
+    assert next(iter(named.rows())).metadata == {"gsd": 0.5}
+    with pytest.raises(UsageError, match="--metadata_columns date=acquired: the sidecars have no key 'acquired'"):
+        open_table([index], "csv", SourceOptions(metadata_sidecars=True, metadata_columns={"date": "acquired"}))
+    bare = write(tmp_path / "bare" / "i.csv", "file_name,text\na.jpg,t\n")
+    write(tmp_path / "bare" / "a.jpg", "x")
+    with pytest.raises(UsageError, match="--metadata_sidecars: none of the first 1 images under .* has a sidecar"):
+        open_table([bare], "csv", SourceOptions(metadata_sidecars=True))
+
+
+def test_a_sidecar_outside_the_folder_or_broken_is_not_read(tmp_path):
+    index = write(tmp_path / "d" / "i.csv", "file_name,text\na.jpg,t\nb.jpg,u\nc.jpg,v\n")
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        write(tmp_path / "d" / name, "x")
+    write(tmp_path / "d" / "c.json", json.dumps({"gsd": 1}))
+    write(tmp_path / "outside.json", json.dumps({"gsd": 9}))
+    (tmp_path / "d" / "a.json").symlink_to(tmp_path / "outside.json")
+    write(tmp_path / "d" / "b.json", "{broken")
+    write(tmp_path / "d" / "b_rgb.json", json.dumps({"gsd": 1}))
+    options = SourceOptions(metadata_sidecars=True)
+    rows = list(open_table([index], "csv", options).rows())
+    assert rows[0].metadata == {"sidecar": ("a.json", "missing")}, "a link out of the folder is not followed"
+    assert rows[1].metadata["sidecar"][0] == "b.json" and "unreadable" in rows[1].metadata["sidecar"][1]
+    assert rows[2].metadata == {"gsd": 1}

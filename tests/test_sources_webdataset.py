@@ -70,3 +70,28 @@ def test_gzipped_shards_in_a_folder_are_found_and_streamed(tmp_path):
     source = open_source([str(tmp_path)], SourceOptions())
     assert source.form == "webdataset" and [(r.image, r.captions) for r in source.rows()] == [
         (b"img", "a gzipped caption")]
+
+
+def shard_of(path, samples):
+    """A tar shard of (member name, bytes) pairs."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_metadata_comes_from_the_json_member_s_mapped_keys(tmp_path):
+    shard = shard_of(tmp_path / "s.tar", [
+        ("a.jpg", b"i"), ("a.json", b'{"caption": "c", "ground_sample_distance": 0.5, "ts": "2020"}'),
+        ("b.jpg", b"i"), ("b.txt", b"t"), ("c.jpg", b"i"), ("c.json", b'{"caption": "d"}')])
+    mapping = {"gsd": "ground_sample_distance", "date": "ts"}
+    rows = list(open_webdataset([shard], metadata_columns=mapping).rows())
+    assert [r.metadata for r in rows] == [{"gsd": 0.5, "date": "2020"}, None, {"gsd": None, "date": None}]
+    assert all(r.metadata is None for r in open_webdataset([shard]).rows())
+    with pytest.raises(UsageError, match="--metadata_columns lat=latitude: the samples' .json has no key 'latitude'"):
+        open_webdataset([shard], metadata_columns={"lat": "latitude"})
+    bare = shard_of(tmp_path / "t.tar", [("a.jpg", b"i"), ("a.txt", b"t")])
+    with pytest.raises(UsageError, match="none of the first 32 samples of .*t.tar has a .json member"):
+        open_webdataset([bare], metadata_columns=mapping)

@@ -13,6 +13,9 @@ CAPTIONS_FILENAME = "captions.txt"
 # source_file (the class in RSICD names like airport_1.jpg survives the renaming to image_NNNNNN.jpg).
 SOURCE_FILES_FILENAME = "source_files.jsonl"
 SOURCE_FILE_KEY = "source_file"
+# create.py's per-image metadata beside captions.txt ({"file_name", "metadata"} per line) and its metadata.jsonl key.
+METADATA_VALUES_FILENAME = "metadata_values.jsonl"
+METADATA_KEY = "metadata"
 METADATA_FILENAME = "metadata.jsonl"
 CREATE_REPORT_FILENAME = "create_report.json"
 FORMAT_REPORT_FILENAME = "format_report.json"

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from diffusion_model.parquet_source import check_label_column, inspect_sources, iter_rows, resolve_parquet_paths
+from diffusion_model.parquet_source import (check_label_column, check_metadata_columns, inspect_sources, iter_rows,
+                                            resolve_parquet_paths)
 from diffusion_model.sources.base import FORMATS, SPLIT_NAMES, SPLITS, Source, SourceOptions
 from diffusion_model.sources.karpathy import is_karpathy, open_karpathy
 from diffusion_model.sources.nwpu import is_nwpu, open_nwpu
@@ -104,15 +105,26 @@ def open_parquet_source(paths: list, options: SourceOptions) -> Source:
     columns, total = inspect_sources(paths, options.image_column, options.caption_column)
     if options.class_column:
         check_label_column(paths, options.class_column, "--class_column")
+    check_metadata_columns(paths, options.metadata_columns)
     return Source("parquet", paths, total,
-                  lambda limit: iter_rows(paths, columns, PARQUET_BATCH_ROWS, limit, options.class_column),
+                  lambda limit: iter_rows(paths, columns, PARQUET_BATCH_ROWS, limit, options.class_column,
+                                          options.metadata_columns),
                   options.split, [], {"columns": vars(columns)})
 
 
 # Flags that only some forms read; given to another form they would be silently ignored, so they are refused.
-FLAG_FORMS = {"images_dir": ("json", "karpathy", "nwpu", "csv", "jsonl"),
+INDEX_FORMS_WITH_FOLDER = ("json", "karpathy", "nwpu", "csv", "jsonl")
+FLAG_FORMS = {"images_dir": INDEX_FORMS_WITH_FOLDER,
               "image_column": ("parquet", "csv", "jsonl"), "caption_column": ("parquet", "csv", "jsonl"),
               "class_column": ("parquet", "csv", "jsonl")}
+# Where --metadata_columns finds its columns: the table's own, a webdataset sample's .json, or (any index form
+# with an image folder) the images' JSON sidecars.
+METADATA_COLUMN_FORMS = ("parquet", "csv", "jsonl", "webdataset")
+
+
+def metadata_flag_text(mapping: dict) -> str:
+    """--metadata_columns as the user wrote it."""
+    return ",".join(f"{field}={column}" for field, column in mapping.items())
 
 
 def check_flags(form: str, options: SourceOptions) -> None:
@@ -120,6 +132,12 @@ def check_flags(form: str, options: SourceOptions) -> None:
     for flag, forms in FLAG_FORMS.items():
         if getattr(options, flag) is not None and form not in forms:
             raise UsageError(f"--{flag} {getattr(options, flag)} does not apply to a {form} source")
+    if options.metadata_sidecars and form not in INDEX_FORMS_WITH_FOLDER:
+        raise UsageError(f"--metadata_sidecars does not apply to a {form} source (only to an index with an image "
+                         "folder: Karpathy or NWPU JSON, CSV, JSONL)")
+    if options.metadata_columns and not options.metadata_sidecars and form not in METADATA_COLUMN_FORMS:
+        raise UsageError(f"--metadata_columns {metadata_flag_text(options.metadata_columns)} does not apply to a "
+                         f"{form} source without --metadata_sidecars")
 
 
 def open_source(specs: Sequence[str], options: SourceOptions) -> Source:
@@ -136,7 +154,8 @@ def open_source(specs: Sequence[str], options: SourceOptions) -> Source:
     if form in ("csv", "jsonl"):
         return open_table(files, form, options)
     if form == "webdataset":
-        return open_webdataset(shards_of_split(files, options.split) if options.split else files, options.split)
+        return open_webdataset(shards_of_split(files, options.split) if options.split else files, options.split,
+                               options.metadata_columns)
     if form == "parquet":
         return open_parquet_source(files, options)
     raise UsageError(f"--input {specs[0]}: cannot tell its form from the name; give --format "

@@ -5,11 +5,13 @@ reader (captions, imaging, the create job) is the same for every form. A row the
 (missing file, unsafe name, broken entry) carries a failure reason instead of stopping the run.
 """
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+from diffusion_model.geo_metadata import SIDECAR_PROBLEM, sidecar_raw
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import Row
 from utils.cli import UsageError
@@ -27,6 +29,8 @@ REASON_BAD_ENTRY = "bad_entry"
 REASON_NO_CAPTION = "no_caption"
 # Entries looked at to find where an index's images live (the folder itself or one of its subfolders).
 PROBE_ENTRIES = 32
+# An image's fMoW-style metadata file beside it: <stem>.json (fMoW's X_rgb.jpg + X_rgb.json), else <stem>_rgb.json.
+SIDECAR_SUFFIXES = (".json", "_rgb.json")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class SourceOptions:
     default_split: str = "train"
     # evaluate.py's --class_column: read beside the captions into each Row's label (Parquet, CSV and JSONL only).
     class_column: Optional[str] = None
+    # create.py's --metadata_columns ({field: column or sidecar key}) and --metadata_sidecars.
+    metadata_columns: Optional[dict] = None
+    metadata_sidecars: bool = False
 
 
 @dataclass
@@ -100,8 +107,8 @@ class ImageFolder:
         """Relative names this entry's image may have, most specific first."""
         return [name for name in (pattern(entry) for pattern in self.patterns) if name]
 
-    def read(self, entry: dict) -> tuple:
-        """(bytes, None) for the entry's image, or (None, (reason, detail)) when it cannot be read safely."""
+    def locate(self, entry: dict) -> tuple:
+        """(path, None) of the entry's image, or (None, (reason, detail)) when it cannot be reached safely."""
         names = self.candidates(entry)
         if not names:
             return None, (REASON_BAD_ENTRY, "no file name")
@@ -115,11 +122,35 @@ class ImageFolder:
                 continue
             if not path.resolve().is_relative_to(self.root):
                 return None, (REASON_UNSAFE_PATH, f"{name!r} resolves outside {self.root}")
-            try:
-                return path.read_bytes(), None
-            except OSError as err:
-                return None, (REASON_UNREADABLE, f"{name}: {err.strerror or err}")
+            return path, None
         return None, (REASON_MISSING_IMAGE, f"{names[0]} not found under {self.base}")
+
+    def read(self, entry: dict) -> tuple:
+        """(bytes, None) for the entry's image, or (None, (reason, detail)) when it cannot be read safely."""
+        path, failure = self.locate(entry)
+        if failure:
+            return None, failure
+        try:
+            return path.read_bytes(), None
+        except OSError as err:
+            return None, (REASON_UNREADABLE, f"{path.relative_to(self.base)}: {err.strerror or err}")
+
+    def sidecar(self, entry: dict) -> tuple:
+        """(JSON object, None) beside the entry's image, or (None, (file looked for, why not)) when there is none."""
+        path, failure = self.locate(entry)
+        if failure:
+            return None, ("", "no image")
+        for suffix in SIDECAR_SUFFIXES:
+            candidate = path.with_name(path.stem + suffix)
+            if candidate.is_file() and candidate.resolve().is_relative_to(self.root):
+                try:
+                    document = json.loads(candidate.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as err:
+                    return None, (candidate.name, f"unreadable: {err}")
+                if isinstance(document, dict):
+                    return document, None
+                return None, (candidate.name, f"a {type(document).__name__}, not an object")
+        return None, (path.stem + SIDECAR_SUFFIXES[0], "missing")
 
 
 def open_image_folder(root: Path, entries: Sequence[dict], patterns: Sequence[Callable]) -> ImageFolder:
@@ -170,8 +201,34 @@ def split_failed(entry: dict, item, split: Optional[str]) -> dict:
     return {**entry, "failure": (REASON_BAD_ENTRY, f"no split (split is {item.get('split')!r})")}
 
 
-def index_rows(entries: Iterable[dict], folder: ImageFolder, limit: Optional[int]) -> Iterator[Row]:
-    """Rows from index entries (dicts with a `captions` list or a `failure`), images read from the folder."""
+def sidecar_metadata(folder: ImageFolder, entry: dict, options: SourceOptions) -> Optional[dict]:
+    """The entry's raw metadata from its JSON sidecar (with --metadata_sidecars), a missing one noted, else None."""
+    if not options.metadata_sidecars:
+        return entry.get("metadata")
+    document, problem = folder.sidecar(entry)
+    return {SIDECAR_PROBLEM: problem} if problem else sidecar_raw(document, options.metadata_columns)
+
+
+def check_sidecars(folder: ImageFolder, entries: Sequence[dict], options: SourceOptions) -> None:
+    """With --metadata_sidecars: a usage error when none of the first images has one, or the first one found lacks
+    a key --metadata_columns names."""
+    if not options.metadata_sidecars:
+        return
+    probe = [e for e in entries[:PROBE_ENTRIES] if not e.get("failure")]
+    found = next((doc for doc, _ in map(folder.sidecar, probe) if doc is not None), None)
+    if found is None:
+        raise UsageError(f"--metadata_sidecars: none of the first {len(probe)} images under {folder.base} has a "
+                         f"sidecar (<image stem>{' or <image stem>'.join(SIDECAR_SUFFIXES)})")
+    for field, key in (options.metadata_columns or {}).items():
+        if key not in found:
+            raise UsageError(f"--metadata_columns {field}={key}: the sidecars have no key {key!r} "
+                             f"(keys: {', '.join(found)})")
+
+
+def index_rows(entries: Iterable[dict], folder: ImageFolder, limit: Optional[int],
+               options: SourceOptions = SourceOptions()) -> Iterator[Row]:
+    """Rows from index entries (dicts with a `captions` list or a `failure`), images (and sidecars) read from the
+    folder."""
     for number, entry in enumerate(entries, start=1):
         if limit is not None and number > limit:
             return
@@ -180,7 +237,8 @@ def index_rows(entries: Iterable[dict], folder: ImageFolder, limit: Optional[int
             yield Row(number, name, None, entry.get("captions"), entry["failure"])
             continue
         data, failure = folder.read(entry)
-        yield Row(number, name, data, entry.get("captions"), failure)
+        metadata = None if failure else sidecar_metadata(folder, entry, options)
+        yield Row(number, name, data, entry.get("captions"), failure, metadata=metadata)
 
 
 def images_root(options: SourceOptions, index_path: Path) -> Path:

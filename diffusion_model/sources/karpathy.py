@@ -7,7 +7,8 @@ names are read one row at a time.
 
 from pathlib import Path
 
-from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, images_root, index_rows,
+from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, check_sidecars, images_root,
+                                          index_rows,
                                           open_image_folder, pick_split, split_failed)
 
 
@@ -51,6 +52,7 @@ def open_karpathy(path: Path, doc: dict, options: SourceOptions) -> Source:
     positions, split, names, others = pick_split(items, options, path)
     entries = [split_failed(karpathy_entry(n, items[n]), items[n], split) for n in positions]
     folder = open_image_folder(images_root(options, path), entries, PATTERNS)
+    check_sidecars(folder, entries, options)
     details = {"images_dir": str(folder.base), "splits_not_read": others}
-    return Source("karpathy", [path], len(entries), lambda limit: index_rows(entries, folder, limit), split, names,
-                  details)
+    return Source("karpathy", [path], len(entries), lambda limit: index_rows(entries, folder, limit, options), split,
+                  names, details)

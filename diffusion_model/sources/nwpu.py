@@ -7,7 +7,8 @@ Rows are numbered in the file's own order: class by class, entry by entry.
 import re
 from pathlib import Path
 
-from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, images_root, index_rows,
+from diffusion_model.sources.base import (REASON_BAD_ENTRY, Source, SourceOptions, check_sidecars, images_root,
+                                          index_rows,
                                           open_image_folder, pick_split, split_failed)
 
 EXTRA_RAW = re.compile(r"^raw_(\d+)$")
@@ -50,5 +51,7 @@ def open_nwpu(path: Path, doc: dict, options: SourceOptions) -> Source:
     positions, split, names, others = pick_split([item for _, _, item in pairs], options, path)
     entries = [split_failed(nwpu_entry(*pairs[p]), pairs[p][2], split) for p in positions]
     folder = open_image_folder(images_root(options, path), entries, PATTERNS)
+    check_sidecars(folder, entries, options)
     details = {"images_dir": str(folder.base), "classes": len(doc), "splits_not_read": others}
-    return Source("nwpu", [path], len(entries), lambda limit: index_rows(entries, folder, limit), split, names, details)
+    return Source("nwpu", [path], len(entries), lambda limit: index_rows(entries, folder, limit, options), split,
+                  names, details)

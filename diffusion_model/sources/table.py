@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from diffusion_model.parquet_source import Row
-from diffusion_model.sources.base import (PROBE_ENTRIES, REASON_BAD_ENTRY, Source, SourceOptions, effective_split,
-                                          images_root, no_split_note, open_image_folder, seen_split_names,
-                                          split_matcher)
+from diffusion_model.sources.base import (PROBE_ENTRIES, REASON_BAD_ENTRY, Source, SourceOptions, check_sidecars,
+                                          effective_split, images_root, no_split_note, open_image_folder,
+                                          seen_split_names, sidecar_metadata, split_matcher)
 from utils.cli import UsageError
 
 IMAGE_COLUMNS = ("file_name", "filename", "image")
@@ -34,6 +34,15 @@ def pick(names: Sequence[str], chosen: Optional[str], candidates: Sequence[str],
         raise UsageError(f"no {flag.lstrip('-').replace('_', ' ')} found in {path} (columns: {', '.join(names)}); "
                          f"name it with {flag}")
     return found
+
+
+def metadata_columns_of(names: Sequence[str], options: SourceOptions, path: Path) -> dict:
+    """--metadata_columns, each checked against the file's columns (a usage error names the first one missing)."""
+    for field, column in (options.metadata_columns or {}).items():
+        if column not in names:
+            raise UsageError(f"--metadata_columns {field}={column}: {column!r} is not a column of {path} "
+                             f"(columns: {', '.join(names)})")
+    return dict(options.metadata_columns or {})
 
 
 def caption_cell(value) -> object:
@@ -103,15 +112,16 @@ def table_entries(path: Path, form: str, columns: dict, match, seen: Optional[Co
         if not isinstance(name, str) or not name.strip():
             yield {"name": f"{path.name}:{line}", "failure": (REASON_BAD_ENTRY, f"no {columns['image']}")}
             continue
+        metadata = {field: record.get(column) for field, column in columns.get("metadata", {}).items()}
         yield {"name": name.strip(), "captions": caption_cell(record.get(columns["caption"])),
-               "label": record.get(columns["label"]) if columns.get("label") else None}
+               "label": record.get(columns["label"]) if columns.get("label") else None, "metadata": metadata or None}
 
 
-def table_rows(plans: list, limit: Optional[int]) -> Iterator[Row]:
-    """Rows across all index files, numbered from 1 in file order."""
+def table_rows(plans: list, limit: Optional[int], options: SourceOptions) -> Iterator[Row]:
+    """Rows across all index files, numbered from 1 in file order (metadata from columns or sidecars)."""
     number = 0
-    for path, form, columns, folder, match in plans:
-        for entry in table_entries(path, form, columns, match):
+    for path, form, columns, folder, match, metadata_columns in plans:
+        for entry in table_entries(path, form, {**columns, "metadata": metadata_columns}, match):
             number += 1
             if limit is not None and number > limit:
                 return
@@ -119,7 +129,8 @@ def table_rows(plans: list, limit: Optional[int]) -> Iterator[Row]:
                 yield Row(number, entry["name"], None, entry.get("captions"), entry["failure"])
                 continue
             data, failure = folder.read(entry)
-            yield Row(number, entry["name"], data, entry["captions"], failure, entry["label"])
+            metadata = None if failure else sidecar_metadata(folder, entry, options)
+            yield Row(number, entry["name"], data, entry["captions"], failure, entry["label"], metadata)
 
 
 def open_table(paths: Sequence[Path], form: str, options: SourceOptions) -> Source:
@@ -132,16 +143,19 @@ def open_table(paths: Sequence[Path], form: str, options: SourceOptions) -> Sour
                    "split": SPLIT_COLUMN if SPLIT_COLUMN in names else None}
         if options.class_column:  # only then: create.py keeps these columns as part of a source's identity
             columns["label"] = pick(names, options.class_column, (), "--class_column", path)
+        metadata_columns = {} if options.metadata_sidecars else metadata_columns_of(names, options, path)
         has_split.append(columns["split"] is not None)
         split = effective_split(options) if columns["split"] else "all"
         match = split_matcher(split)
         head = []
-        for entry in table_entries(path, form, columns, match, split_values):
+        for entry in table_entries(path, form, {**columns, "metadata": metadata_columns}, match, split_values):
             total += 1
             if len(head) < PROBE_ENTRIES:
                 head.append(entry)
         folder = open_image_folder(images_root(options, path), [e for e in head if not e.get("failure")], PATTERNS)
-        plans.append((path, form, columns, folder, match))
+        check_sidecars(folder, head, options)
+        # The metadata columns are kept apart: they are no part of the source's identity (a rerun may change them).
+        plans.append((path, form, columns, folder, match, metadata_columns))
     if options.split and not any(has_split):
         raise UsageError(f"--split {options.split}: {paths[0]} has no {SPLIT_COLUMN!r} column to select by")
     split = effective_split(options) if any(has_split) else None
@@ -152,4 +166,4 @@ def open_table(paths: Sequence[Path], form: str, options: SourceOptions) -> Sour
     details = {"columns": plans[0][2], "images_dir": [str(p[3].base) for p in plans]}
     if split:
         details["splits_not_read"] = {k: n for k, n in split_values.items() if not split_matcher(split)(k)}
-    return Source(form, list(paths), total, lambda limit: table_rows(plans, limit), split, names, details)
+    return Source(form, list(paths), total, lambda limit: table_rows(plans, limit, options), split, names, details)

@@ -79,21 +79,38 @@ def shard_samples(path: Path) -> Iterator[tuple]:
         tar.close()
 
 
-def json_caption(data: Optional[bytes]) -> object:
-    """The caption field of a sample's .json member, or None when there is none or it is not JSON."""
+# Samples looked at, when --metadata_columns is given, for a .json member to check the named keys against.
+PROBE_SAMPLES = 32
+
+
+def json_document(data: Optional[bytes]) -> Optional[dict]:
+    """A sample's .json member as an object, or None when there is none or it is not a JSON object."""
     if data is None:
         return None
     try:
         document = json.loads(data.decode("utf-8"))
     except ValueError:
         return None
-    if not isinstance(document, dict):
+    return document if isinstance(document, dict) else None
+
+
+def json_caption(data: Optional[bytes]) -> object:
+    """The caption field of a sample's .json member, or None when there is none or it is not JSON."""
+    document = json_document(data)
+    if document is None:
         return None
     return next((document[k] for k in JSON_CAPTION_KEYS if document.get(k) is not None), None)
 
 
-def sample_row(number: int, name: str, members: dict) -> Row:
-    """One sample as a Row: image member, caption from .caption, .txt or .json, or the reason it fails."""
+def json_metadata(data: Optional[bytes], mapping: Optional[dict]) -> Optional[dict]:
+    """{field: raw value} of the mapped keys of a sample's .json member (None without a mapping or a member)."""
+    document = json_document(data) if mapping else None
+    return {field: document.get(key) for field, key in mapping.items()} if document is not None else None
+
+
+def sample_row(number: int, name: str, members: dict, metadata_columns: Optional[dict] = None) -> Row:
+    """One sample as a Row: image member, caption from .caption, .txt or .json, metadata from the .json's mapped
+    keys, or the reason it fails."""
     image = next((data for kind, data in members.items() if kind in IMAGE_EXTENSIONS), None)
     caption = next((members[e].decode("utf-8", "replace") for e in CAPTION_EXTENSIONS if e in members), None)
     if caption is None:
@@ -102,10 +119,11 @@ def sample_row(number: int, name: str, members: dict) -> Row:
         return Row(number, name, None, caption, (REASON_MISSING_IMAGE, f"no image member ({', '.join(members) or 'none'})"))
     if caption is None:
         return Row(number, name, image, None, (REASON_NO_CAPTION, "no .caption, .txt or .json caption member"))
-    return Row(number, name, image, caption)
+    return Row(number, name, image, caption, metadata=json_metadata(members.get("json"), metadata_columns))
 
 
-def webdataset_rows(paths: Sequence[Path], limit: Optional[int]) -> Iterator[Row]:
+def webdataset_rows(paths: Sequence[Path], limit: Optional[int], metadata_columns: Optional[dict] = None
+                    ) -> Iterator[Row]:
     """Samples across shards, numbered from 1."""
     number = 0
     for path in paths:
@@ -113,10 +131,28 @@ def webdataset_rows(paths: Sequence[Path], limit: Optional[int]) -> Iterator[Row
             number += 1
             if limit is not None and number > limit:
                 return
-            yield sample_row(number, f"{path.name}:{key}", members)
+            yield sample_row(number, f"{path.name}:{key}", members, metadata_columns)
 
 
-def open_webdataset(paths: Sequence[Path], split: Optional[str] = None) -> Source:
+def check_metadata_keys(paths: Sequence[Path], mapping: Optional[dict]) -> None:
+    """A usage error when none of the first samples has a .json member, or the first one lacks a named key."""
+    if not mapping or not paths:
+        return
+    documents = (json_document(members.get("json")) for _, members in shard_samples(paths[0]))
+    found = next((d for n, d in enumerate(documents) if d is not None or n >= PROBE_SAMPLES), None)
+    if found is None:
+        raise UsageError(f"--metadata_columns: none of the first {PROBE_SAMPLES} samples of {paths[0]} has a .json "
+                         "member to read metadata from")
+    for field, key in mapping.items():
+        if key not in found:
+            raise UsageError(f"--metadata_columns {field}={key}: the samples' .json has no key {key!r} "
+                             f"(keys: {', '.join(found)})")
+
+
+def open_webdataset(paths: Sequence[Path], split: Optional[str] = None, metadata_columns: Optional[dict] = None
+                    ) -> Source:
     """Count every shard's samples (headers only) so the total and the numbering are known up front."""
     total = sum(count_samples(path) for path in paths)
-    return Source("webdataset", list(paths), total, lambda limit: webdataset_rows(paths, limit), split)
+    check_metadata_keys(paths, metadata_columns)
+    return Source("webdataset", list(paths), total, lambda limit: webdataset_rows(paths, limit, metadata_columns),
+                  split)
