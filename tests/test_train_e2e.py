@@ -367,15 +367,15 @@ def rank_torch_rng_states(checkpoint: Path) -> list:
 
 
 def test_two_processes_with_torchrun(tiny_model_dir, tiny_data_dir, tmp_path):
-    """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process; each builds half the latent cache;
-    each rank draws its own noise; after a validation and checkpoints the ranks still hold the same weights (the
+    """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process; the latent cache's two 4-row chunks
+    are built (one per rank); each rank draws its own noise; after a validation and checkpoints the ranks still hold the same weights (the
     trainer checks that at every checkpoint and stops otherwise)."""
     output = tmp_path / "out"
     # 8 rows over 2 processes: 4 steps per epoch, so validation after epoch 0 and checkpoints at 2 and 4 come before
     # steps 5-6 and the check at checkpoint-6.
     command = trainer_command(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 6,
                               "--checkpointing_steps", 2, "--use_ema", "--cache_latents", "--validation_prompt",
-                              PROMPT, "--validation_epochs", 1)
+                              PROMPT, "--validation_epochs", 1, "--cache_chunk_rows", 4)
     command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT)]
     done = subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
                           timeout=400, cwd=REPO_ROOT)
