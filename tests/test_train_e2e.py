@@ -368,8 +368,8 @@ def rank_torch_rng_states(checkpoint: Path) -> list:
 
 def test_two_processes_with_torchrun(tiny_model_dir, tiny_data_dir, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process; the latent cache's two 4-row chunks
-    are built (one per rank); each rank draws its own noise; after a validation and checkpoints the ranks still hold the same weights (the
-    trainer checks that at every checkpoint and stops otherwise)."""
+    are built (one per rank); each rank draws its own noise; after a validation and checkpoints the ranks still hold
+    the same weights (the trainer checks that at every checkpoint and stops otherwise)."""
     output = tmp_path / "out"
     # 8 rows over 2 processes: 4 steps per epoch, so validation after epoch 0 and checkpoints at 2 and 4 come before
     # steps 5-6 and the check at checkpoint-6.
