@@ -66,7 +66,8 @@ if [[ "$speed" != only ]]; then
   "$PYTHON" scripts/gpu_check.py || status=$?
   [[ $status -le 1 ]] || exit "$status"
 fi
-if [[ "$speed" != 0 && "${GPU_CHECK_DEVICE:-}" != cpu ]]; then
+if [[ "$speed" != 0 && "${GPU_CHECK_DEVICE:-}" != cpu ]] &&
+  "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then  # the table is for a GPU
   work="${GPU_CHECK_WORK:-/tmp/gpu_check}"
   bench=(bench/bench_train.py --configs sd15 --sd15_rows speed --work_dir "$work/bench")
   [[ -f .reference/train_text_to_image.py ]] && bench+=(--reference .reference/train_text_to_image.py)
