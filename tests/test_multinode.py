@@ -89,7 +89,8 @@ def two_node_run(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> dict:
     done = subprocess.run(two_node_command(tiny_model_dir, tiny_data_dir, output), capture_output=True, text=True,
                           env=env, timeout=400, cwd=root)
     logs = [(nodes / f"node{n}.log").read_text() if (nodes / f"node{n}.log").exists() else "" for n in range(2)]
-    assert done.returncode == 0, f"{done.stderr[-2000:]}\n--- node 0:\n{logs[0][-3000:]}\n--- node 1:\n{logs[1][-3000:]}"
+    assert done.returncode == 0, \
+        f"{done.stderr[-2000:]}\n--- node 0:\n{logs[0][-3000:]}\n--- node 1:\n{logs[1][-3000:]}"
     return {"output": output, "nodes": nodes, "logs": logs, "done": done}
 
 
