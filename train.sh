@@ -12,6 +12,10 @@
 #                 Log in first with `hf auth login` or export HF_TOKEN; the token never goes on a command line.
 #   ACCELERATE_CONFIG_FILE  accelerate config to use. Without it, ${HF_HOME:-$HOME/.cache/huggingface}/accelerate/
 #                 default_config.yaml (written by `accelerate config`) when it exists, else one process on this machine.
+#   LAUNCH_ARGS   more `accelerate launch` options, split on spaces, after the config's (they win over it); the
+#                 multi-node recipe passes e.g. "--num_machines 2 --machine_rank 0 --num_processes 16
+#                 --main_process_ip HOST --main_process_port 29500 --rdzv_backend c10d"
+#                 (scripts/slurm/train_multinode.sbatch sets it on each node)                  (default: unset)
 #   PYTHON        the Python that runs accelerate's launcher in-process (utils/launch.py), so a failed run ends
 #                 with the trainer's own message and exit code (2: usage error, 1: diverged) and no launcher
 #                 traceback; the trainer's checks run once before any process starts              (default: python)
@@ -43,6 +47,7 @@ PUSH_TO_HUB="${PUSH_TO_HUB:-1}"
 CACHE_LATENTS="${CACHE_LATENTS:-1}"
 PYTHON="${PYTHON:-python}"
 ACCELERATE="${ACCELERATE:-}"
+LAUNCH_ARGS="${LAUNCH_ARGS:-}"
 LORA_RANK="${LORA_RANK:-}"
 THROUGHPUT="${THROUGHPUT:-0}"
 THROUGHPUT_BATCH="${THROUGHPUT_BATCH:-32}"
@@ -94,6 +99,9 @@ check_settings() {
   fi
   [[ "$THROUGHPUT_BATCH" =~ ^[1-9][0-9]*$ ]] ||
     die "THROUGHPUT_BATCH '$THROUGHPUT_BATCH' must be a whole number of at least 1 (e.g. 32)."
+  if [[ -n "$LAUNCH_ARGS" && ! "$LAUNCH_ARGS" =~ ^[[:space:]]*- ]]; then
+    die "LAUNCH_ARGS '$LAUNCH_ARGS' must start with an accelerate launch option (e.g. --num_machines 2)."
+  fi
   if [[ -n "${ACCELERATE_CONFIG_FILE:-}" && ! -f "$ACCELERATE_CONFIG_FILE" ]]; then
     die "ACCELERATE_CONFIG_FILE '$ACCELERATE_CONFIG_FILE' does not exist."
   fi
@@ -141,7 +149,7 @@ main() {
   check_settings
   check_data_dir
   refuse_token_args "$@"
-  local -a launcher train_args launch_args ema_flag=(--use_ema)
+  local -a launcher train_args launch_args extra_launch_args ema_flag=(--use_ema)
   # The seed recipe fits a 16-24 GB card; THROUGHPUT=1 trades that memory for speed on a big one.
   local -a speed_args=(--train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing
                        --mixed_precision=fp16)
@@ -174,7 +182,8 @@ main() {
   [[ "$PUSH_TO_HUB" == 1 ]] && train_args+=(--push_to_hub)
   [[ "$CACHE_LATENTS" == 1 ]] && train_args+=(--center_crop --cache_latents)
   mapfile -t launch_args < <(launch_options "$(last_mixed_precision "${train_args[@]}" "$@")")
-  exec "${launcher[@]}" "${launch_args[@]}" "$SCRIPT_DIR/train_text_to_image.py" \
+  read -r -a extra_launch_args <<<"$LAUNCH_ARGS"
+  exec "${launcher[@]}" "${launch_args[@]}" "${extra_launch_args[@]}" "$SCRIPT_DIR/train_text_to_image.py" \
     "${train_args[@]}" "$@"
 }
 

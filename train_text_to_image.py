@@ -4,6 +4,7 @@ Flow: parse + fail fast → accelerator → models → data → optimizer/schedu
 Run with `accelerate launch` or `torchrun`; every flag is described by --help.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     models.require_optional_packages(args)
     quiet_loading_bars()
     accelerator = loop.make_accelerator(args)
+    loop.check_world_size(accelerator.num_processes, os.environ)
+    loop.check_supported_distribution(accelerator.distributed_type)
     setup_logging(is_main_process=accelerator.is_main_process)
     logger = get_logger()
     if args.seed is not None:

@@ -72,6 +72,16 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def two_process_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """(output dir, CompletedProcess) of one torchrun --nproc_per_node 2 training run on the CPU, made once for
+    test_train_e2e.py and for test_multinode.py's two-node run, which must give the same weights."""
+    from test_train_e2e import run_two_processes_with_torchrun
+
+    output = tmp_path_factory.mktemp("two_processes") / "out"
+    return output, run_two_processes_with_torchrun(tiny_model_dir, tiny_data_dir, output)
+
+
 # --- Evaluation fixtures (helper "evaluate"): random stand-ins for the Inception and CLIP models, made once.
 
 

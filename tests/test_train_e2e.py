@@ -366,19 +366,27 @@ def rank_torch_rng_states(checkpoint: Path) -> list:
             for path in sorted(checkpoint.glob("random_states_*.pkl"))]
 
 
-def test_two_processes_with_torchrun(tiny_model_dir, tiny_data_dir, tmp_path):
+# The run two_process_run (conftest) makes, shared with test_multinode.py's two-node run, which must equal it.
+# 8 rows over 2 processes: 4 steps per epoch, so validation after epoch 0 and checkpoints at 2 and 4 come before
+# steps 5-6 and the check at checkpoint-6.
+TWO_PROCESS_FLAGS = ["--max_train_steps", 6, "--checkpointing_steps", 2, "--use_ema", "--cache_latents",
+                     "--validation_prompt", PROMPT, "--validation_epochs", 1, "--cache_chunk_rows", 4]
+
+
+def run_two_processes_with_torchrun(model, data, output) -> subprocess.CompletedProcess:
+    """torchrun --nproc_per_node 2 of the trainer with TWO_PROCESS_FLAGS on the CPU (gloo)."""
+    command = trainer_command(model, data, output, *TWO_PROCESS_FLAGS)
+    command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    str(SCRIPT)]
+    return subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
+                          timeout=400, cwd=REPO_ROOT)
+
+
+def test_two_processes_with_torchrun(two_process_run):
     """torchrun --nproc_per_node 2 on CPU (gloo): same artefacts as one process; the latent cache's two 4-row chunks
     are built (one per rank); each rank draws its own noise; after a validation and checkpoints the ranks still hold
     the same weights (the trainer checks that at every checkpoint and stops otherwise)."""
-    output = tmp_path / "out"
-    # 8 rows over 2 processes: 4 steps per epoch, so validation after epoch 0 and checkpoints at 2 and 4 come before
-    # steps 5-6 and the check at checkpoint-6.
-    command = trainer_command(tiny_model_dir, tiny_data_dir, output, "--max_train_steps", 6,
-                              "--checkpointing_steps", 2, "--use_ema", "--cache_latents", "--validation_prompt",
-                              PROMPT, "--validation_epochs", 1, "--cache_chunk_rows", 4)
-    command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
-                          timeout=400, cwd=REPO_ROOT)
+    output, done = two_process_run
     assert done.returncode == 0, done.stderr[-4000:]
     assert "2 process(es)" in done.stderr
     assert checkpoints(output) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}

@@ -278,3 +278,22 @@ def test_channels_last_puts_conv_weights_in_nhwc_and_keeps_the_outputs():
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                          for p in convs if p.shape[-1] > 1)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_a_launch_accelerate_did_not_join_is_refused():
+    """WORLD_SIZE=2 from the launcher but one process in accelerate (a CPU box without ACCELERATE_USE_CPU): refused,
+    naming the fix, instead of two runs each training alone into one OUTPUT_DIR."""
+    with pytest.raises(UsageError, match=r"WORLD_SIZE=2\) but accelerate set up 1.*ACCELERATE_USE_CPU=1"):
+        loop.check_world_size(1, {"WORLD_SIZE": "2"})
+    loop.check_world_size(2, {"WORLD_SIZE": "2"})
+    loop.check_world_size(1, {})
+
+
+def test_fsdp_is_refused_and_ddp_deepspeed_pass():
+    """FSDP would shard the weights the trainer's sync check, EMA and export read whole: a usage error."""
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(UsageError, match="FSDP is not supported"):
+        loop.check_supported_distribution(DistributedType.FSDP)
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.DEEPSPEED):
+        loop.check_supported_distribution(kind)

@@ -25,7 +25,7 @@ SEED_FLAGS = [
 FAKE_ACCELERATE = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGV_FILE"\n'
 ISOLATED_VARS = ("HF_HOME", "XDG_CACHE_HOME", "ACCELERATE_CONFIG_FILE", "MODEL_NAME", "DATA_DIR", "OUTPUT_DIR",
                  "REPORT_TO", "PUSH_TO_HUB", "ACCELERATE", "HF_TOKEN", "CACHE_LATENTS", "LORA_RANK", "THROUGHPUT",
-                 "THROUGHPUT_BATCH")
+                 "THROUGHPUT_BATCH", "LAUNCH_ARGS")
 
 
 @pytest.fixture()

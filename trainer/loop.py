@@ -5,7 +5,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -17,6 +17,7 @@ from trainer.loss import (LossOptions, SkippedSteps, TrainingDiverged, check_fin
 from trainer.loss_log import append_loss, truncate_loss_log
 from trainer.models import frozen_models_on, trainable_parameters
 from trainer.validation import BASE_STEP, should_validate, validate_during_training
+from utils.cli import UsageError
 from utils.logger import get_logger
 
 
@@ -60,6 +61,27 @@ def make_accelerator(args):
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision, log_with=args.report_to,
                        project_config=project, dataloader_config=loader_config, dynamo_plugin=dynamo)
+
+
+def check_world_size(num_processes: int, environ: Mapping[str, str]) -> None:
+    """Refuse a run whose launcher started WORLD_SIZE processes that accelerate did not join into one group.
+
+    On a machine without a GPU, accelerate turns a torchrun/`accelerate launch --multi_gpu` process into a
+    stand-alone one unless told to use the CPU: each process would then train alone on all the data and they would
+    overwrite each other's checkpoints in OUTPUT_DIR.
+    """
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched > num_processes:
+        raise UsageError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate set up "
+                         f"{num_processes}: with no GPU each process would train alone; on a CPU-only machine set "
+                         "ACCELERATE_USE_CPU=1 to train them together over gloo.")
+
+
+def check_supported_distribution(distributed_type) -> None:
+    """Refuse FSDP: the trainer's weight-sync check, EMA and unet/ export need whole weights on every rank."""
+    if distributed_type == "FSDP":  # accelerate's DistributedType is a str enum
+        raise UsageError("FSDP is not supported by this trainer (its EMA, checkpoint check and unet/ export need "
+                         "whole weights on every process): use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml.")
 
 
 def init_trackers(accelerator, args) -> None:
