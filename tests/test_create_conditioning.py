@@ -310,3 +310,22 @@ def test_the_usage_error_is_one_line_exit_two_as_users_see_it(tmp_path, run_scri
     result = run_script(CREATE, ["--input", tmp_path / "s.parquet", "--output_dir", tmp_path / "o",
                                  "--conditioning_column", "mask", "--conditioning_dir", tmp_path])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "not both" in result.stderr
+
+
+def test_sample_layout_scenes_make_a_mask_conditioned_folder(tmp_path):
+    """sample_data.py --masks -> create.py --conditioning_column mask: every row kept, its mask aligned with it."""
+    from diffusion_model.sample_data import LAYOUT_CLASSES, make_sample_parquet
+
+    source = make_sample_parquet(tmp_path / "s.parquet", 4, seed=1, masks=True)
+    out = tmp_path / "o"
+    assert create.main(["--input", str(source), "--output_dir", str(out), "--conditioning_column", "mask",
+                        "--conditioning_type", "mask", "--num_classes", str(len(LAYOUT_CLASSES)), "--resolution", "32",
+                        "--num_workers", "1"]) == 0
+    assert read_report(out)["rows_failed"] == 0
+    colours = np.array([colour for _, colour in LAYOUT_CLASSES], int)
+    for number in range(1, 5):
+        classes = np.asarray(Image.open(out / "conditioning_images" / f"image_{number:06d}.png"))
+        pixels = np.asarray(Image.open(out / "rsicd_images" / f"image_{number:06d}.jpg").convert("RGB")).astype(int)
+        nearest = np.abs(pixels[:, :, None] - colours[None, None]).sum(-1).argmin(-1)
+        assert (nearest == classes).mean() > 0.8
+    assert json.loads((out / "conditioning.json").read_text())["classes"] == len(LAYOUT_CLASSES)
