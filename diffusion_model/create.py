@@ -136,8 +136,8 @@ def add_conditioning_flags(parser: ArgumentParser) -> None:
                         help=f"With --conditioning_type mask: classes 0..K-1; a mask with a class >= K fails its row "
                              f"(default: any class up to {MAX_MASK_CLASSES - 1}).")
     parser.add_argument("--conditioning_bands", type=parse_band_list, metavar="B1,B2,...",
-                        help="With --conditioning_type bands: the bands to keep (1-based), e.g. 1,2 for Sentinel-1 VV,VH "
-                             "(default: every band).")
+                        help="With --conditioning_type bands: the bands to keep (1-based), e.g. 1,2 for Sentinel-1 "
+                             "VV,VH (default: every band).")
     parser.add_argument("--conditioning_norm", choices=NORM_MODES,
                         help="With --conditioning_type bands: the normalisation training applies, from per-band "
                              "statistics over the folder's rows saved in conditioning.json (minmax, percentile: 2-98 "

@@ -64,7 +64,8 @@ CHUNK_ROWS = 32
 CHUNK_BYTES = 4 << 20
 CHUNKS_IN_FLIGHT_PER_WORKER = 3
 OUR_IMAGE = re.compile(rf"^{re.escape(IMAGE_PREFIX)}\d{{{IMAGE_INDEX_DIGITS},}}{re.escape(IMAGE_EXTENSION)}$")
-OUR_CONDITIONING = re.compile(rf"^{re.escape(IMAGE_PREFIX)}(\d{{{IMAGE_INDEX_DIGITS},}})({'|'.join(map(re.escape, set(SUFFIXES.values())))})$")
+CONDITIONING_SUFFIXES = "|".join(sorted(map(re.escape, set(SUFFIXES.values()))))
+OUR_CONDITIONING = re.compile(rf"^{re.escape(IMAGE_PREFIX)}(\d{{{IMAGE_INDEX_DIGITS},}})({CONDITIONING_SUFFIXES})$")
 
 
 @dataclass(frozen=True)

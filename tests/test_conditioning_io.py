@@ -87,7 +87,8 @@ def test_bands_are_kept_as_float32_without_an_8bit_step_in_the_order_asked():
     out = np.load(io.BytesIO(made))
     assert out.dtype == np.float32 and out.shape == (2, 8, 8)
     assert np.array_equal(out[0], values[..., 2]) and np.array_equal(out[1], values[..., 0])
-    assert summary["band_stats"]["count"] == 64 and summary["band_stats"]["max"][0] == pytest.approx(values[..., 2].max())
+    assert summary["band_stats"]["count"] == 64
+    assert summary["band_stats"]["max"][0] == pytest.approx(values[..., 2].max())
 
 
 def test_bands_nodata_becomes_zero_and_a_resize_stays_in_range():

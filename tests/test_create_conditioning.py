@@ -15,8 +15,8 @@ import tifffile
 from PIL import Image
 
 from diffusion_model import create, format as format_script
-from diffusion_model.conditioning import apply_geometry, plan_geometry
-from diffusion_model.imaging import resize
+from diffusion_model.conditioning import apply_geometry, plan_geometry, scale_geometry
+from diffusion_model.imaging import RESAMPLE
 from test_create import read_captions, read_report
 from utils.cli import UsageError
 
@@ -256,8 +256,6 @@ def test_jsonl_conditioning_paths_resolve_like_images_and_cannot_escape(tmp_path
         2: "conditioning_unsafe_path", 3: "conditioning_missing_image"}
     written = np.asarray(Image.open(out / "conditioning_images" / "image_000001.png"))
     geometry = plan_geometry(48, 32, SIDE, "center_crop")
-    from diffusion_model.conditioning import scale_geometry
-    from diffusion_model.imaging import RESAMPLE
     expected = apply_geometry(Image.fromarray(hints[0]), scale_geometry(geometry, (48, 32), (24, 16)), RESAMPLE)
     assert written.shape == (SIDE, SIDE, 3) and np.array_equal(written, np.asarray(expected))
     assert json.loads((out / "conditioning.json").read_text())["channels"] == 3
@@ -266,7 +264,8 @@ def test_jsonl_conditioning_paths_resolve_like_images_and_cannot_escape(tmp_path
 @pytest.mark.parametrize("extra, named", [
     (["--conditioning_column", "mask", "--conditioning_dir", "."], "not both"),
     (["--conditioning_column", "nope"], "'nope'"),
-    (["--conditioning_column", "mask", "--mask_palette", "p.json"], "--mask_palette p.json needs --conditioning_type mask"),
+    (["--conditioning_column", "mask", "--mask_palette", "p.json"],
+     "--mask_palette p.json needs --conditioning_type mask"),
     (["--conditioning_column", "mask", "--conditioning_bands", "1,2"], "--conditioning_bands"),
     (["--conditioning_column", "mask", "--conditioning_norm", "zscore"], "--conditioning_norm zscore"),
     (["--conditioning_column", "mask", "--conditioning_type", "mask", "--mask_palette", "bad.json"], "bad.json"),

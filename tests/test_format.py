@@ -250,15 +250,14 @@ def test_conditioning_sidecar_gives_every_line_its_conditioning_image_and_a_miss
     for letter in "ab":
         Image.new("L", (8, 8), 1).save(folder / "conditioning_images" / f"{letter}.png")
     (folder / "conditioning_files.jsonl").write_text("".join(
-        json.dumps({"file_name": f"rsicd_images/{letter}.jpg", "conditioning_image": f"conditioning_images/{letter}.png"})
-        + "\n" for letter in "abc"))
+        json.dumps({"file_name": f"rsicd_images/{c}.jpg", "conditioning_image": f"conditioning_images/{c}.png"}) + "\n"
+        for c in "abc"))
     arguments = ["--caption_file", str(folder / "captions.txt"), "--output_file", str(folder / "metadata.jsonl")]
     assert main(arguments) == 1 and not (folder / "metadata.jsonl").exists(), "c's conditioning file is missing"
     assert main(arguments + ["--skip_invalid"]) == 0
     records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    assert records == [{"file_name": "rsicd_images/a.jpg", "text": "first", "conditioning_image": "conditioning_images/a.png"},
-                       {"file_name": "rsicd_images/b.jpg", "text": "second",
-                        "conditioning_image": "conditioning_images/b.png"}]
+    assert records == [{"file_name": f"rsicd_images/{c}.jpg", "text": text,
+                        "conditioning_image": f"conditioning_images/{c}.png"} for c, text in (("a", "first"), ("b", "second"))]
     report = json.loads((folder / "format_report.json").read_text())
     assert report["skipped_lines"][0]["reason"] == "conditioning image conditioning_images/c.png not found"
     assert report["unlisted_images"] == ["rsicd_images/c.jpg"], "the conditioning images are listed, not strays"
