@@ -255,6 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           {**source.record(), "first_row": spot.first_row, "rows": source.rows_total})
     report.update(sources=spot.document["sources"], other_sources_failures=other_failures(
         output_dir, (PREVIOUS_REPORT_FILENAME,), own_rows) if keep else [])
+    if not conditioning:  # a folder rebuilt (--overwrite) without conditioning keeps no description of one
+        (output_dir / CONDITIONING_FILENAME).unlink(missing_ok=True)
     if conditioning:
         norm = args.conditioning_norm or (DEFAULT_NORM if conditioning.type == "bands" else None)
         document = conditioning_document(output_dir, settings, norm)

@@ -152,6 +152,23 @@ def test_loveda_rerun_reuses_and_a_lost_mask_is_made_again(loveda):
                           expected_mask(layout(2)))
 
 
+def test_loveda_rerun_with_another_conditioning_is_refused_and_overwrite_without_one_clears_it(loveda, tmp_path):
+    urban, out, _, args, _ = loveda
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in out.rglob("*"):
+        target = copy / path.relative_to(out)
+        target.mkdir(exist_ok=True) if path.is_dir() else target.write_bytes(path.read_bytes())
+    moved = [str(copy) if a == str(out) else a for a in args]
+    with pytest.raises(UsageError, match="conditioning"):
+        create.main([a for a in moved if a != "--num_classes" and a != "7"])
+    plain = ["--input", str(urban / "index.csv"), "--images_dir", str(urban), "--output_dir", str(copy),
+             "--resolution", str(SIDE), "--num_workers", "1", "--overwrite"]
+    assert create.main(plain) == 0
+    assert not (copy / "conditioning.json").exists() and not (copy / "conditioning_files.jsonl").exists()
+    assert list((copy / "conditioning_images").iterdir()) == []
+
+
 def write_parquet(path: Path, rows: list) -> Path:
     """A Parquet of image bytes, text and a conditioning {bytes, path} struct."""
     schema = pa.schema([("image", pa.binary()), ("text", pa.string()),
