@@ -13,6 +13,7 @@ Failed rows leave a gap that OUTPUT_DIR/create_report.json explains. Re-running 
 Run: python diffusion_model/create.py --input P [P ...] --output_dir O [--format auto] [--split train] [--append]
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -24,8 +25,11 @@ from typing import Optional, Sequence
 
 from utils.atomic import write_json_atomic
 from diffusion_model.captions import CAPTION_MODES
+from diffusion_model.conditioning import (CONDITIONING_TYPES, DEFAULT_NORM, MAX_MASK_CLASSES, NORM_MODES,
+                                          ConditioningSettings, palette_record, parse_band_list, parse_palette)
 from diffusion_model.create_job import (PREVIOUS_REPORT_FILENAME, SETTINGS_FILENAME, ImageSettings, MetadataPlan,
-                                        build_report, default_workers, prepare_output, run_job, summary_line)
+                                        build_report, conditioning_document, default_workers, prepare_output, run_job,
+                                        summary_line)
 from diffusion_model.geo_metadata import FIELDS, parse_columns, parse_literals
 from diffusion_model.geotiff import (DEFAULT_PERCENTILES, STRETCH_MODES, MultibandSettings, parse_bands,
                                      parse_percentiles)
@@ -33,7 +37,8 @@ from diffusion_model.imaging import RESIZE_MODES
 from diffusion_model.ledger import other_failures, place
 from diffusion_model.sources import FORMATS, SPLITS, SourceOptions, open_source
 from utils.cli import ArgumentParser, UsageError, run_main
-from utils.constants import CAPTIONS_FILENAME, CREATE_REPORT_FILENAME, DEFAULT_JPEG_QUALITY, DEFAULT_RESOLUTION
+from utils.constants import (CAPTIONS_FILENAME, CONDITIONING_FILENAME, CREATE_REPORT_FILENAME, DEFAULT_JPEG_QUALITY,
+                             DEFAULT_RESOLUTION)
 from utils.logger import get_logger, setup_logging
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -45,6 +50,7 @@ def parse_args(argv: Optional[Sequence[str]]):
                                         "webdataset) into JPEGs plus captions.txt.")
     add_source_flags(parser)
     add_metadata_flags(parser)
+    add_conditioning_flags(parser)
     parser.add_argument("--output_dir", required=True, help="Folder for rsicd_images/, captions.txt and the report.")
     parser.add_argument("--caption_file", default=CAPTIONS_FILENAME,
                         help="Captions file; a bare name is placed in --output_dir, and it must lie directly in it.")
@@ -111,10 +117,76 @@ def add_metadata_flags(parser: ArgumentParser) -> None:
                              "and a GeoTIFF's georeferencing come first; the GSD is the source images').")
 
 
+def add_conditioning_flags(parser: ArgumentParser) -> None:
+    """Where each image's ControlNet conditioning comes from and what kind it is."""
+    parser.add_argument("--conditioning_column",
+                        help="Each row's conditioning image: a Parquet column (bytes, {bytes, path} struct, or a path "
+                             "beside the Parquet file), a CSV/JSONL column of paths (resolved like the images), or a "
+                             "webdataset member extension such as mask.png.")
+    parser.add_argument("--conditioning_dir",
+                        help="Folder of conditioning files matched to the images by file stem (.png, .jpg, .jpeg, "
+                             ".tif, .tiff), e.g. LoveDA's masks_png/ beside images_png/.")
+    parser.add_argument("--conditioning_type", choices=CONDITIONING_TYPES, default="image",
+                        help="image: RGB, resized like the image; mask: class indices, resized with nearest "
+                             "neighbour, 8-bit PNG; bands: a multi-band (Geo)TIFF kept as float32 .npy.")
+    parser.add_argument("--mask_palette", metavar="FILE.json",
+                        help="With --conditioning_type mask: the RGB colour of each class, as a JSON list of [r, g, b] "
+                             "(class = position) or {class: [r, g, b]}; a colour not in it fails the row.")
+    parser.add_argument("--num_classes", type=int,
+                        help=f"With --conditioning_type mask: classes 0..K-1; a mask with a class >= K fails its row "
+                             f"(default: any class up to {MAX_MASK_CLASSES - 1}).")
+    parser.add_argument("--conditioning_bands", type=parse_band_list, metavar="B1,B2,...",
+                        help="With --conditioning_type bands: the bands to keep (1-based), e.g. 1,2 for Sentinel-1 "
+                             "VV,VH (default: every band).")
+    parser.add_argument("--conditioning_norm", choices=NORM_MODES,
+                        help="With --conditioning_type bands: the normalisation training applies, from per-band "
+                             "statistics over the folder's rows saved in conditioning.json (minmax, percentile: 2-98 "
+                             f"to 0..1, zscore, none; default: {DEFAULT_NORM}).")
+
+
 def source_options(args) -> SourceOptions:
     """The reader options from the command line."""
     return SourceOptions(args.format, args.split, args.images_dir, args.image_column, args.caption_column,
-                         metadata_columns=args.metadata_columns, metadata_sidecars=args.metadata_sidecars)
+                         metadata_columns=args.metadata_columns, metadata_sidecars=args.metadata_sidecars,
+                         conditioning_column=args.conditioning_column, conditioning_dir=args.conditioning_dir)
+
+
+def load_palette(path: str) -> dict:
+    """--mask_palette as {"class": [r, g, b]}; an unreadable or malformed file is a usage error naming it."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        return palette_record(parse_palette(document))
+    except OSError as err:
+        raise UsageError(f"--mask_palette {path}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise UsageError(f"--mask_palette {path}: {' '.join(str(err).split())}") from None
+
+
+# Flags that only one conditioning type reads: given with another they would be silently ignored.
+TYPE_FLAGS = {"mask_palette": "mask", "num_classes": "mask", "conditioning_bands": "bands",
+              "conditioning_norm": "bands"}
+
+
+def conditioning_settings(args) -> Optional[ConditioningSettings]:
+    """The conditioning asked for (None without --conditioning_column or _dir); usage errors for flags that clash."""
+    if args.conditioning_column is not None and args.conditioning_dir is not None:
+        raise UsageError("give --conditioning_column or --conditioning_dir, not both")
+    given = args.conditioning_column is not None or args.conditioning_dir is not None
+    for flag, kind in TYPE_FLAGS.items():
+        if getattr(args, flag) is not None and args.conditioning_type != kind:
+            raise UsageError(f"--{flag} {getattr(args, flag)} needs --conditioning_type {kind} "
+                             f"(got {args.conditioning_type})")
+    if not given:
+        if args.conditioning_type != "image":
+            raise UsageError(f"--conditioning_type {args.conditioning_type} needs --conditioning_column or "
+                             "--conditioning_dir")
+        return None
+    check_range("--num_classes", args.num_classes, 1, MAX_MASK_CLASSES)
+    palette = load_palette(args.mask_palette) if args.mask_palette else None
+    if palette and args.num_classes and max(map(int, palette)) >= args.num_classes:
+        raise UsageError(f"--mask_palette {args.mask_palette} has class {max(map(int, palette))}, not below "
+                         f"--num_classes {args.num_classes}")
+    return ConditioningSettings(args.conditioning_type, args.conditioning_bands, palette, args.num_classes)
 
 
 def renumbered(rows, offset: int):
@@ -153,12 +225,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     args = parse_args(argv)
     check_numbers(args)
+    conditioning = conditioning_settings(args)
     output_dir = Path(args.output_dir).resolve()
     caption_file = resolve_caption_file(args.caption_file, output_dir)
     source = open_source(args.input, source_options(args))
 
     multiband = MultibandSettings(args.bands, args.stretch, args.stretch_percentiles)
-    settings = ImageSettings(args.resolution, args.resize_mode, args.jpeg_quality, args.max_pixels, multiband)
+    settings = ImageSettings(args.resolution, args.resize_mode, args.jpeg_quality, args.max_pixels, multiband,
+                             conditioning)
     # Where this source's rows go among the folder's sources; a rerun finds its own place again.
     columns = source.details.get("columns", {})
     spot = place(output_dir / SETTINGS_FILENAME, asdict(settings), source.record(), columns.get("image"),
@@ -181,6 +255,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           {**source.record(), "first_row": spot.first_row, "rows": source.rows_total})
     report.update(sources=spot.document["sources"], other_sources_failures=other_failures(
         output_dir, (PREVIOUS_REPORT_FILENAME,), own_rows) if keep else [])
+    if not conditioning:  # a folder rebuilt (--overwrite) without conditioning keeps no description of one
+        (output_dir / CONDITIONING_FILENAME).unlink(missing_ok=True)
+    if conditioning:
+        norm = args.conditioning_norm or (DEFAULT_NORM if conditioning.type == "bands" else None)
+        document = conditioning_document(output_dir, settings, norm)
+        write_json_atomic(output_dir / CONDITIONING_FILENAME, document)
+        report["conditioning"] = {"type": conditioning.type, "rows": document["rows"],
+                                  "file": str(output_dir / CONDITIONING_FILENAME)}
     write_json_atomic(report_path, report)
     (output_dir / PREVIOUS_REPORT_FILENAME).unlink(missing_ok=True)
     print(summary_line(tally, caption_file, report_path, seconds, source.label()))

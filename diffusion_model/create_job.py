@@ -17,6 +17,7 @@ import re
 import time
 import warnings
 from collections import Counter, deque
+from itertools import zip_longest
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -26,16 +27,21 @@ from tqdm import tqdm
 
 from utils.atomic import open_text_atomic, write_bytes_atomic, write_json_atomic
 from diffusion_model.captions import select_captions
+from diffusion_model.conditioning import NORM_PERCENTILES, BandStats, ConditioningSettings, norm_limits
+from diffusion_model.conditioning_io import SUFFIXES, prepare_conditioning, summary_of_file
 from diffusion_model.geo_metadata import FIELDS, row_metadata
 from diffusion_model.georef import locate, read_georef
 from diffusion_model.geotiff import MultibandSettings
 from diffusion_model.image_errors import ImageRejected
-from diffusion_model.imaging import is_tiff, prepare
+from diffusion_model.imaging import decode_rgb, encode, is_tiff, prepare, resize
 from diffusion_model.ledger import LEGACY
 from utils.cli import UsageError
 from utils.logger import get_logger
 from utils.constants import (
     CAPTION_SEPARATOR,
+    CONDITIONING_DIRNAME,
+    CONDITIONING_FILES_FILENAME,
+    CONDITIONING_KEY,
     CREATE_REPORT_FILENAME,
     IMAGE_EXTENSION,
     IMAGE_INDEX_DIGITS,
@@ -58,6 +64,8 @@ CHUNK_ROWS = 32
 CHUNK_BYTES = 4 << 20
 CHUNKS_IN_FLIGHT_PER_WORKER = 3
 OUR_IMAGE = re.compile(rf"^{re.escape(IMAGE_PREFIX)}\d{{{IMAGE_INDEX_DIGITS},}}{re.escape(IMAGE_EXTENSION)}$")
+CONDITIONING_SUFFIXES = "|".join(sorted(map(re.escape, set(SUFFIXES.values()))))
+OUR_CONDITIONING = re.compile(rf"^{re.escape(IMAGE_PREFIX)}(\d{{{IMAGE_INDEX_DIGITS},}})({CONDITIONING_SUFFIXES})$")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class ImageSettings:
     jpeg_quality: int
     max_pixels: int
     multiband: MultibandSettings = MultibandSettings()
+    conditioning: Optional[ConditioningSettings] = None
 
 
 @dataclass(frozen=True)
@@ -169,13 +178,33 @@ def clear_images(images_dir: Path, finished_too: bool, rows: Optional[range] = N
     return removed
 
 
+# How each conditioning type is stored, for conditioning.json's readers.
+CONDITIONING_FORMATS = {"image": "RGB PNG, resized like the image (Lanczos)",
+                        "mask": "8-bit PNG (mode L) of class indices, resized with nearest neighbour",
+                        "bands": "float32 .npy shaped (bands, height, width), raw values, resized bilinearly"}
+
 _worker_state = {}
 WRITTEN, REUSED = "written", "reused"
 
 
+def conditioning_name(number: int, settings: ConditioningSettings) -> str:
+    """File name of row number's conditioning: the image's stem with the type's suffix."""
+    return image_name(number)[: -len(IMAGE_EXTENSION)] + SUFFIXES[settings.type]
+
+
+def clear_conditioning(folder: Path, finished_too: bool, rows: Optional[range] = None) -> None:
+    """Remove leftover temporary conditioning files (and, for --overwrite, finished ones of rows, default all)."""
+    for path in folder.iterdir() if folder.is_dir() else ():
+        base = path.name[: -len(TMP_SUFFIX)] if path.name.endswith(TMP_SUFFIX) else None
+        found = OUR_CONDITIONING.match(base or path.name)
+        if found and (base is not None or (finished_too and (rows is None or int(found.group(1)) in rows))):
+            path.unlink()
+
+
 def init_worker(images_dir: str, settings: ImageSettings, overwrite: bool) -> None:
     """Pool initializer: remember where to write and how; --max_pixels replaces Pillow's own bomb guard."""
-    _worker_state.update(images_dir=Path(images_dir), settings=settings, overwrite=overwrite)
+    _worker_state.update(images_dir=Path(images_dir), settings=settings, overwrite=overwrite,
+                         conditioning_dir=Path(images_dir).parent / CONDITIONING_DIRNAME)
     Image.MAX_IMAGE_PIXELS = None
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
@@ -197,26 +226,62 @@ def source_facts(data: bytes, wanted: bool) -> Optional[tuple]:
         return None
 
 
+def make_row(number: int, data: Optional[bytes], conditioning: Optional[bytes], settings: ImageSettings) -> tuple:
+    """(JPEG bytes, conditioning file bytes or None, its sidecar summary or None) of one row; the conditioning is
+    cropped and resized by the image's own source size, so the two stay aligned."""
+    if settings.conditioning is None:
+        return prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels,
+                       settings.multiband), None, None
+    rgb = decode_rgb(data, settings.max_pixels, settings.multiband)
+    made, summary = prepare_conditioning(conditioning, rgb.size, settings.conditioning, settings.resolution,
+                                         settings.resize_mode, settings.max_pixels, number)
+    return encode(resize(rgb, settings.resolution, settings.resize_mode), settings.jpeg_quality), made, summary
+
+
+def reused_summary(number: int, settings: ImageSettings) -> tuple:
+    """(True, sidecar summary) when row number's outputs exist from an earlier run, else (False, None)."""
+    if _worker_state["overwrite"] or not (_worker_state["images_dir"] / image_name(number)).exists():
+        return False, None
+    if settings.conditioning is None:
+        return True, None
+    path = _worker_state["conditioning_dir"] / conditioning_name(number, settings.conditioning)
+    try:
+        return True, summary_of_file(path, settings.conditioning.type, number)
+    except (OSError, ValueError):  # missing or unreadable: the row is made again
+        return False, None
+
+
+def sidecar_record(number: int, settings: ImageSettings, summary: Optional[dict]) -> Optional[dict]:
+    """What conditioning_files.jsonl says of a kept row (None without conditioning)."""
+    if settings.conditioning is None:
+        return None
+    name = f"{CONDITIONING_DIRNAME}/{conditioning_name(number, settings.conditioning)}"
+    return {CONDITIONING_KEY: name, **(summary or {})}
+
+
 def process_chunk(items: list) -> list:
-    """Worker: for each (row number, image bytes, metadata wanted) reuse or make and write the JPEG; return
-    (number, outcome, detail, source facts)."""
+    """Worker: for each (row number, image bytes, metadata wanted, conditioning bytes) reuse or make and write the
+    JPEG (and its conditioning, written first: an image on disk means its row is done); return (number, outcome,
+    detail, source facts, conditioning sidecar record)."""
     settings, images_dir = _worker_state["settings"], _worker_state["images_dir"]
     statuses = []
-    for number, data, wanted in items:
-        path = images_dir / image_name(number)
+    for number, data, wanted, conditioning in items:
         facts = source_facts(data, wanted) if data else None
         # The existence check runs here rather than in the main process, so resuming costs the reader nothing.
-        if not _worker_state["overwrite"] and path.exists():
-            statuses.append((number, REUSED, "", facts))
+        reused, summary = reused_summary(number, settings)
+        if reused:
+            statuses.append((number, REUSED, "", facts, sidecar_record(number, settings, summary)))
             continue
         try:
-            jpeg = prepare(data, settings.resolution, settings.resize_mode, settings.jpeg_quality, settings.max_pixels,
-                           settings.multiband)
+            jpeg, made, summary = make_row(number, data, conditioning, settings)
         except ImageRejected as err:
-            statuses.append((number, err.reason, err.detail, None))
+            statuses.append((number, err.reason, err.detail, None, None))
             continue
-        write_bytes_atomic(path, jpeg)
-        statuses.append((number, WRITTEN, "", facts))
+        if made is not None:
+            write_bytes_atomic(_worker_state["conditioning_dir"] / conditioning_name(number, settings.conditioning),
+                               made)
+        write_bytes_atomic(images_dir / image_name(number), jpeg)
+        statuses.append((number, WRITTEN, "", facts, sidecar_record(number, settings, summary)))
     return statuses
 
 
@@ -224,7 +289,7 @@ def plan_chunk(rows: list, caption_mode: str, literals: Optional[dict] = None) -
     """Clean each row's captions; return per-row plans and the image work (rows with a caption) to send out, each
     marked when its metadata needs the source image's size."""
     plans = [(row, select_captions(row.captions, caption_mode)) for row in rows]
-    work = [(row.number, row.image, bool(literals or row.metadata)) for row, captions in plans
+    work = [(row.number, row.image, bool(literals or row.metadata), row.conditioning) for row, captions in plans
             if captions and not row.failure]
     return plans, work
 
@@ -248,13 +313,14 @@ def settle_metadata(row, name: str, facts: Optional[tuple], plan: MetadataPlan, 
 
 
 def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out, sources_out=None, metadata_out=None,
-                 metadata_plan: Optional[MetadataPlan] = None) -> None:
-    """Merge a finished chunk into the tally and append its caption lines (and source-name and metadata lines), in
-    row order."""
+                 metadata_plan: Optional[MetadataPlan] = None, conditioning_out=None) -> None:
+    """Merge a finished chunk into the tally and append its caption lines (and source-name, metadata and
+    conditioning lines), in row order."""
     outcomes = {status[0]: status[1:] for status in statuses}
     for row, captions in plans:
         tally.rows_processed += 1
         outcome, detail, *facts = outcomes.get(row.number, row.failure or (REASON_NO_CAPTION, ""))
+        record = facts[1] if len(facts) > 1 else None
         if outcome not in (WRITTEN, REUSED):
             tally.fail(row.number, row.filename, outcome, detail)
             continue
@@ -268,6 +334,8 @@ def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out, sou
         if metadata_out is not None:
             settle_metadata(row, name, facts[0] if facts else None, metadata_plan or MetadataPlan(), tally,
                             metadata_out)
+        if conditioning_out is not None and record is not None:
+            conditioning_out.write(json.dumps({"file_name": name, **record}) + "\n")
 
 
 def chunked(rows: Iterable, max_rows: int, max_bytes: int):
@@ -294,17 +362,19 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
     """
     images_dir, sources_file = output_dir / IMAGES_DIRNAME, output_dir / SOURCE_FILES_FILENAME
     metadata_file, metadata_plan = output_dir / METADATA_VALUES_FILENAME, metadata_plan or MetadataPlan()
+    conditioning_file = output_dir / CONDITIONING_FILES_FILENAME
     started, tally, pending = time.monotonic(), JobTally(), deque()
     max_in_flight = num_workers * CHUNKS_IN_FLIGHT_PER_WORKER
     with multiprocessing.Pool(num_workers, init_worker, (str(images_dir), settings, overwrite)) as pool, \
             open_text_atomic(caption_file) as captions_out, open_text_atomic(sources_file) as sources_out, \
-            open_text_atomic(metadata_file) as metadata_out, \
+            open_text_atomic(metadata_file) as metadata_out, open_text_atomic(conditioning_file) as conditioning_out, \
             tqdm(total=total, unit="row", desc="create", disable=None) as bar:
-        outs = (captions_out, sources_out, metadata_out, metadata_plan)
+        outs = (captions_out, sources_out, metadata_out, metadata_plan, conditioning_out)
         if keep_outside is not None:
             tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, True))
             write_lines(sources_out, kept_source_lines(sources_file, keep_outside, True))
             write_lines(metadata_out, kept_source_lines(metadata_file, keep_outside, True))
+            write_lines(conditioning_out, kept_source_lines(conditioning_file, keep_outside, True))
         for chunk in chunked(rows, CHUNK_ROWS, CHUNK_BYTES):
             plans, work = plan_chunk(chunk, caption_mode, metadata_plan.literals)
             pending.append((plans, pool.apply_async(process_chunk, (work,)) if work else None))
@@ -316,8 +386,10 @@ def run_job(rows: Iterable, total: int, output_dir: Path, caption_file: Path, se
             tally.kept_caption_lines += write_lines(captions_out, kept_caption_lines(caption_file, keep_outside, False))
             write_lines(sources_out, kept_source_lines(sources_file, keep_outside, False))
             write_lines(metadata_out, kept_source_lines(metadata_file, keep_outside, False))
-    if metadata_file.stat().st_size == 0:  # no image in the folder has metadata: no file, rather than an empty one
-        metadata_file.unlink()
+            write_lines(conditioning_out, kept_source_lines(conditioning_file, keep_outside, False))
+    for sidecar in (metadata_file, conditioning_file):
+        if sidecar.stat().st_size == 0:  # no image in the folder has any: no file, rather than an empty one
+            sidecar.unlink()
     return tally, time.monotonic() - started
 
 
@@ -434,6 +506,9 @@ def prepare_output(output_dir: Path, wanted: dict, overwrite: bool, document: Op
     except OSError as err:
         raise UsageError(f"cannot create --output_dir {output_dir}: {err.strerror}") from None
     clear_images(images_dir, finished_too=overwrite, rows=rows)
+    if wanted.get("conditioning"):
+        (output_dir / CONDITIONING_DIRNAME).mkdir(exist_ok=True)
+    clear_conditioning(output_dir / CONDITIONING_DIRNAME, finished_too=overwrite, rows=rows)
     # A report from an earlier run would claim completion while this one is under way; it is set aside (not
     # deleted) because it names the failed rows of the other sources in the folder, which the new report carries.
     report = output_dir / CREATE_REPORT_FILENAME
@@ -441,3 +516,44 @@ def prepare_output(output_dir: Path, wanted: dict, overwrite: bool, document: Op
         os.replace(report, output_dir / PREVIOUS_REPORT_FILENAME)
     write_json_atomic(output_dir / SETTINGS_FILENAME, document or wanted)
     return images_dir
+
+
+def sidecar_records(path: Path):
+    """conditioning_files.jsonl's records (lines that are not JSON objects are skipped)."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+def conditioning_document(output_dir: Path, settings: ImageSettings, norm: Optional[str]) -> dict:
+    """conditioning.json: what a trainer needs to read the folder's conditioning files and prepare them the same
+    way at sampling time; statistics over every row of the folder (all its sources), from the sidecar."""
+    kind = settings.conditioning
+    stats, classes, rows = BandStats(), [], 0
+    for record in sidecar_records(output_dir / CONDITIONING_FILES_FILENAME):
+        rows += 1
+        if "band_stats" in record:
+            stats.add(record["band_stats"])
+        counts = record.get("class_counts") or []
+        classes = [a + b for a, b in zip_longest(classes, counts, fillvalue=0)]
+    document = {"type": kind.type, "directory": CONDITIONING_DIRNAME, "rows": rows, "resolution": settings.resolution,
+                "resize_mode": settings.resize_mode, "file_format": CONDITIONING_FORMATS[kind.type],
+                "channels": 3 if kind.type == "image" else 1, "classes": None, "bands": kind.bands,
+                "palette": kind.palette, "normalisation": None, "statistics": None}
+    if kind.type == "mask":
+        document.update(classes=kind.num_classes or len(classes), class_pixels=classes)
+    if kind.type == "bands":
+        found = stats.result()
+        limits = norm_limits(found, norm) if found["bands"] else []
+        document.update(channels=len(found["bands"]) or (len(kind.bands) if kind.bands else None), statistics=found,
+                        normalisation={"mode": norm, "offset": [o for o, _ in limits],
+                                       "scale": [s for _, s in limits], "clip": norm in ("minmax", "percentile"),
+                                       **({"percentiles": list(NORM_PERCENTILES)} if norm == "percentile" else {})})
+    return document

@@ -6,7 +6,9 @@ file_name relative to DATA_DIR; text is a list in every row when any image has s
 source_files.jsonl lies beside --caption_file, each line also gets "source_file": the image's file name in the
 source create.py read (null for an image it does not name), from which evaluate.py reads the scene class; when
 create.py's metadata_values.jsonl lies there too, an image with metadata gets "metadata": {"gsd": 0.6, "lat": ...}
-(only the fields it has; no key at all for an image without any).
+(only the fields it has; no key at all for an image without any); when create.py's conditioning_files.jsonl lies
+there (a ControlNet folder), every line gets "conditioning_image": "conditioning_images/image_NNNNNN.png" (or .npy),
+relative to DATA_DIR like file_name, and an image whose conditioning file is missing is a bad line.
 A bad line (no tab, empty name or caption, unsafe name, missing image) makes the run exit 1 and write nothing,
 unless --skip_invalid drops it. A format_report.json is written beside the output.
 
@@ -24,11 +26,12 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 from utils.atomic import open_text_atomic, write_json_atomic
-from diffusion_model.metadata import (build_records, drop_missing, group_lines, read_metadata_values,
-                                      read_source_files, unlisted_images)
+from diffusion_model.metadata import (build_records, drop_missing, drop_missing_conditioning, group_lines,
+                                      read_conditioning_files, read_metadata_values, read_source_files,
+                                      unlisted_images)
 from utils.cli import ArgumentParser, UsageError, run_main
-from utils.constants import (FORMAT_REPORT_FILENAME, METADATA_FILENAME, METADATA_KEY, METADATA_VALUES_FILENAME,
-                             SOURCE_FILE_KEY, SOURCE_FILES_FILENAME)
+from utils.constants import (CONDITIONING_FILES_FILENAME, CONDITIONING_KEY, FORMAT_REPORT_FILENAME, METADATA_FILENAME,
+                             METADATA_KEY, METADATA_VALUES_FILENAME, SOURCE_FILE_KEY, SOURCE_FILES_FILENAME)
 from utils.logger import get_logger, setup_logging
 
 MAX_PROBLEMS_SHOWN = 20
@@ -92,6 +95,20 @@ def load_metadata_values(caption_dir: Path) -> tuple:
     return values, bad
 
 
+def load_conditioning_files(caption_dir: Path) -> tuple:
+    """create.py's image -> conditioning file names beside the captions (None when absent: no conditioning) and its
+    unreadable line numbers, logged."""
+    path = caption_dir / CONDITIONING_FILES_FILENAME
+    if not path.is_file():
+        return None, []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        names, bad = read_conditioning_files(handle)
+    for number in bad[:MAX_PROBLEMS_SHOWN]:
+        get_logger().warning("%s line %d is not a {file_name, conditioning_image} object with a safe name",
+                             CONDITIONING_FILES_FILENAME, number)
+    return names, bad
+
+
 def format_report(caption_file: Path, output_file: Path, groups: dict, problems: list, unlisted: list,
                   records: list, bad_source_lines: list, bad_metadata_lines: tuple = ()) -> dict:
     """The format_report.json document."""
@@ -101,7 +118,8 @@ def format_report(caption_file: Path, output_file: Path, groups: dict, problems:
             "unlisted_images": unlisted, "source_files": sum(bool(r.get(SOURCE_FILE_KEY)) for r in records),
             "source_files_bad_lines": bad_source_lines,
             "images_with_metadata": sum(METADATA_KEY in r for r in records),
-            "metadata_values_bad_lines": list(bad_metadata_lines)}
+            "metadata_values_bad_lines": list(bad_metadata_lines),
+            "images_with_conditioning": sum(CONDITIONING_KEY in r for r in records)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -114,7 +132,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         groups, line_numbers, problems = group_lines(line.rstrip(b"\n") for line in handle)
     if not groups and not problems:
         raise UsageError(f"--caption_file {args.caption_file} is empty (no caption lines)")
-    problems = sorted(problems + drop_missing(groups, line_numbers, caption_dir), key=lambda p: p.line)
+    problems = problems + drop_missing(groups, line_numbers, caption_dir)
+    conditioning, bad_conditioning_lines = load_conditioning_files(caption_dir)
+    if conditioning is not None:
+        problems += drop_missing_conditioning(groups, line_numbers, caption_dir, conditioning)
+    problems = sorted(problems, key=lambda p: p.line)
     log_problems(problems)
     if problems and not args.skip_invalid:
         print(f"format: {len(problems)} bad line(s) in {caption_file}; nothing written (use --skip_invalid to drop them)")
@@ -125,14 +147,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     sources, bad_source_lines = load_source_files(caption_dir)
     metadata, bad_metadata_lines = load_metadata_values(caption_dir)
-    records = build_records(groups, caption_dir, data_dir, sources, metadata)
-    unlisted = unlisted_images(data_dir, (caption_dir / name for name in groups))
+    records = build_records(groups, caption_dir, data_dir, sources, metadata, conditioning)
+    listed = [caption_dir / name for name in groups] + [caption_dir / conditioning[n] for n in groups if conditioning]
+    unlisted = unlisted_images(data_dir, listed)
     for name in unlisted:
         get_logger().warning("image without caption (the loader will leave it out): %s", name)
     with open_text_atomic(output_file) as out:
         out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     report = format_report(caption_file, output_file, groups, problems, unlisted, records, bad_source_lines,
                            bad_metadata_lines)
+    report["conditioning_files_bad_lines"] = bad_conditioning_lines
     write_json_atomic(data_dir / FORMAT_REPORT_FILENAME, report)
     print(f"format: {len(records)} images, {report['captions']} captions -> {output_file}; "
           f"{len(problems)} bad line(s) skipped, {len(unlisted)} image(s) without caption; DATA_DIR={data_dir}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from diffusion_model.captions import collapse_whitespace
-from utils.constants import CAPTION_SEPARATOR, METADATA_KEY, SOURCE_FILE_KEY
+from utils.constants import CAPTION_SEPARATOR, CONDITIONING_KEY, METADATA_KEY, SOURCE_FILE_KEY
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # "http:", "s3:", "file:" and Windows drives like "C:" all name something outside the data folder.
@@ -134,19 +134,54 @@ def read_metadata_values(lines: Iterable[str]) -> tuple:
     return values, bad
 
 
+def read_conditioning_files(lines: Iterable[str]) -> tuple:
+    """create.py's conditioning_files.jsonl lines -> ({image name: conditioning file name}, numbers of unreadable
+    lines); a conditioning name that could leave the folder is unreadable."""
+    names, bad = {}, []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            name, conditioning = record["file_name"], record[CONDITIONING_KEY]
+        except (ValueError, KeyError, TypeError):
+            bad.append(number)
+            continue
+        if not (isinstance(name, str) and isinstance(conditioning, str)) or unsafe_name_reason(conditioning):
+            bad.append(number)
+            continue
+        names[name] = conditioning
+    return names, bad
+
+
+def drop_missing_conditioning(groups: dict, line_numbers: dict, caption_dir: Path, conditioning: dict) -> list:
+    """With conditioning (from create.py's sidecar), remove images whose conditioning file is not under caption_dir
+    (or is not named at all) from groups; return a Problem per line naming them."""
+    problems = []
+    for name in [n for n in groups if not (n in conditioning and (caption_dir / conditioning[n]).is_file())]:
+        reason = f"conditioning image {conditioning[name]} not found" if name in conditioning \
+            else "no conditioning image"
+        problems += [Problem(line, reason, name) for line in line_numbers[name]]
+        del groups[name]
+    return sorted(problems, key=lambda p: p.line)
+
+
 def build_records(groups: dict, caption_dir: Path, data_dir: Path, sources: Optional[dict] = None,
-                  metadata: Optional[dict] = None) -> list:
+                  metadata: Optional[dict] = None, conditioning: Optional[dict] = None) -> list:
     """One {"file_name", "text"} record per image; text is a list for all rows when any image has several.
 
     With sources (image name -> source file name, create.py's source_files.jsonl), every record also gets
     "source_file", null for an image it does not name, so all lines have the same keys for the loader.
     With metadata (image name -> {field: value}, create.py's metadata_values.jsonl), an image that has some gets
-    "metadata"; one without has no such key (the loader reads it as null), never zeros."""
+    "metadata"; one without has no such key (the loader reads it as null), never zeros.
+    With conditioning (image name -> conditioning file name, create.py's conditioning_files.jsonl), every record gets
+    "conditioning_image", relative to data_dir like file_name."""
     as_list = any(len(captions) > 1 for captions in groups.values())
     metadata = metadata or {}
     return [
         {"file_name": relative_name(name, caption_dir, data_dir), "text": captions if as_list else captions[0],
          **({SOURCE_FILE_KEY: sources.get(name)} if sources else {}),
-         **({METADATA_KEY: metadata[name]} if metadata.get(name) else {})}
+         **({METADATA_KEY: metadata[name]} if metadata.get(name) else {}),
+         **({CONDITIONING_KEY: relative_name(conditioning[name], caption_dir, data_dir)} if conditioning else {})}
         for name, captions in groups.items()
     ]

@@ -37,6 +37,7 @@ class Row(NamedTuple):
     failure is (reason, detail) when the reader already knows the row is bad (say, its image file is missing).
     label is the cell of a column the reader was asked for besides these (evaluate.py's --class_column), else None.
     metadata is {field: raw value} of the row's metadata (create.py's --metadata_columns or sidecars), else None.
+    conditioning is the bytes of the row's conditioning image (create.py's --conditioning_column or _dir), else None.
     """
 
     number: int
@@ -46,6 +47,7 @@ class Row(NamedTuple):
     failure: Optional[tuple] = None
     label: object = None
     metadata: Optional[dict] = None
+    conditioning: Optional[bytes] = None
 
 
 def resolve_parquet_paths(specs: Sequence[str]) -> list:
@@ -162,6 +164,23 @@ def check_metadata_columns(paths: Sequence[Path], mapping: Optional[dict]) -> No
                                  f"(columns: {', '.join(names)})")
 
 
+def check_conditioning_column(paths: Sequence[Path], column: Optional[str]) -> None:
+    """A usage error when a file lacks --conditioning_column or its type holds no image (bytes, {bytes, path} or a
+    path string)."""
+    for path in paths if column else ():
+        parquet = open_parquet(path)
+        schema = parquet.schema_arrow
+        parquet.close()
+        if column not in schema.names:
+            raise UsageError(f"--conditioning_column {column!r} is not a column of {path} "
+                             f"(columns: {', '.join(schema.names)})")
+        data_type = schema.field(column).type
+        struct = pa.types.is_struct(data_type) and data_type.get_field_index("bytes") >= 0
+        if not (is_binary(data_type) or is_string(data_type) or struct):
+            raise UsageError(f"--conditioning_column {column!r} in {path} has type {data_type}; expected binary, "
+                             "struct<bytes, path> or a path string")
+
+
 def metadata_cells(batch: pa.RecordBatch, mapping: Optional[dict]) -> list:
     """Per row, {field: cell} of the mapped metadata columns (None per row without a mapping)."""
     if not mapping:
@@ -171,9 +190,9 @@ def metadata_cells(batch: pa.RecordBatch, mapping: Optional[dict]) -> list:
 
 
 def batch_rows(batch: pa.RecordBatch, columns: Columns, first_number: int, label_column: Optional[str] = None,
-               metadata_columns: Optional[dict] = None) -> list:
-    """Turn one record batch into Rows numbered from first_number (with label_column's cells as labels and the
-    metadata columns' cells as raw metadata)."""
+               metadata_columns: Optional[dict] = None, conditioning_column: Optional[str] = None) -> list:
+    """Turn one record batch into Rows numbered from first_number (with label_column's cells as labels, the
+    metadata columns' cells as raw metadata and conditioning_column's raw cells as conditioning)."""
     images = batch.column(columns.image).to_pylist()
     if columns.image_is_struct:
         images = [cell["bytes"] if cell else None for cell in images]
@@ -181,16 +200,18 @@ def batch_rows(batch: pa.RecordBatch, columns: Columns, first_number: int, label
     names = batch.column(columns.filename).to_pylist() if columns.filename else [None] * batch.num_rows
     labels = batch.column(label_column).to_pylist() if label_column else [None] * batch.num_rows
     metadata = metadata_cells(batch, metadata_columns)
-    return [Row(first_number + i, names[i], images[i], captions[i], label=labels[i], metadata=metadata[i])
-            for i in range(batch.num_rows)]
+    conditioning = batch.column(conditioning_column).to_pylist() if conditioning_column else [None] * batch.num_rows
+    return [Row(first_number + i, names[i], images[i], captions[i], label=labels[i], metadata=metadata[i],
+                conditioning=conditioning[i]) for i in range(batch.num_rows)]
 
 
 def iter_rows(paths: Sequence[Path], columns: Columns, batch_size: int, limit: Optional[int] = None,
-              label_column: Optional[str] = None, metadata_columns: Optional[dict] = None) -> Iterator[Row]:
+              label_column: Optional[str] = None, metadata_columns: Optional[dict] = None,
+              conditioning_column: Optional[str] = None) -> Iterator[Row]:
     """Yield rows across all files in order, numbered from 1, stopping after limit rows; label_column (checked by
     check_label_column) and the metadata columns (by check_metadata_columns) are read beside the image, caption
-    and file name."""
-    extra = (label_column, *(metadata_columns or {}).values())
+    and file name, and conditioning_column's raw cells (checked by check_conditioning_column)."""
+    extra = (label_column, *(metadata_columns or {}).values(), conditioning_column)
     wanted = list(dict.fromkeys(c for c in (columns.image, columns.caption, columns.filename, *extra) if c))
     number = 1
     for path in paths:
@@ -198,7 +219,7 @@ def iter_rows(paths: Sequence[Path], columns: Columns, batch_size: int, limit: O
         try:
             # Single-threaded decoding: the worker processes own the cores, the reader should not compete with them.
             for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted, use_threads=False):
-                for row in batch_rows(batch, columns, number, label_column, metadata_columns):
+                for row in batch_rows(batch, columns, number, label_column, metadata_columns, conditioning_column):
                     if limit is not None and row.number > limit:
                         return
                     yield row

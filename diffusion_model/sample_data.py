@@ -5,7 +5,11 @@ different), named RSICD-style by its class (`rsicd_images/pond_3.jpg`), with fiv
 and say what is drawn, carrying RSICD's quirks: a repeated sentence that differs only in case and punctuation, and one
 junk caption (" ."). Deterministic from the seed.
 
-Run: python diffusion_model/sample_data.py --output data/sample/rsicd_sample.parquet --num_rows 64
+With --masks, each row is instead a scene drawn from a random class layout (bare land, fields, water, buildings,
+road), with its class map in a `mask` column ({bytes, path}: an 8-bit PNG of class indices, LAYOUT_CLASSES) for
+ControlNet training: create.py --conditioning_column mask --conditioning_type mask.
+
+Run: python diffusion_model/sample_data.py --output data/sample/rsicd_sample.parquet --num_rows 64 [--masks]
 """
 
 import sys
@@ -45,6 +49,10 @@ RSICD_SCHEMA = pa.schema(
         ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
     ]
 )
+MASK_SCHEMA = RSICD_SCHEMA.append(pa.field("mask", pa.struct([("bytes", pa.binary()), ("path", pa.string())])))
+# Class index -> (caption words, colour) of the layout scenes; class 0 is the ground everything else lies on.
+LAYOUT_CLASSES = (("bare land", BARE_COLOUR), ("green fields", FIELD_COLOURS[0]), ("water", WATER_COLOUR),
+                  ("buildings", ROOF_COLOURS[0]), ("a road", ROAD_COLOUR))
 
 
 def draw_fields(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
@@ -159,15 +167,47 @@ def make_sample_row(index: int, seed: int) -> dict:
     }
 
 
-def make_sample_parquet(path, num_rows: int, seed: int = 0, row_group_size: int = 32) -> Path:
-    """Write num_rows sample rows to path (atomically) in the RSICD schema; return the path."""
+def draw_layout(rng: np.random.Generator) -> np.ndarray:
+    """A random class layout: a few rectangles and ovals of fields, water and buildings on bare land, maybe a road."""
+    mask = Image.new("L", (SAMPLE_SIZE, SAMPLE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = (int(v) for v in rng.integers(0, SAMPLE_SIZE - 48, 2))
+        x1, y1 = x0 + int(rng.integers(40, 120)), y0 + int(rng.integers(40, 120))
+        shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
+        shape([x0, y0, x1, y1], fill=int(rng.integers(1, 4)))
+    if rng.random() < 0.5:
+        y0, y1 = (int(v) for v in rng.integers(0, SAMPLE_SIZE, 2))
+        draw.line([(0, y0), (SAMPLE_SIZE, y1)], fill=4, width=10)
+    return np.asarray(mask)
+
+
+def make_layout_row(index: int, seed: int) -> dict:
+    """One scene drawn from a random class layout, its captions naming the classes by area, and its class mask."""
+    rng = np.random.default_rng([seed, index, 1])
+    mask = draw_layout(rng)
+    colours = np.array([colour for _, colour in LAYOUT_CLASSES], np.uint8)
+    image = add_texture(Image.fromarray(colours[mask]), rng)
+    areas = np.bincount(mask.ravel(), minlength=len(LAYOUT_CLASSES))
+    things = [LAYOUT_CLASSES[c][0] for c in np.argsort(-areas, kind="stable") if areas[c]]
+    buffer = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buffer, format="PNG")
+    return {"filename": f"{IMAGES_DIRNAME}/layout_{index + 1}{IMAGE_EXTENSION}",
+            "captions": describe("land cover", things, rng), "image": {"bytes": encode_jpeg(image), "path": None},
+            "mask": {"bytes": buffer.getvalue(), "path": None}}
+
+
+def make_sample_parquet(path, num_rows: int, seed: int = 0, row_group_size: int = 32, masks: bool = False) -> Path:
+    """Write num_rows sample rows to path (atomically) in the RSICD schema (with masks: layout scenes and their
+    `mask` column); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(path.name + TMP_SUFFIX)
-    with pq.ParquetWriter(tmp_path, RSICD_SCHEMA) as writer:
+    schema, make_row = (MASK_SCHEMA, make_layout_row) if masks else (RSICD_SCHEMA, make_sample_row)
+    with pq.ParquetWriter(tmp_path, schema) as writer:
         for start in range(0, num_rows, row_group_size):
-            rows = [make_sample_row(i, seed) for i in range(start, min(start + row_group_size, num_rows))]
-            writer.write_table(pa.Table.from_pylist(rows, schema=RSICD_SCHEMA), row_group_size=row_group_size)
+            rows = [make_row(i, seed) for i in range(start, min(start + row_group_size, num_rows))]
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=row_group_size)
     tmp_path.replace(path)
     return path
 
@@ -179,6 +219,8 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--num_rows", type=int, default=64, help="Number of rows (default 64).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed; the same seed gives the same file.")
     parser.add_argument("--row_group_size", type=int, default=32, help="Rows per Parquet row group (default 32).")
+    parser.add_argument("--masks", action="store_true",
+                        help="Draw scenes from random class layouts and add their class masks in a `mask` column.")
     return parser.parse_args(argv)
 
 
@@ -190,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UsageError(f"--num_rows must be at least 1, got {args.num_rows}")
     if args.row_group_size < 1:
         raise UsageError(f"--row_group_size must be at least 1, got {args.row_group_size}")
-    path = make_sample_parquet(args.output, args.num_rows, args.seed, args.row_group_size)
+    path = make_sample_parquet(args.output, args.num_rows, args.seed, args.row_group_size, args.masks)
     get_logger().info("wrote %d sample rows to %s", args.num_rows, path)
     return 0
 

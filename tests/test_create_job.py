@@ -32,7 +32,7 @@ def test_plan_chunk_sends_only_rows_with_captions():
     rows = [Row(1, "a", b"1", [" .", "a field ."]), Row(2, "b", b"2", [" ."]), Row(3, "c", None, "a road")]
     plans, work = plan_chunk(rows, "first")
     assert [captions for _, captions in plans] == [["a field ."], [], ["a road"]]
-    assert work == [(1, b"1", False), (3, None, False)]
+    assert work == [(1, b"1", False, None), (3, None, False, None)]
 
 
 def test_clear_images_removes_only_our_temporaries_unless_overwriting(tmp_path):
@@ -131,7 +131,7 @@ def test_settled_rows_get_their_metadata_lines_with_the_gsd_corrected(caplog):
             Row(2, "b.tif", b"x", ["a pond ."]), Row(3, "c.tif", b"x", ["a road ."]),
             Row(4, "d.jpg", b"x", ["a dam ."], metadata={"gsd": None})]
     plans, work = plan_chunk(rows, "first", {"sensor": "naip"})
-    assert [wanted for *_, wanted in work] == [True, True, True, True]
+    assert [item[2] for item in work] == [True, True, True, True]
     statuses = [(1, "written", "", (1024, 768, Location(0.6, 37.7, -122.4))),
                 (2, "reused", "", (224, 224, Location(0.5, None, None, 2154))),
                 (3, "written", "", (224, 224, Location(0.5, None, None, 2154))), (4, "reused", "", None)]
@@ -162,8 +162,8 @@ def test_workers_read_the_georeference_and_size_of_reused_images_too(tmp_path):
 
     tiff = geotiff_row(3, 0, "naip")["image"]["bytes"]
     init_worker(str(tmp_path), ImageSettings(32, "center_crop", 90, 10 ** 8), False)
-    first = process_chunk([(1, tiff, False)])
-    again = process_chunk([(1, tiff, False)])
+    first = process_chunk([(1, tiff, False, None)])
+    again = process_chunk([(1, tiff, False, None)])
     assert [s[1] for s in first + again] == ["written", "reused"]
     width, height, location = again[0][3]
     assert (width, height) == (224, 224) and location.gsd == pytest.approx(0.6)

@@ -7,7 +7,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from diffusion_model.metadata import build_records, group_lines, parse_line, read_metadata_values, unsafe_name_reason
+from diffusion_model.metadata import (build_records, group_lines, parse_line, read_conditioning_files,
+                                      read_metadata_values, unsafe_name_reason)
 from parquet_cases import write_odd_shards
 
 CREATE, FORMAT = "diffusion_model/create.py", "diffusion_model/format.py"
@@ -229,3 +230,34 @@ def test_metadata_values_join_only_the_images_that_have_some(tmp_path):
     records = build_records(groups, tmp_path, tmp_path, None, values)
     assert records == [{"file_name": "a.jpg", "text": "x", "metadata": {"gsd": 0.6}},
                        {"file_name": "b.jpg", "text": "y"}, {"file_name": "c.jpg", "text": "z"}]
+
+
+def test_read_conditioning_files_refuses_unsafe_and_broken_lines():
+    lines = ['{"file_name": "a.jpg", "conditioning_image": "conditioning_images/a.png", "class_counts": [3]}', "",
+             '{"file_name": "b.jpg", "conditioning_image": "../b.png"}', "{broken",
+             '{"file_name": "c.jpg", "conditioning_image": null}']
+    names, bad = read_conditioning_files(lines)
+    assert names == {"a.jpg": "conditioning_images/a.png"} and bad == [3, 4, 5]
+
+
+def test_conditioning_sidecar_gives_every_line_its_conditioning_image_and_a_missing_one_is_a_bad_line(tmp_path):
+    """format.py run in-process (create.py's end-to-end tests run it on real create.py folders)."""
+    from diffusion_model.format import main
+
+    folder = make_folder(tmp_path / "d", [b"rsicd_images/a.jpg\tfirst", b"rsicd_images/b.jpg\tsecond",
+                                          b"rsicd_images/c.jpg\tthird"])
+    (folder / "conditioning_images").mkdir()
+    for letter in "ab":
+        Image.new("L", (8, 8), 1).save(folder / "conditioning_images" / f"{letter}.png")
+    (folder / "conditioning_files.jsonl").write_text("".join(
+        json.dumps({"file_name": f"rsicd_images/{c}.jpg", "conditioning_image": f"conditioning_images/{c}.png"}) + "\n"
+        for c in "abc"))
+    arguments = ["--caption_file", str(folder / "captions.txt"), "--output_file", str(folder / "metadata.jsonl")]
+    assert main(arguments) == 1 and not (folder / "metadata.jsonl").exists(), "c's conditioning file is missing"
+    assert main(arguments + ["--skip_invalid"]) == 0
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert records == [{"file_name": f"rsicd_images/{c}.jpg", "text": text,
+                        "conditioning_image": f"conditioning_images/{c}.png"} for c, text in (("a", "first"), ("b", "second"))]
+    report = json.loads((folder / "format_report.json").read_text())
+    assert report["skipped_lines"][0]["reason"] == "conditioning image conditioning_images/c.png not found"
+    assert report["unlisted_images"] == ["rsicd_images/c.jpg"], "the conditioning images are listed, not strays"

@@ -57,3 +57,29 @@ def test_cli_rejects_bad_row_count(run_script, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--num_rows" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_layout_scenes_carry_masks_that_match_what_is_drawn(tmp_path):
+    """--masks: each scene's `mask` is the class layout its pixels were painted from, its captions name the classes."""
+    import numpy as np
+
+    from diffusion_model.sample_data import LAYOUT_CLASSES, MASK_SCHEMA
+
+    path = make_sample_parquet(tmp_path / "m.parquet", 6, seed=2, row_group_size=4, masks=True)
+    assert pq.ParquetFile(path).schema_arrow.equals(MASK_SCHEMA)
+    colours = np.array([colour for _, colour in LAYOUT_CLASSES], int)
+    layouts = set()
+    for row in pq.read_table(path).to_pylist():
+        mask = Image.open(io.BytesIO(row["mask"]["bytes"]))
+        assert (mask.format, mask.mode, mask.size) == ("PNG", "L", (SAMPLE_SIZE, SAMPLE_SIZE))
+        classes = np.asarray(mask)
+        assert classes.max() < len(LAYOUT_CLASSES) and len(np.unique(classes)) >= 2
+        pixels = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")).astype(int)
+        nearest = np.abs(pixels[:, :, None] - colours[None, None]).sum(-1).argmin(-1)
+        assert (nearest == classes).mean() > 0.9, "the image is painted from its mask"
+        named = {name for index, (name, _) in enumerate(LAYOUT_CLASSES) if (classes == index).any()}
+        assert all(any(name in caption for caption in row["captions"]) for name in named)
+        layouts.add(classes.tobytes())
+    assert len(layouts) == 6, "every scene has its own layout"
+    again = make_sample_parquet(tmp_path / "again.parquet", 6, seed=2, row_group_size=4, masks=True)
+    assert pq.read_table(again).equals(pq.read_table(path))

@@ -17,6 +17,14 @@ SOURCE_FILE_KEY = "source_file"
 METADATA_VALUES_FILENAME = "metadata_values.jsonl"
 METADATA_KEY = "metadata"
 METADATA_FILENAME = "metadata.jsonl"
+# ControlNet conditioning (create.py --conditioning_column/--conditioning_dir): one file per image under this folder,
+# named like the image (image_NNNNNN.png or .npy); create.py's image -> conditioning file lines beside captions.txt
+# ({"file_name", "conditioning_image", per-row statistics}), which format.py copies into metadata.jsonl's
+# conditioning_image; and the conditioning's description (type, channels, classes, bands, statistics) for training.
+CONDITIONING_DIRNAME = "conditioning_images"
+CONDITIONING_FILES_FILENAME = "conditioning_files.jsonl"
+CONDITIONING_KEY = "conditioning_image"
+CONDITIONING_FILENAME = "conditioning.json"
 CREATE_REPORT_FILENAME = "create_report.json"
 FORMAT_REPORT_FILENAME = "format_report.json"
 PARQUET_EXTENSION = ".parquet"

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from diffusion_model.parquet_source import (check_label_column, check_metadata_columns, inspect_sources, iter_rows,
-                                            resolve_parquet_paths)
-from diffusion_model.sources.base import FORMATS, SPLIT_NAMES, SPLITS, Source, SourceOptions
+from diffusion_model.parquet_source import (check_conditioning_column, check_label_column, check_metadata_columns,
+                                            inspect_sources, iter_rows, resolve_parquet_paths)
+from diffusion_model.sources.base import FORMATS, SPLIT_NAMES, SPLITS, ImageFolder, Source, SourceOptions
+from diffusion_model.sources.conditioning import NAME_PATTERN, ConditioningDir, resolve_cells
 from diffusion_model.sources.karpathy import is_karpathy, open_karpathy
 from diffusion_model.sources.nwpu import is_nwpu, open_nwpu
 from diffusion_model.sources.table import open_table
@@ -106,17 +107,26 @@ def open_parquet_source(paths: list, options: SourceOptions) -> Source:
     if options.class_column:
         check_label_column(paths, options.class_column, "--class_column")
     check_metadata_columns(paths, options.metadata_columns)
-    return Source("parquet", paths, total,
-                  lambda limit: iter_rows(paths, columns, PARQUET_BATCH_ROWS, limit, options.class_column,
-                                          options.metadata_columns),
-                  options.split, [], {"columns": vars(columns)})
+    conditioning = options.conditioning_column
+    check_conditioning_column(paths, conditioning)
+    # A conditioning column of path strings names files beside the (first) Parquet file.
+    folder = ImageFolder(paths[0].parent, paths[0].parent, NAME_PATTERN)
+
+    def read_rows(limit):
+        """The rows, with their conditioning cells read when there is a conditioning column."""
+        rows = iter_rows(paths, columns, PARQUET_BATCH_ROWS, limit, options.class_column, options.metadata_columns,
+                         conditioning)
+        return resolve_cells(rows, folder) if conditioning else rows
+
+    return Source("parquet", paths, total, read_rows, options.split, [], {"columns": vars(columns)})
 
 
 # Flags that only some forms read; given to another form they would be silently ignored, so they are refused.
 INDEX_FORMS_WITH_FOLDER = ("json", "karpathy", "nwpu", "csv", "jsonl")
 FLAG_FORMS = {"images_dir": INDEX_FORMS_WITH_FOLDER,
               "image_column": ("parquet", "csv", "jsonl"), "caption_column": ("parquet", "csv", "jsonl"),
-              "class_column": ("parquet", "csv", "jsonl")}
+              "class_column": ("parquet", "csv", "jsonl"),
+              "conditioning_column": ("parquet", "csv", "jsonl", "webdataset")}
 # Where --metadata_columns finds its columns: the table's own, a webdataset sample's .json, or (any index form
 # with an image folder) the images' JSON sidecars.
 METADATA_COLUMN_FORMS = ("parquet", "csv", "jsonl", "webdataset")
@@ -141,7 +151,19 @@ def check_flags(form: str, options: SourceOptions) -> None:
 
 
 def open_source(specs: Sequence[str], options: SourceOptions) -> Source:
-    """Open --input in the form given or detected; every check that can fail fails here, before any output."""
+    """Open --input in the form given or detected, each row with its conditioning from --conditioning_dir when
+    given; every check that can fail fails here, before any output."""
+    source = open_form(specs, options)
+    if options.conditioning_dir is None:
+        return source
+    folder, read_rows = ConditioningDir(Path(options.conditioning_dir)), source.read_rows
+    source.read_rows = lambda limit: folder.attach(read_rows(limit))
+    source.details["conditioning_dir"] = str(folder.root)
+    return source
+
+
+def open_form(specs: Sequence[str], options: SourceOptions) -> Source:
+    """Open --input in the form given or detected."""
     by_name, files = resolve_inputs(specs)
     form = options.form if options.form != "auto" else by_name
     check_flags(form, options)
@@ -155,7 +177,7 @@ def open_source(specs: Sequence[str], options: SourceOptions) -> Source:
         return open_table(files, form, options)
     if form == "webdataset":
         return open_webdataset(shards_of_split(files, options.split) if options.split else files, options.split,
-                               options.metadata_columns)
+                               options.metadata_columns, options.conditioning_column)
     if form == "parquet":
         return open_parquet_source(files, options)
     raise UsageError(f"--input {specs[0]}: cannot tell its form from the name; give --format "

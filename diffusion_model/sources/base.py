@@ -49,6 +49,9 @@ class SourceOptions:
     # create.py's --metadata_columns ({field: column or sidecar key}) and --metadata_sidecars.
     metadata_columns: Optional[dict] = None
     metadata_sidecars: bool = False
+    # create.py's --conditioning_column (a column, or a webdataset member extension) and --conditioning_dir.
+    conditioning_column: Optional[str] = None
+    conditioning_dir: Optional[str] = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from diffusion_model.parquet_source import Row
+from diffusion_model.sources.conditioning import read_cell, with_conditioning
 from diffusion_model.sources.base import (PROBE_ENTRIES, REASON_BAD_ENTRY, Source, SourceOptions, check_sidecars,
                                           effective_split, images_root, no_split_note, open_image_folder,
                                           seen_split_names, sidecar_metadata, split_matcher)
@@ -114,7 +115,8 @@ def table_entries(path: Path, form: str, columns: dict, match, seen: Optional[Co
             continue
         metadata = {field: record.get(column) for field, column in columns.get("metadata", {}).items()}
         yield {"name": name.strip(), "captions": caption_cell(record.get(columns["caption"])),
-               "label": record.get(columns["label"]) if columns.get("label") else None, "metadata": metadata or None}
+               "label": record.get(columns["label"]) if columns.get("label") else None, "metadata": metadata or None,
+               "conditioning": record.get(columns["conditioning"]) if columns.get("conditioning") else None}
 
 
 def table_rows(plans: list, limit: Optional[int], options: SourceOptions) -> Iterator[Row]:
@@ -130,7 +132,9 @@ def table_rows(plans: list, limit: Optional[int], options: SourceOptions) -> Ite
                 continue
             data, failure = folder.read(entry)
             metadata = None if failure else sidecar_metadata(folder, entry, options)
-            yield Row(number, entry["name"], data, entry["captions"], failure, entry["label"], metadata)
+            row = Row(number, entry["name"], data, entry["captions"], failure, entry["label"], metadata)
+            yield with_conditioning(row, *read_cell(entry["conditioning"], folder)) if columns.get("conditioning") \
+                else row
 
 
 def open_table(paths: Sequence[Path], form: str, options: SourceOptions) -> Source:
@@ -143,6 +147,8 @@ def open_table(paths: Sequence[Path], form: str, options: SourceOptions) -> Sour
                    "split": SPLIT_COLUMN if SPLIT_COLUMN in names else None}
         if options.class_column:  # only then: create.py keeps these columns as part of a source's identity
             columns["label"] = pick(names, options.class_column, (), "--class_column", path)
+        if options.conditioning_column:
+            columns["conditioning"] = pick(names, options.conditioning_column, (), "--conditioning_column", path)
         metadata_columns = {} if options.metadata_sidecars else metadata_columns_of(names, options, path)
         has_split.append(columns["split"] is not None)
         split = effective_split(options) if columns["split"] else "all"

@@ -13,12 +13,16 @@ from typing import Iterator, Optional, Sequence
 
 from diffusion_model.parquet_source import Row
 from diffusion_model.sources.base import REASON_MISSING_IMAGE, REASON_NO_CAPTION, Source
+from diffusion_model.sources.conditioning import missing
 from utils.cli import UsageError
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "img_content"}
 CAPTION_EXTENSIONS = ("caption", "txt")
 JSON_CAPTION_KEYS = ("caption", "captions", "text")
 WANTED = IMAGE_EXTENSIONS | set(CAPTION_EXTENSIONS) | {"json"}
+# Where a sample's conditioning member (--conditioning_column, a whole extension like mask.png) is kept among its
+# members: a name no extension can have, so it is never taken for the image.
+CONDITIONING = "/conditioning"
 
 
 def sample_key(member_name: str) -> tuple:
@@ -55,8 +59,9 @@ def count_samples(path: Path) -> int:
     return count
 
 
-def shard_samples(path: Path) -> Iterator[tuple]:
-    """(key, {kind: bytes}) per sample, reading only the members that matter (the first of each kind)."""
+def shard_samples(path: Path, conditioning: Optional[str] = None) -> Iterator[tuple]:
+    """(key, {kind: bytes}) per sample, reading only the members that matter (the first of each kind); the member
+    whose whole extension is conditioning goes under CONDITIONING."""
     tar, key, members = open_tar(path, "r|*"), None, {}
     try:
         for info in tar:
@@ -68,8 +73,8 @@ def shard_samples(path: Path) -> Iterator[tuple]:
                 members = {}
             key = this_key
             # Kind = the last part of the extension, so `key.seg.png` is an image and `key.caption.txt` a text.
-            kind = extension.rpartition(".")[2]
-            if kind in WANTED and kind not in members:
+            kind = CONDITIONING if conditioning and extension == conditioning else extension.rpartition(".")[2]
+            if (kind in WANTED or kind == CONDITIONING) and kind not in members:
                 members[kind] = tar.extractfile(info).read()
         if key is not None:
             yield key, members
@@ -108,9 +113,10 @@ def json_metadata(data: Optional[bytes], mapping: Optional[dict]) -> Optional[di
     return {field: document.get(key) for field, key in mapping.items()} if document is not None else None
 
 
-def sample_row(number: int, name: str, members: dict, metadata_columns: Optional[dict] = None) -> Row:
+def sample_row(number: int, name: str, members: dict, metadata_columns: Optional[dict] = None,
+               conditioning: Optional[str] = None) -> Row:
     """One sample as a Row: image member, caption from .caption, .txt or .json, metadata from the .json's mapped
-    keys, or the reason it fails."""
+    keys, the conditioning member when asked for, or the reason it fails."""
     image = next((data for kind, data in members.items() if kind in IMAGE_EXTENSIONS), None)
     caption = next((members[e].decode("utf-8", "replace") for e in CAPTION_EXTENSIONS if e in members), None)
     if caption is None:
@@ -119,19 +125,32 @@ def sample_row(number: int, name: str, members: dict, metadata_columns: Optional
         return Row(number, name, None, caption, (REASON_MISSING_IMAGE, f"no image member ({', '.join(members) or 'none'})"))
     if caption is None:
         return Row(number, name, image, None, (REASON_NO_CAPTION, "no .caption, .txt or .json caption member"))
-    return Row(number, name, image, caption, metadata=json_metadata(members.get("json"), metadata_columns))
+    row = Row(number, name, image, caption, metadata=json_metadata(members.get("json"), metadata_columns))
+    if conditioning and CONDITIONING not in members:
+        return row._replace(failure=missing(f"no .{conditioning} member"))
+    return row._replace(conditioning=members.get(CONDITIONING))
 
 
-def webdataset_rows(paths: Sequence[Path], limit: Optional[int], metadata_columns: Optional[dict] = None
-                    ) -> Iterator[Row]:
+def webdataset_rows(paths: Sequence[Path], limit: Optional[int], metadata_columns: Optional[dict] = None,
+                    conditioning: Optional[str] = None) -> Iterator[Row]:
     """Samples across shards, numbered from 1."""
     number = 0
     for path in paths:
-        for key, members in shard_samples(path):
+        for key, members in shard_samples(path, conditioning):
             number += 1
             if limit is not None and number > limit:
                 return
-            yield sample_row(number, f"{path.name}:{key}", members, metadata_columns)
+            yield sample_row(number, f"{path.name}:{key}", members, metadata_columns, conditioning)
+
+
+def check_conditioning_member(paths: Sequence[Path], extension: Optional[str]) -> None:
+    """A usage error when none of the first samples has the --conditioning_column member."""
+    if not extension or not paths:
+        return
+    samples = shard_samples(paths[0], extension)
+    if not any(CONDITIONING in members for _, (_, members) in zip(range(PROBE_SAMPLES), samples)):
+        raise UsageError(f"--conditioning_column {extension}: none of the first {PROBE_SAMPLES} samples of {paths[0]} "
+                         f"has a .{extension} member")
 
 
 def check_metadata_keys(paths: Sequence[Path], mapping: Optional[dict]) -> None:
@@ -149,10 +168,13 @@ def check_metadata_keys(paths: Sequence[Path], mapping: Optional[dict]) -> None:
                              f"(keys: {', '.join(found)})")
 
 
-def open_webdataset(paths: Sequence[Path], split: Optional[str] = None, metadata_columns: Optional[dict] = None
-                    ) -> Source:
-    """Count every shard's samples (headers only) so the total and the numbering are known up front."""
+def open_webdataset(paths: Sequence[Path], split: Optional[str] = None, metadata_columns: Optional[dict] = None,
+                    conditioning: Optional[str] = None) -> Source:
+    """Count every shard's samples (headers only) so the total and the numbering are known up front; conditioning
+    is a member extension such as mask.png."""
     total = sum(count_samples(path) for path in paths)
     check_metadata_keys(paths, metadata_columns)
-    return Source("webdataset", list(paths), total, lambda limit: webdataset_rows(paths, limit, metadata_columns),
-                  split)
+    extension = conditioning.lower().lstrip(".") if conditioning else None
+    check_conditioning_member(paths, extension)
+    return Source("webdataset", list(paths), total,
+                  lambda limit: webdataset_rows(paths, limit, metadata_columns, extension), split)
