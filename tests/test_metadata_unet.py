@@ -35,6 +35,16 @@ def test_step_zero_equals_the_base_bitwise():
     assert not MU.add_embedding(unet, 10)  # already there: kept
 
 
+def test_parameter_order_is_that_of_a_unet_built_from_the_config():
+    """EMAModel pairs shadow weights with a UNet built from the config by order: the orders must agree."""
+    from diffusers import UNet2DConditionModel
+
+    unet = build_unet()
+    MU.add_embedding(unet, 6)
+    rebuilt = UNet2DConditionModel.from_config(unet.config)
+    assert [n for n, _ in unet.named_parameters()] == [n for n, _ in rebuilt.named_parameters()]
+
+
 def test_adding_it_leaves_the_global_rng_alone():
     """The new layers are drawn off the global RNG: the noise a metadata run draws next is the base run's."""
     torch.manual_seed(3)

@@ -43,8 +43,27 @@ def add_embedding(unet, dim: int) -> bool:
     torch.nn.init.zeros_(embedding.linear_2.bias)
     unet.class_embedding = embedding.to(device=reference.device, dtype=reference.dtype)
     unet.class_embedding.requires_grad_(True)
+    place_like_diffusers(unet)
+    keys = ("class_embed_type", "projection_class_embeddings_input_dim")
     unet.register_to_config(class_embed_type=PROJECTION, projection_class_embeddings_input_dim=dim)
+    # from_config (EMAModel.save_pretrained builds its UNet so) drops keys listed as left at their defaults.
+    defaults = unet.config.get("_use_default_values")
+    if defaults:
+        unet.register_to_config(_use_default_values=[k for k in defaults if k not in keys])
     return True
+
+
+def place_like_diffusers(unet) -> None:
+    """Move class_embedding to where diffusers' constructor registers it (after time_embedding and encoder_hid_proj),
+    so the UNet's parameters come in the order of a UNet built from its config: EMAModel.save_pretrained and
+    from_pretrained pair weights by that order."""
+    from collections import OrderedDict
+
+    names = list(unet._modules)
+    names.remove("class_embedding")
+    anchor = max(names.index(n) for n in ("time_embedding", "encoder_hid_proj") if n in names)
+    names.insert(anchor + 1, "class_embedding")
+    unet._modules = OrderedDict((name, unet._modules[name]) for name in names)
 
 
 def absent_by_default(unet, dim: int):
