@@ -254,7 +254,8 @@ def _add_hub_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> ArgumentParser:
     """The trainer's argument parser, with every flag of the reference trainer."""
     parser = ArgumentParser(prog="train_text_to_image.py", description=DESCRIPTION)
-    for add in (_add_model_args, _add_data_args, _add_cache_args, _add_metadata_args, _add_optimisation_args, _add_optimizer_args,
+    for add in (_add_model_args, _add_data_args, _add_cache_args, _add_metadata_args, _add_optimisation_args,
+                _add_optimizer_args,
                 _add_ema_args, _add_lora_args, _add_checkpoint_args, _add_tracking_args, _add_hub_args):
         add(parser)
     return parser
