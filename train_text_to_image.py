@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from trainer import data, export, latent_cache, lora, loop, models
+    from trainer import data, export, latent_cache, lora, loop, metadata_unet, models
     from trainer.checkpoints import register_state_hooks
     from trainer.loss import LossOptions, SkippedSteps, TrainingDiverged
     from trainer.validation import load_inference_scheduler
@@ -58,17 +58,19 @@ def main(argv=None) -> int:
     # the UNet is frozen in the weight dtype too and only fp32 adapters train.
     weight_dtype = models.weight_dtype_for(accelerator.mixed_precision)
     components = models.load_components(args, weight_dtype, accelerator.device)
+    with accelerator.main_process_first():
+        dataset = data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed))
+    # With --metadata_fields: the UNet gains its zero-output metadata embedding before anything copies its weights.
+    encoder = metadata_unet.prepare(components.unet, dataset.metadata)
     lora_setup = lora.apply_lora(args, components, weight_dtype, accelerator.device) if args.lora_rank else None
     trainable = lora_setup.params if lora_setup else models.trainable_parameters(components.unet)
     models.configure_unet(components.unet, args.gradient_checkpointing,
                           args.enable_xformers_memory_efficient_attention, args.channels_last)
     ema = models.build_ema(args, components.unet, accelerator.device, lora_setup) if args.use_ema else None
-    register_state_hooks(accelerator, ema, args.offload_ema, lora_setup, args)
+    register_state_hooks(accelerator, ema, args.offload_ema, lora_setup, args, encoder)
 
     # Data; with --cache_latents the frozen encoders run once here, then those the cache serves leave the accelerator.
     num_workers = data.resolve_num_workers(args.dataloader_num_workers, accelerator.num_processes)
-    with accelerator.main_process_first():
-        dataset = data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed))
     collate = data.collate
     if args.cache_latents:
         dataset = latent_cache.cached_training_dataset(accelerator, args, components, dataset, weight_dtype,
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     run = loop.TrainingRun(accelerator, args, components, unet, optimizer, lr_scheduler, dataloader, ema, plan,
                            weight_dtype, load_inference_scheduler(args.pretrained_model_name_or_path,
                                                                   args.revision, args.prediction_type),
-                           LossOptions.from_args(args), trainable, lora_setup, skipped)
+                           LossOptions.from_args(args), trainable, lora_setup, skipped, encoder)
     try:
         global_step = loop.train(run, global_step)
     except TrainingDiverged as err:

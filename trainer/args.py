@@ -99,6 +99,27 @@ def _add_cache_args(parser: argparse.ArgumentParser) -> None:
                             "(distinct captions x context length x hidden size x dtype bytes).")
 
 
+def _add_metadata_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of metadata conditioning (GSD, place, date, cloud, off-nadir, sensor) and guidance dropout."""
+    group = parser.add_argument_group("metadata conditioning")
+    group.add_argument("--metadata_fields", type=str, default=None,
+                       help="Condition the UNet on these fields of each row's metadata (any of gsd,lat,lon,date,"
+                            "cloud,off_nadir,sensor; lat and lon together), through a zero-initialised projection "
+                            "class embedding; the encoding is written to unet/metadata_spec.json. Unset: no "
+                            "metadata conditioning.")
+    group.add_argument("--metadata_column", type=str, default="metadata",
+                       help="Dataset column holding each row's metadata dict (format.py's metadata.jsonl key).")
+    group.add_argument("--metadata_frequencies", type=int, default=4,
+                       help="Fourier frequencies (pi * 2^k, k < N) per encoded metadata scalar.")
+    group.add_argument("--metadata_dropout", type=float, default=0.1,
+                       help="Probability of dropping each metadata field of a row (features and present bit "
+                            "cleared), for metadata guidance.")
+    group.add_argument("--metadata_drop_all", type=float, default=0.05,
+                       help="Probability of dropping a row's whole metadata vector.")
+    group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                       help="Probability of replacing a row's caption by the empty prompt (text guidance).")
+
+
 def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     """Flags for the run length, batch and learning-rate schedule."""
     group = parser.add_argument_group("optimisation")
@@ -233,7 +254,8 @@ def _add_hub_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> ArgumentParser:
     """The trainer's argument parser, with every flag of the reference trainer."""
     parser = ArgumentParser(prog="train_text_to_image.py", description=DESCRIPTION)
-    for add in (_add_model_args, _add_data_args, _add_cache_args, _add_optimisation_args, _add_optimizer_args,
+    for add in (_add_model_args, _add_data_args, _add_cache_args, _add_metadata_args, _add_optimisation_args,
+                _add_optimizer_args,
                 _add_ema_args, _add_lora_args, _add_checkpoint_args, _add_tracking_args, _add_hub_args):
         add(parser)
     return parser
@@ -253,6 +275,7 @@ def _positive_flags(args: argparse.Namespace) -> list:
         ("--vae_batch_size", args.vae_batch_size),
         ("--cache_chunk_rows", args.cache_chunk_rows),
         ("--lora_rank", args.lora_rank),
+        ("--metadata_frequencies", args.metadata_frequencies),
     ]
 
 
@@ -277,6 +300,7 @@ def check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
     if not math.isfinite(args.validation_guidance_scale):
         parser.error(f"--validation_guidance_scale must be a finite number, got {args.validation_guidance_scale}.")
     check_lora_args(parser, args)
+    check_metadata_args(parser, args)
     if args.use_8bit_adam and args.optimizer_impl != "auto":
         parser.error(f"--optimizer_impl={args.optimizer_impl} applies to torch's AdamW, not to --use_8bit_adam.")
 
@@ -300,6 +324,26 @@ def check_lora_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_text_encoder_lora and args.cache_latents:
         parser.error("--train_text_encoder_lora cannot use --cache_latents: the cache holds fixed text-encoder "
                      "outputs, but a trained text encoder changes them every step.")
+
+
+def check_metadata_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """Known metadata fields, probabilities in [0, 1], and no mode the metadata embedding cannot train in yet."""
+    from trainer.metadata import parse_fields
+
+    try:
+        fields = parse_fields(args.metadata_fields)
+    except ValueError as err:
+        parser.error(f"--metadata_fields '{args.metadata_fields}': {err}.")
+    for flag, value in (("--metadata_dropout", args.metadata_dropout), ("--metadata_drop_all", args.metadata_drop_all),
+                        ("--proportion_empty_prompts", args.proportion_empty_prompts)):
+        if not 0.0 <= value <= 1.0:
+            parser.error(f"{flag} must be in [0, 1], got {value}.")
+    if fields and args.lora_rank is not None:
+        parser.error("--metadata_fields does not work with --lora_rank yet: train the metadata embedding with a full "
+                     "fine-tune.")
+    if fields and args.dream_training:
+        parser.error("--metadata_fields does not work with --dream_training (diffusers' DREaM step calls the UNet "
+                     "without the metadata).")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -126,8 +126,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: Optio
     return final
 
 
-def make_state_hooks(accelerator, ema, offload_ema: bool = False):
-    """accelerate save/load hooks that store the UNet (and EMA) as diffusers models in the checkpoint."""
+def make_state_hooks(accelerator, ema, offload_ema: bool = False, metadata=None):
+    """accelerate save/load hooks that store the UNet (and EMA) as diffusers models in the checkpoint; with a
+    metadata encoder (trainer.metadata.MetadataEncoder), its metadata_spec.json beside each."""
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
@@ -143,6 +144,11 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
                     ema.save_pretrained(Path(output_dir) / EMA_UNET_DIRNAME)
             for model in models:
                 bare_model(model).save_pretrained(Path(output_dir) / UNET_DIRNAME, safe_serialization=True)
+            if metadata is not None:
+                from trainer.metadata import write_spec
+
+                for name in (UNET_DIRNAME, EMA_UNET_DIRNAME) if ema is not None else (UNET_DIRNAME,):
+                    write_spec(metadata, Path(output_dir) / name)
         # Emptied so accelerate does not write a second, opaque copy of the weights.
         while weights:
             weights.pop()
@@ -162,13 +168,13 @@ def make_state_hooks(accelerator, ema, offload_ema: bool = False):
     return save_hook, load_hook
 
 
-def register_state_hooks(accelerator, ema, offload_ema: bool = False, lora=None, args=None) -> None:
+def register_state_hooks(accelerator, ema, offload_ema: bool = False, lora=None, args=None, metadata=None) -> None:
     """Install the UNet/EMA save and load hooks on the accelerator; in LoRA mode, ones that store only adapters."""
     if lora is not None:
         from trainer import lora as lora_mode
 
         save_hook, load_hook = lora_mode.make_state_hooks(accelerator, ema, lora, args)
     else:
-        save_hook, load_hook = make_state_hooks(accelerator, ema, offload_ema)
+        save_hook, load_hook = make_state_hooks(accelerator, ema, offload_ema, metadata)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

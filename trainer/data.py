@@ -155,10 +155,18 @@ class TrainingDataset(torch.utils.data.Dataset):
     prefetches a batch before a checkpoint is saved, and workers each hold their own RNG.
     """
 
-    def __init__(self, table, tokenizer, image_transform, image_column: str, caption_column: str, seed: int):
-        """Wrap a datasets table; seed fixes the augmentation of each (epoch, row)."""
+    def __init__(self, table, tokenizer, image_transform, image_column: str, caption_column: str, seed: int,
+                 metadata=None, dropout=None):
+        """Wrap a datasets table; seed fixes the augmentation of each (epoch, row).
+
+        metadata: trainer.metadata.RowMetadata of the rows (each item then has a "metadata" vector), or None;
+        dropout: trainer.metadata.GuidanceDropout (none when None).
+        """
+        from trainer.metadata import GuidanceDropout
+
         self.table, self.tokenizer, self.image_transform = table, tokenizer, image_transform
         self.image_column, self.caption_column, self.seed = image_column, caption_column, seed
+        self.metadata, self.dropout = metadata, dropout or GuidanceDropout()
         self.epoch = SharedEpoch()
 
     def __len__(self) -> int:
@@ -171,11 +179,15 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """The transformed row; the same (seed, epoch, index) always gives the same sample."""
+        from trainer.metadata import row_conditioning
+
         rng = random.Random(f"{self.seed}:{self.epoch.get()}:{index}")
         row = self.table[int(index)]
         caption = pick_caption(row[self.caption_column], self.caption_column, rng)
-        return {"pixel_values": self.image_transform(row[self.image_column], rng),
-                "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        item = {"pixel_values": self.image_transform(row[self.image_column], rng)}
+        empty_caption, vector = row_conditioning(self.metadata, self.dropout, self.seed, self.epoch.get(), int(index))
+        item["input_ids"] = tokenize(self.tokenizer, ["" if empty_caption else caption])[0]
+        return item if vector is None else {**item, "metadata": vector}
 
 
 def set_epoch(dataloader, epoch: int) -> None:
@@ -191,11 +203,28 @@ def set_epoch(dataloader, epoch: int) -> None:
 
 
 def collate(examples: Sequence[dict]) -> dict:
-    """Stack transformed rows into a batch."""
-    return {
+    """Stack transformed rows (and their metadata vectors, when they have them) into a batch."""
+    batch = {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
     }
+    if "metadata" in examples[0]:
+        batch["metadata"] = torch.stack([e["metadata"] for e in examples])
+    return batch
+
+
+def read_metadata(args, table):
+    """The rows' parsed metadata for --metadata_fields (one line saying what they hold), or None without it."""
+    from trainer.metadata import describe, parse_fields, read_column
+    from utils.logger import get_logger
+
+    fields = parse_fields(args.metadata_fields)
+    if not fields:
+        return None
+    column = check_column("--metadata_column", args.metadata_column, table.column_names)
+    rows = read_column(table, column, fields, args.metadata_frequencies)
+    get_logger().info("%s", describe(rows))
+    return rows
 
 
 def build_train_dataset(args, tokenizer, seed: int) -> TrainingDataset:
@@ -207,7 +236,11 @@ def build_train_dataset(args, tokenizer, seed: int) -> TrainingDataset:
                                      args.image_interpolation_mode)
     # The data seed, not --seed: every process must keep the same rows even when --seed is not given.
     subset = subsample(raw, args.max_train_samples, seed)
-    return TrainingDataset(subset, tokenizer, transform, image_column, caption_column, seed)
+    from trainer.metadata import GuidanceDropout
+
+    dropout = GuidanceDropout(args.metadata_dropout, args.metadata_drop_all, args.proportion_empty_prompts)
+    return TrainingDataset(subset, tokenizer, transform, image_column, caption_column, seed,
+                           read_metadata(args, subset), dropout)
 
 
 # Enough to keep one GPU fed from JPEGs at 512 px; more workers mostly cost memory (each holds a dataset copy).

@@ -54,6 +54,11 @@ def finish(run, global_step: int, hub_repo_id: Optional[str]) -> None:
     else:
         pipeline, dtype = save_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, unet,
                                         run.inference_scheduler, output_dir), torch.float32
+        if run.metadata is not None:
+            from trainer.metadata import write_spec
+            from utils.constants import UNET_DIRNAME
+
+            write_spec(run.metadata, output_dir / UNET_DIRNAME)
     grid_path = None
     if args.validation_prompts:
         images = validate(accelerator, pipeline.to(accelerator.device), args, global_step, dtype)

@@ -135,6 +135,7 @@ class TrainingRun:
     trainable: list = field(default_factory=list)  # what is clipped and averaged: all UNet weights, or LoRA's
     lora: object = None  # trainer.lora.LoraSetup in LoRA mode
     skipped: SkippedSteps = field(default_factory=SkippedSteps)
+    metadata: object = None  # trainer.metadata.MetadataEncoder with --metadata_fields: its spec ships with the UNet
 
     def __post_init__(self):
         # Not given: the UNet's trainable weights, so clipping and EMA never silently get an empty list.

@@ -123,7 +123,10 @@ def diffusion_loss(batch: dict, unet, vae, text_encoder, noise_scheduler, option
         noisy_latents, target = compute_dream_and_update_latents(
             unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
             options.dream_detail_preservation)
-    pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    # The metadata vectors (--metadata_fields) feed the UNet's projection class embedding; without them the call
+    # is the reference's.
+    conditioning = {"class_labels": batch["metadata"]} if "metadata" in batch else {}
+    pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **conditioning)[0]
     weights = snr_loss_weights(noise_scheduler, timesteps, options.snr_gamma) if options.snr_gamma else None
     return weighted_mse(pred, target, weights)
 

@@ -167,6 +167,10 @@ def build_ema(args, unet, device, lora=None):
         if args.non_ema_revision is not None:
             source = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
                                                           revision=args.revision, variant=args.variant)
+            if unet.config.class_embed_type == "projection" and source.class_embedding is None:
+                from trainer.metadata_unet import add_embedding
+
+                add_embedding(source, unet.config.projection_class_embeddings_input_dim)  # --metadata_fields
         ema = EMAModel(source.parameters(), model_cls=UNet2DConditionModel, model_config=source.config,
                        foreach=args.foreach_ema)
     place_ema(ema, args.offload_ema, device)

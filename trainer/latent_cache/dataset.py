@@ -32,16 +32,29 @@ class CachedDataset(torch.utils.data.Dataset):
     safe_open in each process (DataLoader workers too) and memory-mapped: only the rows read are paged in.
     """
 
-    def __init__(self, folder: Path, seed: int, random_flip: bool, epoch=None):
-        """folder: a complete cache; epoch: a shared SharedEpoch (a new one when None)."""
+    def __init__(self, folder: Path, seed: int, random_flip: bool, epoch=None, metadata=None, dropout=None,
+                 empty_text=None):
+        """folder: a complete cache; epoch: a shared SharedEpoch (a new one when None).
+
+        metadata: trainer.metadata.RowMetadata of the table the cache was built from, row for row (the cache's
+        row i is that table's row i), so the metadata need not be in the chunks and one cache serves any
+        --metadata_fields; dropout: trainer.metadata.GuidanceDropout; empty_text: the empty prompt's cached
+        states or token ids, given when captions can be dropped.
+        """
         from trainer.data import SharedEpoch
+        from trainer.metadata import GuidanceDropout
 
         self.folder, self.seed, self.random_flip = Path(folder), seed, random_flip
+        self.metadata, self.dropout, self.empty_text = metadata, dropout or GuidanceDropout(), empty_text
         manifest = json.loads((self.folder / MANIFEST_FILENAME).read_text(encoding="utf-8"))
         self.num_rows, self.num_captions = manifest["num_rows"], manifest["num_captions"]
         self.chunk_rows, self.text = manifest["chunk_rows"], manifest["text"]
         self.epoch = epoch if epoch is not None else SharedEpoch()
         self._handles, self._pid = OrderedDict(), None
+        if metadata is not None and len(metadata.raw) != self.num_rows:
+            raise ValueError(f"{len(metadata.raw)} metadata rows for a cache of {self.num_rows} rows")
+        if self.dropout.caption and empty_text is None:
+            raise ValueError("caption dropout needs the empty prompt's cached text")
 
     @property
     def served_models(self) -> tuple:
@@ -82,6 +95,8 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """The row's posterior of the view drawn for this epoch, and its drawn caption's states or token ids."""
+        from trainer.metadata import row_conditioning
+
         index = int(index)
         rng = random.Random(f"{self.seed}:{self.epoch.get()}:{index}")
         mean, std, ids, is_list = self._read(LATENTS_PREFIX, self.num_rows, index,
@@ -89,10 +104,16 @@ class CachedDataset(torch.utils.data.Dataset):
         ids = [i for i in ids.tolist() if i >= 0]
         caption_id = rng.choice(ids) if bool(is_list) else ids[0]
         view = 1 if self.random_flip and rng.random() < 0.5 else 0
+        empty_caption, vector = row_conditioning(self.metadata, self.dropout, self.seed, self.epoch.get(), index)
+        text = self.empty_text if empty_caption else self._text(caption_id)
+        item = {"latent_mean": mean[view], "latent_std": std[view], **text}
+        return item if vector is None else {**item, "metadata": vector}
+
+    def _text(self, caption_id: int) -> dict:
+        """A caption's cached states ({"encoder_hidden_states"}) or token ids ({"input_ids"})."""
         name = "states" if self.text == TEXT_STATES else "input_ids"
         (text,) = self._read(CAPTIONS_PREFIX, self.num_captions, caption_id, (name,))
-        text = {"encoder_hidden_states": text} if self.text == TEXT_STATES else {"input_ids": text.long()}
-        return {"latent_mean": mean[view], "latent_std": std[view], **text}
+        return {"encoder_hidden_states": text} if self.text == TEXT_STATES else {"input_ids": text.long()}
 
 
 def collate_cached(examples) -> dict:
@@ -127,4 +148,18 @@ def cached_training_dataset(accelerator, args, components, dataset, weight_dtype
                       accelerator.wait_for_everyone, args.cache_chunk_rows, text)
     folder, _ = prepare_cache(cache_root(args.latents_cache_dir, args.output_dir), key, settings,
                               dataset.table, builder, index)
-    return CachedDataset(folder, dataset.seed, args.random_flip)
+    empty = empty_prompt_text(components, text) if dataset.dropout.caption else None
+    return CachedDataset(folder, dataset.seed, args.random_flip, metadata=dataset.metadata, dropout=dataset.dropout,
+                         empty_text=empty)
+
+
+def empty_prompt_text(components, text: str) -> dict:
+    """The empty prompt as the cache serves captions: text-encoder states (on the CPU) or token ids."""
+    from trainer.data import tokenize
+
+    ids = tokenize(components.tokenizer, [""])
+    if text != TEXT_STATES:
+        return {"input_ids": ids[0]}
+    with torch.no_grad():
+        states = components.text_encoder(ids.to(components.text_encoder.device), return_dict=False)[0]
+    return {"encoder_hidden_states": states[0].cpu()}
