@@ -1,7 +1,8 @@
 """Sample a fine-tuned Stable Diffusion model: a run's OUTPUT_DIR, or one of its checkpoint-N folders.
 
-Flow: prompts and seeds → output folder → device → model (a checkpoint's UNet goes into its base pipeline) →
-sampler → images, each saved with a JSON sidecar of its settings as it is drawn → grid.png.
+Flow: prompts and seeds → device → model (a checkpoint's UNet goes into its base pipeline) → --metadata checked
+against its metadata_spec.json → output folder → sampler → images, each saved with a JSON sidecar of its settings
+as it is drawn → grid.png.
 Run: python generate.py --model sd-rsicd-model --prompt "A satellite image of a crop field" --seed 0
 """
 
@@ -19,14 +20,15 @@ from utils.logger import get_logger, setup_logging  # noqa: E402
 from utils.quiet import quiet_libraries  # noqa: E402
 
 
-def settings_record(args, source, pipeline, device, dtype) -> dict:
-    """What every image's sidecar repeats: the model, weights and sampling settings."""
+def settings_record(args, source, pipeline, device, dtype, metadata: dict) -> dict:
+    """What every image's sidecar repeats: the model, weights and sampling settings, and the metadata asked for."""
     return {"negative_prompt": args.negative_prompt, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "scheduler": type(pipeline.scheduler).__name__,
             "model": args.model, "pipeline": source.pipeline,
             "unet": str(source.unet) if source.unet is not None else None, "weights": source.weights,
             "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-            "lora": str(source.lora) if source.lora is not None else None, "lora_scale": source.lora_scale}
+            "lora": str(source.lora) if source.lora is not None else None, "lora_scale": source.lora_scale,
+            "metadata": metadata, "metadata_guidance_scale": args.metadata_guidance_scale}
 
 
 def main(argv=None) -> int:
@@ -43,9 +45,12 @@ def main(argv=None) -> int:
     # What draws it and where it goes; every flag is checked before --overwrite deletes a previous run's images.
     device, dtype = pick_device(args.device, args.dtype)
     source = resolve_model(args.model, args.base_model, args.weights, args.lora_scale)
-    output_dir = prepare_output_dir(args.output_dir, args.overwrite)
     quiet_libraries()
+    from inference.metadata_pipeline import check_source_request
     from inference.pipeline import generate, load_source
+
+    metadata = check_source_request(source, args.metadata, args.metadata_guidance_scale)
+    output_dir = prepare_output_dir(args.output_dir, args.overwrite)
 
     pipeline = load_source(source, device, dtype, args.scheduler)
     logger.info("Model %s (UNet: %s weights) on %s/%s; %d image(s) of %d prompt(s), seeds %d..%d",
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
                 len(prompts), first_seed, plan[-1][1])
 
     # Draw, saving each image and its sidecar as soon as it exists.
-    shared = settings_record(args, source, pipeline, device, dtype)
+    shared = settings_record(args, source, pipeline, device, dtype, metadata)
 
     def save(index, image):
         """Write image index with its own prompt and seed."""
@@ -62,7 +67,8 @@ def main(argv=None) -> int:
 
     images = generate(pipeline, [p for p, _ in plan], [s for _, s in plan], negative_prompt=args.negative_prompt,
                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                      height=args.height, width=args.width, batch_size=args.batch_size, on_image=save)
+                      height=args.height, width=args.width, batch_size=args.batch_size, on_image=save,
+                      conditioning={"metadata": metadata, "metadata_guidance_scale": args.metadata_guidance_scale})
     grid = save_grid(output_dir, images, plan, args.num_images_per_prompt)
     logger.info("Wrote %d image(s) with JSON sidecars to %s; grid: %s", len(images), output_dir, grid)
     print(grid)

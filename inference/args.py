@@ -2,6 +2,7 @@
 
 from typing import Optional, Sequence
 
+from diffusion_model.geo_metadata import parse_literals
 from inference.pipeline import DTYPES, WEIGHTS_CHOICES, check_size
 from inference.schedulers import SCHEDULERS
 from utils.cli import ArgumentParser, check_at_least, check_finite
@@ -38,6 +39,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="denoising steps")
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
                         help="classifier-free guidance; 1 turns it off")
+    parser.add_argument("--metadata", type=parse_literals, default=None,
+                        help="for a model trained with --metadata_fields: FIELD=VALUE pairs the images should have, "
+                             "e.g. gsd=0.5,lat=37.77,lon=-122.42,date=2021-07-01 (values as create.py's --metadata; "
+                             "fields left out are absent)")
+    parser.add_argument("--metadata_guidance_scale", type=float, default=1.0,
+                        help="guidance towards the metadata on top of --guidance_scale: eps_absent + S * "
+                             "(eps_metadata - eps_absent), the absent prediction made with all metadata absent; "
+                             "1 = no extra guidance (one UNet pass), other values cost a second pass")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
                         help="sampler, built from the model's scheduler config (default: the model's own)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (memory vs speed)")
@@ -58,6 +67,7 @@ def check_args(args) -> None:
     check_at_least("--batch_size", args.batch_size, 1)
     check_finite("--guidance_scale", args.guidance_scale)
     check_finite("--lora_scale", args.lora_scale)
+    check_finite("--metadata_guidance_scale", args.metadata_guidance_scale)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):

@@ -216,8 +216,11 @@ def check_unet_fits(pipeline, source: ModelSource) -> None:
 
 
 def load_source(source: ModelSource, device, dtype, scheduler: Optional[str] = None):
-    """Load a resolved ModelSource onto device: the pipeline, the checkpoint's UNet in it, the chosen scheduler."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    """Load a resolved ModelSource onto device: the pipeline, the checkpoint's UNet in it, the chosen scheduler.
+    The pipeline takes metadata={...} when its UNet was trained with them (inference/metadata_pipeline.py)."""
+    from diffusers import UNet2DConditionModel
+
+    from inference.metadata_pipeline import MetadataStableDiffusionPipeline
 
     if scheduler is not None:
         check_scheduler(scheduler)  # an unknown name fails before minutes of loading
@@ -228,7 +231,7 @@ def load_source(source: ModelSource, device, dtype, scheduler: Optional[str] = N
         except (OSError, ValueError) as err:
             raise load_failure(source.unet, err) from None
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
+        pipeline = MetadataStableDiffusionPipeline.from_pretrained(
             source.pipeline, safety_checker=None, requires_safety_checker=False, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise load_failure(source.pipeline, err) from None
@@ -276,10 +279,12 @@ def batches(count: int, batch_size: int) -> List[range]:
 
 def generate(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, negative_prompt: Optional[str],
              num_inference_steps: int, guidance_scale: float, height: Optional[int], width: Optional[int],
-             batch_size: int = 1, on_image: Optional[Callable[[int, object], None]] = None) -> List:
+             batch_size: int = 1, on_image: Optional[Callable[[int, object], None]] = None,
+             conditioning: Optional[dict] = None) -> List:
     """One image per (prompt, seed) pair; image i comes from its own torch.Generator seeded with seeds[i], so
     any subset regenerates exactly the pixels an uninterrupted run would give (evaluate.py resumes on this).
-    on_image(i, image) is called as each image is ready, so callers can save as they go."""
+    on_image(i, image) is called as each image is ready, so callers can save as they go. conditioning: more
+    keyword arguments of every pipeline call (metadata=..., metadata_guidance_scale=... for a metadata model)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     check_size("--height", height)
@@ -291,7 +296,7 @@ def generate(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, negative
         negatives = [negative_prompt] * len(chunk) if negative_prompt else None
         result = pipeline(prompt=[prompts[i] for i in chunk], negative_prompt=negatives, generator=generators,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          height=height, width=width)
+                          height=height, width=width, **(conditioning or {}))
         for index, image in zip(chunk, result.images):
             if on_image is not None:
                 on_image(index, image)

@@ -161,3 +161,37 @@ def lora_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     lora.save_diffusers_file(output, components.unet, None, setup)
     lora.write_run_record(output, args)
     return output
+
+
+# --- Metadata fixtures (helper "metasample"): a pipeline whose UNet takes metadata, made without training.
+
+METADATA_FIELDS = ("gsd", "lat", "lon", "date")
+
+
+def save_metadata_pipeline(base_dir: Path, folder: Path, trained: bool = True) -> Path:
+    """base_dir's pipeline with a metadata embedding for METADATA_FIELDS and its unet/metadata_spec.json, saved to
+    folder; trained=True draws the embedding's last layer (zero, as training starts, otherwise) so metadata count."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.metadata import MetadataEncoder, write_spec
+    from trainer.metadata_unet import add_embedding
+
+    pipeline = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    encoder = MetadataEncoder(METADATA_FIELDS)
+    add_embedding(pipeline.unet, encoder.dim)
+    if trained:
+        last = pipeline.unet.class_embedding.linear_2
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            last.weight.copy_(torch.randn(last.weight.shape, generator=generator))
+            last.bias.copy_(torch.randn(last.bias.shape, generator=generator))
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    write_spec(encoder, Path(folder) / "unet")
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def metadata_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny pipeline with a 'trained' (random, non-zero) metadata embedding over gsd, lat, lon and date."""
+    return save_metadata_pipeline(tiny_model_dir, tmp_path_factory.mktemp("metadata_model") / "pipeline")

@@ -119,8 +119,12 @@ def generate_here(command) -> None:
         assert generate.main([str(a) for a in command[1:]]) == 0
 
 
+METADATA = "gsd=0.5,lat=37.77,lon=-122.42,date=20210701"
+METADATA_RECORD = {"gsd": 0.5, "lat": 37.77, "lon": -122.42, "date": "2021-07-01"}
+
+
 @pytest.fixture(scope="module")
-def runs(trained_run, other_base, tmp_path_factory):
+def runs(trained_run, other_base, metadata_model_dir, tmp_path_factory):
     """Every successful generate.py run: name -> (output folder, stdout or None when run in process)."""
     root = tmp_path_factory.mktemp("generated")
     prompts_file = root / "prompts.txt"
@@ -151,6 +155,12 @@ def runs(trained_run, other_base, tmp_path_factory):
         "checkpoint_base": generate_command(checkpoint, root / "checkpoint_base", *one, "--weights", "ema",
                                             "--base_model", other_base),
         "bf16": generate_command(trained_run, root / "bf16", *one, "--dtype", "bf16"),
+        # A model whose UNet takes metadata: with them (guided), with them unguided, and without any.
+        "metadata": generate_command(metadata_model_dir, root / "metadata", *one, "--metadata", METADATA,
+                                     "--metadata_guidance_scale", 2),
+        "metadata_unguided": generate_command(metadata_model_dir, root / "metadata_unguided", *one,
+                                              "--metadata", METADATA),
+        "metadata_absent": generate_command(metadata_model_dir, root / "metadata_absent", *one),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run, command) for name, command in scripts.items()}
@@ -212,6 +222,7 @@ def test_sidecar_records_the_flags(runs, trained_run):
     assert record["unet"] is None and record["weights"] == "pipeline"
     assert (record["width"], record["height"]) == (WIDTH, HEIGHT)
     assert (record["device"], record["dtype"]) == ("cpu", "float32")
+    assert record["metadata"] == {} and record["metadata_guidance_scale"] == 1.0
 
 
 def test_negative_prompt_reaches_the_sampler(runs):
@@ -283,6 +294,32 @@ def test_scheduler_flag_samples_with_that_scheduler(runs):
     assert pixels(folder / "000000.png").std() > 0
 
 
+# --- a model trained with metadata
+
+
+def test_metadata_are_recorded_normalised_and_change_the_image(runs):
+    guided, unguided, absent = (folder_of(runs, name) for name in ("metadata", "metadata_unguided", "metadata_absent"))
+    assert sidecar(guided)["metadata"] == sidecar(unguided)["metadata"] == METADATA_RECORD
+    assert sidecar(guided)["metadata_guidance_scale"] == 2.0 and sidecar(unguided)["metadata_guidance_scale"] == 1.0
+    assert sidecar(absent)["metadata"] == {}
+    images = [pixels(folder / "000000.png") for folder in (guided, unguided, absent)]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+
+
+def test_metadata_model_without_metadata_samples_all_absent(runs, metadata_model_dir):
+    from inference.metadata_pipeline import MetadataStableDiffusionPipeline
+
+    pipeline = MetadataStableDiffusionPipeline.from_pretrained(metadata_model_dir, safety_checker=None,
+                                                               requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    with restored_process_state():
+        torch.set_num_threads(1)
+        image = pipeline(PROMPTS[0], negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, generator=generator,
+                         num_inference_steps=STEPS, guidance_scale=GUIDANCE, metadata={}).images[0]
+    assert np.array_equal(pixels(folder_of(runs, "metadata_absent") / "000000.png"), np.asarray(image))
+
+
 # --- a checkpoint-N folder
 
 
@@ -328,14 +365,14 @@ def kept_previous_images(folder) -> bool:
 
 
 @pytest.fixture
-def paths(tmp_path, tiny_model_dir, trained_run) -> dict:
+def paths(tmp_path, tiny_model_dir, trained_run, metadata_model_dir) -> dict:
     """The pieces bad command lines are made of; 'kept' holds a previous run's images."""
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     # A checkpoint of a run that has not finished: no pipeline beside it.
     shutil.copytree(trained_run / "checkpoint-2" / "unet", tmp_path / "unfinished" / "checkpoint-2" / "unet")
     return {"model": tiny_model_dir, "out": tmp_path / "out", "missing": tmp_path / "no-run",
             "blank": tmp_path / "blank.txt", "kept": with_previous_images(tmp_path / "kept"),
-            "unfinished": tmp_path / "unfinished" / "checkpoint-2"}
+            "unfinished": tmp_path / "unfinished" / "checkpoint-2", "metadata_model": metadata_model_dir}
 
 
 # name -> (argv, text the one stderr line must hold), with {placeholders} filled from the paths fixture.
@@ -368,6 +405,19 @@ REFUSALS = {
     "unfinished_checkpoint_offline": (["--model", "{unfinished}", "--prompt", "a", "--output_dir", "{out}"],
                                       "checkpoint '{unfinished}' is not a pipeline and its run folder holds none "
                                       "yet; pass the pipeline it was trained from as --base_model"),
+    "metadata_bad_value": (["--model", "{metadata_model}", "--prompt", "a", "--output_dir", "{out}",
+                            "--metadata", "gsd=0.5,lat=91,lon=0"], "argument --metadata: lat=91: outside [-90, 90]"),
+    "metadata_unknown_field": (["--model", "{metadata_model}", "--prompt", "a", "--output_dir", "{out}",
+                                "--metadata", "scale=2"], "unknown field 'scale' (known: gsd, lat, lon, date"),
+    "metadata_untrained_field": (["--model", "{metadata_model}", "--prompt", "a", "--output_dir", "{kept}",
+                                  "--overwrite", "--metadata", "sensor=naip"],
+                                 "--metadata: metadata field 'sensor' is not one the model was trained on"),
+    "metadata_without_spec": (["--model", "{model}", "--prompt", "a", "--output_dir", "{kept}", "--overwrite",
+                               "--metadata", "gsd=1"], "--metadata: metadata ['gsd'] given, but the model's UNet "
+                                                       "has no metadata_spec.json"),
+    "metadata_guidance_without_spec": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
+                                        "--metadata_guidance_scale", "3"],
+                                       "--metadata_guidance_scale 3.0 needs a model trained with --metadata_fields"),
 }
 
 
@@ -405,7 +455,8 @@ def test_bad_input_is_one_stderr_line_naming_it_with_exit_code_2(case, paths, in
     assert code == 2 and len(lines) == 1 and expected in lines[0], lines
 
 
-@pytest.mark.parametrize("case", ["previous_images", "overwrite_with_missing_model", "overwrite_with_zero_batch"])
+@pytest.mark.parametrize("case", ["previous_images", "overwrite_with_missing_model", "overwrite_with_zero_batch",
+                                  "metadata_untrained_field", "metadata_without_spec"])
 def test_refused_run_leaves_previous_images_in_place(case, paths, in_process, capsys):
     # --overwrite must not delete a previous run's images when the command is refused anyway.
     refuse(refusal(case, paths)[0], capsys)
