@@ -5,8 +5,8 @@ captions, then runs each stage as its own process under bench/peak_rss.py, so ea
   - create:  create.py on the Parquet at --resolution (then format.py, timed as its own row);
   - build:   the trainer with --cache_latents and one optimizer step, timed by its "Latent cache built in X s" line;
   - train:   the trainer again on the built cache: time to first step (process start to the first optimizer step's
-             tensorboard stamp, so it includes imports, loading the imagefolder and hashing the data for the cache
-             key) and steps/s over the steps after the first.
+             tensorboard stamp, so it includes imports, loading the imagefolder from its datasets cache, which the
+             build stage wrote, and hashing the data for the cache key) and steps/s over the steps after the first.
 Figures: peak RSS, seconds per row and bytes on disk per row. Targets (PASS/FAIL): peak RSS grows by at most
 64 MiB from the smallest to the largest size, per stage; seconds per row within 1.3x across sizes (create, format,
 build); steps/s within 1.3x. Time to first step at 1M rows needs the sharded reading of issue 19 part 2 and is not
@@ -108,9 +108,10 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def run_stage(command: list) -> dict:
+def run_stage(command: list, datasets_cache: Path) -> dict:
     """Run one stage under peak_rss.py: start stamp, wall seconds, peak RSS, CPU others used meanwhile, stderr."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(datasets_cache)}
     (busy_before, _), started, stamp = cpu_counters(), time.perf_counter(), time.time()
     done = subprocess.run([sys.executable, str(PEAK_RSS), *command], capture_output=True, text=True, env=env,
                           cwd=REPO_ROOT)
@@ -139,10 +140,10 @@ def step_stamps(output: Path) -> list:
 def create_stages(parquet: Path, data: Path, resolution: int) -> dict:
     """create.py then format.py, each its own process: seconds, RSS and bytes of the folder they write."""
     create = run_stage([sys.executable, str(CREATE), "--input", str(parquet), "--output_dir", str(data),
-                        "--resolution", str(resolution)])
+                        "--resolution", str(resolution)], data.parent / "hf_datasets")
     create["bytes"] = folder_bytes(data)
     formatted = run_stage([sys.executable, str(FORMAT), "--caption_file", str(data / "captions.txt"),
-                           "--output_file", str(data / "metadata.jsonl")])
+                           "--output_file", str(data / "metadata.jsonl")], data.parent / "hf_datasets")
     formatted["bytes"] = (data / "metadata.jsonl").stat().st_size
     return {"create": create, "format": formatted}
 
@@ -156,12 +157,12 @@ def trainer_command(model: Path, data: Path, work: Path, name: str, resolution: 
 
 def train_stages(model: Path, data: Path, work: Path, resolution: int, steps: int) -> dict:
     """Cache build (one step) then training on the built cache: build seconds, time to first step, steps/s."""
-    build = run_stage(trainer_command(model, data, work, "build", resolution, 1))
+    build = run_stage(trainer_command(model, data, work, "build", resolution, 1), work / "hf_datasets")
     match = BUILD_RE.search(build["stderr"])
     if match is None:
         raise RuntimeError(f"no cache-build line in the trainer's log: {build['stderr'][-1500:]}")
     build["seconds"], build["bytes"] = float(match.group(1)), folder_bytes(work / "cache")
-    train = run_stage(trainer_command(model, data, work, "train", resolution, steps + 1))
+    train = run_stage(trainer_command(model, data, work, "train", resolution, steps + 1), work / "hf_datasets")
     stamps = step_stamps(work / "train")
     if len(stamps) < 2:
         raise RuntimeError(f"the train stage logged {len(stamps)} steps")
