@@ -1,0 +1,274 @@
+"""Benchmark how cost and memory scale with the number of rows: create.py, the latent cache build, training start.
+
+For each size N (default 1k, 10k, 100k rows) it writes an RSICD-schema Parquet of tiny distinct JPEGs with distinct
+captions, then runs each stage as its own process under bench/peak_rss.py, so each figure is that stage's own:
+  - create:  create.py on the Parquet at --resolution (then format.py, timed as its own row);
+  - build:   the trainer with --cache_latents and one optimizer step, timed by its "Latent cache built in X s" line;
+  - train:   the trainer again on the built cache: time to first step (process start to the first optimizer step's
+             tensorboard stamp, so it includes imports, loading the imagefolder from its datasets cache, which the
+             build stage wrote, and hashing the data for the cache key) and steps/s over the steps after the first.
+Figures: peak RSS, seconds per row and bytes on disk per row. Targets (PASS/FAIL): peak RSS grows by at most
+64 MiB from the smallest to the largest size, per stage; seconds per row within 1.3x across sizes (create, format,
+build); steps/s within 1.3x. Time to first step at 1M rows needs the sharded reading of issue 19 part 2 and is not
+measured. The machine's load (uptime) is printed; figures from a busy machine say "not quiet".
+
+Run: python bench/bench_scale.py [--sizes 1000 10000 100000] [--resolution 16] [--steps 6] [--work_dir DIR]
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from bench.bench_create import cpu_counters
+from diffusion_model.sample_data import RSICD_SCHEMA
+from utils.cli import ArgumentParser, run_main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PEAK_RSS = Path(__file__).resolve().with_name("peak_rss.py")
+CREATE = REPO_ROOT / "diffusion_model" / "create.py"
+FORMAT = REPO_ROOT / "diffusion_model" / "format.py"
+TRAINER = REPO_ROOT / "train_text_to_image.py"
+BUILD_RE = re.compile(r"Latent cache built in ([\d.]+) s")
+STEP_TAG = "train_loss"  # logged at every optimizer step
+RSS_GROWTH_MIB = 64.0
+TIME_SPREAD = 1.3
+MAX_BACKGROUND = 0.3  # cores other processes may use during a stage for its figures to count as quiet
+SOURCE_SIDE = 32  # px of the generated JPEGs: create.py resizes them to --resolution
+ROW_GROUP = 1024
+WORDS = ("farmland", "river", "pond", "residential", "bareland", "forest", "road", "harbour", "airport", "desert")
+TRAIN_FLAGS = ["--center_crop", "--train_batch_size", "4", "--learning_rate", "1e-4", "--lr_scheduler", "constant",
+               "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--report_to", "tensorboard",
+               "--seed", "0", "--cache_latents"]
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    """Command line."""
+    parser = ArgumentParser(description="Peak RSS, seconds and bytes per row of each stage at several sizes.")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000],
+                        help="Row counts to run, smallest first (default 1000 10000 100000).")
+    parser.add_argument("--resolution", type=int, default=16, help="create.py and trainer resolution (default 16).")
+    parser.add_argument("--steps", type=int, default=6, help="Optimizer steps of the train stage (default 6).")
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "bench_scale"),
+                        help="Scratch folder, deleted and recreated (default $TMPDIR/bench_scale).")
+    parser.add_argument("--keep", action="store_true", help="Keep each size's files (default: delete after it).")
+    return parser.parse_args(argv)
+
+
+def caption(i: int) -> str:
+    """A distinct caption for row i, worded like a scene description."""
+    return f"{WORDS[i % 10]} scene {i} near the {WORDS[(i // 10) % 10]} with {WORDS[(i // 100) % 10]} beside it"
+
+
+def tiny_jpeg(rng: np.random.Generator) -> bytes:
+    """A SOURCE_SIDE px JPEG of smooth random colour (distinct per row, cheap to make)."""
+    corners = rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)
+    image = Image.fromarray(corners).resize((SOURCE_SIDE, SOURCE_SIDE), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_source(path: Path, rows: int) -> Path:
+    """An RSICD-schema Parquet of `rows` tiny distinct JPEGs, one distinct caption each, in row groups."""
+    rng = np.random.default_rng(rows)
+    with pq.ParquetWriter(path, RSICD_SCHEMA) as writer:
+        for start in range(0, rows, ROW_GROUP):
+            batch = [{"filename": f"img_{i:07d}.jpg", "captions": [caption(i)],
+                      "image": {"bytes": tiny_jpeg(rng), "path": f"img_{i:07d}.jpg"}}
+                     for i in range(start, min(start + ROW_GROUP, rows))]
+            writer.write_table(pa.Table.from_pylist(batch, schema=RSICD_SCHEMA))
+    return path
+
+
+def make_model(folder: Path) -> Path:
+    """Save the tiny random pipeline (in a subprocess, so this process stays small)."""
+    subprocess.run([sys.executable, "-m", "stand_in.tiny_model", str(folder)], cwd=REPO_ROOT, check=True,
+                   capture_output=True)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under folder."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def run_stage(command: list, datasets_cache: Path) -> dict:
+    """Run one stage under peak_rss.py: start stamp, wall seconds, peak RSS, CPU others used meanwhile, stderr."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(datasets_cache)}
+    (busy_before, _), started, stamp = cpu_counters(), time.perf_counter(), time.time()
+    done = subprocess.run([sys.executable, str(PEAK_RSS), *command], capture_output=True, text=True, env=env,
+                          cwd=REPO_ROOT)
+    (busy_after, _), seconds = cpu_counters(), time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(command[1]).name} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
+    fields = done.stdout.strip().splitlines()[-1].split()
+    rss_mib, cpu_s = float(fields[1]), float(fields[3])
+    return {"start": stamp, "seconds": seconds, "rss_mib": rss_mib, "stderr": done.stderr,
+            "others_cores": max(0.0, busy_after - busy_before - cpu_s) / seconds}
+
+
+def step_stamps(output: Path) -> list:
+    """Wall-clock stamps of the run's optimizer steps, in step order, from its tensorboard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stamps = {}
+    for events in output.rglob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if STEP_TAG in accumulator.Tags()["scalars"]:
+            stamps.update({event.step: event.wall_time for event in accumulator.Scalars(STEP_TAG)})
+    return [stamps[step] for step in sorted(stamps)]
+
+
+def create_stages(parquet: Path, data: Path, resolution: int) -> dict:
+    """create.py then format.py, each its own process: seconds, RSS and bytes of the folder they write."""
+    create = run_stage([sys.executable, str(CREATE), "--input", str(parquet), "--output_dir", str(data),
+                        "--resolution", str(resolution)], data.parent / "hf_datasets")
+    create["bytes"] = folder_bytes(data)
+    formatted = run_stage([sys.executable, str(FORMAT), "--caption_file", str(data / "captions.txt"),
+                           "--output_file", str(data / "metadata.jsonl")], data.parent / "hf_datasets")
+    formatted["bytes"] = (data / "metadata.jsonl").stat().st_size
+    return {"create": create, "format": formatted}
+
+
+def trainer_command(model: Path, data: Path, work: Path, name: str, resolution: int, steps: int) -> list:
+    """The trainer on the tiny model with the cache in work/cache, writing to work/name."""
+    return [sys.executable, str(TRAINER), "--pretrained_model_name_or_path", str(model), "--train_data_dir",
+            str(data), "--output_dir", str(work / name), "--resolution", str(resolution), "--max_train_steps",
+            str(steps), "--latents_cache_dir", str(work / "cache"), *TRAIN_FLAGS]
+
+
+def train_stages(model: Path, data: Path, work: Path, resolution: int, steps: int) -> dict:
+    """Cache build (one step) then training on the built cache: build seconds, time to first step, steps/s."""
+    build = run_stage(trainer_command(model, data, work, "build", resolution, 1), work / "hf_datasets")
+    match = BUILD_RE.search(build["stderr"])
+    if match is None:
+        raise RuntimeError(f"no cache-build line in the trainer's log: {build['stderr'][-1500:]}")
+    build["seconds"], build["bytes"] = float(match.group(1)), folder_bytes(work / "cache")
+    train = run_stage(trainer_command(model, data, work, "train", resolution, steps + 1), work / "hf_datasets")
+    stamps = step_stamps(work / "train")
+    if len(stamps) < 2:
+        raise RuntimeError(f"the train stage logged {len(stamps)} steps")
+    train["first_step_s"] = stamps[0] - train["start"]
+    train["steps_per_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return {"build": build, "train": train}
+
+
+def measure(rows: int, model: Path, work: Path, args) -> dict:
+    """Every stage at one size."""
+    work.mkdir(parents=True, exist_ok=True)
+    parquet = make_source(work / "source.parquet", rows)
+    stages = create_stages(parquet, work / "data", args.resolution)
+    stages.update(train_stages(model, work / "data", work, args.resolution, args.steps))
+    stages["source_bytes"] = parquet.stat().st_size
+    return stages
+
+
+def stage_row(stage: str, rows: int, m: dict) -> str:
+    """One table row: stage, N, peak RSS, seconds per row, bytes per row, and the others' CPU use."""
+    per_row = f"{1000 * m['seconds'] / rows:.3f}" if "first_step_s" not in m else "-"
+    size = f"{m['bytes'] / rows:.0f}" if "bytes" in m else "-"
+    extra = (f"first step {m['first_step_s']:.1f} s, {m['steps_per_s']:.2f} steps/s"
+             if "first_step_s" in m else f"{m['seconds']:.1f} s")
+    quiet = "" if m["others_cores"] <= MAX_BACKGROUND else " (not quiet)"
+    return (f"| {stage} | {rows} | {m['rss_mib']:.0f} | {per_row} | {size} | {extra} | "
+            f"{m['others_cores']:.2f}{quiet} |")
+
+
+def table(results: dict) -> list:
+    """The markdown table of every stage at every size."""
+    lines = ["| stage | rows | peak RSS MiB | ms/row | bytes/row | time | other processes' cores |",
+             "|---|---|---|---|---|---|---|"]
+    for stage in ("create", "format", "build", "train"):
+        lines += [stage_row(stage, rows, stages[stage]) for rows, stages in results.items()]
+    return lines
+
+
+def verdict(ok: bool) -> str:
+    """PASS or FAIL."""
+    return "PASS" if ok else "FAIL"
+
+
+def targets(results: dict) -> list:
+    """The targets, judged from the smallest to the largest size run."""
+    sizes = sorted(results)
+    small, large = results[sizes[0]], results[sizes[-1]]
+    lines = [f"targets ({sizes[0]} -> {sizes[-1]} rows):"]
+    for stage in ("create", "format", "build", "train"):
+        growth = large[stage]["rss_mib"] - small[stage]["rss_mib"]
+        lines.append(f"  {stage}: peak RSS grows {growth:+.0f} MiB (target <= {RSS_GROWTH_MIB:.0f}): "
+                     f"{verdict(growth <= RSS_GROWTH_MIB)}")
+    for stage in ("create", "format", "build"):
+        per_row = [results[n][stage]["seconds"] / n for n in sizes]
+        spread = max(per_row) / min(per_row)
+        lines.append(f"  {stage}: seconds per row spread {spread:.2f}x (target <= {TIME_SPREAD}x): "
+                     f"{verdict(spread <= TIME_SPREAD)}; {marginal(results, stage)}")
+    rates = [results[n]["train"]["steps_per_s"] for n in sizes]
+    lines.append(f"  train: steps/s spread {max(rates) / min(rates):.2f}x (target <= {TIME_SPREAD}x): "
+                 f"{verdict(max(rates) / min(rates) <= TIME_SPREAD)}")
+    lines.append("  time to first step at 1M rows < 60 s: not measured: needs sharded reading (part 2)")
+    busy = [f"{stage} at {n}" for n, stages in results.items() for stage in ("create", "format", "build", "train")
+            if stages[stage]["others_cores"] > MAX_BACKGROUND]
+    if busy:
+        lines.append(f"  NOT QUIET ({', '.join(busy)}): other processes used more than {MAX_BACKGROUND} cores; "
+                     "rerun those sizes on an idle machine before trusting the time targets")
+    return lines
+
+
+def marginal(results: dict, stage: str) -> str:
+    """Seconds per added row between consecutive sizes (the slope, free of fixed start-up costs)."""
+    sizes = sorted(results)
+    slopes = [(results[b][stage]["seconds"] - results[a][stage]["seconds"]) / (b - a)
+              for a, b in zip(sizes, sizes[1:])]
+    return "ms per added row " + ", ".join(f"{1000 * s:.3f}" for s in slopes)
+
+
+def load_line() -> str:
+    """The machine's load averages and core count."""
+    return f"load averages {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} cores"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run every size, print the table and the targets."""
+    args = parse_args(argv)
+    work = Path(args.work_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    model = make_model(work / "model")
+    print(f"before: {load_line()}", flush=True)
+    results = {}
+    for rows in sorted(args.sizes):
+        results[rows] = measure(rows, model, work / str(rows), args)
+        print(f"{rows} rows done ({load_line()})", file=sys.stderr, flush=True)
+        for line in table({rows: results[rows]})[2:]:
+            print(line, file=sys.stderr, flush=True)
+        if not args.keep:
+            shutil.rmtree(work / str(rows), ignore_errors=True)
+    print(f"after: {load_line()}")
+    print(f"tiny model, {args.resolution} px, distinct captions, {args.steps} timed steps of batch 4")
+    print("\n".join([*table(results), *targets(results)]))
+    (work / "results.json").write_text(json.dumps({str(n): {k: {f: v for f, v in m.items() if f != "stderr"}
+                                                            if isinstance(m, dict) else m for k, m in st.items()}
+                                                        for n, st in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
