@@ -68,45 +68,36 @@ def log_problems(problems: list) -> None:
         logger.error("... and %d more bad lines", len(problems) - MAX_PROBLEMS_SHOWN)
 
 
-def load_source_files(caption_dir: Path) -> tuple:
-    """create.py's image -> source file names beside the captions ({} when absent) and its unreadable line numbers,
-    each logged."""
-    path = caption_dir / SOURCE_FILES_FILENAME
+def load_sidecar(caption_dir: Path, filename: str, read, expected: str, absent=None) -> tuple:
+    """A create.py sidecar beside the captions, read with read(lines) ((absent, []) when the file is not there), and
+    its unreadable line numbers, each logged with what a line should be and what its image then lacks."""
+    path = caption_dir / filename
     if not path.is_file():
-        return {}, []
+        return absent, []
     with open(path, encoding="utf-8", errors="replace") as handle:
-        names, bad = read_source_files(handle)
+        values, bad = read(handle)
     for number in bad[:MAX_PROBLEMS_SHOWN]:
-        get_logger().warning("%s line %d is not a {file_name, source_file} object; its image gets no source_file",
-                             SOURCE_FILES_FILENAME, number)
-    return names, bad
+        get_logger().warning("%s line %d is not %s", filename, number, expected)
+    return values, bad
+
+
+def load_source_files(caption_dir: Path) -> tuple:
+    """create.py's image -> source file names beside the captions ({} when absent) and its unreadable line numbers."""
+    return load_sidecar(caption_dir, SOURCE_FILES_FILENAME, read_source_files,
+                        "a {file_name, source_file} object; its image gets no source_file", {})
 
 
 def load_metadata_values(caption_dir: Path) -> tuple:
-    """create.py's image -> metadata beside the captions ({} when absent) and its unreadable line numbers, logged."""
-    path = caption_dir / METADATA_VALUES_FILENAME
-    if not path.is_file():
-        return {}, []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        values, bad = read_metadata_values(handle)
-    for number in bad[:MAX_PROBLEMS_SHOWN]:
-        get_logger().warning("%s line %d is not a {file_name, metadata} object; its image gets no metadata",
-                             METADATA_VALUES_FILENAME, number)
-    return values, bad
+    """create.py's image -> metadata beside the captions ({} when absent) and its unreadable line numbers."""
+    return load_sidecar(caption_dir, METADATA_VALUES_FILENAME, read_metadata_values,
+                        "a {file_name, metadata} object; its image gets no metadata", {})
 
 
 def load_conditioning_files(caption_dir: Path) -> tuple:
     """create.py's image -> conditioning file names beside the captions (None when absent: no conditioning) and its
-    unreadable line numbers, logged."""
-    path = caption_dir / CONDITIONING_FILES_FILENAME
-    if not path.is_file():
-        return None, []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        names, bad = read_conditioning_files(handle)
-    for number in bad[:MAX_PROBLEMS_SHOWN]:
-        get_logger().warning("%s line %d is not a {file_name, conditioning_image} object with a safe name",
-                             CONDITIONING_FILES_FILENAME, number)
-    return names, bad
+    unreadable line numbers."""
+    return load_sidecar(caption_dir, CONDITIONING_FILES_FILENAME, read_conditioning_files,
+                        "a {file_name, conditioning_image} object with a safe name")
 
 
 def format_report(caption_file: Path, output_file: Path, groups: dict, problems: list, unlisted: list,

@@ -96,62 +96,40 @@ def relative_name(name: str, caption_dir: Path, data_dir: Path) -> str:
     return Path(os.path.relpath(caption_dir / name, data_dir)).as_posix()
 
 
-def read_source_files(lines: Iterable[str]) -> tuple:
-    """create.py's source_files.jsonl lines -> ({image name: source file name}, numbers of unreadable lines)."""
-    names, bad = {}, []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            name, source = record["file_name"], record[SOURCE_FILE_KEY]
-        except (ValueError, KeyError, TypeError):
-            bad.append(number)
-            continue
-        if not (isinstance(name, str) and isinstance(source, str)):
-            bad.append(number)
-            continue
-        names[name] = source
-    return names, bad
-
-
-def read_metadata_values(lines: Iterable[str]) -> tuple:
-    """create.py's metadata_values.jsonl lines -> ({image name: metadata object}, numbers of unreadable lines)."""
+def read_sidecar(lines: Iterable[str], key: str, accept) -> tuple:
+    """A create.py sidecar's {file_name, key} lines -> ({image name: value}, numbers of unreadable lines); a line
+    whose name is not a string or whose value accept(value) refuses is unreadable."""
     values, bad = {}, []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            name, metadata = record["file_name"], record[METADATA_KEY]
+            name, value = record["file_name"], record[key]
         except (ValueError, KeyError, TypeError):
             bad.append(number)
             continue
-        if not (isinstance(name, str) and isinstance(metadata, dict)):
+        if not (isinstance(name, str) and accept(value)):
             bad.append(number)
             continue
-        values[name] = metadata
+        values[name] = value
     return values, bad
+
+
+def read_source_files(lines: Iterable[str]) -> tuple:
+    """create.py's source_files.jsonl lines -> ({image name: source file name}, numbers of unreadable lines)."""
+    return read_sidecar(lines, SOURCE_FILE_KEY, lambda value: isinstance(value, str))
+
+
+def read_metadata_values(lines: Iterable[str]) -> tuple:
+    """create.py's metadata_values.jsonl lines -> ({image name: metadata object}, numbers of unreadable lines)."""
+    return read_sidecar(lines, METADATA_KEY, lambda value: isinstance(value, dict))
 
 
 def read_conditioning_files(lines: Iterable[str]) -> tuple:
     """create.py's conditioning_files.jsonl lines -> ({image name: conditioning file name}, numbers of unreadable
     lines); a conditioning name that could leave the folder is unreadable."""
-    names, bad = {}, []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            name, conditioning = record["file_name"], record[CONDITIONING_KEY]
-        except (ValueError, KeyError, TypeError):
-            bad.append(number)
-            continue
-        if not (isinstance(name, str) and isinstance(conditioning, str)) or unsafe_name_reason(conditioning):
-            bad.append(number)
-            continue
-        names[name] = conditioning
-    return names, bad
+    return read_sidecar(lines, CONDITIONING_KEY, lambda value: isinstance(value, str) and not unsafe_name_reason(value))
 
 
 def drop_missing_conditioning(groups: dict, line_numbers: dict, caption_dir: Path, conditioning: dict) -> list:
