@@ -27,8 +27,8 @@ LORA_TARGET_PRESETS = ("attention", "all_linear")
 DESCRIPTION = "Fine-tune Stable Diffusion's UNet on image/caption pairs (drop-in for diffusers' text_to_image example)."
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Flags choosing the base pipeline and its weights."""
+def _add_model_args(parser: argparse.ArgumentParser, unet_revisions: bool = True) -> None:
+    """Flags choosing the base pipeline and its weights; unet_revisions: also --non_ema_revision (a trained UNet)."""
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                        help="Base pipeline: a Hugging Face Hub id or a local diffusers pipeline folder.")
@@ -36,14 +36,16 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="Hub revision (branch, tag or commit) of the base pipeline.")
     group.add_argument("--variant", type=str, default=None,
                        help="Weight file variant to load, e.g. 'fp16' (text encoder, VAE and EMA UNet).")
-    group.add_argument("--non_ema_revision", type=str, default=None,
-                       help="Revision of the non-EMA UNet to train from; defaults to --revision.")
+    if unet_revisions:
+        group.add_argument("--non_ema_revision", type=str, default=None,
+                           help="Revision of the non-EMA UNet to train from; defaults to --revision.")
     group.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
                        help="Training target: 'epsilon' or 'v_prediction'. Unset: the scheduler's own.")
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Flags choosing the dataset and how images are prepared."""
+def _add_data_args(parser: argparse.ArgumentParser, crop_flag: bool = True) -> None:
+    """Flags choosing the dataset and how images are prepared; crop_flag: also --center_crop (else the caller
+    fixes the crop)."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset_name", type=str, default=None,
                        help="Dataset to train on: a Hub dataset id or a local dataset path.")
@@ -61,8 +63,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="Where downloaded models and datasets are cached.")
     group.add_argument("--resolution", type=int, default=512,
                        help="Images are resized so the shorter side is this, then cropped square. Multiple of 8.")
-    group.add_argument("--center_crop", action="store_true",
-                       help="Crop the centre of each image; otherwise a random crop.")
+    if crop_flag:
+        group.add_argument("--center_crop", action="store_true",
+                           help="Crop the centre of each image; otherwise a random crop.")
     group.add_argument("--random_flip", action="store_true",
                        help="Flip images horizontally at random.")
     group.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
@@ -116,8 +119,13 @@ def _add_metadata_args(parser: argparse.ArgumentParser) -> None:
                             "cleared), for metadata guidance.")
     group.add_argument("--metadata_drop_all", type=float, default=0.05,
                        help="Probability of dropping a row's whole metadata vector.")
+    add_empty_prompts_arg(group)
+
+
+def add_empty_prompts_arg(group) -> None:
+    """--proportion_empty_prompts (the SDXL and ControlNet scripts' caption dropout) in group."""
     group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
-                       help="Probability of replacing a row's caption by the empty prompt (text guidance).")
+                       help="Probability of replacing a row's caption by the empty prompt (text guidance), in [0, 1].")
 
 
 def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
@@ -233,10 +241,15 @@ def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
                        help="Validate when epoch %% N == 0 (epoch 0 included) and at the end.")
     group.add_argument("--validation_guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
                        help="Classifier-free guidance of the validation images (generate.py's --guidance_scale).")
+    add_tracker_args(group, "text2image-fine-tune")
+
+
+def add_tracker_args(group, project_name: str) -> None:
+    """--report_to, --logging_dir and --tracker_project_name (default project_name) in group."""
     group.add_argument("--report_to", type=str, default="tensorboard", choices=REPORT_TO_CHOICES,
                        help="Tracker to log to; 'all' uses every installed one.")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, under --output_dir.")
-    group.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune",
+    group.add_argument("--tracker_project_name", type=str, default=project_name,
                        help="Project name passed to the trackers.")
 
 

@@ -184,10 +184,15 @@ class TrainingDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch.get()}:{index}")
         row = self.table[int(index)]
         caption = pick_caption(row[self.caption_column], self.caption_column, rng)
-        item = {"pixel_values": self.image_transform(row[self.image_column], rng)}
+        item = self.pixels(row, rng)
         empty_caption, vector = row_conditioning(self.metadata, self.dropout, self.seed, self.epoch.get(), int(index))
         item["input_ids"] = tokenize(self.tokenizer, ["" if empty_caption else caption])[0]
         return item if vector is None else {**item, "metadata": vector}
+
+
+    def pixels(self, row: dict, rng: random.Random) -> dict:
+        """The row's training view ({"pixel_values"}); ControlNet data adds its conditioning, aligned."""
+        return {"pixel_values": self.image_transform(row[self.image_column], rng)}
 
 
 def set_epoch(dataloader, epoch: int) -> None:

@@ -220,3 +220,60 @@ def push_final(output_dir, repo_id: str, args) -> None:
         logger.error(message)
         raise PushError(message) from None
     logger.info("Uploaded to https://huggingface.co/%s", repo_id)
+
+
+CONTROLNET_TAGS = ["controlnet", "diffusers-training", "stable-diffusion", "remote-sensing", "satellite-imagery"]
+
+
+def _controlnet_usage(base: str, model_ref: str, prompt: str) -> str:
+    """Python loading the ControlNet onto its base with diffusers."""
+    return "\n".join([
+        "```python",
+        "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline",
+        "",
+        f"controlnet = ControlNetModel.from_pretrained({json.dumps(model_ref)})",
+        f"pipe = StableDiffusionControlNetPipeline.from_pretrained({json.dumps(base)}, controlnet=controlnet)",
+        f"image = pipe({json.dumps(prompt)}, image=control).images[0]  # control: prepared as conditioning.json says",
+        "```",
+    ])
+
+
+def _conditioning_sentence(document: dict) -> str:
+    """What the ControlNet is conditioned on, from its conditioning.json."""
+    kind, channels = document.get("type", "image"), document.get("channels")
+    if kind == "mask":
+        return f"a land-cover class mask ({document.get('classes')} classes, one-hot: {channels} channels)"
+    if kind == "bands":
+        norm = (document.get("normalisation") or {}).get("mode", "none")
+        return f"a {channels}-band raster (bands {document.get('bands') or 'all'}, {norm} normalisation)"
+    return "an RGB conditioning image (3 channels)"
+
+
+def controlnet_card_text(args, repo_id: Optional[str], document: dict, grid_name: Optional[str]) -> str:
+    """README.md of a trained ControlNet: front matter, base and conditioning, validation grid, usage, settings."""
+    model_ref = repo_id or Path(args.output_dir).name
+    metadata = {**card_metadata(args), "tags": list(CONTROLNET_TAGS)}
+    header = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+    base = args.pretrained_model_name_or_path
+    base_ref = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{Path(base).name}`"
+    prompt = (args.validation_prompt or [EXAMPLE_PROMPT])[0]
+    sections = [
+        f"---\n{header}---", f"# {model_ref}",
+        f"A ControlNet for {base_ref}, conditioned on {_conditioning_sentence(document)}, trained on "
+        f"{_data_description(args)}. `conditioning.json` beside the weights says how to prepare the conditioning.",
+        f"![validation images]({grid_name})" if grid_name else "",
+        "## Usage\n\n" + _controlnet_usage(base if _is_hub_id(base) else "BASE_MODEL", model_ref, prompt),
+        "## Training settings\n\n" + _settings_table(_public_settings(args)),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def write_controlnet_card(output_dir, args, repo_id: Optional[str], document: dict, grid_path=None) -> Path:
+    """Write the ControlNet's OUTPUT_DIR/README.md atomically and return its path."""
+    folder = Path(output_dir)
+    target = folder / MODEL_CARD_FILENAME
+    partial = folder / f"{MODEL_CARD_FILENAME}{TMP_SUFFIX}"
+    partial.write_text(controlnet_card_text(args, repo_id, document, _place_grid(folder, grid_path)),
+                       encoding="utf-8")
+    os.replace(partial, target)
+    return target

@@ -5,7 +5,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -136,6 +136,7 @@ class TrainingRun:
     lora: object = None  # trainer.lora.LoraSetup in LoRA mode
     skipped: SkippedSteps = field(default_factory=SkippedSteps)
     metadata: object = None  # trainer.metadata.MetadataEncoder with --metadata_fields: its spec ships with the UNet
+    after_step: Optional[Callable] = None  # after_step(run, step) after each optimizer step (ControlNet validation)
 
     def __post_init__(self):
         # Not given: the UNet's trainable weights, so clipping and EMA never silently get an empty list.
@@ -222,6 +223,8 @@ def after_optimizer_step(run: TrainingRun, global_step: int, train_loss: float, 
         check_finite_parameters(run.trainable, global_step)
         check_in_sync(accelerator, run.unet, global_step)
         save_checkpoint(accelerator, Path(args.output_dir), global_step, args.checkpoints_total_limit)
+    if run.after_step is not None:
+        run.after_step(run, global_step)
 
 
 def check_in_sync(accelerator, model, step: int) -> None:

@@ -126,6 +126,8 @@ def diffusion_loss(batch: dict, unet, vae, text_encoder, noise_scheduler, option
     # The metadata vectors (--metadata_fields) feed the UNet's projection class embedding; without them the call
     # is the reference's.
     conditioning = {"class_labels": batch["metadata"]} if "metadata" in batch else {}
+    if "conditioning_pixel_values" in batch:  # ControlNet mode: the model is trainer.controlnet.ControlledUNet
+        conditioning["controlnet_cond"] = batch["conditioning_pixel_values"]
     pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **conditioning)[0]
     weights = snr_loss_weights(noise_scheduler, timesteps, options.snr_gamma) if options.snr_gamma else None
     return weighted_mse(pred, target, weights)

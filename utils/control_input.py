@@ -115,8 +115,11 @@ def read_bands(path: Path, spec: ControlSpec) -> np.ndarray:
 
 
 def read_raw(path, spec: ControlSpec) -> np.ndarray:
-    """A conditioning file's values before preparation: (H, W, 3) uint8, (H, W) class indices or (B, H, W) bands."""
-    path = Path(path)
+    """A conditioning file's values before preparation: (H, W, 3) uint8, (H, W) class indices or (B, H, W) bands.
+
+    path may also be an open binary file (a dataset's image bytes) for image and mask conditioning.
+    """
+    path = path if hasattr(path, "read") else Path(path)
     try:
         if spec.type == "mask":
             return read_mask(path, spec)
@@ -130,15 +133,17 @@ def read_raw(path, spec: ControlSpec) -> np.ndarray:
         raise ControlInputError(f"cannot read conditioning file {path}: {err}") from None
 
 
-def resize_raw(raw: np.ndarray, spec: ControlSpec, size: int) -> np.ndarray:
-    """raw resized to size x size: nearest neighbour for masks (no new class), bilinear otherwise."""
+def resize_raw(raw: np.ndarray, spec: ControlSpec, size) -> np.ndarray:
+    """raw resized to size x size (or to size = (width, height)): nearest neighbour for masks (no new class),
+    bilinear otherwise."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
     if spec.type == "mask":
-        return np.asarray(Image.fromarray(raw.astype(np.int32), mode="I").resize((size, size), Image.NEAREST))\
+        return np.asarray(Image.fromarray(raw.astype(np.int32), mode="I").resize(size, Image.NEAREST))\
             .astype(np.int64)
     if spec.type == "bands":
-        return np.stack([np.asarray(Image.fromarray(band, mode="F").resize((size, size), Image.BILINEAR))
+        return np.stack([np.asarray(Image.fromarray(band, mode="F").resize(size, Image.BILINEAR))
                          for band in raw]).astype(np.float32)
-    return np.asarray(Image.fromarray(raw).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(raw).resize(size, Image.BILINEAR))
 
 
 def prepare(raw: np.ndarray, spec: ControlSpec, source: str = "conditioning") -> np.ndarray:

@@ -95,6 +95,10 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """The row's posterior of the view drawn for this epoch, and its drawn caption's states or token ids."""
+        return self.row(index)[0]
+
+    def row(self, index: int) -> tuple:
+        """(__getitem__'s item, the view drawn: 1 for the flipped image), for data that must follow the flip."""
         from trainer.metadata import row_conditioning
 
         index = int(index)
@@ -107,7 +111,7 @@ class CachedDataset(torch.utils.data.Dataset):
         empty_caption, vector = row_conditioning(self.metadata, self.dropout, self.seed, self.epoch.get(), index)
         text = self.empty_text if empty_caption else self._text(caption_id)
         item = {"latent_mean": mean[view], "latent_std": std[view], **text}
-        return item if vector is None else {**item, "metadata": vector}
+        return (item if vector is None else {**item, "metadata": vector}), view
 
     def _text(self, caption_id: int) -> dict:
         """A caption's cached states ({"encoder_hidden_states"}) or token ids ({"input_ids"})."""
