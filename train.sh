@@ -51,42 +51,13 @@ LAUNCH_ARGS="${LAUNCH_ARGS:-}"
 LORA_RANK="${LORA_RANK:-}"
 THROUGHPUT="${THROUGHPUT:-0}"
 THROUGHPUT_BATCH="${THROUGHPUT_BATCH:-32}"
-METADATA=metadata.jsonl
-
-# One line on stderr and exit 2, like every other usage error of the project.
-die() {
-  echo "train.sh: error: $*" >&2
-  exit 2
-}
-
-# DATA_DIR must be the folder with metadata.jsonl; the images subfolder is the usual mistake.
-check_data_dir() {
-  [[ -d "$DATA_DIR" ]] || die "DATA_DIR '$DATA_DIR' does not exist: set DATA_DIR to the folder holding $METADATA."
-  [[ -f "$DATA_DIR/$METADATA" ]] && return 0
-  local parent
-  parent="$(dirname "$DATA_DIR")"
-  if [[ -f "$parent/$METADATA" ]]; then
-    die "DATA_DIR '$DATA_DIR' holds only images; set DATA_DIR to its parent '$parent', which holds $METADATA."
-  fi
-  die "DATA_DIR '$DATA_DIR' holds no $METADATA: run format.py on create.py's captions.txt first."
-}
+PROG=train.sh
+# shellcheck source=utils/launch_common.sh
+source "$SCRIPT_DIR/utils/launch_common.sh"
 
 # Cheap checks of the other settings; the trainer's own preflight checks the rest before loading models.
 check_settings() {
-  [[ -n "$MODEL_NAME" ]] || die "MODEL_NAME is empty: set it to a Hub id or a local pipeline folder."
-  if [[ "$MODEL_NAME" == /* || "$MODEL_NAME" == .* || "$MODEL_NAME" == "~"* ]] && [[ ! -d "$MODEL_NAME" ]]; then
-    die "MODEL_NAME '$MODEL_NAME' does not exist."
-  fi
-  [[ -n "$OUTPUT_DIR" ]] || die "OUTPUT_DIR is empty."
-  [[ -n "$REPORT_TO" ]] || die "REPORT_TO is empty: use wandb or tensorboard."
-  case "$PUSH_TO_HUB" in
-    0 | 1) ;;
-    *) die "PUSH_TO_HUB '$PUSH_TO_HUB' must be 1 or 0." ;;
-  esac
-  case "$CACHE_LATENTS" in
-    0 | 1) ;;
-    *) die "CACHE_LATENTS '$CACHE_LATENTS' must be 1 or 0." ;;
-  esac
+  check_common_settings
   if [[ -n "$LORA_RANK" && ! "$LORA_RANK" =~ ^[1-9][0-9]*$ ]]; then
     die "LORA_RANK '$LORA_RANK' must be a whole number of at least 1 (e.g. 16), or unset for a full fine-tune."
   fi
@@ -99,50 +70,6 @@ check_settings() {
   fi
   [[ "$THROUGHPUT_BATCH" =~ ^[1-9][0-9]*$ ]] ||
     die "THROUGHPUT_BATCH '$THROUGHPUT_BATCH' must be a whole number of at least 1 (e.g. 32)."
-  if [[ -n "$LAUNCH_ARGS" && ! "$LAUNCH_ARGS" =~ ^[[:space:]]*- ]]; then
-    die "LAUNCH_ARGS '$LAUNCH_ARGS' must start with an accelerate launch option (e.g. --num_machines 2)."
-  fi
-  if [[ -n "${ACCELERATE_CONFIG_FILE:-}" && ! -f "$ACCELERATE_CONFIG_FILE" ]]; then
-    die "ACCELERATE_CONFIG_FILE '$ACCELERATE_CONFIG_FILE' does not exist."
-  fi
-}
-
-# A token on the command line is visible to every user of the machine (ps, shell history).
-refuse_token_args() {
-  local arg
-  for arg in "$@"; do
-    [[ "$arg" == --hub_token || "$arg" == --hub_token=* ]] &&
-      die "do not pass --hub_token: run \`hf auth login\` or export HF_TOKEN instead."
-  done
-  return 0
-}
-
-# The last --mixed_precision among the given arguments (argparse's rule), or "no".
-last_mixed_precision() {
-  local value=no take_next=0 arg
-  for arg in "$@"; do
-    if ((take_next)); then
-      value="$arg"
-      take_next=0
-    elif [[ "$arg" == --mixed_precision=* ]]; then
-      value="${arg#--mixed_precision=}"
-    elif [[ "$arg" == --mixed_precision ]]; then
-      take_next=1
-    fi
-  done
-  echo "$value"
-}
-
-# The user's accelerate config when there is one, else a single-process launch on this machine.
-launch_options() {
-  local default_config="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}/accelerate/default_config.yaml"
-  if [[ -n "${ACCELERATE_CONFIG_FILE:-}" ]]; then
-    printf '%s\n' --config_file "$ACCELERATE_CONFIG_FILE"
-  elif [[ -f "$default_config" ]]; then
-    printf '%s\n' --config_file "$default_config"
-  else
-    printf '%s\n' --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision "$1"
-  fi
 }
 
 main() {
@@ -163,14 +90,7 @@ main() {
     ema_flag=()
     learning_rate=1e-04
   fi
-  if [[ -n "$ACCELERATE" ]]; then
-    read -r -a launcher <<<"$ACCELERATE"
-    command -v "${launcher[0]}" >/dev/null || die "ACCELERATE '${launcher[0]}' not found."
-    launcher+=(launch)
-  else
-    command -v "$PYTHON" >/dev/null || die "'$PYTHON' not found: activate the project's virtualenv or set PYTHON."
-    launcher=("$PYTHON" "$SCRIPT_DIR/utils/launch.py")
-  fi
+  set_launcher
   train_args=(
     --pretrained_model_name_or_path="$MODEL_NAME" --train_data_dir="$DATA_DIR" --output_dir="$OUTPUT_DIR"
     --resolution=512 "${speed_args[@]}" "${ema_flag[@]}"
