@@ -516,6 +516,99 @@ def sd15_lora_8gb(check: Check) -> str:
     return sd15_fits(check, "sd15_lora", CARD_8GB_LIMIT_GIB, "--lora_rank=16", "--learning_rate=1e-4")
 
 
+@row("metadata: --metadata_fields gsd,lat,lon,date, fp16, then generate.py --metadata")
+def metadata(check: Check) -> str:
+    data = check.once("data_metadata", lambda: metadata_data(check))
+    env = check.env(MODEL_NAME=check.tiny_model(), DATA_DIR=data, OUTPUT_DIR=check.work / "metadata",
+                    REPORT_TO="tensorboard", PUSH_TO_HUB=0, CACHE_LATENTS=1)
+    log = check.run(["./train.sh", f"--resolution={check.resolution}", f"--mixed_precision={check.precision}",
+                     "--max_train_steps=2", "--checkpointing_steps=1000", "--validation_epochs=1000",
+                     "--metadata_fields=gsd,lat,lon,date"], env=env)
+    expect((check.work / "metadata" / "unet" / "metadata_spec.json").is_file(), "no unet/metadata_spec.json")
+    folder = check.work / "metadata_generated"
+    check.python("generate.py", "--model", check.work / "metadata", "--prompt", PROMPT, "--metadata",
+                 "gsd=0.5,lat=37.77,lon=-122.42,date=2021-07-01", "--seed", 0, "--num_inference_steps", 4,
+                 "--height", check.resolution, "--width", check.resolution, "--dtype", check.precision,
+                 "--output_dir", folder, "--overwrite")
+    images = sorted(folder.glob("0*.png"))
+    expect_not_black(images, "images generated with --metadata")
+    sidecar = json.loads(images[0].with_suffix(".json").read_text())
+    expect(sidecar.get("metadata", {}).get("gsd") == 0.5, f"sidecar metadata {sidecar.get('metadata')}")
+    return loop_peak(log)
+
+
+def metadata_data(check: Check) -> Path:
+    """A DATA_DIR whose rows carry gsd, lat, lon and date (create.py --metadata literals)."""
+    root = check.work / "data_metadata"
+    parquet = root / "rsicd.parquet"
+    check.python("diffusion_model/sample_data.py", "--output", parquet, "--num_rows", 8, "--seed", 0)
+    check.python("diffusion_model/create.py", "--parquet_path", parquet, "--output_dir", root / "data",
+                 "--resolution", check.resolution, "--metadata", "gsd=1.0,lat=40.0,lon=-100.0,date=2020-06-01")
+    check.python("diffusion_model/format.py", "--caption_file", root / "data" / "captions.txt",
+                 "--output_file", root / "data" / "metadata.jsonl")
+    return root / "data"
+
+
+def mask_data(check: Check, resolution: int, rows: int = 8) -> Path:
+    """A ControlNet DATA_DIR: sample scenes with class masks -> create.py (masks, 5 classes) -> format.py."""
+    def make():
+        root = check.work / f"data_masks_{resolution}"
+        parquet = root / "masks.parquet"
+        check.python("diffusion_model/sample_data.py", "--output", parquet, "--num_rows", rows, "--seed", 0,
+                     "--masks")
+        check.python("diffusion_model/create.py", "--parquet_path", parquet, "--output_dir", root / "data",
+                     "--resolution", resolution, "--conditioning_column", "mask", "--conditioning_type", "mask",
+                     "--num_classes", 5)
+        check.python("diffusion_model/format.py", "--caption_file", root / "data" / "captions.txt",
+                     "--output_file", root / "data" / "metadata.jsonl")
+        return root / "data"
+    return check.once(f"data_masks_{resolution}", make)
+
+
+def train_controlnet(check: Check, output: Path, *flags, model: Optional[Path] = None, resolution=None,
+                     cache: bool = True) -> str:
+    """./train_controlnet.sh (fp16, gradient checkpointing, EMA, flips) on the mask data with the row's flags last."""
+    resolution = resolution or check.resolution
+    env = check.env(MODEL_NAME=model or check.tiny_model(), DATA_DIR=mask_data(check, resolution),
+                    OUTPUT_DIR=output, REPORT_TO="tensorboard", PUSH_TO_HUB=0, CACHE_LATENTS=int(cache))
+    return check.run(["./train_controlnet.sh", f"--resolution={resolution}", f"--mixed_precision={check.precision}",
+                      "--checkpointing_steps=1000", "--validation_steps=1000", *flags], env=env)
+
+
+@row("ControlNet: train_controlnet.sh on masks (cache, EMA, checkpoints, validation), resume, loads in diffusers")
+def controlnet(check: Check) -> str:
+    output = check.work / "controlnet"
+    flags = ["--train_batch_size=2", "--checkpointing_steps=2", "--validation_steps=2"]
+    train_controlnet(check, output, "--max_train_steps=2", *flags)
+    log = train_controlnet(check, output, "--max_train_steps=4", *flags, "--resume_from_checkpoint=latest")
+    expect("starting at step 2" in log, "did not resume at step 2")
+    expect((output / "checkpoint-4" / "controlnet").is_dir(), "no checkpoint-4/controlnet")
+    document = json.loads((output / "conditioning.json").read_text())
+    expect(document.get("type") == "mask" and document.get("channels") == 5, f"conditioning.json {document}")
+    probe = ("import sys; from diffusers import ControlNetModel; "
+             "m = ControlNetModel.from_pretrained(sys.argv[1]); print('CHANNELS', m.config.conditioning_channels)")
+    loaded = check.python("-c", probe, output)
+    expect("CHANNELS 5" in loaded, "ControlNetModel.from_pretrained did not give 5 conditioning channels")
+    expect_not_black(sorted((output / "validation").rglob("*.png")), "ControlNet validation PNGs")
+    return loop_peak(log)
+
+
+@row("SD1.5-shaped 512 px ControlNet, fp16, cached and uncached: samples/s and peak memory", cuda_only=True)
+def sd15_controlnet(check: Check) -> str:
+    model = check.once("sd15_model", lambda: check._model("sd15"))
+    figures = {}
+    for cache in (True, False):
+        log = train_controlnet(check, check.work / f"sd15_controlnet_{int(cache)}", "--max_train_steps=8",
+                               "--train_batch_size=4", "--validation_steps=1000", model=model, resolution=512,
+                               cache=cache)
+        speed = re.search(r"([\d.]+) samples/s", log)
+        expect(speed is not None, "no throughput line in the trainer's log")
+        figures[cache] = (float(speed.group(1)), loop_peak(log))
+    ratio = figures[True][0] / figures[False][0]
+    return (f"cached {figures[True][0]:.2f} samples/s ({figures[True][1]}), uncached {figures[False][0]:.2f} "
+            f"({figures[False][1]}): {ratio:.2f}x, 8 steps of batch 4 including the first")
+
+
 # --- the table
 
 

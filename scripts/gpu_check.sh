@@ -13,7 +13,9 @@
 # scaler's skipped step holding the LR; generate.py from a checkpoint at batch 1 and 2 and evaluate.py, in fp16; an
 # SD1.5-shaped 512 px run with --use_8bit_adam --offload_ema against docs/training.md's 16 GB row; LoRA rank 16
 # (fp32 adapters, EMA, adapter-only checkpoints, resume, both files) and an SD1.5-shaped 512 px LoRA run against
-# docs/lora.md's 8 GB row. Independent rows run GPU_CHECK_JOBS at once (default 6 on CUDA, 1 in smoke mode), each
+# docs/lora.md's 8 GB row; --metadata_fields training and generate.py --metadata; train_controlnet.sh on masks (cache,
+# EMA, checkpoints, validation, resume, loading in diffusers); the SD1.5-shaped 512 px ControlNet cached and uncached
+# (samples/s, peak memory). Independent rows run GPU_CHECK_JOBS at once (default 6 on CUDA, 1 in smoke mode), each
 # after the rows whose output it reads: on the device each process spent about a minute before its first step
 # (2026-11-30), nearly all of it outside the GPU, so one at a time the rows took about 20 minutes.
 #
