@@ -33,8 +33,9 @@
 #   (the versions of requirements.txt, 61.8 MiB, under the device's 64 MiB with the repo; the GPU image has torch,
 #   torchvision, accelerate, huggingface_hub, safetensors, tokenizers, torchmetrics, pyarrow, pandas, Pillow, regex,
 #   tensorboard, matplotlib, scikit-learn and peft 0.21.0.)
-#   For the reference row, a copy of diffusers' examples/text_to_image/train_text_to_image.py (the project does not
-#   ship it) in .reference/ (git-ignored): mkdir -p .reference && cp PATH/train_text_to_image.py .reference/
+#   For the reference rows, copies of diffusers' examples/text_to_image/train_text_to_image.py and
+#   examples/controlnet/train_controlnet.py (the project ships neither) in .reference/ (git-ignored):
+#   mkdir -p .reference && cp PATH/train_text_to_image.py PATH/train_controlnet.py .reference/
 # Then one device call does everything (about 8-10 minutes; the tables come back even when it is stopped early):
 #   run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh", carry=[".whl", ".reference"], timeout_s=600)
 # and copy gpu_check.md and bench_train.txt from the reply's files into docs/gpu.md.
@@ -75,6 +76,15 @@ if [[ "$speed" != 0 && "${GPU_CHECK_DEVICE:-}" != cpu ]] &&
   [[ -f .reference/train_text_to_image.py ]] && bench+=(--reference .reference/train_text_to_image.py)
   [[ -f "$work/model_sd15/model_index.json" ]] && bench+=(--model "$work/model_sd15")  # the memory rows' model
   table="${OUT:-$work}/bench_train.txt"
-  "$PYTHON" "${bench[@]}" 2>&1 | tee "$table" || status=1
+  benches="${GPU_CHECK_BENCHES:-train controlnet}"
+  if [[ " $benches " == *" train "* ]]; then
+    "$PYTHON" "${bench[@]}" 2>&1 | tee "$table" || status=1
+  fi
+  if [[ " $benches " == *" controlnet "* ]]; then  # the ControlNet rows, against diffusers' script when supplied
+    control=(bench/bench_controlnet.py --configs sd15 --steps 6 --max_attempts 1 --work_dir "$work/bench_controlnet")
+    [[ -f .reference/train_controlnet.py ]] && control+=(--reference .reference/train_controlnet.py)
+    [[ -f "$work/model_sd15/model_index.json" ]] && control+=(--model "$work/model_sd15")
+    "$PYTHON" "${control[@]}" 2>&1 | tee "${OUT:-$work}/bench_controlnet.txt" || status=1
+  fi
 fi
 exit "$status"
