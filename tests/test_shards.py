@@ -188,3 +188,9 @@ def test_members_have_fixed_time_owner_and_mode(tmp_path):
         info = tar.getmember("k.txt")
     assert (info.mtime, info.uid, info.uname, info.mode) == (0, 0, "", 0o644)
     assert path.read_bytes()[offset:offset + 5] == b"hello"
+
+
+def test_no_input_and_no_merge_is_a_usage_error(capsys):
+    """--input and --output_dir stay required unless --merge is given."""
+    code, _, err = run(["--output_format", "webdataset"], capsys)
+    assert code == 2 and "the following arguments are required: --input, --output_dir" in err
