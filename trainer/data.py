@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_model.shard_index import is_shards_dir
+from trainer.shards import ShardTable
 from utils.cli import UsageError
 from utils.quiet import no_datasets_bars
 
@@ -43,7 +45,8 @@ def is_saved_dataset(path: Path) -> bool:
 
 def load_raw_dataset(dataset_name: Optional[str], dataset_config_name: Optional[str],
                      train_data_dir: Optional[str], cache_dir: Optional[str]):
-    """The training split: a saved dataset folder, a hub/local dataset, or an imagefolder with metadata.jsonl.
+    """The training split: a saved dataset folder, a hub/local dataset, a sharded folder (trainer/shards.py) or an
+    imagefolder with metadata.jsonl.
 
     datasets' bars show only for a Hub dataset, whose download can take minutes; a local source loads quietly.
     """
@@ -55,6 +58,8 @@ def load_raw_dataset(dataset_name: Optional[str], dataset_config_name: Optional[
             loaded = datasets.load_from_disk(dataset_name)
         elif dataset_name is not None:
             loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        elif is_shards_dir(train_data_dir):
+            loaded = ShardTable(train_data_dir)
         else:
             loaded = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
