@@ -113,8 +113,9 @@ def add_shard_flags(parser: ArgumentParser) -> None:
 def add_source_flags(parser: ArgumentParser) -> None:
     """Where the rows come from: files, form, split, image folder, and --append for a further source."""
     parser.add_argument("--input", "--parquet_path", dest="input", nargs="+", metavar="PATH",
-                        help="(Required.) Source file(s) or folder: Parquet file(s)/folder of shards, a Karpathy or NWPU-Captions "
-                             ".json, a .csv or .jsonl index, or webdataset .tar shards (--parquet_path is an alias).")
+                        help="(Required.) Source file(s) or folder: Parquet file(s)/folder of shards, a Karpathy or "
+                             "NWPU-Captions .json, a .csv or .jsonl index, or webdataset .tar shards (--parquet_path "
+                             "is an alias).")
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="Source form; auto tells it from the name (and a .json from its structure).")
     parser.add_argument("--split", choices=SPLITS,
