@@ -21,7 +21,7 @@ build, shards, merge, sbuild); steps/s within 1.3x; time to first step from shar
 machine's load (uptime) is printed; figures from a busy machine say "not quiet".
 
 Run: python bench/bench_scale.py [--sizes 1000 10000 100000] [--resolution 16] [--steps 6] [--work_dir DIR]
-         [--index_rows 1000000] [--skip_imagefolder]
+         [--index_rows 1000000] [--skip_imagefolder] [--skip_cache_build]
 """
 
 import sys
@@ -85,6 +85,8 @@ def parse_args(argv: Optional[Sequence[str]]):
                         help="Rows of the image-free sharded run (merge, read, time to first step); 0 skips it.")
     parser.add_argument("--skip_imagefolder", action="store_true",
                         help="Run only the sharded stages (not create/format/build/train on the image folder).")
+    parser.add_argument("--skip_cache_build", action="store_true",
+                        help="Leave out the cache build from the shards (sbuild), the slowest stage on a busy box.")
     return parser.parse_args(argv)
 
 
@@ -232,21 +234,27 @@ def shard_train_stage(model: Path, folder: Path, work: Path, resolution: int, st
     return train
 
 
-def shard_stages(parquet: Path, model: Path, work: Path, resolution: int, steps: int) -> dict:
+def shard_stages(parquet: Path, model: Path, work: Path, resolution: int, steps: int, build: bool = True) -> dict:
     """create.py --output_format webdataset, the merge, the read, the cache build and training from the shards."""
     folder = work / "shards"
     created = run_stage([sys.executable, str(CREATE), "--input", str(parquet), "--output_dir", str(folder),
                          "--resolution", str(resolution), "--output_format", "webdataset"], work / "hf_datasets")
     created["bytes"] = folder_bytes(folder)
     stages = {"shards": created, "merge": merge_stage(folder), "read": read_stage(folder)}
+    if build:
+        stages["sbuild"] = shard_build_stage(model, folder, work, resolution)
+    stages["strain"] = shard_train_stage(model, folder, work, resolution, steps)
+    return stages
+
+
+def shard_build_stage(model: Path, folder: Path, work: Path, resolution: int) -> dict:
+    """The cache build from the shards (one step), timed by its "Latent cache built" line."""
     build = run_stage(trainer_command(model, folder, work, "sbuild", resolution, 1), work / "hf_datasets")
     match = BUILD_RE.search(build["stderr"])
     if match is None:
         raise RuntimeError(f"no cache-build line in the trainer's log: {build['stderr'][-1500:]}")
     build["seconds"], build["bytes"] = float(match.group(1)), folder_bytes(work / "cache")
-    stages["sbuild"] = build
-    stages["strain"] = shard_train_stage(model, folder, work, resolution, steps)
-    return stages
+    return build
 
 
 def write_index_shards(folder: Path, rows: int, resolution: int) -> None:
@@ -290,7 +298,7 @@ def measure(rows: int, model: Path, work: Path, args) -> dict:
     if not args.skip_imagefolder:
         stages.update(create_stages(parquet, work / "data", args.resolution))
         stages.update(train_stages(model, work / "data", work, args.resolution, args.steps))
-    stages.update(shard_stages(parquet, model, work, args.resolution, args.steps))
+    stages.update(shard_stages(parquet, model, work, args.resolution, args.steps, not args.skip_cache_build))
     stages["source_bytes"] = parquet.stat().st_size
     return stages
 
