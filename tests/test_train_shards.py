@@ -18,7 +18,7 @@ from test_train_e2e import run_command, run_parallel, succeeded, trainer_command
 from trainer.data import load_raw_dataset
 from trainer.latent_cache.index import caption_column, index_captions
 from trainer.latent_cache.keys import data_fingerprint
-from trainer.shards import ShardTable, check_shards_dir
+from trainer.shards import ShardGroupSampler, ShardTable, check_shards_dir, group_sampler
 from utils.cli import UsageError
 
 ROWS, SHARD_SIZE = 8, 3  # shards of 3, 3 and 2 rows
@@ -73,6 +73,48 @@ def test_fingerprint_follows_rows_and_shard_contents(shards_dir, tmp_path):
     stats = (copy / "shards_stats.json").read_text()
     (copy / "shards_stats.json").write_text(stats.replace('"sha256": "', '"sha256": "0', 1))
     assert data_fingerprint(ShardTable(copy), "image", "text") != first
+
+
+def test_group_sampler_reads_a_few_shards_at_a_time():
+    """Every row once per epoch; each group of 2 shards' rows comes out together; a new order each epoch, the same
+    for the same (seed, epoch)."""
+    shard_of_rows = np.repeat(np.arange(7), 5)[np.random.default_rng(0).permutation(35)]
+    sampler = ShardGroupSampler(shard_of_rows, seed=1, group=2)
+    first = list(sampler)
+    assert sorted(first) == list(range(35)) and len(sampler) == 35
+    for start in range(0, 30, 10):
+        assert len(set(shard_of_rows[first[start:start + 10]])) == 2
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert list(ShardGroupSampler(shard_of_rows, seed=1, group=2)) == first
+
+
+class TableRows(torch.utils.data.Dataset):
+    """A dataset over a table, as TrainingDataset holds one, giving back its indices."""
+
+    def __init__(self, table):
+        """Wrap table."""
+        self.table = table
+
+    def __len__(self) -> int:
+        """The table's rows."""
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> int:
+        """The index itself."""
+        return index
+
+
+def test_the_trainer_s_loader_uses_the_group_order_for_shards_only(shards_dir):
+    """build_dataloader gives a sharded table's dataset the group sampler, any other dataset a plain shuffle."""
+    from trainer.data import build_dataloader
+
+    loader = build_dataloader(TableRows(ShardTable(shards_dir).select([7, 0, 3])), 2, 0, seed=0)
+    assert isinstance(loader.sampler, ShardGroupSampler)
+    assert sorted(loader.sampler) == [0, 1, 2]
+    assert group_sampler(list(range(3)), 0) is None
+    assert isinstance(build_dataloader(list(range(3)), 2, 0, seed=0).sampler, torch.utils.data.RandomSampler)
 
 
 def source_rows(rows: list) -> list:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffusion_model.shard_index import is_shards_dir
-from trainer.shards import ShardTable
+from trainer.shards import ShardTable, group_sampler
 from utils.cli import UsageError
 from utils.quiet import no_datasets_bars
 
@@ -272,6 +272,8 @@ def build_dataloader(dataset, batch_size: int, num_workers: int, seed: int,
     epochs: the datasets read the epoch from shared memory (SharedEpoch), so augmentations still change.
     """
     extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn,
-                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+    sampler = group_sampler(dataset, seed)  # rows of a sharded folder: a few shards at a time
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                                       collate_fn=collate_fn, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(),
                                        generator=torch.Generator().manual_seed(seed), **extra)
