@@ -229,3 +229,22 @@ def test_kill_minus_9_then_rerun_redoes_only_unfinished_shards(tmp_path, capsys,
     code, out, _ = run(common + ["--output_dir", str(tmp_path / "run")], capsys)
     assert code == 0 and f"{10 - finished} written, {finished} already finished" in out
     assert shard_bytes(tmp_path / "run") == shard_bytes(tmp_path / "ref")
+
+
+def test_metadata_goes_into_each_record_and_the_index(tmp_path, capsys, monkeypatch):
+    """--metadata values (the GSD corrected for the resize, as in metadata_values.jsonl) are in each sample's .json
+    and the index's metadata column, and counted in the shard's stats."""
+    from diffusion_model.sample_data import make_sample_parquet
+
+    for name in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    source = make_sample_parquet(tmp_path / "s.parquet", 3, seed=0)
+    code, _, _ = run(create_args(source, tmp_path / "out", "--metadata", "gsd=0.5,sensor=naip"), capsys)
+    assert code == 0
+    side = Image.open(io.BytesIO(pq.read_table(source)["image"][0].as_py()["bytes"])).size[0]
+    expected = {"gsd": 0.5 * side / 16, "sensor": "naip"}
+    index = pq.read_table(tmp_path / "out" / "shards_index.parquet").to_pylist()
+    assert [json.loads(r["metadata"]) for r in index] == [expected] * 3
+    with tarfile.open(tmp_path / "out" / "shards" / "shard-000000.tar") as tar:
+        assert json.loads(tar.extractfile("image_000002.json").read())["metadata"] == expected
+    assert json.loads((tmp_path / "out" / "shards" / "shard-000000.json").read_text())["metadata_rows"] == 3
