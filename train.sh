@@ -5,7 +5,8 @@
 #   MODEL_NAME    base pipeline, a Hub id or a local diffusers folder
 #                 (default: stable-diffusion-v1-5/stable-diffusion-v1-5)
 #   DATA_DIR      the folder holding metadata.jsonl (format.py's output) next to rsicd_images/, i.e. create.py's
-#                 --output_dir; NOT rsicd_images/ itself                                    (default: data/rsicd)
+#                 --output_dir; NOT rsicd_images/ itself; or a sharded folder (create.py --output_format
+#                 webdataset, holding shards_index.parquet)                                (default: data/rsicd)
 #   OUTPUT_DIR    checkpoints, logs and the final pipeline; also the Hub repo name          (default: sd-rsicd-model)
 #   REPORT_TO     tracker: wandb, tensorboard, all, ...  (default: wandb; WANDB_MODE=offline needs no login)
 #   PUSH_TO_HUB   1: create the Hub repo at start and upload the final model; 0: do not     (default: 1)
@@ -51,6 +52,8 @@ LAUNCH_ARGS="${LAUNCH_ARGS:-}"
 LORA_RANK="${LORA_RANK:-}"
 THROUGHPUT="${THROUGHPUT:-0}"
 THROUGHPUT_BATCH="${THROUGHPUT_BATCH:-32}"
+# A sharded folder (create.py --output_format webdataset) is a DATA_DIR too (utils/launch_common.sh).
+SHARDS_INDEX=shards_index.parquet
 PROG=train.sh
 # shellcheck source=utils/launch_common.sh
 source "$SCRIPT_DIR/utils/launch_common.sh"

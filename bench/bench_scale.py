@@ -7,12 +7,21 @@ captions, then runs each stage as its own process under bench/peak_rss.py, so ea
   - train:   the trainer again on the built cache: time to first step (process start to the first optimizer step's
              tensorboard stamp, so it includes imports, loading the imagefolder from its datasets cache, which the
              build stage wrote, and hashing the data for the cache key) and steps/s over the steps after the first.
+The same stages on sharded data (create.py --output_format webdataset), each its own process too:
+  - shards:  create.py --output_format webdataset on the Parquet (its default --shard_size);
+  - merge:   create.py --merge on the finished shards (the global index, report and stats: no image is encoded);
+  - read:    opening the folder as the trainer does (trainer/shards.py) and reading READ_ROWS rows at random;
+  - sbuild:  the cache build from the shards, as build;
+  - strain:  the trainer on the shards without the cache: time to first step and steps/s.
+--index_rows (default 1M) then runs the stages that encode no image (merge, read, strain) on a sharded folder of
+that many rows written directly (one fixed JPEG, distinct captions), for the 1M-row time-to-first-step target.
 Figures: peak RSS, seconds per row and bytes on disk per row. Targets (PASS/FAIL): peak RSS grows by at most
 64 MiB from the smallest to the largest size, per stage; seconds per row within 1.3x across sizes (create, format,
-build); steps/s within 1.3x. Time to first step at 1M rows needs the sharded reading of issue 19 part 2 and is not
-measured. The machine's load (uptime) is printed; figures from a busy machine say "not quiet".
+build, shards, merge, sbuild); steps/s within 1.3x; time to first step from shards at --index_rows under 60 s. The
+machine's load (uptime) is printed; figures from a busy machine say "not quiet".
 
 Run: python bench/bench_scale.py [--sizes 1000 10000 100000] [--resolution 16] [--steps 6] [--work_dir DIR]
+         [--index_rows 1000000] [--skip_imagefolder] [--skip_cache_build]
 """
 
 import sys
@@ -38,6 +47,7 @@ from PIL import Image
 
 from bench.bench_create import cpu_counters
 from diffusion_model.sample_data import RSICD_SCHEMA
+from utils.constants import DEFAULT_SHARD_SIZE
 from utils.cli import ArgumentParser, run_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +63,9 @@ MAX_BACKGROUND = 0.3  # cores other processes may use during a stage for its fig
 SOURCE_SIDE = 32  # px of the generated JPEGs: create.py resizes them to --resolution
 ROW_GROUP = 1024
 WORDS = ("farmland", "river", "pond", "residential", "bareland", "forest", "road", "harbour", "airport", "desert")
+STAGES = ("create", "format", "build", "train", "shards", "merge", "read", "sbuild", "strain")
+TIMED_STAGES = ("create", "format", "build", "shards", "merge", "sbuild")  # their seconds per row should stay flat
+READ_ROWS = 20_000  # rows the read stage reads at random (all of them when fewer)
 TRAIN_FLAGS = ["--center_crop", "--train_batch_size", "4", "--learning_rate", "1e-4", "--lr_scheduler", "constant",
                "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--report_to", "tensorboard",
                "--seed", "0", "--cache_latents"]
@@ -68,6 +81,12 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "bench_scale"),
                         help="Scratch folder, deleted and recreated (default $TMPDIR/bench_scale).")
     parser.add_argument("--keep", action="store_true", help="Keep each size's files (default: delete after it).")
+    parser.add_argument("--index_rows", type=int, default=1_000_000,
+                        help="Rows of the image-free sharded run (merge, read, time to first step); 0 skips it.")
+    parser.add_argument("--skip_imagefolder", action="store_true",
+                        help="Run only the sharded stages (not create/format/build/train on the image folder).")
+    parser.add_argument("--skip_cache_build", action="store_true",
+                        help="Leave out the cache build from the shards (sbuild), the slowest stage on a busy box.")
     return parser.parse_args(argv)
 
 
@@ -121,7 +140,7 @@ def run_stage(command: list, datasets_cache: Path) -> dict:
         raise RuntimeError(f"{Path(command[1]).name} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
     fields = done.stdout.strip().splitlines()[-1].split()
     rss_mib, cpu_s = float(fields[1]), float(fields[3])
-    return {"start": stamp, "seconds": seconds, "rss_mib": rss_mib, "stderr": done.stderr,
+    return {"start": stamp, "seconds": seconds, "rss_mib": rss_mib, "stderr": done.stderr, "stdout": done.stdout,
             "others_cores": max(0.0, busy_after - busy_before - cpu_s) / seconds}
 
 
@@ -172,22 +191,132 @@ def train_stages(model: Path, data: Path, work: Path, resolution: int, steps: in
     return {"build": build, "train": train}
 
 
+def read_shards(folder: str, rows: int) -> None:
+    """The read stage's own process: open the folder as the trainer does, read rows at random, print the timings."""
+    from trainer.shards import ShardTable
+
+    started = time.perf_counter()
+    table = ShardTable(folder)
+    opened = time.perf_counter()
+    picks = np.random.default_rng(0).choice(len(table), size=min(rows, len(table)), replace=False)
+    for index in picks:
+        table[int(index)]["image"].load()
+    print(f"shard_read open_s {opened - started:.3f} read_s {time.perf_counter() - opened:.3f} rows {len(picks)}",
+          flush=True)
+
+
+def read_stage(folder: Path) -> dict:
+    """read_shards under peak_rss: open seconds, rows read and their seconds."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from bench.bench_scale import read_shards; "
+            f"read_shards({str(folder)!r}, {READ_ROWS})")
+    read = run_stage([sys.executable, "-c", code], folder.parent / "hf_datasets")
+    fields = next(line for line in read["stdout"].splitlines() if line.startswith("shard_read")).split()
+    read.update(open_s=float(fields[2]), read_s=float(fields[4]), rows_read=int(fields[6]))
+    return read
+
+
+def merge_stage(folder: Path) -> dict:
+    """create.py --merge on finished shards: seconds, RSS, index bytes."""
+    merged = run_stage([sys.executable, str(CREATE), "--merge", str(folder)], folder.parent / "hf_datasets")
+    merged["bytes"] = (folder / "shards_index.parquet").stat().st_size
+    return merged
+
+
+def shard_train_stage(model: Path, folder: Path, work: Path, resolution: int, steps: int) -> dict:
+    """The trainer on the shards without the cache: time to first step and steps/s."""
+    command = [c for c in trainer_command(model, folder, work, "strain", resolution, steps + 1)
+               if c != "--cache_latents"]
+    train = run_stage(command, work / "hf_datasets")
+    stamps = step_stamps(work / "strain")
+    if len(stamps) < 2:
+        raise RuntimeError(f"the strain stage logged {len(stamps)} steps")
+    train.update(first_step_s=stamps[0] - train["start"], steps_per_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return train
+
+
+def shard_stages(parquet: Path, model: Path, work: Path, resolution: int, steps: int, build: bool = True) -> dict:
+    """create.py --output_format webdataset, the merge, the read, the cache build and training from the shards."""
+    folder = work / "shards"
+    created = run_stage([sys.executable, str(CREATE), "--input", str(parquet), "--output_dir", str(folder),
+                         "--resolution", str(resolution), "--output_format", "webdataset"], work / "hf_datasets")
+    created["bytes"] = folder_bytes(folder)
+    stages = {"shards": created, "merge": merge_stage(folder), "read": read_stage(folder)}
+    if build:
+        stages["sbuild"] = shard_build_stage(model, folder, work, resolution)
+    stages["strain"] = shard_train_stage(model, folder, work, resolution, steps)
+    return stages
+
+
+def shard_build_stage(model: Path, folder: Path, work: Path, resolution: int) -> dict:
+    """The cache build from the shards (one step), timed by its "Latent cache built" line."""
+    build = run_stage(trainer_command(model, folder, work, "sbuild", resolution, 1), work / "hf_datasets")
+    match = BUILD_RE.search(build["stderr"])
+    if match is None:
+        raise RuntimeError(f"no cache-build line in the trainer's log: {build['stderr'][-1500:]}")
+    build["seconds"], build["bytes"] = float(match.group(1)), folder_bytes(work / "cache")
+    return build
+
+
+def write_index_shards(folder: Path, rows: int, resolution: int) -> None:
+    """A finished sharded folder of rows samples written directly (one fixed JPEG, distinct captions), no merge."""
+    from diffusion_model.parquet_source import Row
+    from diffusion_model.shards import ShardPlan, ShardWriter, write_settings
+    from diffusion_model.create_job import JobTally
+
+    plan = ShardPlan(rows, DEFAULT_SHARD_SIZE)
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (resolution, resolution), (90, 120, 60)).save(buffer, format="JPEG", quality=95)
+    jpeg = buffer.getvalue()
+    for shard in range(plan.total):
+        writer = ShardWriter(folder, shard, JobTally())
+        for number in range(shard * DEFAULT_SHARD_SIZE + 1, min(rows, (shard + 1) * DEFAULT_SHARD_SIZE) + 1):
+            writer.tally.rows_processed += 1
+            writer.add(Row(number, f"img_{number:07d}.jpg", None, None), [caption(number)], jpeg, {})
+        writer.finish()
+    write_settings(folder, {"output_format": "webdataset", "shard_size": DEFAULT_SHARD_SIZE, "rows": rows,
+                            "shards": plan.total, "rows_in_inputs": rows})
+
+
+def index_stages(rows: int, model: Path, work: Path, args) -> dict:
+    """The stages that encode no image, on a directly written sharded folder of rows samples."""
+    work.mkdir(parents=True, exist_ok=True)
+    folder = work / "shards"
+    started = time.perf_counter()
+    write_index_shards(folder, rows, args.resolution)
+    print(f"{rows} rows of shards written in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    stages = {"merge": merge_stage(folder), "read": read_stage(folder)}
+    stages["strain"] = shard_train_stage(model, folder, work, args.resolution, args.steps)
+    return stages
+
+
 def measure(rows: int, model: Path, work: Path, args) -> dict:
     """Every stage at one size."""
     work.mkdir(parents=True, exist_ok=True)
     parquet = make_source(work / "source.parquet", rows)
-    stages = create_stages(parquet, work / "data", args.resolution)
-    stages.update(train_stages(model, work / "data", work, args.resolution, args.steps))
+    stages = {}
+    if not args.skip_imagefolder:
+        stages.update(create_stages(parquet, work / "data", args.resolution))
+        stages.update(train_stages(model, work / "data", work, args.resolution, args.steps))
+    stages.update(shard_stages(parquet, model, work, args.resolution, args.steps, not args.skip_cache_build))
     stages["source_bytes"] = parquet.stat().st_size
     return stages
 
 
+def stage_time(m: dict) -> str:
+    """The time column: first step and steps/s, the read's open and per-row times, or the stage's seconds."""
+    if "first_step_s" in m:
+        return f"first step {m['first_step_s']:.1f} s, {m['steps_per_s']:.2f} steps/s"
+    if "open_s" in m:
+        return f"open {m['open_s']:.2f} s, {1000 * m['read_s'] / max(1, m['rows_read']):.3f} ms/row read"
+    return f"{m['seconds']:.1f} s"
+
+
 def stage_row(stage: str, rows: int, m: dict) -> str:
     """One table row: stage, N, peak RSS, seconds per row, bytes per row, and the others' CPU use."""
-    per_row = f"{1000 * m['seconds'] / rows:.3f}" if "first_step_s" not in m else "-"
+    per_row = f"{1000 * m['seconds'] / rows:.3f}" if "first_step_s" not in m and "open_s" not in m else "-"
     size = f"{m['bytes'] / rows:.0f}" if "bytes" in m else "-"
-    extra = (f"first step {m['first_step_s']:.1f} s, {m['steps_per_s']:.2f} steps/s"
-             if "first_step_s" in m else f"{m['seconds']:.1f} s")
+    extra = stage_time(m)
     quiet = "" if m["others_cores"] <= MAX_BACKGROUND else " (not quiet)"
     return (f"| {stage} | {rows} | {m['rss_mib']:.0f} | {per_row} | {size} | {extra} | "
             f"{m['others_cores']:.2f}{quiet} |")
@@ -197,8 +326,8 @@ def table(results: dict) -> list:
     """The markdown table of every stage at every size."""
     lines = ["| stage | rows | peak RSS MiB | ms/row | bytes/row | time | other processes' cores |",
              "|---|---|---|---|---|---|---|"]
-    for stage in ("create", "format", "build", "train"):
-        lines += [stage_row(stage, rows, stages[stage]) for rows, stages in results.items()]
+    for stage in STAGES:
+        lines += [stage_row(stage, rows, stages[stage]) for rows, stages in results.items() if stage in stages]
     return lines
 
 
@@ -207,25 +336,33 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def targets(results: dict) -> list:
-    """The targets, judged from the smallest to the largest size run."""
+def targets(results: dict, index_run: Optional[tuple] = None) -> list:
+    """The targets, judged from the smallest to the largest size run (and the image-free run, when there is one)."""
     sizes = sorted(results)
     small, large = results[sizes[0]], results[sizes[-1]]
     lines = [f"targets ({sizes[0]} -> {sizes[-1]} rows):"]
-    for stage in ("create", "format", "build", "train"):
+    present = [stage for stage in STAGES if stage in small]
+    for stage in present:
         growth = large[stage]["rss_mib"] - small[stage]["rss_mib"]
         lines.append(f"  {stage}: peak RSS grows {growth:+.0f} MiB (target <= {RSS_GROWTH_MIB:.0f}): "
                      f"{verdict(growth <= RSS_GROWTH_MIB)}")
-    for stage in ("create", "format", "build"):
+    for stage in [s for s in present if s in TIMED_STAGES]:
         per_row = [results[n][stage]["seconds"] / n for n in sizes]
         spread = max(per_row) / min(per_row)
         lines.append(f"  {stage}: seconds per row spread {spread:.2f}x (target <= {TIME_SPREAD}x): "
                      f"{verdict(spread <= TIME_SPREAD)}; {marginal(results, stage)}")
-    rates = [results[n]["train"]["steps_per_s"] for n in sizes]
-    lines.append(f"  train: steps/s spread {max(rates) / min(rates):.2f}x (target <= {TIME_SPREAD}x): "
-                 f"{verdict(max(rates) / min(rates) <= TIME_SPREAD)}")
-    lines.append("  time to first step at 1M rows < 60 s: not measured: needs sharded reading (part 2)")
-    busy = [f"{stage} at {n}" for n, stages in results.items() for stage in ("create", "format", "build", "train")
+    for stage in [s for s in present if s in ("train", "strain")]:
+        rates = [results[n][stage]["steps_per_s"] for n in sizes]
+        lines.append(f"  {stage}: steps/s spread {max(rates) / min(rates):.2f}x (target <= {TIME_SPREAD}x): "
+                     f"{verdict(max(rates) / min(rates) <= TIME_SPREAD)}")
+    if index_run is None:
+        lines.append("  time to first step at 1M rows < 60 s: not measured (--index_rows 0)")
+    else:
+        rows, stages = index_run
+        first = stages["strain"]["first_step_s"]
+        lines.append(f"  time to first step from shards at {rows} rows: {first:.1f} s (target < 60 s): "
+                     f"{verdict(first < 60)}")
+    busy = [f"{stage} at {n}" for n, stages in results.items() for stage in present
             if stages[stage]["others_cores"] > MAX_BACKGROUND]
     if busy:
         lines.append(f"  NOT QUIET ({', '.join(busy)}): other processes used more than {MAX_BACKGROUND} cores; "
@@ -239,6 +376,11 @@ def marginal(results: dict, stage: str) -> str:
     slopes = [(results[b][stage]["seconds"] - results[a][stage]["seconds"]) / (b - a)
               for a, b in zip(sizes, sizes[1:])]
     return "ms per added row " + ", ".join(f"{1000 * s:.3f}" for s in slopes)
+
+
+def figures(measured):
+    """A stage's figures without its captured output (a plain value as it is)."""
+    return {f: v for f, v in measured.items() if f not in ("stderr", "stdout")} if isinstance(measured, dict) else measured
 
 
 def load_line() -> str:
@@ -261,12 +403,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(line, file=sys.stderr, flush=True)
         if not args.keep:
             shutil.rmtree(work / str(rows), ignore_errors=True)
+    index_run = None
+    if args.index_rows:
+        index_run = (args.index_rows, index_stages(args.index_rows, model, work / "index", args))
+        if not args.keep:
+            shutil.rmtree(work / "index", ignore_errors=True)
     print(f"after: {load_line()}")
     print(f"tiny model, {args.resolution} px, distinct captions, {args.steps} timed steps of batch 4")
-    print("\n".join([*table(results), *targets(results)]))
-    (work / "results.json").write_text(json.dumps({str(n): {k: {f: v for f, v in m.items() if f != "stderr"}
-                                                            if isinstance(m, dict) else m for k, m in st.items()}
-                                                        for n, st in results.items()}, indent=1))
+    print("\n".join([*table(results), *(table({index_run[0]: index_run[1]})[2:] if index_run else []),
+                     *targets(results, index_run)]))
+    runs = {str(n): st for n, st in results.items()}
+    if index_run:
+        runs[f"index-{index_run[0]}"] = index_run[1]
+    (work / "results.json").write_text(json.dumps({name: {k: figures(m) for k, m in st.items()}
+                                                   for name, st in runs.items()}, indent=1))
     return 0
 
 

@@ -9,6 +9,8 @@ whose source has no names get none), which format.py carries into metadata.jsonl
 holds each image's metadata ({"file_name", "metadata": {"gsd", "lat", ...}}; only images that have some) from
 --metadata_columns, --metadata_sidecars, --metadata and GeoTIFF georeferencing, the GSD corrected for the resize.
 Failed rows leave a gap that OUTPUT_DIR/create_report.json explains. Re-running resumes; --overwrite redoes all.
+--output_format webdataset writes tar shards and a Parquet index instead (diffusion_model/shards.py), optionally
+split over array tasks (--num_shards, --shard_index) and then merged (--merge OUTPUT_DIR).
 
 Run: python diffusion_model/create.py --input P [P ...] --output_dir O [--format auto] [--split train] [--append]
 """
@@ -35,10 +37,12 @@ from diffusion_model.geotiff import (DEFAULT_PERCENTILES, STRETCH_MODES, Multiba
                                      parse_percentiles)
 from diffusion_model.imaging import RESIZE_MODES
 from diffusion_model.ledger import other_failures, place
+from diffusion_model.shard_index import merge
+from diffusion_model.shards import create_shards
 from diffusion_model.sources import FORMATS, SPLITS, SourceOptions, open_source
 from utils.cli import ArgumentParser, UsageError, run_main
 from utils.constants import (CAPTIONS_FILENAME, CONDITIONING_FILENAME, CREATE_REPORT_FILENAME, DEFAULT_JPEG_QUALITY,
-                             DEFAULT_RESOLUTION)
+                             DEFAULT_RESOLUTION, DEFAULT_SHARD_SIZE, SHARDS_INDEX_FILENAME)
 from utils.logger import get_logger, setup_logging
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -51,7 +55,7 @@ def parse_args(argv: Optional[Sequence[str]]):
     add_source_flags(parser)
     add_metadata_flags(parser)
     add_conditioning_flags(parser)
-    parser.add_argument("--output_dir", required=True, help="Folder for rsicd_images/, captions.txt and the report.")
+    parser.add_argument("--output_dir", help="Folder for rsicd_images/, captions.txt and the report (required).")
     parser.add_argument("--caption_file", default=CAPTIONS_FILENAME,
                         help="Captions file; a bare name is placed in --output_dir, and it must lie directly in it.")
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Output side in pixels.")
@@ -80,14 +84,38 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--limit", type=int, help="Process only the first N rows.")
     parser.add_argument("--strict", action="store_true", help="Exit 1 if any row failed.")
     parser.add_argument("--overwrite", action="store_true", help="Redo every image instead of resuming.")
-    return parser.parse_args(argv)
+    add_shard_flags(parser)
+    args = parser.parse_args(argv)
+    if args.merge is None and (args.input is None or args.output_dir is None):
+        parser.error("the following arguments are required: --input, --output_dir (or --merge OUTPUT_DIR)")
+    return args
+
+
+def add_shard_flags(parser: ArgumentParser) -> None:
+    """Webdataset output: tar shards, the split over array tasks, and the merge that writes the global index."""
+    parser.add_argument("--output_format", choices=("imagefolder", "webdataset"), default="imagefolder",
+                        help="imagefolder: rsicd_images/ + captions.txt (then format.py); webdataset: tar shards "
+                             "under OUTPUT_DIR/shards/ with a Parquet index, which the trainer and evaluate.py read "
+                             "as they are.")
+    parser.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help="With --output_format webdataset: source rows per shard.")
+    parser.add_argument("--num_shards", type=int,
+                        help="With --output_format webdataset: split the shards over this many tasks (default: "
+                             "SLURM_ARRAY_TASK_COUNT, else 1); each writes only its own; then run --merge.")
+    parser.add_argument("--shard_index", type=int,
+                        help="This task's number, 0 to --num_shards - 1 (default: SLURM_ARRAY_TASK_ID, counted "
+                             "from SLURM_ARRAY_TASK_MIN, else 0).")
+    parser.add_argument("--merge", metavar="OUTPUT_DIR",
+                        help="Only merge: once every task's shards are finished, write OUTPUT_DIR's global index, "
+                             "report and stats (a single-task run merges by itself).")
 
 
 def add_source_flags(parser: ArgumentParser) -> None:
     """Where the rows come from: files, form, split, image folder, and --append for a further source."""
-    parser.add_argument("--input", "--parquet_path", dest="input", nargs="+", required=True, metavar="PATH",
-                        help="Source file(s) or folder: Parquet file(s)/folder of shards, a Karpathy or NWPU-Captions "
-                             ".json, a .csv or .jsonl index, or webdataset .tar shards (--parquet_path is an alias).")
+    parser.add_argument("--input", "--parquet_path", dest="input", nargs="+", metavar="PATH",
+                        help="(Required.) Source file(s) or folder: Parquet file(s)/folder of shards, a Karpathy or "
+                             "NWPU-Captions .json, a .csv or .jsonl index, or webdataset .tar shards (--parquet_path "
+                             "is an alias).")
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="Source form; auto tells it from the name (and a .json from its structure).")
     parser.add_argument("--split", choices=SPLITS,
@@ -209,6 +237,19 @@ def check_numbers(args) -> None:
     check_range("--max_pixels", args.max_pixels, 1)
     check_range("--num_workers", args.num_workers, 1, 1024)
     check_range("--limit", args.limit, 1)
+    check_range("--shard_size", args.shard_size, 1)
+
+
+def check_shard_flags(args, conditioning) -> None:
+    """Flags that only the webdataset output reads, and what it cannot do yet."""
+    if args.output_format == "webdataset":
+        for given, flag in ((args.append, "--append"), (conditioning is not None, "--conditioning_column/_dir")):
+            if given:
+                raise UsageError(f"{flag} is not supported with --output_format webdataset")
+        return
+    for flag in ("num_shards", "shard_index"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} {getattr(args, flag)} needs --output_format webdataset")
 
 
 def resolve_caption_file(value: str, output_dir: Path) -> Path:
@@ -220,12 +261,25 @@ def resolve_caption_file(value: str, output_dir: Path) -> Path:
     return path
 
 
+def merge_only(folder: Path) -> int:
+    """create.py --merge: the global index, report and stats of a sharded folder whose tasks have all finished."""
+    if not folder.is_dir():
+        raise UsageError(f"--merge {folder} is not a folder")
+    merged = merge(folder)
+    print(f"create --merge: {merged['samples']} samples ({merged['rows']} rows) in {merged['shards']} shards, "
+          f"{merged['bytes']} bytes; index {folder / SHARDS_INDEX_FILENAME}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Create images and captions from one source; exit 1 under --strict if any row failed."""
     setup_logging()
     args = parse_args(argv)
+    if args.merge is not None:
+        return merge_only(Path(args.merge).resolve())
     check_numbers(args)
     conditioning = conditioning_settings(args)
+    check_shard_flags(args, conditioning)
     output_dir = Path(args.output_dir).resolve()
     caption_file = resolve_caption_file(args.caption_file, output_dir)
     source = open_source(args.input, source_options(args))
@@ -233,6 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     multiband = MultibandSettings(args.bands, args.stretch, args.stretch_percentiles)
     settings = ImageSettings(args.resolution, args.resize_mode, args.jpeg_quality, args.max_pixels, multiband,
                              conditioning)
+    if args.output_format == "webdataset":
+        metadata = MetadataPlan(args.metadata or {}, args.resolution, args.resize_mode)
+        return create_shards(args, source, settings, metadata, output_dir)
     # Where this source's rows go among the folder's sources; a rerun finds its own place again.
     columns = source.details.get("columns", {})
     spot = place(output_dir / SETTINGS_FILENAME, asdict(settings), source.record(), columns.get("image"),

@@ -296,6 +296,15 @@ def plan_chunk(rows: list, caption_mode: str, literals: Optional[dict] = None) -
 
 def settle_metadata(row, name: str, facts: Optional[tuple], plan: MetadataPlan, tally: JobTally, out) -> None:
     """Work out a kept row's metadata, write its line (when it has any) and count its fields and bad values."""
+    values = metadata_values(row, facts, plan, tally)
+    if values:
+        tally.metadata_rows += 1
+        tally.metadata_fields.update(values.keys())
+        out.write(metadata_line(name, values))
+
+
+def metadata_values(row, facts: Optional[tuple], plan: MetadataPlan, tally: JobTally) -> dict:
+    """A kept row's metadata values; its bad values and GeoTIFFs without location are counted in tally."""
     size, location = (facts[:2], facts[2]) if facts else (None, None)
     tags = {k: v for k, v in zip(("gsd", "lat", "lon"), location[:3]) if v is not None} if location else {}
     if location and location.unsupported is not None:
@@ -306,10 +315,7 @@ def settle_metadata(row, name: str, facts: Optional[tuple], plan: MetadataPlan, 
         tally.unlocated[location.unsupported] += 1
     values, problems = row_metadata(row.metadata, tags, plan.literals, size, plan.resolution, plan.resize_mode)
     tally.metadata_problems += [{"row": row.number, "field": f, "value": v, "reason": r} for f, v, r in problems]
-    if values:
-        tally.metadata_rows += 1
-        tally.metadata_fields.update(values.keys())
-        out.write(metadata_line(name, values))
+    return values
 
 
 def settle_chunk(plans: list, statuses: list, tally: JobTally, captions_out, sources_out=None, metadata_out=None,

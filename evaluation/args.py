@@ -29,7 +29,8 @@ def build_parser() -> ArgumentParser:
                             "fp16 needs cuda. Part of the settings a resumed run must repeat")
     data = parser.add_argument_group("held-out data (one of)")
     source = data.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data_dir", help="folder holding metadata.jsonl (format.py's output)")
+    source.add_argument("--data_dir", help="folder holding metadata.jsonl (format.py's output), or a sharded folder "
+                                           "(create.py --output_format webdataset)")
     source.add_argument("--parquet_path", help="Parquet split: a file or a folder of shards (RSICD or image+text)")
     source.add_argument("--input", help="any create.py source: a Karpathy or NWPU .json (read at --split), a .csv or "
                                         ".jsonl index or a folder holding one, webdataset .tar shards, Parquet")

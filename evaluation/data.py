@@ -1,5 +1,6 @@
-"""Held-out pairs for evaluation: captions and real images from a metadata.jsonl folder, a Parquet split, or any
-source create.py reads (Karpathy/NWPU JSON at a split, CSV/JSONL index, webdataset shards).
+"""Held-out pairs for evaluation: captions and real images from a metadata.jsonl folder, a sharded folder (create.py
+--output_format webdataset, read through its index), a Parquet split, or any source create.py reads (Karpathy/NWPU
+JSON at a split, CSV/JSONL index, webdataset shards).
 
 Each row keeps its 1-based number in the source, which names its generated image and fixes its seed, so the same
 row gets the same file and the same pixels in every run, and its scene class, read with it by the same reader (the
@@ -22,10 +23,11 @@ from diffusion_model.imaging import decode_rgb, resize
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
 from diffusion_model.parquet_source import check_label_column
+from diffusion_model.shard_index import is_shards_dir, read_member, shard_files
 from diffusion_model.sources import SourceOptions, open_source
 from evaluation.scene import class_from_filename, class_from_value
 from utils.cli import UsageError
-from utils.constants import METADATA_FILENAME, SOURCE_FILE_KEY
+from utils.constants import METADATA_FILENAME, SHARDS_INDEX_FILENAME, SOURCE_FILE_KEY
 from utils.logger import get_logger
 
 PARQUET_BATCH_ROWS = 64
@@ -130,6 +132,33 @@ def metadata_raw_rows(data_dir: Path, limit: Optional[int], class_column: Option
     return raw_rows, bad
 
 
+def shard_raw_rows(folder: Path, limit: Optional[int], class_column: Optional[str] = None) -> Tuple[list, list]:
+    """The first rows of a sharded folder (create.py --output_format webdataset) as RawRows: captions and source file
+    from its index, image bytes read by offset from the tars; --class_column names an index column."""
+    import pyarrow.parquet as pq
+
+    index = pq.ParquetFile(str(folder / SHARDS_INDEX_FILENAME))
+    if class_column and class_column not in index.schema_arrow.names:
+        raise UsageError(f"--class_column {class_column!r} is not a column of {folder / SHARDS_INDEX_FILENAME} "
+                         f"(columns: {', '.join(index.schema_arrow.names)})")
+    raw_rows, handles = [], {}
+    try:
+        for batch in index.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist()[: None if limit is None else limit - len(raw_rows)]:
+                tar = shard_files(folder, record["shard"])[0]
+                handle = handles.get(tar) or handles.setdefault(tar, open(tar, "rb"))
+                image = read_member(handle, record["image_offset"], record["image_size"])
+                label = record.get(class_column) if class_column else None
+                raw_rows.append(RawRow(record["row"], record["text"], image,
+                                       *row_class(record["source_file"], label, class_column)))
+            if limit is not None and len(raw_rows) >= limit:
+                break
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return raw_rows, []
+
+
 def parquet_raw_rows(spec: str, limit: Optional[int], class_column: Optional[str] = None) -> Tuple[list, list]:
     """Read a Parquet file or folder of shards (RSICD or image+text schema) into RawRows (image bytes)."""
     paths = resolve_parquet_paths([spec])
@@ -170,7 +199,8 @@ def load_rows(data_dir: Optional[str], parquet_path: Optional[str], caption_inde
         folder = Path(data_dir)
         if not folder.is_dir():
             raise UsageError(f"--data_dir {data_dir} is not a folder")
-        raw_rows, bad = metadata_raw_rows(folder, limit, class_column)
+        read = shard_raw_rows if is_shards_dir(folder) else metadata_raw_rows
+        raw_rows, bad = read(folder, limit, class_column)
     else:
         raw_rows, bad = parquet_raw_rows(parquet_path, limit, class_column)
     rows, no_caption, most = split_rows(raw_rows, caption_index)

@@ -214,3 +214,25 @@ def test_create_array_task_prepares_its_own_source_only(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"create_array.sbatch: error: array task 2 has no source: SOURCE_LIST '{source_list}' lists 2 (tasks 0-1)."]
+
+
+def test_create_array_splits_one_source_into_shards_then_merges(tmp_path):
+    """SOURCE mode: two array tasks (Slurm numbering them from 1) write their own shards of one source into one
+    OUTPUT_DIR; MERGE=1 then writes the global index of every row."""
+    from diffusion_model.sample_data import make_sample_parquet
+
+    source = make_sample_parquet(tmp_path / "a.parquet", 5, seed=0)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SOURCE": str(source),
+           "OUTPUT_DIR": str(tmp_path / "shards"), "REPO_DIR": str(REPO_ROOT), "PYTHON": sys.executable,
+           "CREATE_ARGS": "--resolution 16 --num_workers 1 --shard_size 2", "SLURM_ARRAY_TASK_COUNT": "2",
+           "SLURM_ARRAY_TASK_MIN": "1"}
+    for task in ("1", "2"):
+        done = subprocess.run(["bash", str(CREATE_SBATCH)], capture_output=True, text=True, cwd=tmp_path,
+                              env={**env, "SLURM_ARRAY_TASK_ID": task}, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"(task {task} of 2)" in done.stdout
+    assert not (tmp_path / "shards" / "shards_index.parquet").exists()
+    done = subprocess.run(["bash", str(CREATE_SBATCH)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**env, "MERGE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "5 samples (5 rows) in 3 shards" in done.stdout

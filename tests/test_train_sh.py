@@ -168,6 +168,17 @@ def test_folder_without_metadata(sandbox):
     assert_usage_error(done, argv, "holds no metadata.jsonl", "format.py")
 
 
+def test_sharded_folder_is_a_data_dir(sandbox):
+    """A sharded folder (create.py --output_format webdataset: shards_index.parquet, no metadata.jsonl) is passed on
+    to the trainer as --train_data_dir."""
+    shards = sandbox["tmp"] / "shards"
+    shards.mkdir()
+    (shards / "shards_index.parquet").write_bytes(b"")
+    done, argv = run_train_sh(sandbox, DATA_DIR=shards)
+    assert done.returncode == 0, done.stderr
+    assert f"--train_data_dir={shards}" in script_args(argv)
+
+
 @pytest.mark.parametrize("env,fragment", [({"PUSH_TO_HUB": "yes"}, "PUSH_TO_HUB 'yes'"),
                                           ({"CACHE_LATENTS": "on"}, "CACHE_LATENTS 'on'"),
                                           ({"THROUGHPUT": "yes"}, "THROUGHPUT 'yes'"),

@@ -52,7 +52,8 @@ def _add_data_args(parser: argparse.ArgumentParser, crop_flag: bool = True) -> N
     group.add_argument("--dataset_config_name", type=str, default=None,
                        help="Config of the dataset; leave unset if it has only one.")
     group.add_argument("--train_data_dir", type=str, default=None,
-                       help="Local imagefolder: the folder holding metadata.jsonl (not the images subfolder).")
+                       help="Local imagefolder: the folder holding metadata.jsonl (not the images subfolder), or a "
+                            "sharded folder (create.py --output_format webdataset), read by offset from its tars.")
     group.add_argument("--image_column", type=str, default="image",
                        help="Dataset column holding the images.")
     group.add_argument("--caption_column", type=str, default="text",

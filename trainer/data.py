@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_model.shard_index import is_shards_dir
+from trainer.shards import ShardTable, group_sampler
 from utils.cli import UsageError
 from utils.quiet import no_datasets_bars
 
@@ -43,7 +45,8 @@ def is_saved_dataset(path: Path) -> bool:
 
 def load_raw_dataset(dataset_name: Optional[str], dataset_config_name: Optional[str],
                      train_data_dir: Optional[str], cache_dir: Optional[str]):
-    """The training split: a saved dataset folder, a hub/local dataset, or an imagefolder with metadata.jsonl.
+    """The training split: a saved dataset folder, a hub/local dataset, a sharded folder (trainer/shards.py) or an
+    imagefolder with metadata.jsonl.
 
     datasets' bars show only for a Hub dataset, whose download can take minutes; a local source loads quietly.
     """
@@ -55,6 +58,8 @@ def load_raw_dataset(dataset_name: Optional[str], dataset_config_name: Optional[
             loaded = datasets.load_from_disk(dataset_name)
         elif dataset_name is not None:
             loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        elif is_shards_dir(train_data_dir):
+            loaded = ShardTable(train_data_dir)
         else:
             loaded = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -272,6 +277,8 @@ def build_dataloader(dataset, batch_size: int, num_workers: int, seed: int,
     epochs: the datasets read the epoch from shared memory (SharedEpoch), so augmentations still change.
     """
     extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn,
-                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+    sampler = group_sampler(dataset, seed)  # rows of a sharded folder: a few shards at a time
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                                       collate_fn=collate_fn, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(),
                                        generator=torch.Generator().manual_seed(seed), **extra)

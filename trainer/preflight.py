@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from diffusion_model.shard_index import is_shards_dir
 from trainer.checkpoints import list_checkpoints
+from trainer.shards import check_shards_dir
 from utils.cli import UsageError
 from utils.constants import IMAGES_DIRNAME, METADATA_FILENAME
 
@@ -138,6 +140,8 @@ def check_train_data_dir(args) -> None:
     data_dir = Path(args.train_data_dir).expanduser()
     if not data_dir.is_dir():
         raise UsageError(f"--train_data_dir '{args.train_data_dir}' does not exist or is not a folder.")
+    if is_shards_dir(data_dir):
+        return check_shards_dir(data_dir, args.image_column, args.caption_column)
     metadata = data_dir / METADATA_FILENAME
     if not metadata.is_file():
         hint = _images_folder_hint(data_dir.absolute(), args.train_data_dir)

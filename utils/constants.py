@@ -30,6 +30,13 @@ FORMAT_REPORT_FILENAME = "format_report.json"
 PARQUET_EXTENSION = ".parquet"
 TMP_SUFFIX = ".tmp"
 CAPTION_SEPARATOR = "\t"
+# create.py --output_format webdataset: OUTPUT_DIR/shards/shard-NNNNNN.{tar,parquet,json} (samples, that shard's
+# index part, its stats: written last, so its presence marks the shard finished), then the global index and the
+# per-shard stats (written last of all: their presence means the folder is complete).
+SHARDS_DIRNAME = "shards"
+SHARDS_INDEX_FILENAME = "shards_index.parquet"
+SHARDS_STATS_FILENAME = "shards_stats.json"
+DEFAULT_SHARD_SIZE = 10_000
 
 DEFAULT_RESOLUTION = 512
 DEFAULT_JPEG_QUALITY = 95

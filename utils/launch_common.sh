@@ -12,6 +12,7 @@ die() {
 check_data_dir() {
   [[ -d "$DATA_DIR" ]] || die "DATA_DIR '$DATA_DIR' does not exist: set DATA_DIR to the folder holding $METADATA."
   [[ -f "$DATA_DIR/$METADATA" ]] && return 0
+  [[ -n "${SHARDS_INDEX:-}" && -f "$DATA_DIR/$SHARDS_INDEX" ]] && return 0  # a launcher that reads shards sets it
   local parent
   parent="$(dirname "$DATA_DIR")"
   if [[ -f "$parent/$METADATA" ]]; then

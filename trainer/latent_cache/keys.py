@@ -67,8 +67,12 @@ def image_bytes(cell) -> bytes:
 
 
 def data_fingerprint(table, image_column: str, caption_column: str) -> str:
-    """sha256 over the rows in order: each image's encoded bytes and its caption(s)."""
+    """sha256 over the rows in order: each image's encoded bytes and its caption(s) (a sharded table's own, from its
+    shards' recorded hashes)."""
     import datasets
+
+    if hasattr(table, "fingerprint"):
+        return table.fingerprint(image_column, caption_column)
 
     raw = table.select_columns([image_column, caption_column])
     if isinstance(raw.features[image_column], datasets.Image):
