@@ -218,6 +218,19 @@ def collate(examples) -> dict:
     return batch
 
 
+def validation_arrays(paths, spec: ControlSpec, resolution: int) -> list:
+    """Each --validation_image as the ControlNet's (C, H, W) input at the resolution (a bad file: one line)."""
+    from utils.control_input import control_array
+
+    arrays = []
+    for path in paths or ():
+        try:
+            arrays.append(control_array(path, spec, resolution))
+        except ControlInputError as err:
+            raise UsageError(f"--validation_image: {err}") from None
+    return arrays
+
+
 def check_conditioning_files(args) -> None:
     """Every metadata.jsonl line of --train_data_dir names an existing conditioning file (one line if not)."""
     if args.dataset_name is not None:
