@@ -1,8 +1,9 @@
-"""Train a ControlNet beside a frozen Stable Diffusion: a drop-in for diffusers' controlnet example, for remote sensing.
+"""Train a ControlNet beside a frozen Stable Diffusion: a drop-in for diffusers' controlnet example, for remote
+sensing.
 
 Flow: parse + fail fast → accelerator → models (ControlNet + frozen UNet as one module) → data with conditioning →
-optimizer/schedule → resume → the trainer's one loop → OUTPUT_DIR/{config.json, diffusion_pytorch_model.safetensors,
-conditioning.json}. Run with `accelerate launch` or train_controlnet.sh; every flag is described by --help.
+optimizer/schedule → resume → the trainer's one loop → OUTPUT_DIR/{config.json,
+diffusion_pytorch_model.safetensors, conditioning.json}. Run with `accelerate launch` or train_controlnet.sh; every flag is described by --help.
 """
 
 import os

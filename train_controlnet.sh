@@ -60,7 +60,8 @@ validation_pair() {
   VALIDATION_PROMPT="$(json_field "$first" text)" || true
   VALIDATION_IMAGE="$(json_field "$first" conditioning_image)" || true
   [[ -n "$VALIDATION_IMAGE" ]] ||
-    die "DATA_DIR '$DATA_DIR': its first $METADATA line names no conditioning_image: run create.py with --conditioning_column or --conditioning_dir, then format.py."
+    die "DATA_DIR '$DATA_DIR': its first $METADATA line names no conditioning_image: run create.py with" \
+      "--conditioning_column or --conditioning_dir, then format.py."
   VALIDATION_IMAGE="$DATA_DIR/$VALIDATION_IMAGE"
 }
 
