@@ -245,5 +245,7 @@ def check_conditioning_files(args) -> None:
             if not isinstance(value, str):
                 raise UsageError(f"{metadata}:{number} has no '{column}' path (--conditioning_image_column); "
                                  "run create.py with --conditioning_column or --conditioning_dir, then format.py.")
+            if Path(value).is_absolute() or ".." in Path(value).parts:
+                raise UsageError(f"{metadata}:{number}: conditioning path '{value}' leaves the data folder.")
             if not (metadata.parent / value).is_file():
                 raise UsageError(f"{metadata}:{number} names conditioning '{value}', which does not exist.")
