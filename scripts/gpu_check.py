@@ -516,6 +516,40 @@ def sd15_lora_8gb(check: Check) -> str:
     return sd15_fits(check, "sd15_lora", CARD_8GB_LIMIT_GIB, "--lora_rank=16", "--learning_rate=1e-4")
 
 
+def mask_data(check: Check, resolution: int, rows: int = 8) -> Path:
+    """A ControlNet DATA_DIR: sample_data --masks -> create.py (mask conditioning, 5 classes) -> format.py."""
+    def make():
+        root = check.work / f"mask_data_{resolution}"
+        parquet = root / "masks.parquet"
+        check.python("diffusion_model/sample_data.py", "--output", parquet, "--num_rows", rows, "--seed", 0, "--masks")
+        check.python("diffusion_model/create.py", "--input", parquet, "--conditioning_column", "mask",
+                     "--conditioning_type", "mask", "--num_classes", 5, "--output_dir", root / "data",
+                     "--resolution", resolution)
+        check.python("diffusion_model/format.py", "--caption_file", root / "data" / "captions.txt",
+                     "--output_file", root / "data" / "metadata.jsonl")
+        return root / "data"
+    return check.once(f"mask_data_{resolution}", make)
+
+
+@row("ControlNet, SD1.5-shaped 512 px, train_controlnet.sh (fp16, cache, EMA, checkpointing): a mask ControlNet "
+     "trains, resumes, loads, validates", cuda_only=True)
+def controlnet_sd15(check: Check) -> str:
+    from diffusers import ControlNetModel
+
+    model = check.once("sd15_model", lambda: check._model("sd15"))
+    output = check.work / "controlnet_sd15"
+    env = check.env(MODEL_NAME=model, DATA_DIR=mask_data(check, 512), OUTPUT_DIR=output, REPORT_TO="tensorboard",
+                    PUSH_TO_HUB=0)
+    flags = ["--train_batch_size=2", "--checkpointing_steps=2", "--validation_steps=1000", "--num_validation_images=1"]
+    check.run(["./train_controlnet.sh", "--max_train_steps=2", *flags], env=env)
+    log = check.run(["./train_controlnet.sh", "--max_train_steps=4", "--resume_from_checkpoint=latest", *flags],
+                    env=env)
+    expect("starting at step 2" in log, "did not resume at step 2")
+    expect(ControlNetModel.from_pretrained(output).config.conditioning_channels == 5, "not a 5-channel ControlNet")
+    expect_not_black(sorted((output / "validation").rglob("*.png")), "ControlNet validation PNGs")
+    return "; ".join(filter(None, [loop_peak(log), skipped_note(log)]))
+
+
 # --- the table
 
 
