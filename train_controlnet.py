@@ -1,8 +1,9 @@
-"""Train a ControlNet beside a frozen Stable Diffusion: a drop-in for diffusers' controlnet example, for remote sensing.
+"""Train a ControlNet beside a frozen Stable Diffusion: a drop-in for diffusers' controlnet example, for remote
+sensing.
 
 Flow: parse + fail fast → accelerator → models (ControlNet + frozen UNet as one module) → data with conditioning →
-optimizer/schedule → resume → the trainer's one loop → OUTPUT_DIR/{config.json, diffusion_pytorch_model.safetensors,
-conditioning.json}. Run with `accelerate launch` or train_controlnet.sh; every flag is described by --help.
+optimizer/schedule → resume → the trainer's one loop → OUTPUT_DIR/{config.json,
+diffusion_pytorch_model.safetensors, conditioning.json}. Run with `accelerate launch` or train_controlnet.sh; every flag is described by --help.
 """
 
 import os
@@ -19,11 +20,12 @@ from utils.logger import get_logger, setup_logging  # noqa: E402
 
 def fail_fast(args):
     """Every check that needs no model: the shared preflight, the conditioning files and the conditioning spec."""
-    from trainer.controlnet_data import check_conditioning_files, conditioning_spec, data_folder
+    from trainer.controlnet_data import check_conditioning_files, conditioning_spec, data_folder, validation_arrays
 
     checked = preflight(args)
     check_conditioning_files(args)
     spec, document = conditioning_spec(args, data_folder(args))
+    validation_arrays(args.validation_image, spec, args.resolution)  # a bad file stops the run before models load
     return checked, spec, document
 
 

@@ -38,10 +38,13 @@ PROG=train_controlnet.sh
 # shellcheck source=utils/launch_common.sh
 source "$SCRIPT_DIR/utils/launch_common.sh"
 
-# The string value of KEY in a metadata.jsonl line (format.py writes one JSON object a line).
+# The string value of KEY in a metadata.jsonl line (format.py writes one JSON object a line), its \" and \\
+# escapes undone.
 json_field() {
-  local line="$1" key="$2"
-  [[ "$line" =~ \"$key\":\ \"(([^\"\\]|\\.)*)\" ]] && printf '%s' "${BASH_REMATCH[1]}"
+  local line="$1" key="$2" value
+  [[ "$line" =~ \"$key\":\ \"(([^\"\\]|\\.)*)\" ]] || return 1
+  value="${BASH_REMATCH[1]//\\\"/\"}"
+  printf '%s' "${value//\\\\/\\}"
 }
 
 # The validation pair: both given, or the first row's caption and conditioning file.
@@ -57,7 +60,8 @@ validation_pair() {
   VALIDATION_PROMPT="$(json_field "$first" text)" || true
   VALIDATION_IMAGE="$(json_field "$first" conditioning_image)" || true
   [[ -n "$VALIDATION_IMAGE" ]] ||
-    die "DATA_DIR '$DATA_DIR': its first $METADATA line names no conditioning_image: run create.py with --conditioning_column or --conditioning_dir, then format.py."
+    die "DATA_DIR '$DATA_DIR': its first $METADATA line names no conditioning_image: run create.py with" \
+      "--conditioning_column or --conditioning_dir, then format.py."
   VALIDATION_IMAGE="$DATA_DIR/$VALIDATION_IMAGE"
 }
 

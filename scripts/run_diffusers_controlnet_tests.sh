@@ -18,8 +18,10 @@ die() {
   exit 2
 }
 
-[[ -f "$SOURCE/test_controlnet.py" ]] || die "no test_controlnet.py in '$SOURCE': copy diffusers' examples/controlnet/test_controlnet.py there."
-[[ -f "$SOURCE/test_examples_utils.py" ]] || die "no test_examples_utils.py in '$SOURCE': copy diffusers' examples/test_examples_utils.py there."
+[[ -f "$SOURCE/test_controlnet.py" ]] ||
+  die "no test_controlnet.py in '$SOURCE': copy diffusers' examples/controlnet/test_controlnet.py there."
+[[ -f "$SOURCE/test_examples_utils.py" ]] ||
+  die "no test_examples_utils.py in '$SOURCE': copy diffusers' examples/test_examples_utils.py there."
 command -v accelerate >/dev/null || die "accelerate is not on PATH: activate the project's virtualenv."
 
 WORK="$(mktemp -d)"

@@ -214,3 +214,12 @@ def test_missing_conditioning_file_is_one_line(mask_folder, tmp_path):
     with pytest.raises(UsageError, match="metadata.jsonl:1 names conditioning 'c/missing.png'"):
         controlnet_data.check_conditioning_files(cli(broken))
     controlnet_data.check_conditioning_files(cli(mask_folder))
+
+
+@pytest.mark.parametrize("value", ["../outside.png", "/etc/hostname"])
+def test_conditioning_paths_out_of_the_folder_are_refused(tmp_path, value):
+    """An absolute path or one climbing out of the data folder: one line naming it."""
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "t",
+                                                         "conditioning_image": value}) + "\n")
+    with pytest.raises(UsageError, match=f"conditioning path '{value}' leaves the data folder"):
+        controlnet_data.check_conditioning_files(cli(tmp_path))

@@ -148,29 +148,21 @@ def test_conditioning_json_describes_the_input(first_runs, mask_data_dir):
     document = json.loads((first_runs["mask"] / "conditioning.json").read_text())
     assert document["type"] == "mask" and document["classes"] == MASK_CLASSES
     assert document["channels"] == MASK_CLASSES and document["class_pixels"]
-    assert Path(document["train_data_dir"]) == mask_data_dir.absolute() and Path(document["train_data_dir"]).is_absolute()
+    assert Path(document["train_data_dir"]) == mask_data_dir.absolute()
+    assert Path(document["train_data_dir"]).is_absolute()
     assert Path(document["base_model"]).name == "pipeline"
     fill = json.loads((first_runs["fill"] / "conditioning.json").read_text())
     assert fill["type"] == "image" and fill["channels"] == 3
 
 
-def test_validation_grid_card_and_trained_controlnet_samples(first_runs, tiny_model_dir):
-    """The grid (conditioning in false colour, then images) and step images exist; the card names base and
-    conditioning; the saved ControlNet drives StableDiffusionControlNetPipeline with a 5-channel one-hot input."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def test_validation_grid_and_card(first_runs):
+    """The final validation (StableDiffusionControlNetPipeline on the trained 5-channel ControlNet) wrote its step
+    images and a grid (conditioning in false colour, then the image); the card names base and conditioning."""
     from PIL import Image
 
     output = first_runs["mask"]
     with Image.open(output / "validation_grid.png") as grid:
-        assert grid.width > grid.height  # a row: conditioning, then one image
+        assert grid.width > grid.height  # one row: the conditioning, then one image
     assert (output / "validation" / "step-6" / "0_0.png").is_file()
     card = (output / "README.md").read_text()
     assert "A ControlNet for `pipeline`" in card and "class mask (5 classes" in card
-    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
-        tiny_model_dir, controlnet=ControlNetModel.from_pretrained(output), safety_checker=None,
-        requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    control = torch.nn.functional.one_hot(torch.zeros(1, 64, 64, dtype=torch.long), MASK_CLASSES)
-    image = pipeline(PROMPT, control.permute(0, 3, 1, 2).float(), num_inference_steps=2, height=64, width=64,
-                     generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (64, 64)

@@ -218,6 +218,19 @@ def collate(examples) -> dict:
     return batch
 
 
+def validation_arrays(paths, spec: ControlSpec, resolution: int) -> list:
+    """Each --validation_image as the ControlNet's (C, H, W) input at the resolution (a bad file: one line)."""
+    from utils.control_input import control_array
+
+    arrays = []
+    for path in paths or ():
+        try:
+            arrays.append(control_array(path, spec, resolution))
+        except ControlInputError as err:
+            raise UsageError(f"--validation_image: {err}") from None
+    return arrays
+
+
 def check_conditioning_files(args) -> None:
     """Every metadata.jsonl line of --train_data_dir names an existing conditioning file (one line if not)."""
     if args.dataset_name is not None:
@@ -232,5 +245,7 @@ def check_conditioning_files(args) -> None:
             if not isinstance(value, str):
                 raise UsageError(f"{metadata}:{number} has no '{column}' path (--conditioning_image_column); "
                                  "run create.py with --conditioning_column or --conditioning_dir, then format.py.")
+            if Path(value).is_absolute() or ".." in Path(value).parts:
+                raise UsageError(f"{metadata}:{number}: conditioning path '{value}' leaves the data folder.")
             if not (metadata.parent / value).is_file():
                 raise UsageError(f"{metadata}:{number} names conditioning '{value}', which does not exist.")

@@ -18,16 +18,9 @@ DEFAULT_VALIDATION_SEED = 0
 
 def load_conditioning(paths, spec, resolution: int) -> list:
     """Each validation file as the ControlNet's (1, C, H, W) input at the training resolution (GeoTIFF for bands)."""
-    from utils.cli import UsageError
-    from utils.control_input import ControlInputError, control_array
+    from trainer.controlnet_data import validation_arrays
 
-    inputs = []
-    for path in paths:
-        try:
-            inputs.append(torch.from_numpy(control_array(path, spec, resolution))[None])
-        except ControlInputError as err:
-            raise UsageError(f"--validation_image: {err}") from None
-    return inputs
+    return [torch.from_numpy(array)[None] for array in validation_arrays(paths, spec, resolution)]
 
 
 def conditioning_picture(tensor: torch.Tensor, spec):
