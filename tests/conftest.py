@@ -199,7 +199,8 @@ def metadata_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 # --- ControlNet fixtures (helper "ctrleval"): ControlNets for the tiny pipeline, made without training.
 
-MASK_CLASSES = 4
+MASK_ROWS = 8
+MASK_RESOLUTION = 32
 
 
 def save_test_controlnet(base_dir: Path, folder: Path, document, seed: int = 0) -> Path:
@@ -230,7 +231,29 @@ def save_test_controlnet(base_dir: Path, folder: Path, document, seed: int = 0) 
 
 
 @pytest.fixture(scope="session")
-def mask_controlnet_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A 'trained' (random, steering) ControlNet of the tiny pipeline for MASK_CLASSES-class masks."""
+def mask_data_dir(tmp_path_factory) -> Path:
+    """A create.py + format.py folder of MASK_ROWS sample layout scenes with their 5-class masks, at 32 px."""
+    root = tmp_path_factory.mktemp("mask_data")
+    parquet = make_sample_parquet(root / "masks.parquet", MASK_ROWS, seed=0, masks=True)
+    data_dir = root / "data"
+    for script, args in (
+        ("diffusion_model/create.py", ["--parquet_path", parquet, "--output_dir", data_dir, "--resolution",
+                                       MASK_RESOLUTION, "--conditioning_column", "mask", "--conditioning_type", "mask",
+                                       "--num_classes", 5]),
+        ("diffusion_model/format.py", ["--caption_file", data_dir / "captions.txt",
+                                       "--output_file", data_dir / "metadata.jsonl"]),
+    ):
+        done = run_script_at(script, args)
+        assert done.returncode == 0, f"{script} failed:\n{done.stderr}"
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def mask_controlnet_dir(tiny_model_dir, mask_data_dir, tmp_path_factory) -> Path:
+    """A 'trained' (random, steering) ControlNet of the tiny pipeline for mask_data_dir's 5-class masks, described
+    as train_controlnet.py describes a run: the folder's conditioning.json plus channels and train_data_dir."""
+    import json
+
+    document = json.loads((mask_data_dir / "conditioning.json").read_text())
     return save_test_controlnet(tiny_model_dir, tmp_path_factory.mktemp("mask_controlnet") / "run",
-                                {"type": "mask", "classes": MASK_CLASSES})
+                                {**document, "base_model": str(tiny_model_dir), "train_data_dir": str(mask_data_dir)})

@@ -452,7 +452,7 @@ REFUSALS = {
     "controlnet_channels_disagree_with_description": (["--model", "{model}", "--prompt", "a", "--output_dir",
                                                        "{out}", "--controlnet", "{wide_controlnet}",
                                                        "--control_image", "{m0}"],
-                                                      "takes 4 conditioning channel(s), but its description"),
+                                                      "takes 5 conditioning channel(s), but its description"),
 }
 
 
@@ -549,7 +549,7 @@ def control_inputs(tiny_model_dir, mask_controlnet_dir, tmp_path_factory) -> dic
     (masks / "notes.txt").write_text("not a control image")
     bands = {"type": "bands", "bands": [1, 2], "normalisation": {"offset": [0.0, 0.0], "scale": [1.0, 1.0]}}
     wide = shutil.copytree(mask_controlnet_dir, root / "wide")
-    (wide / "conditioning.json").write_text(json.dumps({"type": "mask", "classes": 5}))
+    (wide / "conditioning.json").write_text(json.dumps({"type": "mask", "classes": 6}))
     return {"controlnet": mask_controlnet_dir, "masks": masks, "m0": masks / "m0.png", "m1": masks / "m1.png",
             "bands_controlnet": save_test_controlnet(tiny_model_dir, root / "bands", bands), "wide_controlnet": wide}
 
@@ -634,7 +634,7 @@ def test_one_control_file_serves_every_prompt_and_the_grid_shows_it(control_runs
                                grids.line_height(font))
     grid = pixels(folder / "grid.png")
     assert grid.shape == (layout.size[1], layout.size[0], 3)
-    spec = ControlSpec(type="mask", num_classes=4)
+    spec = ControlSpec(type="mask", num_classes=5)
     shown = np.asarray(false_colour(control_array(control_inputs["m1"], spec)[:, 4:36], spec))
     x, y = layout.origin(1, 0)
     assert np.array_equal(grid[y:y + 4 * HEIGHT, x:x + 4 * WIDTH], shown.repeat(4, axis=0).repeat(4, axis=1))
