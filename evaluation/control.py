@@ -205,7 +205,8 @@ def control_figures(spec: ControlSpec, real: Sequence[np.ndarray], generated: Se
     rows' masks in targets) or PSNR and SSIM (bands, images: generated and shuffled against the real images)."""
     if spec.type == "mask":
         sets = {"": generated, "_real": real, "_shuffled": shuffled}
-        figures = {suffix: mask_figures(segmenter, images, targets, spec.num_classes) for suffix, images in sets.items()}
+        figures = {suffix: mask_figures(segmenter, images, targets, spec.num_classes)
+                   for suffix, images in sets.items()}
         headline = {f"control_{name}{suffix}": figures[suffix][name] for suffix in sets
                     for name in ("miou", "pixel_accuracy")}
         return {**headline, "per_class_iou": {suffix.strip("_") or "generated": figures[suffix]["per_class_iou"]

@@ -52,9 +52,9 @@ def build_parser() -> ArgumentParser:
                              "conditioning.json says how control images are prepared), one of its checkpoint-N "
                              "folders, or a diffusers ControlNet folder (RGB control images); --model is its base")
     parser.add_argument("--control_image", default=None,
-                        help="with --controlnet: a conditioning file (PNG/JPEG image or mask, GeoTIFF or .npy bands) or "
-                             "a folder of them (sorted by name); one control image serves every prompt, one prompt "
-                             "every control image, or N prompts pair with N files in order")
+                        help="with --controlnet: a conditioning file (PNG/JPEG image or mask, GeoTIFF or .npy "
+                             "bands) or a folder of them (sorted by name); one control image serves every prompt, "
+                             "one prompt every control image, or N prompts pair with N files in order")
     parser.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
                         help="strength of the ControlNet's residuals (0 = the base model alone)")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
