@@ -18,6 +18,7 @@ from pathlib import Path
 
 from utils.atomic import write_json_atomic
 from evaluation.args import parse_args, source_options
+from evaluation.control import ControlEvaluation, control_summary
 from evaluation.data import load_rows
 from evaluation.generation import (GENERATED_DIRNAME, check_settings, generate_missing, missing_rows,
                                    record_settings, settings_from_args)
@@ -54,6 +55,12 @@ def main(argv=None) -> int:
     settings = settings_from_args(args, device, dtype)
     generated_dir = eval_dir / GENERATED_DIRNAME
     check_settings(generated_dir, settings, args.overwrite)
+    # --controlnet: rows are drawn from their conditioning files (and again from shuffled ones, the floor).
+    control = ControlEvaluation(args) if args.controlnet else None
+    if control is not None:
+        control.check_settings(eval_dir, settings, args.overwrite)
+        rows, control_bad = control.select(rows, args.resolution)
+        bad = bad + control_bad
 
     # Metric models from local paths; a wrong file is refused here, before anything is generated.
     inception_path, clip_path = Path(args.inception_weights), Path(args.clip_model)
@@ -65,6 +72,7 @@ def main(argv=None) -> int:
     # The model to evaluate; its settings are kept beside the images, so a rerun with others is refused.
     pipeline = load_pipeline(args.model, args.base_model, device, dtype, args.scheduler, args.weights,
                              args.lora_scale)
+    pipeline = control.pipeline(pipeline, device, dtype) if control is not None else pipeline
     record_settings(generated_dir, settings, args.overwrite)
     clock["loaded"] = time.monotonic()
 
@@ -83,9 +91,13 @@ def main(argv=None) -> int:
     # Generate what is not on disk yet (a rerun resumes), each image saved as soon as it is ready.
     pending = missing_rows(rows, generated_dir)
     log.info("generating %d of %d images (%d already on disk)", len(pending), len(rows), len(rows) - len(pending))
-    generate_missing(pipeline, pending, generated_dir, seed=args.seed, num_inference_steps=args.num_inference_steps,
-                     guidance_scale=args.guidance_scale, resolution=args.resolution, batch_size=args.batch_size,
-                     shared_seed=args.shared_seed)
+    options = {"seed": args.seed, "num_inference_steps": args.num_inference_steps,
+               "guidance_scale": args.guidance_scale, "resolution": args.resolution, "batch_size": args.batch_size,
+               "shared_seed": args.shared_seed}
+    if control is None:
+        generate_missing(pipeline, pending, generated_dir, **options)
+    else:
+        control.generate(pipeline, rows, eval_dir, settings, args.overwrite, **options)
     clock["generation"] = time.monotonic()
 
     # Generated side of FID, and CLIP score of each generated image against its caption.
@@ -94,6 +106,8 @@ def main(argv=None) -> int:
                "clip_cosine": clip_cosine(clip_score),
                "scene": scene_report(rows, real_features, features.take(), class_source(args.class_column),
                                      args.seed)}
+    if control is not None:
+        figures["control"] = control.report(rows, eval_dir, args.resolution)
     clock["end"] = time.monotonic()
 
     timings = {"loading": clock["loaded"] - clock["start"], "real_features": clock["real"] - clock["loaded"],
@@ -103,12 +117,15 @@ def main(argv=None) -> int:
     report = build_report(args, settings=settings, rows_read=rows_read, pairs=len(rows), bad=bad, figures=figures,
                           inception=inception, clip=clip, device=f"{device} ({dtype})", timings=timings)
     write_json_atomic(eval_dir / REPORT_FILENAME, report)
-    sheet = write_sheet(eval_dir, rows[:len(reals)], reals, f"{args.model}: real vs generated")
+    sheet = write_sheet(eval_dir, rows[:len(reals)], reals, f"{args.model}: real vs generated",
+                        control.pictures(rows[:len(reals)]) if control is not None else None)
     for warning in report["warnings"]:
         log.warning(warning)
     log.info("N=%d  FID %.2f  CLIP score %.2f (cosine %.4f)  -> %s, %s", len(rows), figures["fid"],
              figures["clip_score"], figures["clip_cosine"], eval_dir / REPORT_FILENAME, sheet)
     log.info("%s", scene_summary(figures["scene"]))
+    if control is not None:
+        log.info("%s", control_summary(figures["control"]))
     return 0
 
 

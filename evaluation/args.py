@@ -23,6 +23,15 @@ def build_parser() -> ArgumentParser:
     model.add_argument("--lora_scale", type=float, default=1.0,
                        help="strength of a LoRA run's adapters (1 = as trained)")
     model.add_argument("--scheduler", help="sampling scheduler by name (default: the model's own)")
+    model.add_argument("--controlnet", help="a ControlNet (train_controlnet.py's OUTPUT_DIR) steering --model, the "
+                                            "base: each --data_dir row is drawn from its conditioning_image, and "
+                                            "control fidelity is reported (control_miou for masks, control_psnr "
+                                            "and control_ssim otherwise, each with a shuffled-conditioning floor)")
+    model.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
+                       help="strength of the ControlNet's residuals")
+    model.add_argument("--control_train_dir",
+                       help="create.py + format.py folder of mask pairs the control segmenter is fitted on (default: "
+                            "the folder the ControlNet was trained on, from its conditioning.json)"),
     model.add_argument("--device", help="cpu or cuda (default: cuda when available; fp16 on cuda, fp32 on cpu)")
     model.add_argument("--dtype", choices=list(DTYPES), default="auto",
                        help="weights and sampling precision: auto = fp16 on cuda, fp32 on cpu; bf16 runs on both; "
@@ -83,6 +92,19 @@ def check_args(args) -> None:
     check_finite("--lora_scale", args.lora_scale)
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
+    check_finite("--controlnet_conditioning_scale", args.controlnet_conditioning_scale)
+    check_control_flags(args)
+
+
+def check_control_flags(args) -> None:
+    """The ControlNet's flags go with --controlnet, which needs --data_dir rows naming their conditioning."""
+    given = [flag for flag, on in (("--controlnet_conditioning_scale", args.controlnet_conditioning_scale != 1.0),
+                                   ("--control_train_dir", args.control_train_dir is not None)) if on]
+    if given and args.controlnet is None:
+        raise UsageError(f"{', '.join(given)} apply with --controlnet only")
+    if args.controlnet is not None and args.data_dir is None:
+        raise UsageError("--controlnet needs --data_dir: a create.py + format.py folder whose metadata.jsonl names "
+                         "each row's conditioning_image")
 
 
 def check_source_flags(args) -> None:

@@ -27,7 +27,7 @@ from diffusion_model.shard_index import is_shards_dir, read_member, shard_files
 from diffusion_model.sources import SourceOptions, open_source
 from evaluation.scene import class_from_filename, class_from_value
 from utils.cli import UsageError
-from utils.constants import METADATA_FILENAME, SHARDS_INDEX_FILENAME, SOURCE_FILE_KEY
+from utils.constants import CONDITIONING_KEY, METADATA_FILENAME, SHARDS_INDEX_FILENAME, SOURCE_FILE_KEY
 from utils.logger import get_logger
 
 PARQUET_BATCH_ROWS = 64
@@ -48,16 +48,19 @@ class EvalRow:
     image: Union[bytes, Path, None]
     scene: Optional[str] = None
     no_class: Optional[str] = None
+    conditioning: Optional[Path] = None  # a create.py folder's conditioning file (metadata.jsonl conditioning_image)
 
 
 class RawRow(NamedTuple):
-    """A source row as read, before a caption is chosen: number, captions cell, image, class or why none."""
+    """A source row as read, before a caption is chosen: number, captions cell, image, class or why none, and the
+    conditioning file a create.py folder names for it."""
 
     number: int
     captions: object
     image: Union[bytes, Path, None]
     scene: Optional[str]
     no_class: Optional[str]
+    conditioning: Optional[Path] = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ def split_rows(raw_rows: Iterable[RawRow], caption_index: int) -> Tuple[list, li
             bad.append(BadRow(raw.number, REASON_NO_CAPTION,
                               f"{len(captions)} usable caption(s), index {caption_index}"))
         else:
-            rows.append(EvalRow(raw.number, captions[caption_index], raw.image, raw.scene, raw.no_class))
+            rows.append(EvalRow(raw.number, captions[caption_index], raw.image, raw.scene, raw.no_class,
+                                raw.conditioning))
     return rows, bad, most
 
 
@@ -125,8 +129,11 @@ def metadata_raw_rows(data_dir: Path, limit: Optional[int], class_column: Option
             has_column = has_column or class_column in record
             # format.py's source_file is the image's name before create.py renamed it (null: the source had none)
             source_name = record[SOURCE_FILE_KEY] if SOURCE_FILE_KEY in record else name
+            conditioning = record.get(CONDITIONING_KEY)
             raw_rows.append(RawRow(number, record.get("text"), data_dir / name,
-                                   *row_class(source_name, record.get(class_column), class_column)))
+                                   *row_class(source_name, record.get(class_column), class_column),
+                                   data_dir / conditioning if isinstance(conditioning, str)
+                                   and not unsafe_name_reason(conditioning) else None))
     if class_column and raw_rows and not has_column:
         raise UsageError(f"--class_column {class_column!r} is a key of no line of {metadata}")
     return raw_rows, bad

@@ -65,7 +65,10 @@ def settings_from_args(args, device, dtype) -> dict:
             "caption_index": args.caption_index, "data": str(Path(source).resolve()) + input_split(args),
             "device": device.type, "dtype": str(dtype).replace("torch.", ""), "lora_scale": args.lora_scale,
             # only when on, so folders generated before the flag existed still resume
-            **({"shared_seed": True} if args.shared_seed else {})}
+            **({"shared_seed": True} if args.shared_seed else {}),
+            **({"controlnet": str(Path(args.controlnet).resolve()),
+                "controlnet_conditioning_scale": args.controlnet_conditioning_scale}
+               if getattr(args, "controlnet", None) else {})}
 
 
 def input_split(args) -> str:
@@ -87,12 +90,13 @@ def save_png(image, path: Path) -> None:
 
 def generate_missing(pipeline, rows: Sequence[EvalRow], generated_dir: Path, *, seed: int,
                      num_inference_steps: int, guidance_scale: float, resolution: int, batch_size: int,
-                     shared_seed: bool = False) -> int:
-    """Generate and save the images of rows (each saved as soon as it is ready); return how many were made."""
+                     shared_seed: bool = False, per_image=None) -> int:
+    """Generate and save the images of rows (each saved as soon as it is ready); return how many were made.
+    per_image(indices into rows) gives the call arguments that differ by row (a ControlNet's control images)."""
     if not rows:
         return 0
     generate(pipeline, [row.caption for row in rows], [row_seed(seed, row, shared_seed) for row in rows],
              negative_prompt=None, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-             height=resolution, width=resolution, batch_size=batch_size,
+             height=resolution, width=resolution, batch_size=batch_size, per_image=per_image,
              on_image=lambda index, image: save_png(image, image_path(generated_dir, rows[index])))
     return len(rows)

@@ -52,23 +52,26 @@ def shown_size(size) -> str:
     return f"width:{size[0] * factor}px;height:{size[1] * factor}px"
 
 
-def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title: str) -> Path:
+def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title: str,
+                controls: Optional[Sequence] = None) -> Path:
     """sheet.html: one row per pair, its caption as the row's label, then the real and the generated image, small
-    ones enlarged by an integer factor without smoothing (relative image paths)."""
+    ones enlarged by an integer factor without smoothing (relative image paths); with controls (a ControlNet's
+    conditioning in false colour, one per row), a "conditioning" column before them."""
     sheet_dir = eval_dir / SHEET_DIRNAME
     sheet_dir.mkdir(exist_ok=True)
     lines = ["<!DOCTYPE html>", "<meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
              "<style>td,th{vertical-align:top;padding:4px;text-align:left} th[scope=row]{font-weight:normal;"
              "max-width:320px} img{image-rendering:pixelated}</style>",
-             f"<h1>{html.escape(title)}</h1>", "<table>", "<tr><th>row</th><th>caption</th><th>real</th>"
-             "<th>generated</th></tr>"]
-    for row, real in zip(rows, reals):
+             f"<h1>{html.escape(title)}</h1>", "<table>", "<tr><th>row</th><th>caption</th>"
+             + ("<th>conditioning</th>" if controls is not None else "") + "<th>real</th><th>generated</th></tr>"]
+    for index, (row, real) in enumerate(zip(rows, reals)):
         real_path = sheet_dir / f"real_{row.number:06d}.png"
         save_png(real, real_path)
         generated = image_path(eval_dir / GENERATED_DIRNAME, row).relative_to(eval_dir).as_posix()
         # Both sides are at --resolution: the real one was cropped and resized to it, the generated one drawn at it.
         style = shown_size(real.size)
-        lines.append(f"<tr><td>{row.number}</td><th scope='row'>{html.escape(row.caption)}</th>"
+        shown = control_cell(eval_dir, sheet_dir, row, controls[index], style) if controls is not None else ""
+        lines.append(f"<tr><td>{row.number}</td><th scope='row'>{html.escape(row.caption)}</th>{shown}"
                      f"<td><img src='{real_path.relative_to(eval_dir).as_posix()}' alt='real' style='{style}'></td>"
                      f"<td><img src='{generated}' alt='generated' style='{style}'></td></tr>")
     lines.append("</table>")
@@ -76,6 +79,13 @@ def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title:
     with open_text_atomic(path) as handle:
         handle.write("\n".join(lines) + "\n")
     return path
+
+
+def control_cell(eval_dir: Path, sheet_dir: Path, row: EvalRow, picture, style: str) -> str:
+    """A sheet cell showing a row's conditioning in false colour (saved beside the real images)."""
+    path = sheet_dir / f"conditioning_{row.number:06d}.png"
+    save_png(picture, path)
+    return f"<td><img src='{path.relative_to(eval_dir).as_posix()}' alt='conditioning' style='{style}'></td>"
 
 
 def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Sequence[BadRow], figures: dict,
@@ -89,6 +99,7 @@ def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Seque
         "clip_score": figures["clip_score"],
         "clip_cosine": figures["clip_cosine"],
         **scene_headline(figures["scene"]),
+        **{key: value for key, value in figures.get("control", {}).items() if key.startswith("control_")},
         "stand_in_models": stand_in,
         "warnings": [w for w in (warning, stand_in and "stand-in (random or non-standard) metric models: "
                                  "these figures are not comparable with anything") if w],

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 from diffusion_model.geo_metadata import parse_literals
 from inference.pipeline import DTYPES, WEIGHTS_CHOICES, check_size
 from inference.schedulers import SCHEDULERS
-from utils.cli import ArgumentParser, check_at_least, check_finite
+from utils.cli import ArgumentParser, UsageError, check_at_least, check_finite
 from utils.constants import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
 DEFAULT_OUTPUT_DIR = "generated"
@@ -47,6 +47,16 @@ def build_parser() -> ArgumentParser:
                         help="guidance towards the metadata on top of --guidance_scale: eps_absent + S * "
                              "(eps_metadata - eps_absent), the absent prediction made with all metadata absent; "
                              "1 = no extra guidance (one UNet pass), other values cost a second pass")
+    parser.add_argument("--controlnet", default=None,
+                        help="a ControlNet to steer the images with: train_controlnet.py's OUTPUT_DIR (its "
+                             "conditioning.json says how control images are prepared), one of its checkpoint-N "
+                             "folders, or a diffusers ControlNet folder (RGB control images); --model is its base")
+    parser.add_argument("--control_image", default=None,
+                        help="with --controlnet: a conditioning file (PNG/JPEG image or mask, GeoTIFF or .npy "
+                             "bands) or a folder of them (sorted by name); one control image serves every prompt, "
+                             "one prompt every control image, or N prompts pair with N files in order")
+    parser.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
+                        help="strength of the ControlNet's residuals (0 = the base model alone)")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
                         help="sampler, built from the model's scheduler config (default: the model's own)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (memory vs speed)")
@@ -68,6 +78,21 @@ def check_args(args) -> None:
     check_finite("--guidance_scale", args.guidance_scale)
     check_finite("--lora_scale", args.lora_scale)
     check_finite("--metadata_guidance_scale", args.metadata_guidance_scale)
+    check_finite("--controlnet_conditioning_scale", args.controlnet_conditioning_scale)
+    check_control_flags(args)
+
+
+def check_control_flags(args) -> None:
+    """--controlnet and --control_image go together; the scale needs them; metadata cannot be combined."""
+    if args.control_image is not None and args.controlnet is None:
+        raise UsageError(f"--control_image '{args.control_image}' needs --controlnet DIR (the ControlNet it steers).")
+    if args.controlnet is not None and args.control_image is None:
+        raise UsageError(f"--controlnet '{args.controlnet}' needs --control_image FILE_OR_DIR.")
+    if args.controlnet is None and args.controlnet_conditioning_scale != 1.0:
+        raise UsageError(f"--controlnet_conditioning_scale {args.controlnet_conditioning_scale} applies with "
+                         "--controlnet only.")
+    if args.controlnet is not None and (args.metadata or args.metadata_guidance_scale != 1.0):
+        raise UsageError("--metadata and --metadata_guidance_scale cannot be combined with --controlnet yet.")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):

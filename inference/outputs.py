@@ -2,7 +2,7 @@
 
 import io
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from utils.atomic import write_bytes_atomic, write_json_atomic, write_png_atomic
 from utils.cli import UsageError
@@ -66,13 +66,16 @@ def row_label(pairs: Sequence[Tuple[str, int]]) -> str:
     return f"{pairs[0][0]} (seed {seeds[0]})" if len(seeds) == 1 else f"{pairs[0][0]} (seeds {seeds[0]}-{seeds[-1]})"
 
 
-def save_grid(output_dir: Path, images: Sequence, plan: Sequence[Tuple[str, int]], images_per_prompt: int) -> Path:
+def save_grid(output_dir: Path, images: Sequence, plan: Sequence[Tuple[str, int]], images_per_prompt: int,
+              controls: Optional[Sequence] = None) -> Path:
     """grid.png: one row per prompt (labelled with it and its seeds), one column per image of that prompt, small
-    images enlarged so they can be seen."""
+    images enlarged so they can be seen; with controls (one picture per row), a first "control" column."""
     starts = range(0, len(images), images_per_prompt)
-    grid = labelled_grid([images[i:i + images_per_prompt] for i in starts],
-                         [row_label(plan[i:i + images_per_prompt]) for i in starts],
-                         [f"image {column + 1}" for column in range(images_per_prompt)])
+    rows = [list(images[i:i + images_per_prompt]) for i in starts]
+    columns = [f"image {column + 1}" for column in range(images_per_prompt)]
+    if controls is not None:
+        rows, columns = [[control, *row] for control, row in zip(controls, rows)], ["control", *columns]
+    grid = labelled_grid(rows, [row_label(plan[i:i + images_per_prompt]) for i in starts], columns)
     path = Path(output_dir) / GRID_FILENAME
     write_png_atomic(path, grid)
     return path

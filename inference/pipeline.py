@@ -280,11 +280,12 @@ def batches(count: int, batch_size: int) -> List[range]:
 def generate(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, negative_prompt: Optional[str],
              num_inference_steps: int, guidance_scale: float, height: Optional[int], width: Optional[int],
              batch_size: int = 1, on_image: Optional[Callable[[int, object], None]] = None,
-             conditioning: Optional[dict] = None) -> List:
+             conditioning: Optional[dict] = None, per_image: Optional[Callable[[range], dict]] = None) -> List:
     """One image per (prompt, seed) pair; image i comes from its own torch.Generator seeded with seeds[i], so
     any subset regenerates exactly the pixels an uninterrupted run would give (evaluate.py resumes on this).
     on_image(i, image) is called as each image is ready, so callers can save as they go. conditioning: more
-    keyword arguments of every pipeline call (metadata=..., metadata_guidance_scale=... for a metadata model)."""
+    keyword arguments of every pipeline call (metadata=..., metadata_guidance_scale=... for a metadata model);
+    per_image(chunk) gives those that differ by image (a ControlNet's control images for the chunk's indices)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     check_size("--height", height)
@@ -296,7 +297,8 @@ def generate(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, negative
         negatives = [negative_prompt] * len(chunk) if negative_prompt else None
         result = pipeline(prompt=[prompts[i] for i in chunk], negative_prompt=negatives, generator=generators,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          height=height, width=width, **(conditioning or {}))
+                          height=height, width=width, **(conditioning or {}),
+                          **(per_image(chunk) if per_image is not None else {}))
         for index, image in zip(chunk, result.images):
             if on_image is not None:
                 on_image(index, image)

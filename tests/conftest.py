@@ -195,3 +195,65 @@ def save_metadata_pipeline(base_dir: Path, folder: Path, trained: bool = True) -
 def metadata_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny pipeline with a 'trained' (random, non-zero) metadata embedding over gsd, lat, lon and date."""
     return save_metadata_pipeline(tiny_model_dir, tmp_path_factory.mktemp("metadata_model") / "pipeline")
+
+
+# --- ControlNet fixtures (helper "ctrleval"): ControlNets for the tiny pipeline, made without training.
+
+MASK_ROWS = 8
+MASK_RESOLUTION = 32
+
+
+def save_test_controlnet(base_dir: Path, folder: Path, document, seed: int = 0) -> Path:
+    """A random ControlNet for base_dir's UNet taking document's channels, its zero-initialised convolutions (the
+    conditioning embedding's last, the outputs) drawn so that it steers, with document as its conditioning.json
+    (None: a plain diffusers RGB ControlNet)."""
+    import json
+
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from trainer.controlnet import embedding_channels
+    from utils.control_input import spec_from_document
+
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
+    channels = spec_from_document(document or {}).channels
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=channels,
+                                           conditioning_embedding_out_channels=embedding_channels(2))
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]:
+            block.weight.normal_(0, 0.3)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    if document is not None:
+        (Path(folder) / "conditioning.json").write_text(json.dumps({**document, "channels": channels}))
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def mask_data_dir(tmp_path_factory) -> Path:
+    """A create.py + format.py folder of MASK_ROWS sample layout scenes with their 5-class masks, at 32 px."""
+    root = tmp_path_factory.mktemp("mask_data")
+    parquet = make_sample_parquet(root / "masks.parquet", MASK_ROWS, seed=0, masks=True)
+    data_dir = root / "data"
+    for script, args in (
+        ("diffusion_model/create.py", ["--parquet_path", parquet, "--output_dir", data_dir, "--resolution",
+                                       MASK_RESOLUTION, "--conditioning_column", "mask", "--conditioning_type", "mask",
+                                       "--num_classes", 5]),
+        ("diffusion_model/format.py", ["--caption_file", data_dir / "captions.txt",
+                                       "--output_file", data_dir / "metadata.jsonl"]),
+    ):
+        done = run_script_at(script, args)
+        assert done.returncode == 0, f"{script} failed:\n{done.stderr}"
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def mask_controlnet_dir(tiny_model_dir, mask_data_dir, tmp_path_factory) -> Path:
+    """A 'trained' (random, steering) ControlNet of the tiny pipeline for mask_data_dir's 5-class masks, described
+    as train_controlnet.py describes a run: the folder's conditioning.json plus channels and train_data_dir."""
+    import json
+
+    document = json.loads((mask_data_dir / "conditioning.json").read_text())
+    return save_test_controlnet(tiny_model_dir, tmp_path_factory.mktemp("mask_controlnet") / "run",
+                                {**document, "base_model": str(tiny_model_dir), "train_data_dir": str(mask_data_dir)})

@@ -4,6 +4,7 @@ inputs, resuming after lost images, and one-line usage errors."""
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -85,9 +86,10 @@ def write_class_named_index(folder) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sample_parquet, lora_run_dir):
+def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sample_parquet, lora_run_dir,
+         mask_data_dir, mask_controlnet_dir):
     """A metadata.jsonl run and a Parquet-shards run side by side; an RSICD-schema run beside a LoRA checkpoint's
-    run; then the first resumed after losing 2 images."""
+    run; then the first resumed after losing 2 images, beside a mask ControlNet's run."""
     root = tmp_path_factory.mktemp("evaluate")
     shards = root / "shards"
     write_image_text_shards(shards)
@@ -115,11 +117,18 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sampl
     kept_mtimes = {name: (generated / name).stat().st_mtime_ns for name in first if name not in lost}
     # Beside the resume: the same folder with another seed, which must be refused without touching anything.
     other_seed = start(meta_cmd[:-1] + ["8"])
+    # A mask ControlNet on its own training folder (a copy, one line without a conditioning image added).
+    control_data = shutil.copytree(mask_data_dir, root / "control_data")
+    with open(control_data / "metadata.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"file_name": "rsicd_images/image_000001.jpg", "text": "no conditioning here"}) + "\n")
+    control_process = start(evaluate_command(tiny_model_dir, "--data_dir", control_data, stand_in_models,
+                                             root / "control", "--controlnet", mask_controlnet_dir, "--seed", 3))
     resumed = finish(start(meta_cmd))
+    control = finish(control_process)
     refused = other_seed.communicate(timeout=300)
     return {"root": root, "meta": meta, "parquet": parquet, "rsicd": rsicd, "lora": lora, "first_images": first,
             "first_report": report,
-            "lost": lost, "kept_mtimes": kept_mtimes, "resumed": resumed,
+            "lost": lost, "kept_mtimes": kept_mtimes, "resumed": resumed, "control": control,
             "refused": (other_seed.returncode, refused[1])}
 
 
@@ -250,6 +259,9 @@ def test_other_settings_in_the_same_folder_are_refused_in_one_line(runs):
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--split", "val"], "--split apply to --input only"),
     (["--class_column", "scene"], "--class_column 'scene' is a key of no line"),
+    (["--controlnet_conditioning_scale", "0.5"], "--controlnet_conditioning_scale apply with --controlnet only"),
+    (["--control_train_dir", "/nonexistent/data"], "--control_train_dir apply with --controlnet only"),
+    (["--controlnet", "/nonexistent/controlnet"], "--controlnet '/nonexistent/controlnet' is not a folder"),
 ])
 def test_usage_errors_are_one_line_naming_the_value(change, words, tmp_path, tiny_model_dir, tiny_data_dir,
                                                    stand_in_models):
@@ -294,3 +306,58 @@ def test_a_lora_checkpoint_is_evaluated_on_its_recorded_base(runs):
     assert report["scene_details"]["class_counts"] == {"farmland": 2, "river": 2}
     assert report["num_classes"] == 2 and report["chance"] == 0.5 and 0.0 <= report["scene_accuracy"] <= 1.0
     assert "Traceback" not in done.stderr
+
+
+# --- a ControlNet (--controlnet, --controlnet_conditioning_scale, --control_train_dir)
+
+
+def test_a_mask_controlnet_reports_control_miou_with_ceiling_and_floor(runs, mask_controlnet_dir, mask_data_dir):
+    out = runs["root"] / "control"
+    report = json.loads((out / "eval_report.json").read_text())
+    rows = [f"{n:06d}.png" for n in range(1, 9)]
+    assert sorted(p.name for p in (out / "generated").glob("*.png")) == rows
+    assert sorted(p.name for p in (out / "generated_shuffled").glob("*.png")) == rows
+    # Real held-out images are the segmenter's own training pairs here: near the top; the random ControlNet's
+    # images are not scenes, so far below.
+    assert report["control_miou_real"] > 0.9 and report["control_pixel_accuracy_real"] > 0.9
+    assert 0 <= report["control_miou"] < 0.6 and 0 <= report["control_miou_shuffled"] < 0.6
+    assert 0 <= report["control_pixel_accuracy"] <= 1 and 0 <= report["control_pixel_accuracy_shuffled"] <= 1
+    details = report["control_details"]
+    assert details["segmenter_train_dir"] == str(mask_data_dir) and details["segmenter_train_pairs"] == 8
+    assert details["controlnet"] == str(mask_controlnet_dir) and details["conditioning_type"] == "mask"
+    assert len(details["per_class_iou"]["generated"]) == 5
+    assert report["settings"]["controlnet"] == str(mask_controlnet_dir)
+    assert report["settings"]["controlnet_conditioning_scale"] == 1.0
+    # The added line without a conditioning image is left out, counted with its reason.
+    assert report["bad_rows"]["by_reason"] == {"no_conditioning_image": 1} and report["num_samples"] == 8
+    sheet = (out / "sheet.html").read_text()
+    assert "<th>conditioning</th><th>real</th><th>generated</th>" in sheet
+    assert "sheet/conditioning_000001.png" in sheet and (out / "sheet" / "conditioning_000001.png").is_file()
+    # Each row's own conditioning steered its image, another row's its shuffled twin (same caption and seed).
+    differ = [Image.open(out / "generated" / name).tobytes() != Image.open(out / "generated_shuffled" / name).tobytes()
+              for name in rows]
+    assert all(differ)
+
+
+def test_scale_zero_draws_both_sets_alike_and_control_train_dir_picks_the_segmenters_pairs(
+        runs, tmp_path, tiny_model_dir, mask_data_dir, mask_controlnet_dir, stand_in_models):
+    """--controlnet_conditioning_scale 0 turns the ControlNet off, so own and shuffled conditioning draw the same
+    images and the same figure; --control_train_dir replaces the ControlNet's training folder for the segmenter."""
+    import evaluate
+    from test_generate import restored_process_state
+
+    other = shutil.copytree(mask_data_dir, tmp_path / "other_pairs")
+    argv = evaluate_command(tiny_model_dir, "--data_dir", mask_data_dir, stand_in_models, tmp_path / "eval",
+                            "--controlnet", mask_controlnet_dir, "--controlnet_conditioning_scale", 0,
+                            "--control_train_dir", other, "--num_samples", 3)[2:]
+    with restored_process_state():
+        torch.set_num_threads(1)
+        assert evaluate.main(argv) == 0
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert report["control_details"]["segmenter_train_dir"] == str(other)
+    assert report["settings"]["controlnet_conditioning_scale"] == 0.0
+    assert report["control_miou"] == report["control_miou_shuffled"]
+    for n in range(1, 4):
+        name = f"{n:06d}.png"
+        assert (tmp_path / "eval" / "generated" / name).read_bytes() == \
+            (tmp_path / "eval" / "generated_shuffled" / name).read_bytes()

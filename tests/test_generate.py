@@ -12,6 +12,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -365,14 +366,18 @@ def kept_previous_images(folder) -> bool:
 
 
 @pytest.fixture
-def paths(tmp_path, tiny_model_dir, trained_run, metadata_model_dir) -> dict:
+def paths(tmp_path, tiny_model_dir, trained_run, metadata_model_dir, control_inputs) -> dict:
     """The pieces bad command lines are made of; 'kept' holds a previous run's images."""
     (tmp_path / "blank.txt").write_text("\n  \n\n")
+    np.save(tmp_path / "three_bands.npy", np.ones((3, 8, 8), np.float32))
     # A checkpoint of a run that has not finished: no pipeline beside it.
     shutil.copytree(trained_run / "checkpoint-2" / "unet", tmp_path / "unfinished" / "checkpoint-2" / "unet")
     return {"model": tiny_model_dir, "out": tmp_path / "out", "missing": tmp_path / "no-run",
             "blank": tmp_path / "blank.txt", "kept": with_previous_images(tmp_path / "kept"),
-            "unfinished": tmp_path / "unfinished" / "checkpoint-2", "metadata_model": metadata_model_dir}
+            "unfinished": tmp_path / "unfinished" / "checkpoint-2", "metadata_model": metadata_model_dir,
+            "three_bands": tmp_path / "three_bands.npy", **{key: control_inputs[key] for key in
+                                                             ("controlnet", "bands_controlnet", "masks", "m0",
+                                                              "wide_controlnet")}}
 
 
 # name -> (argv, text the one stderr line must hold), with {placeholders} filled from the paths fixture.
@@ -418,6 +423,36 @@ REFUSALS = {
     "metadata_guidance_without_spec": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
                                         "--metadata_guidance_scale", "3"],
                                        "--metadata_guidance_scale 3.0 needs a model trained with --metadata_fields"),
+    # ControlNet flags: pairings, description and control files checked before anything loads.
+    "control_image_without_controlnet": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
+                                          "--control_image", "{m0}"],
+                                         "--control_image '{m0}' needs --controlnet DIR"),
+    "controlnet_without_control_image": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
+                                          "--controlnet", "{controlnet}"],
+                                         "--controlnet '{controlnet}' needs --control_image"),
+    "scale_without_controlnet": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
+                                  "--controlnet_conditioning_scale", "0.5"],
+                                 "--controlnet_conditioning_scale 0.5 applies with --controlnet only"),
+    "controlnet_with_metadata": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}", "--controlnet",
+                                  "{controlnet}", "--control_image", "{m0}", "--metadata", "gsd=1"],
+                                 "--metadata and --metadata_guidance_scale cannot be combined with --controlnet"),
+    "band_count_mismatch": (["--model", "{model}", "--prompt", "a", "--output_dir", "{kept}", "--overwrite",
+                             "--controlnet", "{bands_controlnet}", "--control_image", "{three_bands}"],
+                            "--control_image: {three_bands}: 3 bands, the ControlNet was trained on 2"),
+    "prompts_and_control_images_do_not_pair": (["--model", "{model}", "--prompt", "a", "--prompt", "b", "--prompt",
+                                                "c", "--output_dir", "{out}", "--controlnet", "{controlnet}",
+                                                "--control_image", "{masks}"],
+                                               "3 prompts and 2 control images: give one prompt, one control image"),
+    "missing_control_image": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}", "--controlnet",
+                               "{controlnet}", "--control_image", "{missing}"],
+                              "--control_image '{missing}' does not exist"),
+    "controlnet_is_not_a_controlnet": (["--model", "{model}", "--prompt", "a", "--output_dir", "{out}",
+                                        "--controlnet", "{model}/unet", "--control_image", "{m0}"],
+                                       "holds a UNet2DConditionModel model, not a ControlNetModel"),
+    "controlnet_channels_disagree_with_description": (["--model", "{model}", "--prompt", "a", "--output_dir",
+                                                       "{out}", "--controlnet", "{wide_controlnet}",
+                                                       "--control_image", "{m0}"],
+                                                      "takes 5 conditioning channel(s), but its description"),
 }
 
 
@@ -456,7 +491,7 @@ def test_bad_input_is_one_stderr_line_naming_it_with_exit_code_2(case, paths, in
 
 
 @pytest.mark.parametrize("case", ["previous_images", "overwrite_with_missing_model", "overwrite_with_zero_batch",
-                                  "metadata_untrained_field", "metadata_without_spec"])
+                                  "metadata_untrained_field", "metadata_without_spec", "band_count_mismatch"])
 def test_refused_run_leaves_previous_images_in_place(case, paths, in_process, capsys):
     # --overwrite must not delete a previous run's images when the command is refused anyway.
     refuse(refusal(case, paths)[0], capsys)
@@ -488,3 +523,127 @@ def test_script_refusal_is_one_line_exit_2_and_no_traceback(script_refusals, cas
 
 def test_script_refusal_with_overwrite_deletes_nothing(script_refusals):
     assert kept_previous_images(script_refusals["kept"])
+
+
+# --- a ControlNet (--controlnet, --control_image, --controlnet_conditioning_scale)
+
+
+def write_mask(path, split: int) -> None:
+    """A 40x48 class mask: class 1 left of column split, class 3 right of it (not the 32x48 image size: resized)."""
+    mask = np.ones((40, 48), np.uint8)
+    mask[:, split:] = 3
+    Image.fromarray(mask, mode="L").save(path)
+
+
+@pytest.fixture(scope="module")
+def control_inputs(tiny_model_dir, mask_controlnet_dir, tmp_path_factory) -> dict:
+    """The mask ControlNet, a 2-band one, one whose conditioning.json disagrees with its weights, and a folder of
+    two masks that differ (m0.png, m1.png)."""
+    from conftest import save_test_controlnet
+
+    root = tmp_path_factory.mktemp("control_inputs")
+    masks = root / "masks"
+    masks.mkdir()
+    write_mask(masks / "m0.png", 8)
+    write_mask(masks / "m1.png", 40)
+    (masks / "notes.txt").write_text("not a control image")
+    bands = {"type": "bands", "bands": [1, 2], "normalisation": {"offset": [0.0, 0.0], "scale": [1.0, 1.0]}}
+    wide = shutil.copytree(mask_controlnet_dir, root / "wide")
+    (wide / "conditioning.json").write_text(json.dumps({"type": "mask", "classes": 6}))
+    return {"controlnet": mask_controlnet_dir, "masks": masks, "m0": masks / "m0.png", "m1": masks / "m1.png",
+            "bands_controlnet": save_test_controlnet(tiny_model_dir, root / "bands", bands), "wide_controlnet": wide}
+
+
+@pytest.fixture(scope="module")
+def control_runs(runs, trained_run, control_inputs, tmp_path_factory) -> dict:
+    """generate.py with the mask ControlNet, in this process: a folder of 2 masks for one prompt; the same at scale
+    0; one mask file for two prompts. All with the "pipeline" run's first prompt, negative prompt and SEED."""
+    root = tmp_path_factory.mktemp("control_generated")
+    control = ["--controlnet", control_inputs["controlnet"], "--seed", SEED]
+    commands = {
+        "control": generate_command(trained_run, root / "control", "--prompt", PROMPTS[0], *control,
+                                    "--control_image", control_inputs["masks"]),
+        "control_zero": generate_command(trained_run, root / "control_zero", "--prompt", PROMPTS[0], *control,
+                                         "--control_image", control_inputs["masks"],
+                                         "--controlnet_conditioning_scale", 0),
+        "control_one_file": generate_command(trained_run, root / "control_one_file", "--prompt", PROMPTS[0],
+                                             "--prompt", PROMPTS[1], *control, "--control_image",
+                                             control_inputs["m1"]),
+    }
+    for command in commands.values():
+        generate_here(command)
+    return {name: root / name for name in commands}
+
+
+def test_pairing_follows_diffusers_validation():
+    from inference.control import pair_prompts
+    from utils.cli import UsageError
+
+    a, b = Path("a.png"), Path("b.png")
+    assert pair_prompts(["p"], [a, b]) == [("p", a), ("p", b)]
+    assert pair_prompts(["p", "q"], [a]) == [("p", a), ("q", a)]
+    assert pair_prompts(["p", "q"], [a, b]) == [("p", a), ("q", b)]
+    with pytest.raises(UsageError, match="2 prompts and 3 control images"):
+        pair_prompts(["p", "q"], [a, b, a])
+
+
+def test_control_view_is_the_training_view_for_a_square_and_centre_crops_otherwise():
+    """Sampling prepares a control image exactly as training does (shorter side, centre crop, one-hot)."""
+    from inference.control import control_view
+    from trainer.controlnet_data import conditioning_view
+    from utils.control_input import ControlSpec
+
+    spec = ControlSpec(type="mask", num_classes=6)
+    raw = np.random.default_rng(0).integers(0, 6, (30, 50))
+    assert np.array_equal(control_view(raw, spec, 20, 20), conditioning_view(raw, spec, 20, False).numpy())
+    wide = control_view(raw, spec, 50, 10)  # width kept, the 30 rows cropped to the middle 10, no resampling
+    assert np.array_equal(wide.argmax(0), raw[10:20])
+
+
+def test_control_folder_pairs_the_prompt_with_each_file_and_sidecars_record_them(control_runs, control_inputs):
+    folder = control_runs["control"]
+    records = [sidecar(folder, i) for i in range(2)]
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png", "grid.png"]
+    assert [r["control_image"] for r in records] == [str(control_inputs["m0"]), str(control_inputs["m1"])]
+    assert [r["seed"] for r in records] == [SEED, SEED + 1] and {r["prompt"] for r in records} == {PROMPTS[0]}
+    assert records[0]["controlnet"] == str(control_inputs["controlnet"])
+    assert records[0]["controlnet_conditioning_scale"] == 1.0 and records[0]["conditioning_type"] == "mask"
+    assert all(pixels(folder / f"{i:06d}.png").shape == (HEIGHT, WIDTH, 3) for i in range(2))
+    assert sidecar(control_runs["control_zero"])["controlnet_conditioning_scale"] == 0.0
+
+
+def test_the_control_image_steers_and_scale_zero_draws_the_base_image(runs, control_runs):
+    plain = pixels(folder_of(runs, "pipeline") / "000000.png")  # same base, prompt, negative prompt and seed
+    with_m0 = pixels(control_runs["control"] / "000000.png")
+    with_m1 = pixels(control_runs["control_one_file"] / "000000.png")
+    # a control image the ControlNet ignored would give the very same pixels (seen: 0.0 before its embedding counted)
+    assert np.abs(with_m0.astype(int) - plain).mean() > 2 and np.abs(with_m0.astype(int) - with_m1).mean() > 0.2
+    assert np.abs(pixels(control_runs["control_zero"] / "000000.png").astype(int) - plain).max() <= 1
+
+
+def test_one_control_file_serves_every_prompt_and_the_grid_shows_it(control_runs, control_inputs):
+    from utils.control_input import ControlSpec, control_array, false_colour
+
+    folder = control_runs["control_one_file"]
+    assert [sidecar(folder, i)["prompt"] for i in range(2)] == PROMPTS[:2]
+    assert {sidecar(folder, i)["control_image"] for i in range(2)} == {str(control_inputs["m1"])}
+    # Grid: a "control" column first (the mask in false colour, centre-cropped to 32x48), then the image.
+    font = grids.label_font()
+    labels = [f"{prompt} (seed {SEED + row})" for row, prompt in enumerate(PROMPTS[:2])]
+    layout = grids.grid_layout((4 * WIDTH, 4 * HEIGHT), 2, 2, grids.row_label_width(labels, font),
+                               grids.line_height(font))
+    grid = pixels(folder / "grid.png")
+    assert grid.shape == (layout.size[1], layout.size[0], 3)
+    spec = ControlSpec(type="mask", num_classes=5)
+    shown = np.asarray(false_colour(control_array(control_inputs["m1"], spec)[:, 4:36], spec))
+    x, y = layout.origin(1, 0)
+    assert np.array_equal(grid[y:y + 4 * HEIGHT, x:x + 4 * WIDTH], shown.repeat(4, axis=0).repeat(4, axis=1))
+
+
+def test_each_image_of_a_batch_gets_its_own_control_image_and_the_scale():
+    from inference.control import control_batches
+
+    views = [np.full((4, 2, 2), value, np.float32) for value in range(3)]
+    extra = control_batches(views, 0.25)(range(1, 3))
+    assert extra["controlnet_conditioning_scale"] == 0.25
+    assert extra["image"].shape == (2, 4, 2, 2) and extra["image"][:, 0, 0, 0].tolist() == [1.0, 2.0]
