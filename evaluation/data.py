@@ -25,7 +25,7 @@ from diffusion_model.parquet_source import check_label_column
 from diffusion_model.sources import SourceOptions, open_source
 from evaluation.scene import class_from_filename, class_from_value
 from utils.cli import UsageError
-from utils.constants import METADATA_FILENAME, SOURCE_FILE_KEY
+from utils.constants import METADATA_FILENAME, METADATA_KEY, SOURCE_FILE_KEY
 from utils.logger import get_logger
 
 PARQUET_BATCH_ROWS = 64
@@ -46,16 +46,19 @@ class EvalRow:
     image: Union[bytes, Path, None]
     scene: Optional[str] = None
     no_class: Optional[str] = None
+    metadata: Optional[dict] = None  # a metadata.jsonl line's "metadata" (gsd, lat, ...), None elsewhere
 
 
 class RawRow(NamedTuple):
-    """A source row as read, before a caption is chosen: number, captions cell, image, class or why none."""
+    """A source row as read, before a caption is chosen: number, captions cell, image, class or why none, and its
+    metadata (metadata.jsonl only)."""
 
     number: int
     captions: object
     image: Union[bytes, Path, None]
     scene: Optional[str]
     no_class: Optional[str]
+    metadata: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def split_rows(raw_rows: Iterable[RawRow], caption_index: int) -> Tuple[list, li
             bad.append(BadRow(raw.number, REASON_NO_CAPTION,
                               f"{len(captions)} usable caption(s), index {caption_index}"))
         else:
-            rows.append(EvalRow(raw.number, captions[caption_index], raw.image, raw.scene, raw.no_class))
+            rows.append(EvalRow(raw.number, captions[caption_index], raw.image, raw.scene, raw.no_class,
+                                raw.metadata))
     return rows, bad, most
 
 
@@ -124,7 +128,8 @@ def metadata_raw_rows(data_dir: Path, limit: Optional[int], class_column: Option
             # format.py's source_file is the image's name before create.py renamed it (null: the source had none)
             source_name = record[SOURCE_FILE_KEY] if SOURCE_FILE_KEY in record else name
             raw_rows.append(RawRow(number, record.get("text"), data_dir / name,
-                                   *row_class(source_name, record.get(class_column), class_column)))
+                                   *row_class(source_name, record.get(class_column), class_column),
+                                   record.get(METADATA_KEY)))
     if class_column and raw_rows and not has_column:
         raise UsageError(f"--class_column {class_column!r} is a key of no line of {metadata}")
     return raw_rows, bad

@@ -11,6 +11,7 @@ from evaluation.data import BadRow, EvalRow
 from evaluation.generation import GENERATED_DIRNAME, image_path, save_png
 from evaluation.metrics import CLIP_SCORE_DEFINITION as CLIP_SCORE
 from evaluation.metrics import FID_RESIZE as FID_INPUT
+from evaluation.gsd import gsd_headline, gsd_notes
 from evaluation.scene import SCENE_CLASSIFIER, directions_note
 
 REPORT_FILENAME = "eval_report.json"
@@ -89,6 +90,7 @@ def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Seque
         "clip_score": figures["clip_score"],
         "clip_cosine": figures["clip_cosine"],
         **scene_headline(figures["scene"]),
+        **gsd_headline(figures.get("gsd")),
         "stand_in_models": stand_in,
         "warnings": [w for w in (warning, stand_in and "stand-in (random or non-standard) metric models: "
                                  "these figures are not comparable with anything") if w],
@@ -109,5 +111,6 @@ def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Seque
         "clip_details": {"clip_model": clip, "clip_score": CLIP_SCORE,
                          "clip_cosine": "mean cosine(image, caption), unclamped"},
         "scene_details": {**figures["scene"], "classifier": SCENE_CLASSIFIER, "directions": directions_note()},
+        **({"gsd_details": {**figures["gsd"], "notes": gsd_notes()}} if figures.get("gsd") else {}),
         "timings_s": timings,
     }
