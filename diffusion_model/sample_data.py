@@ -10,10 +10,10 @@ road), with its class map in a `mask` column ({bytes, path}: an 8-bit PNG of cla
 ControlNet training: create.py --conditioning_column mask --conditioning_type mask.
 
 With --gsd_levels L (> 1), each class is also drawn at L ground sample distances, 1, 2, 4, ... times
-SAMPLE_GSD metres per pixel, in turn (row i: class i mod 5, level (i div 5) mod L): a scene at 2^k times the GSD is
-2^k x 2^k scenes of its class, each drawn as usual, side by side, shrunk back to 224 px by area averaging, as a
-coarser sensor would see more ground in the same pixels. The GSD is in a `gsd` column for create.py
---metadata_columns gsd=gsd.
+SAMPLE_GSD metres per pixel, in turn (row i: class i mod 5, level (i div 5) mod L), as a coarser sensor sees more
+ground in the same pixels: at 2^k times the GSD the scene, drawn as usual, covers the centre 1/2^k of each side and
+the dark woods around it fill the rest (shrunk back to 224 px by area averaging). The captions do not change with
+the GSD; it is in a `gsd` column for create.py --metadata_columns gsd=gsd.
 
 Run: python diffusion_model/sample_data.py --output data/sample/rsicd_sample.parquet --num_rows 64 [--masks]
 """
@@ -47,6 +47,7 @@ ROOF_COLOURS = ((170, 80, 60), (200, 200, 195), (90, 90, 100))
 BARE_COLOUR = (196, 172, 128)
 GRASS_COLOUR = (120, 160, 90)
 URBAN_COLOUR = (120, 118, 115)
+WOODS_COLOUR = (34, 58, 36)
 
 RSICD_SCHEMA = pa.schema(
     [
@@ -59,7 +60,7 @@ MASK_SCHEMA = RSICD_SCHEMA.append(pa.field("mask", pa.struct([("bytes", pa.binar
 # Class index -> (caption words, colour) of the layout scenes; class 0 is the ground everything else lies on.
 # Metres per pixel of a plain 224 px sample scene; --gsd_levels draws coarser ones at 2, 4, ... times it.
 SAMPLE_GSD = 1.0
-# 2^(levels - 1) squared tiles a scene: level 5 (16 x 16 tiles of 224 px) is already slow.
+# The coarsest level's view is 2^(levels - 1) x 224 px wide before shrinking; at level 5 the scene is 14 px wide.
 MAX_GSD_LEVELS = 5
 GSD_SCHEMA = RSICD_SCHEMA.append(pa.field("gsd", pa.float64()))
 LAYOUT_CLASSES = (("bare land", BARE_COLOUR), ("green fields", FIELD_COLOURS[0]), ("water", WATER_COLOUR),
@@ -137,9 +138,9 @@ def draw_scene(scene: str, rng: np.random.Generator) -> tuple:
     return add_texture(image, rng), things
 
 
-def add_texture(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def add_texture(image: Image.Image, rng: np.random.Generator, size: int = SAMPLE_SIZE) -> Image.Image:
     """Add mild per-pixel noise so the JPEG looks like a photo rather than flat colour."""
-    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (SAMPLE_SIZE, SAMPLE_SIZE, 1), dtype=np.int16)
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (size, size, 1), dtype=np.int16)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -165,14 +166,13 @@ def encode_jpeg(image: Image.Image) -> bytes:
 
 
 def draw_zoomed_out(scene: str, rng: np.random.Generator, scale: int) -> tuple:
-    """A scene seen at scale times the GSD: scale x scale scenes of its class side by side, shrunk to SAMPLE_SIZE
-    by area averaging; the things drawn are those of every tile, each named once, in the order met."""
-    canvas = Image.new("RGB", (SAMPLE_SIZE * scale, SAMPLE_SIZE * scale))
-    things = []
-    for tile in range(scale * scale):
-        image, drawn = draw_scene(scene, rng)
-        canvas.paste(image, ((tile % scale) * SAMPLE_SIZE, (tile // scale) * SAMPLE_SIZE))
-        things += [thing for thing in drawn if thing not in things]
+    """A scene seen at scale times the GSD: the scene, drawn as usual, now covers the centre 1/scale of each side of
+    a wider view whose rest is the woods around it, shrunk back to SAMPLE_SIZE by area averaging."""
+    side = SAMPLE_SIZE * scale
+    canvas = add_texture(Image.new("RGB", (side, side), WOODS_COLOUR), rng, side)
+    image, things = draw_scene(scene, rng)
+    corner = (side - SAMPLE_SIZE) // 2
+    canvas.paste(image, (corner, corner))
     return canvas.resize((SAMPLE_SIZE, SAMPLE_SIZE), Image.Resampling.BOX), things
 
 

@@ -2,7 +2,7 @@
 
 A probe (scikit-learn, on cheap image features: colour statistics, a radial power spectrum in half-octave bands and
 gradient energy at three scales) learns log2 GSD from the run's real training images at random zooms. Convention:
-a square crop of side s / z of an image of side s whose metadata say GSD g, resized to the evaluation resolution, is
+the centred square crop of side s / z of an image of side s whose metadata say GSD g, resized to the evaluation resolution, is
 labelled g / z (zooming in makes a finer GSD; z is drawn log-uniformly in [1, PROBE_MAX_ZOOM], and z = 1 is the whole
 image). GSDs are in the data folder's convention: that of the create.py image as metadata.jsonl states it, which is
 what the model was conditioned on, whatever size the images are evaluated at.
@@ -43,11 +43,11 @@ PROBE_DESCRIPTION = ("scikit-learn StandardScaler + RandomForestRegressor (200 t
                      "predicting log2 GSD")
 
 
-def zoom_crop(image: Image.Image, zoom: float, rng: np.random.Generator, resolution: int) -> Image.Image:
-    """A square crop of side min(w, h) / zoom at a random place, resized to resolution x resolution."""
+def zoom_crop(image: Image.Image, zoom: float, resolution: int) -> Image.Image:
+    """The centred square crop of side min(w, h) / zoom, resized to resolution x resolution (centred, as the
+    held-out images are centre-cropped, and as a zoomed-in sensor keeps the subject of its tile)."""
     side = max(1, int(round(min(image.size) / zoom)))
-    left = int(rng.integers(0, image.size[0] - side + 1))
-    top = int(rng.integers(0, image.size[1] - side + 1))
+    left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
     return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), RESAMPLE)
 
 
@@ -95,7 +95,7 @@ def probe_crops(images: Sequence[Tuple[Image.Image, float]], resolution: int, se
     crops, labels = [], []
     for image, gsd in images:
         for zoom in draw_zooms(zooms_per_image, rng):
-            crops.append(zoom_crop(image, zoom, rng, resolution))
+            crops.append(zoom_crop(image, zoom, resolution))
             labels.append(math.log2(gsd / zoom))
     return crops, np.array(labels)
 
