@@ -58,13 +58,18 @@ def draw_zooms(count: int, rng: np.random.Generator, max_zoom: float = PROBE_MAX
     return zooms
 
 
+def band_edges(side: int) -> np.ndarray:
+    """Half-octave edges of spatial frequency (cycles per pixel) from 1 / side to the corner of the spectrum."""
+    return 2.0 ** np.arange(-math.log2(side), -0.5 + 1e-9, 0.5)
+
+
 def radial_bands(gray: np.ndarray) -> np.ndarray:
-    """log mean power of a grey image in half-octave rings of spatial frequency, from 1/side to the corner."""
-    side = min(gray.shape)
+    """log mean power of a grey image in each half-octave ring of spatial frequency (band_edges)."""
     power = np.abs(np.fft.fft2(gray - gray.mean())) ** 2
     fy, fx = np.meshgrid(np.fft.fftfreq(gray.shape[0]), np.fft.fftfreq(gray.shape[1]), indexing="ij")
     radius = np.hypot(fx, fy)
-    edges = 2.0 ** np.arange(-math.log2(side), 0.5 + 1e-9, 0.5)
+    edges = band_edges(min(gray.shape))
+    edges[-1] += 1e-9  # the corner itself belongs to the last ring
     bands = [power[(radius >= low) & (radius < high)] for low, high in zip(edges[:-1], edges[1:])]
     return np.log([band.mean() + POWER_FLOOR if band.size else POWER_FLOOR for band in bands])
 
@@ -216,12 +221,12 @@ def plan_gsd(probe_dir: Optional[str], rows: Sequence, sweep_rows: int, sweep_po
 
     if probe_dir is None:
         return GsdPlan(None, skipped="no --gsd_probe_data given")
-    if not any(row_gsd(row.metadata) for row in rows):
-        return GsdPlan(Path(probe_dir), skipped="no held-out row has a gsd in its metadata (a create.py + format.py "
-                                                "folder given as --data_dir carries them)")
     folder = Path(probe_dir)
     if not folder.is_dir():
         raise UsageError(f"--gsd_probe_data {probe_dir} is not a folder")
+    if not any(row_gsd(row.metadata) for row in rows):
+        return GsdPlan(folder, skipped="no held-out row has a gsd in its metadata (a create.py + format.py folder "
+                                       "given as --data_dir carries them)")
     raw_rows, _bad = metadata_raw_rows(folder, None)
     probe_rows = [row for row in raw_rows if row_gsd(row.metadata)][:limit]
     if not probe_rows:
@@ -341,6 +346,7 @@ def gsd_section(pipeline, plan: GsdPlan, rows: Sequence, eval_dir: Path, generat
     encoder = pipeline.metadata_encoder
     fields = encoder.fields if encoder is not None else ()
     gsd_dir = eval_dir / GSD_DIRNAME
+    gsd_dir.mkdir(parents=True, exist_ok=True)
     with_gsd = [row for row in rows if row_gsd(row.metadata)]
     sweep_rows = list(rows[:plan.sweep_rows]) if plan.sweep else []
     seen = (lambda images: vae_round_trip(pipeline.vae, images)) if through_vae else list

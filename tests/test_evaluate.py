@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from utils.cli import UsageError
+
 from conftest import REPO_ROOT, single_thread_env
 from evaluation.generation import SETTINGS_FILENAME
 
@@ -294,3 +296,46 @@ def test_a_lora_checkpoint_is_evaluated_on_its_recorded_base(runs):
     assert report["scene_details"]["class_counts"] == {"farmland": 2, "river": 2}
     assert report["num_classes"] == 2 and report["chance"] == 0.5 and 0.0 <= report["scene_accuracy"] <= 1.0
     assert "Traceback" not in done.stderr
+
+
+def test_gsd_adherence_of_a_metadata_model(tmp_path, metadata_model_dir, tiny_data_dir, stand_in_models, capsys):
+    """--gsd_probe_data on held-out rows carrying a gsd, in-process through main(): the report's GSD headline and
+    details (probe through the VAE, the sweep over the probe data's range), the summary line, and a rerun with
+    another sweep refused (resuming is tested in test_evaluation_gsd.py)."""
+    import evaluate
+    from test_evaluation_gsd import gsd_folder
+
+    folder = gsd_folder(tiny_data_dir, tmp_path / "gsd_data", [0.5, 1.0, 2.0, 4.0])
+    argv = [str(a) for a in evaluate_command(metadata_model_dir, "--data_dir", folder, stand_in_models,
+                                             tmp_path / "eval", "--num_samples", METADATA_ROWS, "--gsd_probe_data",
+                                             folder, "--gsd_probe_vae", "--gsd_sweep_rows", 2,
+                                             "--gsd_sweep_points", 3)[2:]]
+    assert evaluate.main(argv) == 0
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    details = report["gsd_details"]
+    assert details["model_takes_gsd"] is True and details["probe"]["through_vae"] is True
+    assert details["probe"]["covered_gsd"] == [0.5, 4.0] and details["sweep"]["gsd"] == pytest.approx([0.5, 1.414214,
+                                                                                                      4.0])
+    assert details["sweep"]["rows"] == [1, 2] and details["images_generated"] == METADATA_ROWS + 2 * 3
+    assert report["gsd_sweep_spearman"] == details["sweep"]["spearman"]
+    assert report["gsd_error_octaves"] == details["generated"]["error_octaves"]
+    assert 0.0 <= report["gsd_within_half_octave"] <= 1.0 and report["timings_s"]["gsd"] > 0
+    assert len(list((tmp_path / "eval" / "gsd").glob("sweep_*.png"))) == 6
+    assert "INFO GSD adherence (N=4): error " in capsys.readouterr().err
+    with pytest.raises(UsageError, match=r"other settings \(gsd_sweep_rows\)"):
+        evaluate.main(argv[:-3] + ["3", "--gsd_sweep_points", "3"])
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--gsd_sweep_points", "1"], "--gsd_sweep_points 1 must be at least 2"),
+    (["--gsd_sweep_rows", "0"], "--gsd_sweep_rows 0 must be at least 1"),
+    (["--gsd_probe_data", "/nonexistent/data"], "--gsd_probe_data /nonexistent/data is not a folder"),
+])
+def test_gsd_usage_errors(change, words, tmp_path, tiny_model_dir, tiny_data_dir, stand_in_models):
+    """Bad GSD flags are refused before anything loads or is written."""
+    import evaluate
+
+    argv = evaluate_command(tiny_model_dir, "--data_dir", tiny_data_dir, stand_in_models, tmp_path / "out")[2:]
+    with pytest.raises(UsageError, match=words):
+        evaluate.main([str(a) for a in argv] + change)
+    assert not (tmp_path / "out" / "generated").exists()

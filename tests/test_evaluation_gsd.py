@@ -54,8 +54,9 @@ def test_features_see_scale():
     wide = Image.fromarray(np.tile(((x // 8) % 2 * 255).astype(np.uint8), (32, 1))).convert("RGB")
     f, w = G.image_features(fine), G.image_features(wide)
     assert f.shape == w.shape and np.isfinite(f).all()
-    bands = slice(6, 6 + len(G.radial_bands(np.zeros((32, 32)))))
-    assert f[bands][-2] > w[bands][-2] and f[bands][1] < w[bands][1]
+    edges = G.band_edges(32)
+    quarter, sixteenth = (6 + int(np.searchsorted(edges, frequency, side="right")) - 1 for frequency in (0.25, 1 / 16))
+    assert f[quarter] > w[quarter] + 2 and f[sixteenth] < w[sixteenth] - 2  # stripes of period 4 and 16 px
 
 
 def test_probe_learns_the_gsd_of_unseen_scenes_and_not_from_shuffled_labels():
