@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     report = build_report(args, settings=settings, rows_read=rows_read, pairs=len(rows), bad=bad, figures=figures,
                           inception=inception, clip=clip, device=f"{device} ({dtype})", timings=timings)
     write_json_atomic(eval_dir / REPORT_FILENAME, report)
-    sheet = write_sheet(eval_dir, rows[:len(reals)], reals, f"{args.model}: real vs generated")
+    sheet = write_sheet(eval_dir, rows[:len(reals)], reals, f"{args.model}: real vs generated", figures.get("gsd"),
+                        rows)
     for warning in report["warnings"]:
         log.warning(warning)
     log.info("N=%d  FID %.2f  CLIP score %.2f (cosine %.4f)  -> %s, %s", len(rows), figures["fid"],

@@ -407,3 +407,24 @@ def gsd_notes() -> List[str]:
         "probe data's GSD range, same caption and seed; spearman is the mean of each row's rho; spearman_shuffled "
         f"pairs the images with shuffled requests ({SHUFFLES} shuffles); a sweep whose images do not change scores 0",
     ]
+
+
+def sweep_sheet(eval_dir: Path, section: Optional[dict], captions: Dict[int, str], shown_size) -> List[str]:
+    """HTML lines for sheet.html: one row per sweep row (its caption, then its image at each GSD, labelled with the
+    GSD asked and the GSD the probe sees), each image shown at shown_size(its size); none without a sweep."""
+    import html
+
+    sweep = (section or {}).get("sweep") or {}
+    if "rows" not in sweep:
+        return []
+    with Image.open(eval_dir / GSD_DIRNAME / f"{SWEEP_PREFIX}{sweep['rows'][0]:06d}_00.png") as first:
+        style = shown_size(first.size)
+    head = "".join(f"<th>{gsd:g} m</th>" for gsd in sweep["gsd"])
+    lines = ["<h2>GSD sweep (asked / seen by the probe)</h2>", "<table>", f"<tr><th>row</th><th>caption</th>{head}</tr>"]
+    for number in sweep["rows"]:
+        cells = "".join(
+            f"<td><img src='{GSD_DIRNAME}/{SWEEP_PREFIX}{number:06d}_{point:02d}.png' alt='{gsd:g} m' "
+            f"style='{style}'><br>{seen:.2f} m</td>"
+            for point, (gsd, seen) in enumerate(zip(sweep["gsd"], sweep["predicted_gsd"][str(number)])))
+        lines.append(f"<tr><td>{number}</td><th scope='row'>{html.escape(captions.get(number, ''))}</th>{cells}</tr>")
+    return lines + ["</table>"]

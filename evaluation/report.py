@@ -11,7 +11,7 @@ from evaluation.data import BadRow, EvalRow
 from evaluation.generation import GENERATED_DIRNAME, image_path, save_png
 from evaluation.metrics import CLIP_SCORE_DEFINITION as CLIP_SCORE
 from evaluation.metrics import FID_RESIZE as FID_INPUT
-from evaluation.gsd import gsd_headline, gsd_notes
+from evaluation.gsd import gsd_headline, gsd_notes, sweep_sheet
 from evaluation.scene import SCENE_CLASSIFIER, directions_note
 
 REPORT_FILENAME = "eval_report.json"
@@ -53,9 +53,10 @@ def shown_size(size) -> str:
     return f"width:{size[0] * factor}px;height:{size[1] * factor}px"
 
 
-def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title: str) -> Path:
+def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title: str,
+                gsd: Optional[dict] = None, all_rows: Sequence[EvalRow] = ()) -> Path:
     """sheet.html: one row per pair, its caption as the row's label, then the real and the generated image, small
-    ones enlarged by an integer factor without smoothing (relative image paths)."""
+    ones enlarged by an integer factor without smoothing (relative image paths); then the GSD sweep, if any."""
     sheet_dir = eval_dir / SHEET_DIRNAME
     sheet_dir.mkdir(exist_ok=True)
     lines = ["<!DOCTYPE html>", "<meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
@@ -73,6 +74,7 @@ def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title:
                      f"<td><img src='{real_path.relative_to(eval_dir).as_posix()}' alt='real' style='{style}'></td>"
                      f"<td><img src='{generated}' alt='generated' style='{style}'></td></tr>")
     lines.append("</table>")
+    lines += sweep_sheet(eval_dir, gsd, {row.number: row.caption for row in all_rows}, shown_size)
     path = eval_dir / SHEET_FILENAME
     with open_text_atomic(path) as handle:
         handle.write("\n".join(lines) + "\n")

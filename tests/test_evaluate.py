@@ -322,6 +322,8 @@ def test_gsd_adherence_of_a_metadata_model(tmp_path, metadata_model_dir, tiny_da
     assert 0.0 <= report["gsd_within_half_octave"] <= 1.0 and report["timings_s"]["gsd"] > 0
     assert len(list((tmp_path / "eval" / "gsd").glob("sweep_*.png"))) == 6
     assert "INFO GSD adherence (N=4): error " in capsys.readouterr().err
+    sheet = (tmp_path / "eval" / "sheet.html").read_text()
+    assert "GSD sweep" in sheet and "gsd/sweep_000002_02.png" in sheet and "<th>4 m</th>" in sheet
     with pytest.raises(UsageError, match=r"other settings \(gsd_sweep_rows\)"):
         evaluate.main(argv[:-3] + ["3", "--gsd_sweep_points", "3"])
 

@@ -184,8 +184,16 @@ def test_section_draws_rows_with_their_metadata_and_the_sweep(metadata_model_dir
     assert first["sweep"]["gsd"] == plan.sweep and first["sweep"]["rows"] == [1, 2]
     assert set(first["sweep"]["predicted_gsd"]) == {"1", "2"} and -1 <= first["sweep"]["spearman"] <= 1
     assert first["probe"]["images"] == 8 and first["probe"]["crops"] == 8 * G.PROBE_ZOOMS_PER_IMAGE
+    from inference.pipeline import generate
+
+    own = generate(pipeline, [rows[2].caption], [rows[2].number], negative_prompt=None, num_inference_steps=2,
+                   guidance_scale=1.0, height=32, width=32, conditioning={"metadata": {"gsd": 2.0}})[0]
+    assert np.array_equal(np.asarray(own), np.asarray(Image.open(gsd_dir / "row_000003.png"))), "row 3 asks 2 m"
     again = section()
     assert again["images_generated"] == 0 and again["generated"] == first["generated"]
+    seen_by_vae = G.gsd_section(pipeline, plan, rows, tmp_path / "eval", generated, seed_of=lambda row: row.number,
+                                resolution=32, seed=0, options=options, through_vae=True)
+    assert seen_by_vae["probe"]["through_vae"] and seen_by_vae["ceiling_real"] != first["ceiling_real"]
     headline = G.gsd_headline(first)
     assert headline["gsd_sweep_spearman"] == first["sweep"]["spearman"]
     assert "Spearman rho" in G.gsd_summary(first) and G.gsd_headline({"skipped": "x"}) == {}
