@@ -2,10 +2,10 @@
 
 A probe (scikit-learn, on cheap image features: colour statistics, a radial power spectrum in half-octave bands and
 gradient energy at three scales) learns log2 GSD from the run's real training images at random zooms. Convention:
-the centred square crop of side s / z of an image of side s whose metadata say GSD g, resized to the evaluation resolution, is
-labelled g / z (zooming in makes a finer GSD; z is drawn log-uniformly in [1, PROBE_MAX_ZOOM], and z = 1 is the whole
-image). GSDs are in the data folder's convention: that of the create.py image as metadata.jsonl states it, which is
-what the model was conditioned on, whatever size the images are evaluated at.
+the centred square crop of side s / z of an image of side s whose metadata say GSD g, resized to the evaluation
+resolution, is labelled g / z (zooming in makes a finer GSD; z is drawn log-uniformly in [1, PROBE_MAX_ZOOM], and
+z = 1 is the whole image). GSDs are in the data folder's convention: that of the create.py image as metadata.jsonl
+states it, which is what the model was conditioned on, whatever size the images are evaluated at.
 
 Figures (each over images with a known requested GSD):
   - error_octaves: mean |log2 predicted - log2 requested|; within_half_octave: the share within 0.5 octave;
@@ -420,7 +420,8 @@ def sweep_sheet(eval_dir: Path, section: Optional[dict], captions: Dict[int, str
     with Image.open(eval_dir / GSD_DIRNAME / f"{SWEEP_PREFIX}{sweep['rows'][0]:06d}_00.png") as first:
         style = shown_size(first.size)
     head = "".join(f"<th>{gsd:g} m</th>" for gsd in sweep["gsd"])
-    lines = ["<h2>GSD sweep (asked / seen by the probe)</h2>", "<table>", f"<tr><th>row</th><th>caption</th>{head}</tr>"]
+    lines = ["<h2>GSD sweep (asked / seen by the probe)</h2>", "<table>",
+             f"<tr><th>row</th><th>caption</th>{head}</tr>"]
     for number in sweep["rows"]:
         cells = "".join(
             f"<td><img src='{GSD_DIRNAME}/{SWEEP_PREFIX}{number:06d}_{point:02d}.png' alt='{gsd:g} m' "
