@@ -13,6 +13,9 @@
 # DEMO_RESOLUTION (training and sampling size, 16), DEMO_SAMPLE_STEPS (denoising steps, 20),
 # DEMO_EVAL_SAMPLES (held-out captions evaluated, 40), DEMO_VAE_STEPS (VAE fitting steps, 150),
 # DEMO_TEXT_STEPS (text-encoder fitting steps, 150).
+# DEMO_METADATA=1: each scene class is drawn at DEMO_GSD_LEVELS (4) ground sample distances, the fine-tune is
+# conditioned on the GSD (--metadata_fields gsd), and evaluate.py also measures whether the images follow the GSD
+# asked for (a sweep's Spearman rho for the base and the fine-tuned model, with its shuffled floor).
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup_env.sh
@@ -26,6 +29,17 @@ SAMPLE_STEPS="${DEMO_SAMPLE_STEPS:-20}"
 EVAL_SAMPLES="${DEMO_EVAL_SAMPLES:-40}"
 VAE_STEPS="${DEMO_VAE_STEPS:-150}"
 TEXT_STEPS="${DEMO_TEXT_STEPS:-150}"
+METADATA="${DEMO_METADATA:-0}"
+GSD_LEVELS="${DEMO_GSD_LEVELS:-4}"
+# With metadata: scenes at several GSDs, the GSD read from their column, trained on, and measured on a held-out
+# create.py folder (it carries each row's GSD as the training folder does).
+sample_args=() create_args=() train_args=() eval_source=(--parquet_path "$OUT/rsicd_test.parquet")
+if [[ "$METADATA" == 1 ]]; then
+  sample_args=(--gsd_levels "$GSD_LEVELS")
+  create_args=(--metadata_columns gsd=gsd)
+  train_args=(--metadata_fields gsd)
+  eval_source=(--data_dir "$OUT/test_data" --gsd_probe_data "$OUT/data" --gsd_sweep_rows 5)
+fi
 # Guidance off: the tiny base never learnt an unconditional image (SD1.5 did, hence its 7.5), so guiding away from
 # it only adds noise.
 GUIDANCE=1
@@ -57,14 +71,24 @@ touch "$OUT/$MARKER"
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
 step "1/7 sample data: $ROWS training rows and $EVAL_SAMPLES held-out rows in RSICD's Parquet schema, 5 scene classes"
-python diffusion_model/sample_data.py --output "$OUT/rsicd_train.parquet" --num_rows "$ROWS" --seed 0
-python diffusion_model/sample_data.py --output "$OUT/rsicd_test.parquet" --num_rows "$EVAL_SAMPLES" --seed 1
+python diffusion_model/sample_data.py --output "$OUT/rsicd_train.parquet" --num_rows "$ROWS" --seed 0 \
+  "${sample_args[@]}"
+python diffusion_model/sample_data.py --output "$OUT/rsicd_test.parquet" --num_rows "$EVAL_SAMPLES" --seed 1 \
+  "${sample_args[@]}"
 
 step "2/7 create.py: Parquet -> 512 px JPEGs + captions.txt"
-python diffusion_model/create.py --parquet_path "$OUT/rsicd_train.parquet" --output_dir "$OUT/data"
+python diffusion_model/create.py --parquet_path "$OUT/rsicd_train.parquet" --output_dir "$OUT/data" "${create_args[@]}"
+if [[ "$METADATA" == 1 ]]; then
+  python diffusion_model/create.py --parquet_path "$OUT/rsicd_test.parquet" --output_dir "$OUT/test_data" \
+    "${create_args[@]}"
+fi
 
 step "3/7 format.py: captions.txt -> metadata.jsonl"
 python diffusion_model/format.py --caption_file "$OUT/data/captions.txt" --output_file "$OUT/data/metadata.jsonl"
+if [[ "$METADATA" == 1 ]]; then
+  python diffusion_model/format.py --caption_file "$OUT/test_data/captions.txt" \
+    --output_file "$OUT/test_data/metadata.jsonl"
+fi
 
 step "4/7 tiny random Stable Diffusion pipeline (stands in for SD1.5, which cannot be downloaded here), its VAE and text encoder fitted to the scenes"
 # SD fine-tuning keeps a pretrained VAE and text encoder. Random ones decode everything to noise and give every
@@ -76,7 +100,7 @@ python -m stand_in.tiny_model "$OUT/tiny_model" --fit_data "$OUT/data" --fit_res
 # --shared_seed: every held-out caption drawn from the same seed, so images differ only by their caption; the
 # caption-blind base then scores chance exactly, where per-row seeds give it 0.2, 0.4 or more by luck at this N.
 evaluate_model() {  # evaluate_model NAME MODEL_DIR: evaluate.py on the held-out captions into $OUT/eval_NAME
-  python evaluate.py --model "$2" --parquet_path "$OUT/rsicd_test.parquet" --num_samples "$EVAL_SAMPLES" \
+  python evaluate.py --model "$2" "${eval_source[@]}" --num_samples "$EVAL_SAMPLES" \
     --inception_weights "$OUT/eval_models/inception_random.pth" --clip_model "$OUT/eval_models/clip_tiny" \
     --output_dir "$OUT/eval_$1" --num_inference_steps "$SAMPLE_STEPS" --resolution "$RESOLUTION" --seed 0 \
     --batch_size 8 --guidance_scale "$GUIDANCE" --shared_seed
@@ -110,7 +134,7 @@ MODEL_NAME="$OUT/tiny_model" DATA_DIR="$OUT/data" OUTPUT_DIR="$OUT/model" REPORT
   --train_batch_size="$BATCH" --gradient_accumulation_steps=1 --learning_rate=2e-3 --max_train_steps="$STEPS" \
   --checkpointing_steps="$((STEPS / 2 > 0 ? STEPS / 2 : 1))" --checkpoints_total_limit=2 \
   --validation_prompts "${PROMPTS[@]}" --validation_guidance_scale "$GUIDANCE" \
-  --validation_epochs="$(( EPOCHS / 3 > 0 ? EPOCHS / 3 : 1 ))" --seed=0
+  --validation_epochs="$(( EPOCHS / 3 > 0 ? EPOCHS / 3 : 1 ))" --seed=0 "${train_args[@]}"
 
 step "7/7 generate.py (${#PROMPTS[@]} prompts, one per scene class, x 2 images; log: $OUT/generate.log) and evaluate.py on the fine-tuned model, same $EVAL_SAMPLES held-out captions"
 prompt_args=()

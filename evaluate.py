@@ -21,7 +21,8 @@ from evaluation.args import parse_args, source_options
 from evaluation.control import ControlEvaluation, control_summary
 from evaluation.data import load_rows
 from evaluation.generation import (GENERATED_DIRNAME, check_settings, generate_missing, missing_rows,
-                                   record_settings, settings_from_args)
+                                   record_settings, row_seed, settings_from_args)
+from evaluation.gsd import GSD_DIRNAME, gsd_section, gsd_summary, plan_gsd
 from evaluation.metrics import (clip_cosine, clip_info, inception_info, load_clip, load_inception, make_clip_score,
                                 make_fid)
 from evaluation.report import REPORT_FILENAME, build_report, write_sheet
@@ -61,6 +62,11 @@ def main(argv=None) -> int:
         control.check_settings(eval_dir, settings, args.overwrite)
         rows, control_bad = control.select(rows, args.resolution)
         bad = bad + control_bad
+    # GSD adherence: the probe folder's metadata are read now (no images), so a bad folder fails before loading.
+    gsd_plan = plan_gsd(args.gsd_probe_data, rows, args.gsd_sweep_rows, args.gsd_sweep_points)
+    gsd_settings = {**settings, **gsd_plan.settings()}
+    if not gsd_plan.skipped:
+        check_settings(eval_dir / GSD_DIRNAME, gsd_settings, args.overwrite)
 
     # Metric models from local paths; a wrong file is refused here, before anything is generated.
     inception_path, clip_path = Path(args.inception_weights), Path(args.clip_model)
@@ -74,6 +80,8 @@ def main(argv=None) -> int:
                              args.lora_scale)
     pipeline = control.pipeline(pipeline, device, dtype) if control is not None else pipeline
     record_settings(generated_dir, settings, args.overwrite)
+    if not gsd_plan.skipped:
+        record_settings(eval_dir / GSD_DIRNAME, gsd_settings, args.overwrite)
     clock["loaded"] = time.monotonic()
 
     # Real side of FID first: it streams, and it finds undecodable images before we spend time generating.
@@ -109,16 +117,24 @@ def main(argv=None) -> int:
     if control is not None:
         figures["control"] = control.report(rows, eval_dir, args.resolution)
     clock["end"] = time.monotonic()
+    if args.gsd_probe_data:
+        options = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                   "height": args.resolution, "width": args.resolution, "batch_size": args.batch_size}
+        figures["gsd"] = gsd_section(pipeline, gsd_plan, rows, eval_dir, generated_dir, resolution=args.resolution,
+                                     seed=args.seed, options=options, through_vae=args.gsd_probe_vae,
+                                     seed_of=lambda row: row_seed(args.seed, row, args.shared_seed))
+    clock["gsd"] = time.monotonic()
 
     timings = {"loading": clock["loaded"] - clock["start"], "real_features": clock["real"] - clock["loaded"],
                "generation": clock["generation"] - clock["real"],
-               "generated_features": clock["end"] - clock["generation"], "total": clock["end"] - clock["start"],
-               "images_generated": len(pending)}
+               "generated_features": clock["end"] - clock["generation"], "gsd": clock["gsd"] - clock["end"],
+               "total": clock["gsd"] - clock["start"], "images_generated": len(pending)}
     report = build_report(args, settings=settings, rows_read=rows_read, pairs=len(rows), bad=bad, figures=figures,
                           inception=inception, clip=clip, device=f"{device} ({dtype})", timings=timings)
     write_json_atomic(eval_dir / REPORT_FILENAME, report)
     sheet = write_sheet(eval_dir, rows[:len(reals)], reals, f"{args.model}: real vs generated",
-                        control.pictures(rows[:len(reals)]) if control is not None else None)
+                        control.pictures(rows[:len(reals)]) if control is not None else None, figures.get("gsd"),
+                        rows)
     for warning in report["warnings"]:
         log.warning(warning)
     log.info("N=%d  FID %.2f  CLIP score %.2f (cosine %.4f)  -> %s, %s", len(rows), figures["fid"],
@@ -126,6 +142,8 @@ def main(argv=None) -> int:
     log.info("%s", scene_summary(figures["scene"]))
     if control is not None:
         log.info("%s", control_summary(figures["control"]))
+    if args.gsd_probe_data:
+        log.info("%s", gsd_summary(figures["gsd"]))
     return 0
 
 

@@ -9,6 +9,12 @@ With --masks, each row is instead a scene drawn from a random class layout (bare
 road), with its class map in a `mask` column ({bytes, path}: an 8-bit PNG of class indices, LAYOUT_CLASSES) for
 ControlNet training: create.py --conditioning_column mask --conditioning_type mask.
 
+With --gsd_levels L (> 1), each class is also drawn at L ground sample distances, 1, 2, 4, ... times
+SAMPLE_GSD metres per pixel, in turn (row i: class i mod 5, level (i div 5) mod L), as a coarser sensor sees more
+ground in the same pixels: at 2^k times the GSD the scene, drawn as usual, covers the centre 1/2^k of each side and
+the dark woods around it fill the rest (shrunk back to 224 px by area averaging). The captions do not change with
+the GSD; it is in a `gsd` column for create.py --metadata_columns gsd=gsd.
+
 Run: python diffusion_model/sample_data.py --output data/sample/rsicd_sample.parquet --num_rows 64 [--masks]
 """
 
@@ -41,6 +47,7 @@ ROOF_COLOURS = ((170, 80, 60), (200, 200, 195), (90, 90, 100))
 BARE_COLOUR = (196, 172, 128)
 GRASS_COLOUR = (120, 160, 90)
 URBAN_COLOUR = (120, 118, 115)
+WOODS_COLOUR = (34, 58, 36)
 
 RSICD_SCHEMA = pa.schema(
     [
@@ -51,6 +58,11 @@ RSICD_SCHEMA = pa.schema(
 )
 MASK_SCHEMA = RSICD_SCHEMA.append(pa.field("mask", pa.struct([("bytes", pa.binary()), ("path", pa.string())])))
 # Class index -> (caption words, colour) of the layout scenes; class 0 is the ground everything else lies on.
+# Metres per pixel of a plain 224 px sample scene; --gsd_levels draws coarser ones at 2, 4, ... times it.
+SAMPLE_GSD = 1.0
+# The coarsest level's view is 2^(levels - 1) x 224 px wide before shrinking; at level 5 the scene is 14 px wide.
+MAX_GSD_LEVELS = 5
+GSD_SCHEMA = RSICD_SCHEMA.append(pa.field("gsd", pa.float64()))
 LAYOUT_CLASSES = (("bare land", BARE_COLOUR), ("green fields", FIELD_COLOURS[0]), ("water", WATER_COLOUR),
                   ("buildings", ROOF_COLOURS[0]), ("a road", ROAD_COLOUR))
 
@@ -126,9 +138,9 @@ def draw_scene(scene: str, rng: np.random.Generator) -> tuple:
     return add_texture(image, rng), things
 
 
-def add_texture(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def add_texture(image: Image.Image, rng: np.random.Generator, size: int = SAMPLE_SIZE) -> Image.Image:
     """Add mild per-pixel noise so the JPEG looks like a photo rather than flat colour."""
-    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (SAMPLE_SIZE, SAMPLE_SIZE, 1), dtype=np.int16)
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (size, size, 1), dtype=np.int16)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -153,17 +165,36 @@ def encode_jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def make_sample_row(index: int, seed: int) -> dict:
-    """One RSICD row, drawn from an RNG seeded by (seed, index) so any row can be regenerated alone."""
+def draw_zoomed_out(scene: str, rng: np.random.Generator, scale: int) -> tuple:
+    """A scene seen at scale times the GSD: the scene, drawn as usual, now covers the centre 1/scale of each side of
+    a wider view whose rest is the woods around it, shrunk back to SAMPLE_SIZE by area averaging."""
+    side = SAMPLE_SIZE * scale
+    canvas = add_texture(Image.new("RGB", (side, side), WOODS_COLOUR), rng, side)
+    image, things = draw_scene(scene, rng)
+    corner = (side - SAMPLE_SIZE) // 2
+    canvas.paste(image, (corner, corner))
+    return canvas.resize((SAMPLE_SIZE, SAMPLE_SIZE), Image.Resampling.BOX), things
+
+
+def gsd_scale(index: int, gsd_levels: int) -> int:
+    """How many times SAMPLE_GSD row index is drawn at: 2^level, the level taking turns after each class's turn."""
+    return 2 ** ((index // len(SCENES)) % gsd_levels)
+
+
+def make_sample_row(index: int, seed: int, gsd_levels: int = 1) -> dict:
+    """One RSICD row, drawn from an RNG seeded by (seed, index) so any row can be regenerated alone; with
+    gsd_levels > 1, drawn at its level's GSD, given in a `gsd` column."""
     rng = np.random.default_rng([seed, index])
     # Classes take turns, so any run of len(SCENES) rows holds each once: held-out sets are balanced, chance is
     # 1/len(SCENES).
     scene = SCENES[index % len(SCENES)]
-    image, things = draw_scene(scene, rng)
+    scale = gsd_scale(index, gsd_levels)
+    image, things = draw_scene(scene, rng) if gsd_levels == 1 else draw_zoomed_out(scene, rng, scale)
     return {
         "filename": f"{IMAGES_DIRNAME}/{scene}_{index + 1}{IMAGE_EXTENSION}",
         "captions": describe(scene, things, rng),
         "image": {"bytes": encode_jpeg(image), "path": None},
+        **({"gsd": SAMPLE_GSD * scale} if gsd_levels > 1 else {}),
     }
 
 
@@ -197,13 +228,19 @@ def make_layout_row(index: int, seed: int) -> dict:
             "mask": {"bytes": buffer.getvalue(), "path": None}}
 
 
-def make_sample_parquet(path, num_rows: int, seed: int = 0, row_group_size: int = 32, masks: bool = False) -> Path:
+def make_sample_parquet(path, num_rows: int, seed: int = 0, row_group_size: int = 32, masks: bool = False,
+                        gsd_levels: int = 1) -> Path:
     """Write num_rows sample rows to path (atomically) in the RSICD schema (with masks: layout scenes and their
-    `mask` column); return the path."""
+    `mask` column; with gsd_levels > 1: scenes at several GSDs and their `gsd` column); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(path.name + TMP_SUFFIX)
-    schema, make_row = (MASK_SCHEMA, make_layout_row) if masks else (RSICD_SCHEMA, make_sample_row)
+    if masks:
+        schema, make_row = MASK_SCHEMA, make_layout_row
+    elif gsd_levels > 1:
+        schema, make_row = GSD_SCHEMA, lambda index, row_seed: make_sample_row(index, row_seed, gsd_levels)
+    else:
+        schema, make_row = RSICD_SCHEMA, make_sample_row
     with pq.ParquetWriter(tmp_path, schema) as writer:
         for start in range(0, num_rows, row_group_size):
             rows = [make_row(i, seed) for i in range(start, min(start + row_group_size, num_rows))]
@@ -221,6 +258,9 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--row_group_size", type=int, default=32, help="Rows per Parquet row group (default 32).")
     parser.add_argument("--masks", action="store_true",
                         help="Draw scenes from random class layouts and add their class masks in a `mask` column.")
+    parser.add_argument("--gsd_levels", type=int, default=1,
+                        help=f"Draw each class at this many ground sample distances ({SAMPLE_GSD:g} m per pixel, "
+                             "then 2x, 4x, ...), in a `gsd` column (default 1: one scale, no column).")
     return parser.parse_args(argv)
 
 
@@ -232,7 +272,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UsageError(f"--num_rows must be at least 1, got {args.num_rows}")
     if args.row_group_size < 1:
         raise UsageError(f"--row_group_size must be at least 1, got {args.row_group_size}")
-    path = make_sample_parquet(args.output, args.num_rows, args.seed, args.row_group_size, args.masks)
+    if not 1 <= args.gsd_levels <= MAX_GSD_LEVELS:
+        raise UsageError(f"--gsd_levels must be between 1 and {MAX_GSD_LEVELS}, got {args.gsd_levels}")
+    if args.gsd_levels > 1 and args.masks:
+        raise UsageError("--gsd_levels and --masks do not go together (layout scenes have one scale)")
+    path = make_sample_parquet(args.output, args.num_rows, args.seed, args.row_group_size, args.masks,
+                               args.gsd_levels)
     get_logger().info("wrote %d sample rows to %s", args.num_rows, path)
     return 0
 

@@ -75,7 +75,24 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--sheet_pairs", type=int, default=8, help="real/generated pairs shown in sheet.html")
     run.add_argument("--overwrite", action="store_true",
                      help="delete generated images made with other settings instead of refusing")
+    add_gsd_flags(parser)
     return parser
+
+
+def add_gsd_flags(parser: ArgumentParser) -> None:
+    """GSD adherence (evaluation/gsd.py): the probe's training folder and the sweep's size."""
+    gsd = parser.add_argument_group("GSD adherence (held-out --data_dir rows whose metadata carry a gsd)")
+    gsd.add_argument("--gsd_probe_data", help="the run's training folder (create.py + format.py, metadata.jsonl "
+                                              "with gsd): a GSD probe learns from its images at random zooms and "
+                                              "judges the generated ones (default: no GSD figures)")
+    gsd.add_argument("--gsd_probe_vae", action="store_true",
+                     help="pass the probe's crops and the real held-out images through the model's VAE (encode, "
+                          "decode) first, so a VAE that blurs fine texture is not read as a finer GSD; costs a VAE "
+                          "round trip per crop")
+    gsd.add_argument("--gsd_sweep_rows", type=int, default=4,
+                     help="held-out rows (the first ones) each drawn at every sweep GSD, same caption and seed")
+    gsd.add_argument("--gsd_sweep_points", type=int, default=8,
+                     help="GSDs of the sweep, log-spaced over 0.3-10 m clipped to the probe data's GSD range")
 
 
 def check_args(args) -> None:
@@ -86,6 +103,8 @@ def check_args(args) -> None:
     check_at_least("--batch_size", args.batch_size, 1)
     check_at_least("--metric_batch_size", args.metric_batch_size, 1)
     check_at_least("--sheet_pairs", args.sheet_pairs, 0)
+    check_at_least("--gsd_sweep_rows", args.gsd_sweep_rows, 1)
+    check_at_least("--gsd_sweep_points", args.gsd_sweep_points, 2)  # a rank correlation needs two points
     if args.resolution <= 0 or args.resolution % LATENT_MULTIPLE:
         raise UsageError(f"--resolution {args.resolution} must be a positive multiple of {LATENT_MULTIPLE}")
     check_finite("--guidance_scale", args.guidance_scale)

@@ -17,6 +17,10 @@ from utils.cli import ArgumentParser, UsageError, run_main
 COLUMNS = (("scene acc.", "scene_accuracy"), ("real-trained", "scene_accuracy_real_trained"),
            ("ceiling", "scene_accuracy_real"), ("chance", "chance"), ("classes", "num_classes"),
            ("N", "scene_num_samples"), ("FID", "fid"), ("CLIP", "clip_score"))
+# Shown when a report has GSD figures (evaluate.py --gsd_probe_data).
+GSD_COLUMNS = (("GSD rho", "gsd_sweep_spearman"), ("rho shuffled", "gsd_sweep_spearman_shuffled"),
+               ("GSD err oct", "gsd_error_octaves"), ("real err", "gsd_error_octaves_real"),
+               ("absent err", "gsd_error_octaves_absent"))
 
 
 def load_report(spec: str) -> tuple:
@@ -40,11 +44,18 @@ def cell(value) -> str:
 def table(reports) -> str:
     """The comparison table, one row per report, then what the stand-in flag means."""
     width = max(len(label) for label, _ in reports)
-    lines = [" ".join([" " * width] + [f"{name:>12}" for name, _ in COLUMNS])]
+    gsd = any("gsd_sweep_spearman" in report for _, report in reports)
+    columns = COLUMNS + (GSD_COLUMNS if gsd else ())
+    lines = [" ".join([" " * width] + [f"{name:>12}" for name, _ in columns])]
     for label, report in reports:
-        lines.append(" ".join([f"{label:<{width}}"] + [f"{cell(report.get(key)):>12}" for _, key in COLUMNS]))
+        lines.append(" ".join([f"{label:<{width}}"] + [f"{cell(report.get(key)):>12}" for _, key in columns]))
     lines.append("scene acc.: classifier trained on generated images, tested on real ones; real-trained: the "
                  "reverse; ceiling: the same classifier on real images (cross-validated)")
+    if gsd:
+        lines.append("GSD rho: Spearman's rho between the GSD asked for and the GSD a probe sees, over a sweep (same "
+                     "caption and seed); rho shuffled: the images paired with shuffled requests (the floor); err "
+                     "oct: mean error in octaves of rows drawn with their metadata, of the real images (ceiling) "
+                     "and of images drawn without metadata (floor)")
     if any(report.get("stand_in_models") for _, report in reports):
         lines.append("stand-in (random) Inception/CLIP weights: FID and CLIP score are not comparable with "
                      "published figures; scene accuracies compare these models with each other only")

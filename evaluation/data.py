@@ -27,7 +27,7 @@ from diffusion_model.shard_index import is_shards_dir, read_member, shard_files
 from diffusion_model.sources import SourceOptions, open_source
 from evaluation.scene import class_from_filename, class_from_value
 from utils.cli import UsageError
-from utils.constants import CONDITIONING_KEY, METADATA_FILENAME, SHARDS_INDEX_FILENAME, SOURCE_FILE_KEY
+from utils.constants import CONDITIONING_KEY, METADATA_FILENAME, METADATA_KEY, SHARDS_INDEX_FILENAME, SOURCE_FILE_KEY
 from utils.logger import get_logger
 
 PARQUET_BATCH_ROWS = 64
@@ -49,11 +49,12 @@ class EvalRow:
     scene: Optional[str] = None
     no_class: Optional[str] = None
     conditioning: Optional[Path] = None  # a create.py folder's conditioning file (metadata.jsonl conditioning_image)
+    metadata: Optional[dict] = None  # a metadata.jsonl line's "metadata" (gsd, lat, ...), None elsewhere
 
 
 class RawRow(NamedTuple):
-    """A source row as read, before a caption is chosen: number, captions cell, image, class or why none, and the
-    conditioning file a create.py folder names for it."""
+    """A source row as read, before a caption is chosen: number, captions cell, image, class or why none, the
+    conditioning file a create.py folder names for it, and its metadata (metadata.jsonl only)."""
 
     number: int
     captions: object
@@ -61,6 +62,7 @@ class RawRow(NamedTuple):
     scene: Optional[str]
     no_class: Optional[str]
     conditioning: Optional[Path] = None
+    metadata: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ def split_rows(raw_rows: Iterable[RawRow], caption_index: int) -> Tuple[list, li
                               f"{len(captions)} usable caption(s), index {caption_index}"))
         else:
             rows.append(EvalRow(raw.number, captions[caption_index], raw.image, raw.scene, raw.no_class,
-                                raw.conditioning))
+                                raw.conditioning,
+                                raw.metadata))
     return rows, bad, most
 
 
@@ -133,7 +136,8 @@ def metadata_raw_rows(data_dir: Path, limit: Optional[int], class_column: Option
             raw_rows.append(RawRow(number, record.get("text"), data_dir / name,
                                    *row_class(source_name, record.get(class_column), class_column),
                                    data_dir / conditioning if isinstance(conditioning, str)
-                                   and not unsafe_name_reason(conditioning) else None))
+                                   and not unsafe_name_reason(conditioning) else None,
+                                   record.get(METADATA_KEY)))
     if class_column and raw_rows and not has_column:
         raise UsageError(f"--class_column {class_column!r} is a key of no line of {metadata}")
     return raw_rows, bad

@@ -11,6 +11,7 @@ from evaluation.data import BadRow, EvalRow
 from evaluation.generation import GENERATED_DIRNAME, image_path, save_png
 from evaluation.metrics import CLIP_SCORE_DEFINITION as CLIP_SCORE
 from evaluation.metrics import FID_RESIZE as FID_INPUT
+from evaluation.gsd import gsd_headline, gsd_notes, sweep_sheet
 from evaluation.scene import SCENE_CLASSIFIER, directions_note
 
 REPORT_FILENAME = "eval_report.json"
@@ -53,10 +54,11 @@ def shown_size(size) -> str:
 
 
 def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title: str,
-                controls: Optional[Sequence] = None) -> Path:
+                controls: Optional[Sequence] = None, gsd: Optional[dict] = None,
+                all_rows: Sequence[EvalRow] = ()) -> Path:
     """sheet.html: one row per pair, its caption as the row's label, then the real and the generated image, small
     ones enlarged by an integer factor without smoothing (relative image paths); with controls (a ControlNet's
-    conditioning in false colour, one per row), a "conditioning" column before them."""
+    conditioning in false colour, one per row), a "conditioning" column before them; then the GSD sweep, if any."""
     sheet_dir = eval_dir / SHEET_DIRNAME
     sheet_dir.mkdir(exist_ok=True)
     lines = ["<!DOCTYPE html>", "<meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
@@ -75,6 +77,7 @@ def write_sheet(eval_dir: Path, rows: Sequence[EvalRow], reals: Sequence, title:
                      f"<td><img src='{real_path.relative_to(eval_dir).as_posix()}' alt='real' style='{style}'></td>"
                      f"<td><img src='{generated}' alt='generated' style='{style}'></td></tr>")
     lines.append("</table>")
+    lines += sweep_sheet(eval_dir, gsd, {row.number: row.caption for row in all_rows}, shown_size)
     path = eval_dir / SHEET_FILENAME
     with open_text_atomic(path) as handle:
         handle.write("\n".join(lines) + "\n")
@@ -100,6 +103,7 @@ def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Seque
         "clip_cosine": figures["clip_cosine"],
         **scene_headline(figures["scene"]),
         **{key: value for key, value in figures.get("control", {}).items() if key.startswith("control_")},
+        **gsd_headline(figures.get("gsd")),
         "stand_in_models": stand_in,
         "warnings": [w for w in (warning, stand_in and "stand-in (random or non-standard) metric models: "
                                  "these figures are not comparable with anything") if w],
@@ -120,5 +124,6 @@ def build_report(args, *, settings: dict, rows_read: int, pairs: int, bad: Seque
         "clip_details": {"clip_model": clip, "clip_score": CLIP_SCORE,
                          "clip_cosine": "mean cosine(image, caption), unclamped"},
         "scene_details": {**figures["scene"], "classifier": SCENE_CLASSIFIER, "directions": directions_note()},
+        **({"gsd_details": {**figures["gsd"], "notes": gsd_notes()}} if figures.get("gsd") else {}),
         "timings_s": timings,
     }

@@ -1,4 +1,8 @@
-"""demo.sh end to end at small sizes: every step runs and everything the closing summary names exists."""
+"""demo.sh end to end at small sizes: every step runs and everything the closing summary names exists.
+
+The one run is DEMO_METADATA=1, the default demo plus the GSD steps (scenes at 2 GSDs, a held-out create.py
+folder, --metadata_fields gsd, the GSD figures); the default's own Parquet evaluation is tested in test_evaluate.py
+and its sample data in test_sample_data.py."""
 
 import json
 import os
@@ -14,7 +18,8 @@ from utils.quiet import NOTICES
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"DEMO_ROWS": "8", "DEMO_STEPS": "2", "DEMO_RESOLUTION": "16", "DEMO_SAMPLE_STEPS": "2",
-         "DEMO_EVAL_SAMPLES": "4", "DEMO_VAE_STEPS": "2", "DEMO_TEXT_STEPS": "2"}
+         "DEMO_EVAL_SAMPLES": "4", "DEMO_VAE_STEPS": "2", "DEMO_TEXT_STEPS": "2", "DEMO_METADATA": "1",
+         "DEMO_GSD_LEVELS": "2"}
 BACKGROUND_LOGS = ("eval_base.log", "generate.log")
 
 
@@ -66,6 +71,24 @@ def test_outputs_hold_what_the_pipeline_made(demo):
         assert report["num_classes"] == 4 and report["chance"] == 0.25 and report["scene_accuracy"] is not None
         assert report["fid"] < 100_000, "stand-in features are scaled so FID does not read as a broken number"
     assert "untrained base" in done.stdout and "fine-tuned" in done.stdout and "ceiling" in done.stdout
+
+
+def test_metadata_demo_trains_on_the_gsd_and_reports_the_sweep(demo):
+    """DEMO_METADATA=1: every row has its GSD (2 levels), the model's UNet is conditioned on it, both reports carry
+    the sweep's rho and its shuffled floor, and the comparison prints them (the base takes no metadata: rho 0)."""
+    out, done = demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "data" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted({line["metadata"]["gsd"] for line in lines}) == [0.4375, 0.875]  # 1 and 2 m at 224 -> 512 px
+    assert json.loads((out / "model" / "unet" / "metadata_spec.json").read_text())["fields"] == ["gsd"]
+    for name, takes in (("eval_base", False), ("eval_model", True)):
+        report = json.loads((out / name / "eval_report.json").read_text())
+        assert report["gsd_details"]["model_takes_gsd"] is takes
+        assert report["gsd_details"]["sweep"]["gsd"][0] == 0.4375 and report["gsd_details"]["sweep"]["gsd"][-1] == 0.875
+        assert -1 <= report["gsd_sweep_spearman"] <= 1 and "gsd_sweep_spearman_shuffled" in report
+    base = json.loads((out / "eval_base" / "eval_report.json").read_text())
+    assert base["gsd_sweep_spearman"] == 0.0  # one image per sweep row, whatever the GSD asked
+    assert "GSD rho" in done.stdout and "rho shuffled" in done.stdout
 
 
 def demo_layout(rows: int, columns: int):

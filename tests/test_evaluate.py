@@ -14,12 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+from utils.cli import UsageError
+
 from conftest import REPO_ROOT, single_thread_env
 from evaluation.generation import SETTINGS_FILENAME
+from test_evaluation_gsd import gsd_folder
 
 RESOLUTION = 32
 STEPS = 2
 METADATA_ROWS = 4
+GSDS = [0.5, 1.0, 2.0, 4.0]
+GSD_FLAGS = ["--gsd_probe_vae", "--gsd_sweep_rows", 2, "--gsd_sweep_points", 3]
 
 
 def evaluate_command(model, source_flag, source, stand_ins, out, *extra) -> list:
@@ -93,8 +98,10 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sampl
     root = tmp_path_factory.mktemp("evaluate")
     shards = root / "shards"
     write_image_text_shards(shards)
-    meta_cmd = evaluate_command(tiny_model_dir, "--data_dir", tiny_data_dir, stand_in_models, root / "meta",
-                                "--num_samples", METADATA_ROWS, "--seed", 7)
+    # The tiny data folder with a GSD on each row: the metadata.jsonl run also measures GSD adherence.
+    gsd_data = gsd_folder(tiny_data_dir, root / "gsd_data", GSDS)
+    meta_cmd = evaluate_command(tiny_model_dir, "--data_dir", gsd_data, stand_in_models, root / "meta",
+                                "--gsd_probe_data", gsd_data, *GSD_FLAGS, "--num_samples", METADATA_ROWS, "--seed", 7)
     parquet_cmd = evaluate_command(tiny_model_dir, "--parquet_path", shards, stand_in_models, root / "parquet",
                                    "--sheet_pairs", 2, "--dtype", "bf16")
     # RSICD schema through --input (the reader create.py uses), names carrying classes: 5 classes in turn, 2 rows each.
@@ -126,7 +133,8 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir, stand_in_models, sampl
     resumed = finish(start(meta_cmd))
     control = finish(control_process)
     refused = other_seed.communicate(timeout=300)
-    return {"root": root, "meta": meta, "parquet": parquet, "rsicd": rsicd, "lora": lora, "first_images": first,
+    return {"root": root, "gsd_data": gsd_data, "meta": meta, "parquet": parquet, "rsicd": rsicd, "lora": lora,
+            "first_images": first,
             "first_report": report,
             "lost": lost, "kept_mtimes": kept_mtimes, "resumed": resumed, "control": control,
             "refused": (other_seed.returncode, refused[1])}
@@ -154,7 +162,8 @@ def test_one_image_per_row_at_the_resolution_and_a_sheet(runs):
     for n in range(1, METADATA_ROWS + 1):
         assert f"generated/{n:06d}.png" in sheet and (runs["root"] / "meta" / "sheet" / f"real_{n:06d}.png").is_file()
     # 32 px images shown 4x, pixelated, beside a caption per row (each img tag: real, then generated)
-    assert sheet.count("style='width:128px;height:128px'") == 2 * METADATA_ROWS and "pixelated" in sheet
+    # and the GSD sweep's 2 rows x 3 GSDs
+    assert sheet.count("style='width:128px;height:128px'") == 2 * METADATA_ROWS + 2 * 3 and "pixelated" in sheet
 
 
 def test_resume_generates_only_the_lost_images_with_the_same_pixels_and_figures(runs):
@@ -199,8 +208,9 @@ def test_resume_with_another_dtype_is_refused_unless_overwrite(runs, tiny_model_
     from evaluation.generation import check_settings, settings_from_args
     from utils.cli import UsageError
 
-    argv = [str(a) for a in evaluate_command(tiny_model_dir, "--data_dir", tiny_data_dir, stand_in_models,
-                                             runs["root"] / "meta", "--num_samples", METADATA_ROWS, "--seed", 7)[2:]]
+    argv = [str(a) for a in evaluate_command(tiny_model_dir, "--data_dir", runs["gsd_data"], stand_in_models,
+                                             runs["root"] / "meta", "--gsd_probe_data", runs["gsd_data"],
+                                             *GSD_FLAGS, "--num_samples", METADATA_ROWS, "--seed", 7)[2:]]
     with pytest.raises(UsageError, match=r"other settings \(dtype\)"):
         evaluate.main(argv + ["--dtype", "bf16"])
     generated = runs["root"] / "meta" / "generated"
@@ -361,3 +371,51 @@ def test_scale_zero_draws_both_sets_alike_and_control_train_dir_picks_the_segmen
         name = f"{n:06d}.png"
         assert (tmp_path / "eval" / "generated" / name).read_bytes() == \
             (tmp_path / "eval" / "generated_shuffled" / name).read_bytes()
+
+
+def test_gsd_adherence_is_measured_with_its_ceiling_and_floors(runs):
+    """--gsd_probe_data on held-out rows carrying a gsd: the GSD headline and details (probe through the VAE, the
+    sweep over the probe data's range, its rows and points as asked), the summary line and the sheet's sweep. The
+    tiny model takes no metadata: its sweep images do not change, rho 0 (metadata models: test_evaluation_gsd.py)."""
+    report = runs["first_report"]
+    details = report["gsd_details"]
+    assert details["model_takes_gsd"] is False and details["probe"]["through_vae"] is True
+    assert details["probe"]["covered_gsd"] == [0.5, 4.0] and details["probe"]["images"] == 8
+    assert details["sweep"]["gsd"] == pytest.approx([0.5, 1.414214, 4.0]) and details["sweep"]["rows"] == [1, 2]
+    assert details["images_generated"] == METADATA_ROWS + 2 * 3
+    assert report["gsd_sweep_spearman"] == 0.0 and report["gsd_sweep_spearman_shuffled"] == 0.0
+    assert report["gsd_error_octaves"] == details["generated"]["error_octaves"] == pytest.approx(
+        report["gsd_error_octaves_absent"])  # no metadata taken: the rows' images are the plain ones
+    assert 0.0 <= report["gsd_within_half_octave"] <= 1.0 and report["gsd_error_octaves_real"] >= 0
+    assert len(list((runs["root"] / "meta" / "gsd").glob("sweep_*.png"))) == 6
+    assert "INFO GSD adherence (N=4): error " in runs["meta"].stderr
+    sheet = (runs["root"] / "meta" / "sheet.html").read_text()
+    assert "GSD sweep" in sheet and "gsd/sweep_000002_02.png" in sheet and "<th>4 m</th>" in sheet
+    resumed = json.loads((runs["root"] / "meta" / "eval_report.json").read_text())
+    assert resumed["gsd_details"]["images_generated"] == 0 and resumed["gsd_sweep_spearman"] == 0.0
+
+
+def test_another_sweep_in_the_same_folder_is_refused(runs, tiny_model_dir, stand_in_models):
+    """The GSD images' settings guard a rerun like generated/'s: another --gsd_sweep_rows is one line."""
+    import evaluate
+
+    argv = [str(a) for a in evaluate_command(tiny_model_dir, "--data_dir", runs["gsd_data"], stand_in_models,
+                                             runs["root"] / "meta", "--gsd_probe_data", runs["gsd_data"],
+                                             "--gsd_sweep_rows", 3, "--num_samples", METADATA_ROWS, "--seed", 7)[2:]]
+    with pytest.raises(UsageError, match=r"gsd holds images made with other settings \(gsd_sweep, gsd_sweep_rows\)"):
+        evaluate.main(argv)
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--gsd_sweep_points", "1"], "--gsd_sweep_points 1 must be at least 2"),
+    (["--gsd_sweep_rows", "0"], "--gsd_sweep_rows 0 must be at least 1"),
+    (["--gsd_probe_data", "/nonexistent/data"], "--gsd_probe_data /nonexistent/data is not a folder"),
+])
+def test_gsd_usage_errors(change, words, tmp_path, tiny_model_dir, tiny_data_dir, stand_in_models):
+    """Bad GSD flags are refused before anything loads or is written."""
+    import evaluate
+
+    argv = evaluate_command(tiny_model_dir, "--data_dir", tiny_data_dir, stand_in_models, tmp_path / "out")[2:]
+    with pytest.raises(UsageError, match=words):
+        evaluate.main([str(a) for a in argv] + change)
+    assert not (tmp_path / "out" / "generated").exists()

@@ -26,6 +26,18 @@ def test_missing_figures_read_n_a_and_real_weights_have_no_caveat():
     assert "n/a" in text.splitlines()[1] and "not comparable" not in text
 
 
+def test_gsd_columns_only_when_a_report_has_gsd_figures():
+    """A report with the GSD sweep adds its rho, shuffled floor and errors; a report without shows n/a there."""
+    assert "GSD rho" not in table([("x", report(0.5))])
+    gsd = {**report(0.8), "gsd_sweep_spearman": 0.71, "gsd_sweep_spearman_shuffled": -0.01,
+           "gsd_error_octaves": 0.9, "gsd_error_octaves_real": 0.1, "gsd_error_octaves_absent": 1.3}
+    lines = table([("base", report(0.2)), ("fine-tuned", gsd)]).splitlines()
+    assert "GSD rho" in lines[0] and "rho shuffled" in lines[0] and "absent err" in lines[0]
+    assert lines[2].split()[-5:] == ["0.710", "-0.010", "0.900", "0.100", "1.300"]
+    assert lines[1].split()[-5:] == ["n/a"] * 5
+    assert any(line.startswith("GSD rho: Spearman") for line in lines)
+
+
 def test_cli_labels_and_refuses_unreadable_files(tmp_path, capsys, run_script):
     path = tmp_path / "eval" / "eval_report.json"
     path.parent.mkdir()

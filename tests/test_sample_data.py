@@ -83,3 +83,34 @@ def test_layout_scenes_carry_masks_that_match_what_is_drawn(tmp_path):
     assert len(layouts) == 6, "every scene has its own layout"
     again = make_sample_parquet(tmp_path / "again.parquet", 6, seed=2, row_group_size=4, masks=True)
     assert pq.read_table(again).equals(pq.read_table(path))
+
+
+def test_gsd_levels_draw_each_class_at_each_gsd_and_leave_the_default_alone(tmp_path):
+    """--gsd_levels 3: class i mod 5 at SAMPLE_GSD x 2^((i div 5) mod 3), in a gsd column; a coarser GSD shows the
+    scene smaller among dark woods (its centre is still the scene); without the flag the file is what it was."""
+    import numpy as np
+
+    from diffusion_model.sample_data import GSD_SCHEMA, SAMPLE_GSD, SCENES, WOODS_COLOUR, make_sample_row
+
+    path = make_sample_parquet(tmp_path / "g.parquet", 15, seed=0, row_group_size=8, gsd_levels=3)
+    assert pq.ParquetFile(path).schema_arrow.equals(GSD_SCHEMA)
+    rows = pq.read_table(path).to_pylist()
+    assert [row["gsd"] for row in rows] == [SAMPLE_GSD * 2 ** (i // 5) for i in range(15)]
+    assert [row["filename"].split("/")[1].split("_")[0] for row in rows] == list(SCENES) * 3
+    woods = []
+    for row in rows:
+        pixels = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")).astype(int)
+        near_woods = (np.abs(pixels - np.array(WOODS_COLOUR)).sum(-1) < 40).mean()
+        woods.append(near_woods)
+        assert np.abs(pixels[100:124, 100:124] - np.array(WOODS_COLOUR)).sum(-1).mean() > 40, "the centre is the scene"
+    assert max(woods[:5]) < 0.05 and all(0.6 < w < 0.8 for w in woods[5:10]) and min(woods[10:]) > 0.9
+    assert make_sample_row(3, 0) == make_sample_row(3, 0, gsd_levels=1)
+    assert "gsd" not in make_sample_row(3, 0) and pq.read_table(make_sample_parquet(
+        tmp_path / "plain.parquet", 5, seed=0)).schema.equals(RSICD_SCHEMA)
+
+
+def test_cli_rejects_bad_gsd_levels(run_script, tmp_path):
+    for extra, words in ((["--gsd_levels", "0"], "--gsd_levels must be between 1 and"),
+                         (["--gsd_levels", "2", "--masks"], "--gsd_levels and --masks")):
+        result = run_script("diffusion_model/sample_data.py", ["--output", tmp_path / "s.parquet", *extra])
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
