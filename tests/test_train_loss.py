@@ -145,3 +145,14 @@ def test_loss_falls_when_overfitting_four_images(tiny_model_dir, tiny_data_dir, 
         losses.append(loss.item())
     first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert last < 0.6 * first, losses
+
+
+def test_noise_does_not_depend_on_the_latents_memory_layout():
+    """Batch-2 cache parity: the VAE's CPU convolutions give channels_last latents from batch 2 on, cached latents
+    are contiguous; the same seed must draw the same noise and leave the RNG at the same place for both."""
+    latents = torch.zeros(2, 4, 8, 8)
+    draws = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(3)
+        draws.append((L.sample_noise(latents.to(memory_format=layout), 0.0), torch.rand(1)))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])

@@ -35,9 +35,16 @@ class LossOptions:
                    args.dream_detail_preservation)
 
 
+def randn_as(tensor: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise of tensor's shape, dtype and device, drawn in row-major order whatever its layout."""
+    # Not randn_like: it keeps the memory format, and the VAE's CPU convolutions return channels_last latents from
+    # batch 2 on, so the draw (values and RNG consumed) would differ from the cached path's contiguous latents.
+    return torch.randn(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+
+
 def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
     """Gaussian noise like latents, plus a per-channel offset that lets the model learn overall brightness."""
-    noise = torch.randn_like(latents)
+    noise = randn_as(latents)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
     return noise
@@ -113,7 +120,7 @@ def diffusion_loss(batch: dict, unet, vae, text_encoder, noise_scheduler, option
     latents = batch_latents(batch, vae, weight_dtype)
     noise = sample_noise(latents, options.noise_offset)
     timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, latents.device)
-    noised_with = noise + options.input_perturbation * torch.randn_like(noise) if options.input_perturbation else noise
+    noised_with = noise + options.input_perturbation * randn_as(noise) if options.input_perturbation else noise
     noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
     encoder_hidden_states = batch_text_states(batch, text_encoder)
     target = training_target(noise_scheduler, latents, noise, timesteps)
