@@ -157,6 +157,23 @@ def test_the_flip_is_drawn_where_the_image_transform_draws_it(mask_folder):
         assert torch.equal(dataset[index]["pixel_values"], plain(row["image"], rng))
 
 
+@pytest.mark.parametrize("proportion", ["0", "1"])
+def test_proportion_empty_prompts_gives_the_empty_prompt(mask_folder, proportion):
+    """--proportion_empty_prompts 1: every ControlNet row's caption is the empty prompt (its conditioning stays);
+    the default 0: none."""
+    from stand_in.tiny_model import build_tokenizer
+    from trainer.data import tokenize
+
+    args = cli(mask_folder, "--resolution", 16, "--proportion_empty_prompts", proportion)
+    spec, _ = controlnet_data.conditioning_spec(args, mask_folder)
+    tokenizer = build_tokenizer()
+    dataset = controlnet_data.build_train_dataset(args, tokenizer, 0, spec, mask_folder)
+    empty = tokenize(tokenizer, [""])[0]
+    items = [dataset[i] for i in range(len(dataset))]
+    assert {torch.equal(item["input_ids"], empty) for item in items} == {proportion == "1"}
+    assert all(item["conditioning_pixel_values"].shape == (4, 16, 16) for item in items)
+
+
 class CacheRows:
     """What CachedWithConditioning reads of a latent cache: row(index) -> (item, view), an epoch and a length."""
 

@@ -166,3 +166,10 @@ def test_validation_grid_and_card(first_runs):
     assert (output / "validation" / "step-6" / "0_0.png").is_file()
     card = (output / "README.md").read_text()
     assert "A ControlNet for `pipeline`" in card and "class mask (5 classes" in card
+
+
+def test_cache_latents_trains_from_the_latent_cache(first_runs):
+    """--cache_latents (mask run) builds the latent cache under OUTPUT_DIR/.cache/latents and trains from it; the
+    fill run, without the flag, has none."""
+    assert len(list((first_runs["mask"] / ".cache" / "latents").glob("*/manifest.json"))) == 1
+    assert not (first_runs["fill"] / ".cache").exists()

@@ -128,6 +128,22 @@ def test_imagefolder_from_create_and_format_batches(tiny_data_dir, tiny_model_di
 
 
 
+@pytest.mark.parametrize("proportion", ["0", "1"])
+def test_proportion_empty_prompts_gives_the_empty_prompt(tiny_data_dir, tiny_model_dir, proportion):
+    """--proportion_empty_prompts 1 turns every caption into the empty prompt; the default 0 none."""
+    from transformers import CLIPTokenizer
+
+    from trainer.args import parse_args
+
+    args = parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                       str(tiny_data_dir), "--resolution", "16", "--proportion_empty_prompts", proportion])
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
+    dataset = data.build_train_dataset(args, tokenizer, seed=0)
+    empty = data.tokenize(tokenizer, [""])[0]
+    emptied = {torch.equal(dataset[i]["input_ids"], empty) for i in range(len(dataset))}
+    assert emptied == {proportion == "1"}
+
+
 def test_local_imagefolder_loads_without_datasets_bars(tmp_path, capfd):
     """No "Downloading data" (datasets shows it from 16 files) or "Generating train split" bar for a local folder
     read into a fresh cache; datasets' bars are back on afterwards, huggingface_hub's were never touched."""
