@@ -9,6 +9,7 @@ from PIL import Image
 
 from diffusion_model.metadata import (build_records, group_lines, parse_line, read_conditioning_files,
                                       read_metadata_values, unsafe_name_reason)
+from format_cases import CASES, build_case, golden, outputs
 from parquet_cases import write_odd_shards
 
 CREATE, FORMAT = "diffusion_model/create.py", "diffusion_model/format.py"
@@ -261,3 +262,15 @@ def test_conditioning_sidecar_gives_every_line_its_conditioning_image_and_a_miss
     report = json.loads((folder / "format_report.json").read_text())
     assert report["skipped_lines"][0]["reason"] == "conditioning image conditioning_images/c.png not found"
     assert report["unlisted_images"] == ["rsicd_images/c.jpg"], "the conditioning images are listed, not strays"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_matches_the_in_memory_implementation_byte_for_byte(tmp_path, capsys, case):
+    """Tricky folders (tests/format_cases.py): metadata.jsonl, format_report.json, the exit code and the messages
+    equal, byte for byte, what the format.py that held every line in memory wrote (tests/golden/format/)."""
+    from diffusion_model.format import main
+
+    arguments = build_case(case, tmp_path / "case")
+    returncode = main(arguments)
+    printed = capsys.readouterr()
+    assert outputs(tmp_path / "case", returncode, printed.err + printed.out) == golden(case)
