@@ -35,6 +35,7 @@ MIXED_LINES = [
     b"../outside.jpg\tescape",
     "rsicd_images/b.jpg\t   ".encode(),
     "  rsicd_images/f.jpg  \t  padded name  ".encode(),
+    "rsicd_images//d.jpg\tdouble slash: another name for d".encode(),
 ]
 MIXED_SOURCES = [
     {"file_name": "rsicd_images/a.jpg", "source_file": "airport_1.jpg"}, "{broken",
