@@ -71,6 +71,7 @@ def main(argv=None) -> int:
 
     # Data; with --cache_latents the frozen encoders run once here, then those the cache serves leave the accelerator.
     num_workers = data.resolve_num_workers(args.dataloader_num_workers, accelerator.num_processes)
+    data.limit_cpu_threads(accelerator.device.type, accelerator.num_processes, num_workers, os.environ)
     collate = data.collate
     if args.cache_latents:
         dataset = latent_cache.cached_training_dataset(accelerator, args, components, dataset, weight_dtype,
