@@ -163,6 +163,37 @@ def lora_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return output
 
 
+@pytest.fixture(scope="session")
+def lora_metadata_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA run's OUTPUT_DIR trained with --metadata_fields gsd,lat,lon,date, made without training: random
+    non-zero adapters and metadata embedding (last layer included), saved as trainer.lora writes them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer import lora
+    from trainer.metadata import MetadataEncoder
+    from trainer.metadata_unet import add_embedding
+    from trainer.models import load_components
+
+    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_model_dir), revision=None, variant=None,
+                           non_ema_revision=None, prediction_type=None, lora_rank=4, lora_alpha=4.0,
+                           lora_dropout=0.0, lora_target_modules="attention", use_dora=False,
+                           train_text_encoder_lora=False)
+    components = load_components(args, torch.float32, "cpu")
+    encoder = MetadataEncoder(("gsd", "lat", "lon", "date"))
+    add_embedding(components.unet, encoder.dim)
+    setup = lora.apply_lora(args, components, torch.float32, "cpu", encoder)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in setup.params:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    output = tmp_path_factory.mktemp("lora_metadata_run") / "run"
+    lora.save_diffusers_file(output, components.unet, None, setup)
+    lora.write_run_record(output, args)
+    return output
+
+
 # --- Metadata fixtures (helper "metasample"): a pipeline whose UNet takes metadata, made without training.
 
 METADATA_FIELDS = ("gsd", "lat", "lon", "date")

@@ -341,7 +341,7 @@ def check_lora_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def check_metadata_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
-    """Known metadata fields, probabilities in [0, 1], and no mode the metadata embedding cannot train in yet."""
+    """Known metadata fields, probabilities in [0, 1], and no mode the metadata embedding cannot train in."""
     from trainer.metadata import parse_fields
 
     try:
@@ -352,9 +352,6 @@ def check_metadata_args(parser: ArgumentParser, args: argparse.Namespace) -> Non
                         ("--proportion_empty_prompts", args.proportion_empty_prompts)):
         if not 0.0 <= value <= 1.0:
             parser.error(f"{flag} must be in [0, 1], got {value}.")
-    if fields and args.lora_rank is not None:
-        parser.error("--metadata_fields does not work with --lora_rank yet: train the metadata embedding with a full "
-                     "fine-tune.")
     if fields and args.dream_training:
         parser.error("--metadata_fields does not work with --dream_training (diffusers' DREaM step calls the UNet "
                      "without the metadata).")
