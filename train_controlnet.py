@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         cached = latent_cache.cached_training_dataset(accelerator, args, components, dataset, weight_dtype,
                                                       num_workers)
         models.offload_frozen(components, cached.served_models)
-        dataset = controlnet_data.CachedWithConditioning(cached, dataset.table, dataset.conditioning_column, reader)
+        dataset = controlnet_data.CachedWithConditioning(cached, dataset.table, dataset.conditioning_column, reader,
+                                                         dataset.bad_rows)
         collate = latent_cache.collate_cached
     dataloader = data.build_dataloader(dataset, args.train_batch_size, num_workers, data.data_seed(args.seed),
                                        collate)
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     loop.init_trackers(accelerator, args)
     skipped = SkippedSteps()
     global_step = loop.resume_from(accelerator, args.output_dir, args.resume_from_checkpoint, [skipped])
+    bad_rows = controlnet_data.BadRowsReport(dataset, Path(args.output_dir), args.checkpointing_steps)
+    bad_rows.restore(resumed=global_step > 0)
     logger.info("%d examples, %d optimizer steps (%d per epoch), %d process(es), starting at step %d; "
                 "conditioning: %s, %d channels", len(dataset), plan.max_train_steps, plan.steps_per_epoch,
                 accelerator.num_processes, global_step, spec.type, spec.channels)
@@ -115,15 +118,18 @@ def main(argv=None) -> int:
     validation = ControlValidation.from_args(accelerator, args, components, spec, weight_dtype, ema)
     run = loop.TrainingRun(accelerator, args, components, model, optimizer, lr_scheduler, dataloader, ema, plan,
                            weight_dtype, scheduler, LossOptions.from_args(args), trainable, None, skipped,
-                           after_step=validation.during_training if validation else None)
+                           after_step=controlnet.after_steps(validation and validation.during_training,
+                                                             bad_rows.during_training))
     try:
         global_step = loop.train(run, global_step)
     except TrainingDiverged as err:
+        bad_rows.write(accelerator, final=True)
         if accelerator.is_main_process:
             logger.error("%s", err)
         accelerator.end_training()
         return 1
 
+    bad_rows.write(accelerator, final=True)
     controlnet.finish(run, global_step, checked.hub_repo_id, document, validation)
     accelerator.end_training()
     return 0

@@ -21,12 +21,12 @@ from PIL import Image
 
 from evaluation.data import BadRow, EvalRow
 from utils.cli import UsageError
-from utils.constants import CONDITIONING_KEY, METADATA_FILENAME
+from utils.constants import BAD_CONDITIONING_REASON, CONDITIONING_KEY, METADATA_FILENAME
 from utils.control_input import ControlInputError, ControlSpec, read_raw
 
 SHUFFLED_DIRNAME = "generated_shuffled"
 REASON_NO_CONDITIONING = "no_conditioning_image"
-REASON_BAD_CONDITIONING = "bad_conditioning_image"
+REASON_BAD_CONDITIONING = BAD_CONDITIONING_REASON
 # Pixels the segmenter is fitted on, drawn at random (seeded) from every training pair: enough for a dozen features,
 # few enough for seconds on a CPU at 512 px.
 SEGMENTER_PIXELS = 200_000

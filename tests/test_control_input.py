@@ -86,6 +86,25 @@ def test_band_count_mismatch_is_refused():
         prepare(np.zeros((3, 2, 2), np.float32), spec_from_document(BANDS_DOC))
 
 
+def test_band_count_without_normalisation_is_checked_against_the_bands():
+    """With no normalisation statistics the band list still fixes the count: 3 bands for a 2-band ControlNet."""
+    spec = spec_from_document({"type": "bands", "bands": [1, 2]})
+    with pytest.raises(ControlInputError, match="3 bands, the ControlNet was trained on 2"):
+        prepare(np.zeros((3, 2, 2), np.float32), spec)
+
+
+@pytest.mark.parametrize("array, fragment", [
+    (np.zeros((4, 4), np.float32), r"shape \(4, 4\), not \(bands, height, width\)"),
+    (np.zeros((2, 0, 4), np.float32), r"shape \(2, 0, 4\)"),
+    (np.array([[[np.nan, 1.0]], [[2.0, 3.0]]], np.float32), "NaN or infinite"),
+])
+def test_malformed_band_arrays_are_refused(tmp_path, array, fragment):
+    """A .npy that is not (bands, H, W), or holds NaN: a ControlInputError naming it (a bad row in training)."""
+    np.save(tmp_path / "b.npy", array)
+    with pytest.raises(ControlInputError, match=fragment):
+        control_array(tmp_path / "b.npy", spec_from_document(BANDS_DOC))
+
+
 def test_rgb_scaled_to_unit_range(tmp_path):
     """An RGB conditioning is 0..1 (not -1..1, as diffusers' ControlNet scripts give it), channels first."""
     rgb = np.zeros((2, 3, 3), np.uint8)

@@ -223,3 +223,61 @@ def test_conditioning_paths_out_of_the_folder_are_refused(tmp_path, value):
                                                          "conditioning_image": value}) + "\n")
     with pytest.raises(UsageError, match=f"conditioning path '{value}' leaves the data folder"):
         controlnet_data.check_conditioning_files(cli(tmp_path))
+
+
+@pytest.fixture()
+def folder_with_bad_rows(mask_folder, tmp_path):
+    """mask_folder with row 1's conditioning file corrupt (not a PNG) and row 2's holding a class beyond the 4."""
+    import shutil
+
+    folder = tmp_path / "bad"
+    shutil.copytree(mask_folder, folder)
+    (folder / "conditioning_images" / "1.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.full((64, 64), 9, np.uint8), mode="L").save(folder / "conditioning_images" / "2.png")
+    return folder
+
+
+def test_bad_conditioning_rows_are_recorded_and_replaced_by_the_next_readable_row(folder_with_bad_rows):
+    """No crash, no silent skip: through a DataLoader worker, a row whose conditioning is corrupt or holds a class
+    out of range yields the next readable row's item, and both bad rows reach the main process's record."""
+    from stand_in.tiny_model import build_tokenizer
+
+    args = cli(folder_with_bad_rows, "--resolution", 32)
+    spec, _ = controlnet_data.conditioning_spec(args, folder_with_bad_rows)
+    dataset = controlnet_data.build_train_dataset(args, build_tokenizer(), 0, spec, folder_with_bad_rows)
+    files = [dataset.cell(row) for row in range(4)]
+    bad = sorted(files.index(f"conditioning_images/{n}.png") for n in (1, 2))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=controlnet_data.collate)
+    batch = next(iter(loader))
+    assert dataset.bad_rows.flagged() == bad
+    for row in bad:
+        stand_in = next(r for r in range(row + 1, row + 5) if r % 4 not in bad) % 4
+        assert torch.equal(batch["conditioning_pixel_values"][row], batch["conditioning_pixel_values"][stand_in])
+        assert torch.equal(batch["pixel_values"][row], batch["pixel_values"][stand_in])
+
+
+def test_bad_rows_report_names_each_row_file_and_reason(folder_with_bad_rows, tmp_path):
+    """bad_rows.json: the count, each bad row with its file and the reader's complaint; a resumed run keeps the
+    rows recorded before it, a fresh one starts empty."""
+    from accelerate import Accelerator
+
+    from stand_in.tiny_model import build_tokenizer
+
+    args = cli(folder_with_bad_rows, "--resolution", 32)
+    spec, _ = controlnet_data.conditioning_spec(args, folder_with_bad_rows)
+    dataset = controlnet_data.build_train_dataset(args, build_tokenizer(), 0, spec, folder_with_bad_rows)
+    for index in range(len(dataset)):
+        dataset[index]
+    report = controlnet_data.BadRowsReport(dataset, tmp_path / "out", 2)
+    report.write(Accelerator(cpu=True), final=True)
+    written = json.loads((tmp_path / "out" / "bad_rows.json").read_text())
+    assert written["count"] == 2 and written["by_reason"] == {"bad_conditioning_image": 2}
+    details = {entry["file"]: entry["detail"] for entry in written["rows"]}
+    assert "cannot read conditioning file" in details["conditioning_images/1.png"]
+    assert "class 9 is outside 0..3" in details["conditioning_images/2.png"]
+    again = controlnet_data.build_train_dataset(args, build_tokenizer(), 0, spec, folder_with_bad_rows)
+    met_by_the_probe = again.bad_rows.flagged()
+    controlnet_data.BadRowsReport(again, tmp_path / "out", 2).restore(resumed=False)
+    assert again.bad_rows.flagged() == met_by_the_probe
+    controlnet_data.BadRowsReport(again, tmp_path / "out", 2).restore(resumed=True)
+    assert again.bad_rows.flagged() == dataset.bad_rows.flagged()

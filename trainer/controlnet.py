@@ -7,7 +7,7 @@ diffusion_pytorch_model.safetensors, loadable with ControlNetModel.from_pretrain
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -180,6 +180,18 @@ def register_state_hooks(accelerator, ema, offload_ema: bool = False) -> None:
     save_hook, load_hook = make_state_hooks(accelerator, ema, offload_ema)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def after_steps(*hooks) -> Callable:
+    """One after_step(run, step) for trainer/loop.py that calls each given hook in turn (None ones left out)."""
+    chosen = [hook for hook in hooks if hook]
+
+    def after_step(run, step: int) -> None:
+        """Every hook, in order."""
+        for hook in chosen:
+            hook(run, step)
+
+    return after_step
 
 
 def save_final(run, output_dir: Path, document: dict):

@@ -8,6 +8,7 @@ The conditioning comes from the data folder's `conditioning.json` (create.py + f
 import io
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,10 +16,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from trainer.data import TrainingDataset
+from trainer.data import BadRows, TrainingDataset
+from utils.atomic import write_json_atomic
 from utils.cli import UsageError
-from utils.constants import CONDITIONING_FILENAME, METADATA_FILENAME
+from utils.constants import BAD_CONDITIONING_REASON, BAD_ROWS_FILENAME, CONDITIONING_FILENAME, METADATA_FILENAME
 from utils.control_input import ControlInputError, ControlSpec, prepare, read_raw, resize_raw, spec_from_document
+from utils.logger import get_logger
 
 
 def data_folder(args) -> Optional[Path]:
@@ -146,11 +149,22 @@ def undecoded(table, column: str):
 class ControlTrainingDataset:
     """Mixin for trainer.data.TrainingDataset: each item also holds "conditioning_pixel_values", flipped with the
     image. The flip is drawn from the row's RNG at the place the image transform draws it, so the data matches an
-    uncached text-to-image run's and the cached run's views."""
+    uncached text-to-image run's and the cached run's views. A row whose conditioning cannot be read is recorded in
+    bad_rows and the next readable row stands in for it."""
 
     def setup_conditioning(self, reader: ConditioningReader, column: str, random_flip: bool) -> None:
-        """The reader, the conditioning column and whether views may be flipped."""
+        """The reader, the conditioning column (its cells kept undecoded) and whether views may be flipped."""
         self.reader, self.conditioning_column, self.random_flip = reader, column, random_flip
+        self.cells = self.table.select_columns([column])
+        self.bad_rows = BadRows(len(self.table), (ControlInputError,))
+
+    def cell(self, row: int):
+        """The row's conditioning cell (a path, or {bytes, path}), without reading the image."""
+        return self.cells[int(row)][self.conditioning_column]
+
+    def __getitem__(self, index: int) -> dict:
+        """The row's item, or the next readable row's when its conditioning cannot be read."""
+        return self.bad_rows.first_good(int(index), super().__getitem__)
 
     def pixels(self, row: dict, rng: random.Random) -> dict:
         """The image (transformed without flip, then flipped as drawn) and its conditioning, aligned."""
@@ -175,19 +189,24 @@ def build_train_dataset(args, tokenizer, seed: int, spec: ControlSpec, folder: O
     transform = data.make_image_transform(args.resolution, True, False, args.image_interpolation_mode)
     dataset = ControlledTrainingDataset(undecoded(base.table, column), tokenizer, transform, base.image_column,
                             base.caption_column, seed, base.metadata, base.dropout)
-    dataset.setup_conditioning(ConditioningReader(spec, folder, args.resolution), column, args.random_flip)
+    reader = ConditioningReader(spec, folder, args.resolution)
+    dataset.setup_conditioning(reader, column, args.random_flip)
+    # One readable row must exist, or every row would look for a stand-in in vain inside a DataLoader worker.
+    dataset.bad_rows.first_good(0, lambda row: reader.view(dataset.cell(row), False))
     return dataset
 
 
 class CachedWithConditioning(torch.utils.data.Dataset):
     """A latent-cache dataset whose rows also hold their conditioning, read every step and flipped when the cached
-    view drawn is the flipped image."""
+    view drawn is the flipped image; a row whose conditioning cannot be read is replaced as in the uncached data."""
 
-    def __init__(self, cached, table, column: str, reader: ConditioningReader):
-        """cached: trainer.latent_cache.CachedDataset over table's rows, row for row."""
+    def __init__(self, cached, table, column: str, reader: ConditioningReader, bad_rows: Optional[BadRows] = None):
+        """cached: trainer.latent_cache.CachedDataset over table's rows, row for row; bad_rows: the uncached
+        dataset's record, carried on (a new one when None)."""
         self.cached, self.reader = cached, reader
         self.cells = undecoded(table.select_columns([column]), column)
         self.column = column
+        self.bad_rows = bad_rows or BadRows(len(self.cells), (ControlInputError,))
 
     def __len__(self) -> int:
         """Number of rows."""
@@ -202,11 +221,90 @@ class CachedWithConditioning(torch.utils.data.Dataset):
         """Pass the epoch on to the cache's rows."""
         self.cached.set_epoch(epoch)
 
-    def __getitem__(self, index: int) -> dict:
+    def cell(self, row: int):
+        """The row's conditioning cell."""
+        return self.cells[int(row)][self.column]
+
+    def load(self, row: int) -> dict:
         """The cached row and its conditioning in the same view."""
-        item, view = self.cached.row(int(index))
-        cell = self.cells[int(index)][self.column]
-        return {**item, "conditioning_pixel_values": self.reader.view(cell, view == 1)}
+        item, view = self.cached.row(row)
+        return {**item, "conditioning_pixel_values": self.reader.view(self.cell(row), view == 1)}
+
+    def __getitem__(self, index: int) -> dict:
+        """The row, or the next readable row when its conditioning cannot be read."""
+        return self.bad_rows.first_good(int(index), self.load)
+
+
+def cell_name(cell) -> Optional[str]:
+    """The file a conditioning cell names (None for bytes without a path), for the report."""
+    if isinstance(cell, dict):
+        cell = cell.get("path")
+    return cell if isinstance(cell, str) else None
+
+
+def bad_row_entry(dataset, row: int) -> dict:
+    """A bad row's report line: its training row, file and the reader's complaint (read once more to get it)."""
+    cell = dataset.cell(row)
+    try:
+        dataset.reader.view(cell, False)
+        detail = "readable when read again for this report"
+    except ControlInputError as err:
+        detail = str(err)
+    return {"row": row, "reason": BAD_CONDITIONING_REASON, "file": cell_name(cell), "detail": detail}
+
+
+@dataclass
+class BadRowsReport:
+    """OUTPUT_DIR/bad_rows.json: every training row whose conditioning could not be read, and why. Written (0 rows
+    too) at each checkpoint and at the end, gathered from every process; a resumed run keeps the rows recorded
+    before it."""
+
+    dataset: object  # ControlledTrainingDataset or CachedWithConditioning: bad_rows, cell(row), reader
+    output_dir: Path
+    checkpointing_steps: int
+
+    @property
+    def path(self) -> Path:
+        """Where the report goes."""
+        return Path(self.output_dir) / BAD_ROWS_FILENAME
+
+    def restore(self, resumed: bool) -> None:
+        """When resuming, flag the rows the run recorded before (same row and file), so its record stays whole."""
+        if not resumed or not self.path.is_file():
+            return
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            get_logger().warning("%s cannot be read (%s): its rows are not carried into this run's report.",
+                                 self.path, err)
+            return
+        bad_rows = self.dataset.bad_rows
+        for entry in entries:
+            row = entry.get("row") if isinstance(entry, dict) else None
+            if isinstance(row, int) and 0 <= row < bad_rows.num_rows and \
+                    entry.get("file") == cell_name(self.dataset.cell(row)):
+                bad_rows.flags[row] = 1
+
+    def write(self, accelerator, final: bool = False) -> None:
+        """Gather every process's bad rows (all of them must call this), then the main one writes the report."""
+        bad_rows = self.dataset.bad_rows
+        flags = bad_rows.flags[:bad_rows.num_rows].to(device=accelerator.device, dtype=torch.int32)
+        gathered = accelerator.reduce(flags, "sum").cpu()
+        bad_rows.flags[:bad_rows.num_rows] |= (gathered > 0).to(torch.uint8)
+        if not accelerator.is_main_process:
+            return
+        entries = [bad_row_entry(self.dataset, row) for row in bad_rows.flagged()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, {"count": len(entries), "by_reason": dict(Counter(e["reason"] for e in entries)),
+                                      "rows": entries})
+        if final and entries:
+            get_logger().warning("%d training row(s) had a conditioning file that cannot be read; the next readable "
+                                 "row stood in for each: %s", len(entries), self.path)
+
+    def during_training(self, run, step: int) -> None:
+        """After an optimizer step: rewrite the report beside each checkpoint."""
+        if step % self.checkpointing_steps == 0:
+            self.write(run.accelerator)
 
 
 def collate(examples) -> dict:

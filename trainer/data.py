@@ -154,6 +154,43 @@ class SharedEpoch:
         self.value[0] = epoch
 
 
+class BadRows:
+    """Training rows that could not be read: each is recorded, counted and replaced by the next readable row.
+
+    The flags live in shared memory, so rows met by DataLoader workers reach the main process's report. A bad row
+    always gets the same substitute (the next readable row), so a resumed run sees what an uninterrupted one saw.
+    """
+
+    def __init__(self, num_rows: int, errors: tuple):
+        """num_rows flags, all clear; errors: the exception types that mark a row as bad (any other one stops)."""
+        self.flags = torch.zeros(max(1, num_rows), dtype=torch.uint8).share_memory_()
+        self.num_rows, self.errors = num_rows, errors
+
+    def first_good(self, index: int, load: Callable[[int], dict]) -> dict:
+        """load(row) of the first readable row from index on (wrapping round); each bad row met is recorded."""
+        for offset in range(self.num_rows):
+            row = (index + offset) % self.num_rows
+            if self.flags[row]:
+                continue
+            try:
+                return load(row)
+            except self.errors as err:
+                self.record(row, err)
+        raise UsageError(f"none of the {self.num_rows} training rows can be read (each warning above names a "
+                         "row and why).")
+
+    def record(self, row: int, err: Exception) -> None:
+        """Flag row (a warning the first time this process meets it)."""
+        if not self.flags[row]:
+            self.flags[row] = 1
+            get_logger().warning("training row %d cannot be read, so the next readable row stands in for it "
+                                 "(counted in bad_rows.json): %s", row, err)
+
+    def flagged(self) -> list:
+        """The bad rows met so far, in order."""
+        return self.flags[:self.num_rows].nonzero().flatten().tolist()
+
+
 class TrainingDataset(torch.utils.data.Dataset):
     """Rows → pixel_values and input_ids, with crop/flip/caption drawn from a per-(seed, epoch, row) RNG.
 

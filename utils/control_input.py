@@ -104,7 +104,10 @@ def read_mask(path: Path, spec: ControlSpec) -> np.ndarray:
 def read_bands(path: Path, spec: ControlSpec) -> np.ndarray:
     """(B, H, W) float32 raw band values: a .npy as create.py wrote it, or the chosen bands of a (Geo)TIFF."""
     if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.float32)
+        array = np.load(path, allow_pickle=False)
+        if array.ndim != 3 or 0 in array.shape:
+            raise ControlInputError(f"{path}: an array of shape {array.shape}, not (bands, height, width)")
+        return array.astype(np.float32)
     from diffusion_model.conditioning_io import band_pixels  # TIFF decoding (nodata, NaN) lives with create.py
 
     pixels = band_pixels(path.read_bytes(), max_pixels=1 << 40)
@@ -153,9 +156,11 @@ def prepare(raw: np.ndarray, spec: ControlSpec, source: str = "conditioning") ->
             raise ControlInputError(f"{source}: class {int(raw.max())} is outside 0..{spec.num_classes - 1}")
         return np.eye(spec.num_classes, dtype=np.float32)[raw].transpose(2, 0, 1).copy()
     if spec.type == "bands":
-        if spec.offset and len(spec.offset) != raw.shape[0]:
+        if spec.channels and spec.channels != raw.shape[0]:
             raise ControlInputError(f"{source}: {raw.shape[0]} bands, the ControlNet was trained on "
-                                    f"{len(spec.offset)}")
+                                    f"{spec.channels}")
+        if not np.isfinite(raw).all():  # they would make the loss NaN and stop training
+            raise ControlInputError(f"{source}: values that are NaN or infinite")
         if not spec.offset:
             return raw.astype(np.float32)
         offset = np.asarray(spec.offset, dtype=np.float32)[:, None, None]
