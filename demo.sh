@@ -9,6 +9,9 @@
 # works; the scene accuracies compare the two models on the same features.
 # Usage: ./demo.sh [OUT]   (default OUT: demo_output; a previous demo's OUT is replaced, any other non-empty
 # folder is refused)
+#        ./demo.sh --control [OUT]   the ControlNet demo instead: scripts/demo_control.sh (a ControlNet trained on
+# class masks, its control mIoU against the untrained ControlNet's and the shuffled floor; default OUT
+# demo_control_output)
 # Sizes, from the environment: DEMO_ROWS (training rows, 100), DEMO_STEPS (optimizer steps, 300),
 # DEMO_RESOLUTION (training and sampling size, 16), DEMO_SAMPLE_STEPS (denoising steps, 20),
 # DEMO_EVAL_SAMPLES (held-out captions evaluated, 40), DEMO_VAE_STEPS (VAE fitting steps, 150),
@@ -18,6 +21,10 @@
 # asked for (a sweep's Spearman rho for the base and the fine-tuned model, with its shuffled floor).
 set -euo pipefail
 cd "$(dirname "$0")"
+if [[ "${1:-}" == --control ]]; then
+  shift
+  exec scripts/demo_control.sh "$@"
+fi
 scripts/setup_env.sh
 . .venv/bin/activate
 

@@ -2,7 +2,9 @@
 
 Run: python merge_lora.py --model sd-rsicd-lora --output_dir sd-rsicd-merged [--base_model ID] [--lora_scale 1]
 --model is a LoRA run's OUTPUT_DIR or one of its checkpoint-N folders (EMA adapters when it has them); the base is
---base_model or the one the run recorded in lora_run.json. The merge is done in fp32 on the CPU.
+--base_model or the one the run recorded in lora_run.json. The merge is done in fp32 on the CPU. A run trained with
+--metadata_fields also installs its metadata embedding (stock config keys) and writes unet/metadata_spec.json, so
+the merged pipeline samples with generate.py --metadata.
 """
 
 import sys
@@ -35,7 +37,10 @@ def main(argv=None) -> int:
 
     import torch
 
+    from inference.metadata_pipeline import unet_spec
     from inference.pipeline import load_source, resolve_model
+    from trainer.metadata import write_spec
+    from utils.constants import UNET_DIRNAME
 
     args = parse_args(argv)
     setup_logging()
@@ -51,9 +56,12 @@ def main(argv=None) -> int:
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True)
+    encoder = unet_spec(pipeline.unet)
+    if encoder is not None:
+        write_spec(encoder, tmp / UNET_DIRNAME)
     tmp.rename(output)
-    get_logger().info("Merged %s (%s, scale %g) into %s: saved %s", source.lora, source.weights, source.lora_scale,
-                      source.pipeline, output)
+    get_logger().info("Merged %s (%s, scale %g%s) into %s: saved %s", source.lora, source.weights, source.lora_scale,
+                      ", with its metadata embedding" if encoder is not None else "", source.pipeline, output)
     return 0
 
 

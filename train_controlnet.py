@@ -82,6 +82,7 @@ def main(argv=None) -> int:
         dataset = controlnet_data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed), spec,
                                                       folder)
     num_workers = data.resolve_num_workers(args.dataloader_num_workers, accelerator.num_processes)
+    data.limit_cpu_threads(accelerator.device.type, accelerator.num_processes, num_workers, os.environ)
     collate = controlnet_data.collate
     if args.cache_latents:
         cached = latent_cache.cached_training_dataset(accelerator, args, components, dataset, weight_dtype,

@@ -60,9 +60,11 @@ def main(argv=None) -> int:
     components = models.load_components(args, weight_dtype, accelerator.device)
     with accelerator.main_process_first():
         dataset = data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed))
-    # With --metadata_fields: the UNet gains its zero-output metadata embedding before anything copies its weights.
+    # With --metadata_fields: the UNet gains its zero-output metadata embedding before anything copies its weights
+    # (under LoRA it then trains in full beside the adapters).
     encoder = metadata_unet.prepare(components.unet, dataset.metadata)
-    lora_setup = lora.apply_lora(args, components, weight_dtype, accelerator.device) if args.lora_rank else None
+    lora_setup = (lora.apply_lora(args, components, weight_dtype, accelerator.device, encoder) if args.lora_rank
+                  else None)
     trainable = lora_setup.params if lora_setup else models.trainable_parameters(components.unet)
     models.configure_unet(components.unet, args.gradient_checkpointing,
                           args.enable_xformers_memory_efficient_attention, args.channels_last)
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
 
     # Data; with --cache_latents the frozen encoders run once here, then those the cache serves leave the accelerator.
     num_workers = data.resolve_num_workers(args.dataloader_num_workers, accelerator.num_processes)
+    data.limit_cpu_threads(accelerator.device.type, accelerator.num_processes, num_workers, os.environ)
     collate = data.collate
     if args.cache_latents:
         dataset = latent_cache.cached_training_dataset(accelerator, args, components, dataset, weight_dtype,

@@ -11,6 +11,8 @@ there (a ControlNet folder), every line gets "conditioning_image": "conditioning
 relative to DATA_DIR like file_name, and an image whose conditioning file is missing is a bad line.
 A bad line (no tab, empty name or caption, unsafe name, missing image) makes the run exit 1 and write nothing,
 unless --skip_invalid drops it. A format_report.json is written beside the output.
+Memory does not grow with the number of lines: lines and sidecars go through a temporary SQLite file beside the
+output (diffusion_model/metadata_store.py), and metadata.jsonl is written record by record.
 
 Run: python diffusion_model/format.py --caption_file O/captions.txt --output_file O/metadata.jsonl
 """
@@ -22,13 +24,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import json
-from dataclasses import asdict
+import os
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from utils.atomic import open_text_atomic, write_json_atomic
-from diffusion_model.metadata import (build_records, drop_missing, drop_missing_conditioning, group_lines,
-                                      read_conditioning_files, read_metadata_values, read_source_files,
-                                      unlisted_images)
+from diffusion_model.metadata import (accept_conditioning, accept_metadata, accept_source_file, build_record,
+                                      image_files, parse_lines, relative_name, sidecar_entries)
+from diffusion_model.metadata_store import MetadataStore
 from utils.cli import ArgumentParser, UsageError, run_main
 from utils.constants import (CONDITIONING_FILES_FILENAME, CONDITIONING_KEY, FORMAT_REPORT_FILENAME, METADATA_FILENAME,
                              METADATA_KEY, METADATA_VALUES_FILENAME, SOURCE_FILE_KEY, SOURCE_FILES_FILENAME)
@@ -68,49 +71,114 @@ def log_problems(problems: list) -> None:
         logger.error("... and %d more bad lines", len(problems) - MAX_PROBLEMS_SHOWN)
 
 
-def load_sidecar(caption_dir: Path, filename: str, read, expected: str, absent=None) -> tuple:
-    """A create.py sidecar beside the captions, read with read(lines) ((absent, []) when the file is not there), and
-    its unreadable line numbers, each logged with what a line should be and what its image then lacks."""
+def load_sidecar(store: MetadataStore, caption_dir: Path, filename: str, table: str, accept, expected: str) -> tuple:
+    """A create.py sidecar beside the captions into the store's table; return (whether the file is there, whether it
+    named any image, its unreadable line numbers), each logged with what a line should be and what its image lacks."""
     path = caption_dir / filename
     if not path.is_file():
-        return absent, []
+        return False, False, []
+    bad = []
     with open(path, encoding="utf-8", errors="replace") as handle:
-        values, bad = read(handle)
+        named = store.add_sidecar(table, sidecar_entries(handle, table_key(table), accept, bad))
     for number in bad[:MAX_PROBLEMS_SHOWN]:
         get_logger().warning("%s line %d is not %s", filename, number, expected)
-    return values, bad
+    return True, named, bad
 
 
-def load_source_files(caption_dir: Path) -> tuple:
-    """create.py's image -> source file names beside the captions ({} when absent) and its unreadable line numbers."""
-    return load_sidecar(caption_dir, SOURCE_FILES_FILENAME, read_source_files,
-                        "a {file_name, source_file} object; its image gets no source_file", {})
+def table_key(table: str) -> str:
+    """The JSON key of a sidecar table's values."""
+    return {"sources": SOURCE_FILE_KEY, "metadata": METADATA_KEY, "conditioning": CONDITIONING_KEY}[table]
 
 
-def load_metadata_values(caption_dir: Path) -> tuple:
-    """create.py's image -> metadata beside the captions ({} when absent) and its unreadable line numbers."""
-    return load_sidecar(caption_dir, METADATA_VALUES_FILENAME, read_metadata_values,
-                        "a {file_name, metadata} object; its image gets no metadata", {})
+def load_source_files(store: MetadataStore, caption_dir: Path) -> tuple:
+    """create.py's image -> source file names beside the captions: (named any, unreadable line numbers)."""
+    return load_sidecar(store, caption_dir, SOURCE_FILES_FILENAME, "sources", accept_source_file,
+                        "a {file_name, source_file} object; its image gets no source_file")[1:]
 
 
-def load_conditioning_files(caption_dir: Path) -> tuple:
-    """create.py's image -> conditioning file names beside the captions (None when absent: no conditioning) and its
-    unreadable line numbers."""
-    return load_sidecar(caption_dir, CONDITIONING_FILES_FILENAME, read_conditioning_files,
+def load_metadata_values(store: MetadataStore, caption_dir: Path) -> tuple:
+    """create.py's image -> metadata beside the captions: (named any, unreadable line numbers)."""
+    return load_sidecar(store, caption_dir, METADATA_VALUES_FILENAME, "metadata", accept_metadata,
+                        "a {file_name, metadata} object; its image gets no metadata")[1:]
+
+
+def load_conditioning_files(store: MetadataStore, caption_dir: Path) -> tuple:
+    """create.py's image -> conditioning file names beside the captions: (there, named any, unreadable lines); when
+    the file is there, every image needs a conditioning file."""
+    return load_sidecar(store, caption_dir, CONDITIONING_FILES_FILENAME, "conditioning", accept_conditioning,
                         "a {file_name, conditioning_image} object with a safe name")
 
 
-def format_report(caption_file: Path, output_file: Path, groups: dict, problems: list, unlisted: list,
-                  records: list, bad_source_lines: list, bad_metadata_lines: tuple = ()) -> dict:
-    """The format_report.json document."""
+def read_captions(store: MetadataStore, caption_file: Path, caption_arg: str) -> list:
+    """captions.txt's good lines into the store, line by line; return the bad lines' Problems. An empty file (no
+    line at all, or only blank ones) is a usage error."""
+    problems = []
+    with open(caption_file, "rb") as handle:
+        good = store.add_lines(parse_lines((line.rstrip(b"\n") for line in handle), problems))
+    if not good and not problems:
+        raise UsageError(f"--caption_file {caption_arg} is empty (no caption lines)")
+    return problems
+
+
+def find_unlisted(store: MetadataStore, data_dir: Path) -> list:
+    """Image files under data_dir that no kept line names (the loader would silently leave them out), each logged."""
+    unlisted = sorted(os.path.relpath(path, data_dir).replace(os.sep, "/") for path in image_files(str(data_dir))
+                      if not store.is_listed(path))
+    for name in unlisted:
+        get_logger().warning("image without caption (the loader will leave it out): %s", name)
+    return unlisted
+
+
+@dataclass
+class Written:
+    """What write_metadata wrote: images, captions, and images with a source file, metadata, conditioning."""
+
+    images: int = 0
+    captions: int = 0
+    source_files: int = 0
+    with_metadata: int = 0
+    with_conditioning: int = 0
+
+
+def write_metadata(store: MetadataStore, output_file: Path, caption_dir: Path, as_list: bool, with_sources: bool,
+                   conditioned: bool) -> Written:
+    """metadata.jsonl, one record per kept image, written atomically as the store yields them."""
+    written, data_dir = Written(), output_file.parent
+    with open_text_atomic(output_file) as out:
+        for name, captions, source, metadata, conditioning in store.records():
+            conditioning = relative_name(conditioning, caption_dir, data_dir) if conditioned else None
+            record = build_record(relative_name(name, caption_dir, data_dir), captions, as_list, source, metadata,
+                                  conditioning, with_sources)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            written.images, written.captions = written.images + 1, written.captions + len(captions)
+            written.source_files += bool(record.get(SOURCE_FILE_KEY))
+            written.with_metadata += METADATA_KEY in record
+            written.with_conditioning += CONDITIONING_KEY in record
+    return written
+
+
+def format_report(caption_file: Path, output_file: Path, written: Written, as_list: bool, problems: list,
+                  unlisted: list, bad_lines: dict) -> dict:
+    """The format_report.json document; bad_lines: each sidecar's unreadable line numbers."""
     return {"caption_file": str(caption_file), "output_file": str(output_file), "data_dir": str(output_file.parent),
-            "images": len(groups), "captions": sum(len(c) for c in groups.values()),
-            "text_is_list": any(len(c) > 1 for c in groups.values()), "skipped_lines": [asdict(p) for p in problems],
-            "unlisted_images": unlisted, "source_files": sum(bool(r.get(SOURCE_FILE_KEY)) for r in records),
-            "source_files_bad_lines": bad_source_lines,
-            "images_with_metadata": sum(METADATA_KEY in r for r in records),
-            "metadata_values_bad_lines": list(bad_metadata_lines),
-            "images_with_conditioning": sum(CONDITIONING_KEY in r for r in records)}
+            "images": written.images, "captions": written.captions, "text_is_list": as_list,
+            "skipped_lines": [asdict(p) for p in problems], "unlisted_images": unlisted,
+            "source_files": written.source_files, "source_files_bad_lines": bad_lines["sources"],
+            "images_with_metadata": written.with_metadata, "metadata_values_bad_lines": bad_lines["metadata"],
+            "images_with_conditioning": written.with_conditioning,
+            "conditioning_files_bad_lines": bad_lines["conditioning"]}
+
+
+def check_lines(store: MetadataStore, args, caption_file: Path) -> tuple:
+    """Read captions.txt and the conditioning sidecar, check every image; return (all bad lines' Problems in line
+    order, whether conditioning is on, the conditioning sidecar's unreadable line numbers)."""
+    caption_dir = caption_file.parent
+    problems = read_captions(store, caption_file, args.caption_file)
+    conditioned, conditioning_named, bad_conditioning = load_conditioning_files(store, caption_dir)
+    store.check_images(str(caption_dir), conditioned)
+    problems = sorted(problems + store.problems(), key=lambda p: p.line)
+    log_problems(problems)
+    return problems, (conditioned, conditioning_named), bad_conditioning
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,37 +187,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     caption_file, output_file = resolve_paths(args)
     caption_dir, data_dir = caption_file.parent, output_file.parent
-    with open(caption_file, "rb") as handle:
-        groups, line_numbers, problems = group_lines(line.rstrip(b"\n") for line in handle)
-    if not groups and not problems:
-        raise UsageError(f"--caption_file {args.caption_file} is empty (no caption lines)")
-    problems = problems + drop_missing(groups, line_numbers, caption_dir)
-    conditioning, bad_conditioning_lines = load_conditioning_files(caption_dir)
-    if conditioning is not None:
-        problems += drop_missing_conditioning(groups, line_numbers, caption_dir, conditioning)
-    problems = sorted(problems, key=lambda p: p.line)
-    log_problems(problems)
-    if problems and not args.skip_invalid:
-        print(f"format: {len(problems)} bad line(s) in {caption_file}; nothing written (use --skip_invalid to drop them)")
-        return 1
-    if not groups:
-        print(f"format: no usable captions in {caption_file}; nothing written")
-        return 1
-
-    sources, bad_source_lines = load_source_files(caption_dir)
-    metadata, bad_metadata_lines = load_metadata_values(caption_dir)
-    records = build_records(groups, caption_dir, data_dir, sources, metadata, conditioning)
-    listed = [caption_dir / name for name in groups] + [caption_dir / conditioning[n] for n in groups if conditioning]
-    unlisted = unlisted_images(data_dir, listed)
-    for name in unlisted:
-        get_logger().warning("image without caption (the loader will leave it out): %s", name)
-    with open_text_atomic(output_file) as out:
-        out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    report = format_report(caption_file, output_file, groups, problems, unlisted, records, bad_source_lines,
-                           bad_metadata_lines)
-    report["conditioning_files_bad_lines"] = bad_conditioning_lines
+    with MetadataStore(data_dir) as store:
+        problems, (conditioned, conditioning_named), bad_conditioning = check_lines(store, args, caption_file)
+        if problems and not args.skip_invalid:
+            print(f"format: {len(problems)} bad line(s) in {caption_file}; nothing written (use --skip_invalid to drop them)")
+            return 1
+        images, as_list = store.kept()
+        if not images:
+            print(f"format: no usable captions in {caption_file}; nothing written")
+            return 1
+        with_sources, bad_source_lines = load_source_files(store, caption_dir)
+        _, bad_metadata_lines = load_metadata_values(store, caption_dir)
+        unlisted = find_unlisted(store, data_dir)
+        written = write_metadata(store, output_file, caption_dir, as_list, with_sources,
+                                 conditioned and conditioning_named)
+    bad_lines = {"sources": bad_source_lines, "metadata": bad_metadata_lines, "conditioning": bad_conditioning}
+    report = format_report(caption_file, output_file, written, as_list, problems, unlisted, bad_lines)
     write_json_atomic(data_dir / FORMAT_REPORT_FILENAME, report)
-    print(f"format: {len(records)} images, {report['captions']} captions -> {output_file}; "
+    print(f"format: {written.images} images, {written.captions} captions -> {output_file}; "
           f"{len(problems)} bad line(s) skipped, {len(unlisted)} image(s) without caption; DATA_DIR={data_dir}")
     return 0
 

@@ -1,6 +1,6 @@
-"""captions.txt -> metadata.jsonl records: parse and check lines, group captions per image, locate the images.
+"""captions.txt -> metadata.jsonl records: parse and check lines and sidecar lines, check and find images, build records.
 
-Pure functions over lines and paths; format.py does the reading and writing.
+Functions of one line, one image or one record; format.py streams them through diffusion_model/metadata_store.py.
 """
 
 import json
@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from diffusion_model.captions import collapse_whitespace
 from utils.constants import CAPTION_SEPARATOR, CONDITIONING_KEY, METADATA_KEY, SOURCE_FILE_KEY
@@ -59,9 +59,9 @@ def parse_line(raw: bytes) -> tuple:
     return name, caption
 
 
-def group_lines(lines: Iterable[bytes]) -> tuple:
-    """Group captions by image name in first-seen order; collect problems. Blank lines are ignored."""
-    groups, line_numbers, problems = {}, {}, []
+def parse_lines(lines: Iterable[bytes], problems: list) -> Iterator[tuple]:
+    """(line number, name, caption) of each good line, in order; a Problem per bad line is appended to problems.
+    Blank lines are ignored."""
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -70,36 +70,50 @@ def group_lines(lines: Iterable[bytes]) -> tuple:
         except ValueError as err:
             problems.append(Problem(number, str(err), raw.decode("utf-8", "replace").rstrip("\r")))
             continue
-        groups.setdefault(name, []).append(caption)
-        line_numbers.setdefault(name, []).append(number)
-    return groups, line_numbers, problems
+        yield number, name, caption
 
 
-def drop_missing(groups: dict, line_numbers: dict, caption_dir: Path) -> list:
-    """Remove images that do not exist under caption_dir from groups; return a Problem per line naming them."""
-    problems = []
-    for name in [n for n in groups if not (caption_dir / n).is_file()]:
-        problems += [Problem(line, "image not found", f"{name}") for line in line_numbers[name]]
-        del groups[name]
-    return sorted(problems, key=lambda p: p.line)
+# Per-line path work below uses os.path on strings: pathlib interns every path component (sys.intern), which makes
+# the interpreter's table of interned strings grow and reallocate with the number of files.
+def missing_reason(image: str, conditioning: Optional[str], conditioning_dir: Optional[str]) -> Optional[str]:
+    """Why an image cannot be used (its file or, with conditioning_dir, its conditioning file named by create.py's
+    sidecar is not there), or None when it can."""
+    if not os.path.isfile(image):
+        return "image not found"
+    if conditioning_dir is None:
+        return None
+    if conditioning is None:
+        return "no conditioning image"
+    if os.path.isfile(os.path.join(conditioning_dir, conditioning)):
+        return None
+    return f"conditioning image {conditioning} not found"
 
 
-def unlisted_images(data_dir: Path, listed: Iterable[Path]) -> list:
-    """Image files under data_dir that no line names (the loader would silently leave them out)."""
-    known = {p.resolve() for p in listed}
-    found = (p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return sorted(p.relative_to(data_dir).as_posix() for p in found if p.resolve() not in known)
+def suffix(name: str) -> str:
+    """A file name's suffix as Path.suffix gives it ("" for ".jpg" or "a.")."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
-def relative_name(name: str, caption_dir: Path, data_dir: Path) -> str:
+def image_files(folder: str) -> Iterator[str]:
+    """Paths of the image files under folder, one directory entry at a time (as Path.rglob finds them: symlinked
+    folders are not entered, symlinks to files count)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                yield from image_files(entry.path)
+            elif suffix(entry.name).lower() in IMAGE_SUFFIXES and entry.is_file():
+                yield entry.path
+
+
+def relative_name(name: str, caption_dir, data_dir) -> str:
     """An image name (relative to caption_dir) rewritten relative to data_dir, with forward slashes."""
-    return Path(os.path.relpath(caption_dir / name, data_dir)).as_posix()
+    return os.path.relpath(os.path.join(caption_dir, name), data_dir).replace(os.sep, "/")
 
 
-def read_sidecar(lines: Iterable[str], key: str, accept) -> tuple:
-    """A create.py sidecar's {file_name, key} lines -> ({image name: value}, numbers of unreadable lines); a line
-    whose name is not a string or whose value accept(value) refuses is unreadable."""
-    values, bad = {}, []
+def sidecar_entries(lines: Iterable[str], key: str, accept, bad: list) -> Iterator[tuple]:
+    """A create.py sidecar's {file_name, key} lines -> (image name, value) of each readable line, in order; the
+    number of each unreadable line (its name not a string, or accept(value) refuses its value) is appended to bad."""
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -112,54 +126,38 @@ def read_sidecar(lines: Iterable[str], key: str, accept) -> tuple:
         if not (isinstance(name, str) and accept(value)):
             bad.append(number)
             continue
-        values[name] = value
-    return values, bad
+        yield name, value
 
 
-def read_source_files(lines: Iterable[str]) -> tuple:
-    """create.py's source_files.jsonl lines -> ({image name: source file name}, numbers of unreadable lines)."""
-    return read_sidecar(lines, SOURCE_FILE_KEY, lambda value: isinstance(value, str))
+def accept_source_file(value) -> bool:
+    """A source_files.jsonl value: the source's file name."""
+    return isinstance(value, str)
 
 
-def read_metadata_values(lines: Iterable[str]) -> tuple:
-    """create.py's metadata_values.jsonl lines -> ({image name: metadata object}, numbers of unreadable lines)."""
-    return read_sidecar(lines, METADATA_KEY, lambda value: isinstance(value, dict))
+def accept_metadata(value) -> bool:
+    """A metadata_values.jsonl value: an object of metadata fields."""
+    return isinstance(value, dict)
 
 
-def read_conditioning_files(lines: Iterable[str]) -> tuple:
-    """create.py's conditioning_files.jsonl lines -> ({image name: conditioning file name}, numbers of unreadable
-    lines); a conditioning name that could leave the folder is unreadable."""
-    return read_sidecar(lines, CONDITIONING_KEY, lambda value: isinstance(value, str) and not unsafe_name_reason(value))
+def accept_conditioning(value) -> bool:
+    """A conditioning_files.jsonl value: a file name that stays inside the folder."""
+    return isinstance(value, str) and not unsafe_name_reason(value)
 
 
-def drop_missing_conditioning(groups: dict, line_numbers: dict, caption_dir: Path, conditioning: dict) -> list:
-    """With conditioning (from create.py's sidecar), remove images whose conditioning file is not under caption_dir
-    (or is not named at all) from groups; return a Problem per line naming them."""
-    problems = []
-    for name in [n for n in groups if not (n in conditioning and (caption_dir / conditioning[n]).is_file())]:
-        reason = f"conditioning image {conditioning[name]} not found" if name in conditioning \
-            else "no conditioning image"
-        problems += [Problem(line, reason, name) for line in line_numbers[name]]
-        del groups[name]
-    return sorted(problems, key=lambda p: p.line)
+def build_record(file_name: str, captions: list, as_list: bool, source=None, metadata: Optional[dict] = None,
+                 conditioning: Optional[str] = None, with_sources: bool = False) -> dict:
+    """One metadata.jsonl record: {"file_name", "text"}, text a list when as_list (any image has several captions).
 
-
-def build_records(groups: dict, caption_dir: Path, data_dir: Path, sources: Optional[dict] = None,
-                  metadata: Optional[dict] = None, conditioning: Optional[dict] = None) -> list:
-    """One {"file_name", "text"} record per image; text is a list for all rows when any image has several.
-
-    With sources (image name -> source file name, create.py's source_files.jsonl), every record also gets
-    "source_file", null for an image it does not name, so all lines have the same keys for the loader.
-    With metadata (image name -> {field: value}, create.py's metadata_values.jsonl), an image that has some gets
-    "metadata"; one without has no such key (the loader reads it as null), never zeros.
-    With conditioning (image name -> conditioning file name, create.py's conditioning_files.jsonl), every record gets
-    "conditioning_image", relative to data_dir like file_name."""
-    as_list = any(len(captions) > 1 for captions in groups.values())
-    metadata = metadata or {}
-    return [
-        {"file_name": relative_name(name, caption_dir, data_dir), "text": captions if as_list else captions[0],
-         **({SOURCE_FILE_KEY: sources.get(name)} if sources else {}),
-         **({METADATA_KEY: metadata[name]} if metadata.get(name) else {}),
-         **({CONDITIONING_KEY: relative_name(conditioning[name], caption_dir, data_dir)} if conditioning else {})}
-        for name, captions in groups.items()
-    ]
+    with_sources (create.py's source_files.jsonl named some image): "source_file" in every record, null for an image
+    it does not name, so all lines have the same keys for the loader. A non-empty metadata object (create.py's
+    metadata_values.jsonl) gives "metadata"; an image without one has no such key (the loader reads it as null),
+    never zeros. conditioning (create.py's conditioning_files.jsonl): "conditioning_image", relative to DATA_DIR
+    like file_name."""
+    record = {"file_name": file_name, "text": captions if as_list else captions[0]}
+    if with_sources:
+        record[SOURCE_FILE_KEY] = source
+    if metadata:
+        record[METADATA_KEY] = metadata
+    if conditioning is not None:
+        record[CONDITIONING_KEY] = conditioning
+    return record

@@ -17,14 +17,18 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from diffusion_model.geo_metadata import check_value
 from trainer.metadata import FIELDS, SPEC_FILENAME, MetadataEncoder, read_spec
-from trainer.metadata_unet import PROJECTION, has_embedding
+from trainer.metadata_unet import PROJECTION, SPEC_ATTRIBUTE, has_embedding
 from utils.cli import UsageError
 
 STOCK_CLASS_NAME = StableDiffusionPipeline.__name__
 
 
 def unet_spec(unet) -> Optional[MetadataEncoder]:
-    """The encoder of the metadata_spec.json in the folder the UNet was loaded from, or None."""
+    """The encoder installed with a LoRA run's embedding, else that of the metadata_spec.json in the folder the UNet
+    was loaded from, or None."""
+    installed = getattr(unet, SPEC_ATTRIBUTE, None)
+    if installed is not None:
+        return installed
     folder = Path(unet.config.get("_name_or_path") or "")
     return read_spec(folder) if str(folder) and folder.is_dir() else None
 
@@ -146,8 +150,11 @@ class MetadataStableDiffusionPipeline(StableDiffusionPipeline):
 
 
 def source_spec(source) -> Optional[MetadataEncoder]:
-    """The encoding of a resolved ModelSource's UNet (a checkpoint's UNet folder, else the pipeline's unet/)
-    without loading it; a Hub id is looked up in the local cache."""
+    """The encoding of a resolved ModelSource's UNet (a LoRA run's embedding beside its adapters, a checkpoint's
+    UNet folder, else the pipeline's unet/) without loading it; a Hub id is looked up in the local cache."""
+    lora = read_spec(source.lora) if source.lora is not None else None
+    if lora is not None:
+        return lora
     if source.unet is not None:
         return read_spec(source.unet)
     folder = Path(source.pipeline)

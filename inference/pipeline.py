@@ -245,8 +245,11 @@ def load_source(source: ModelSource, device, dtype, scheduler: Optional[str] = N
 
 
 def load_lora(pipeline, source: ModelSource) -> None:
-    """diffusers' own load_lora_weights (the file's config sets alpha), at --lora_scale; the trained target."""
+    """diffusers' own load_lora_weights (the file's config sets alpha), at --lora_scale; the trained target; then the
+    run's metadata embedding, when it trained one, at full strength (trainer.metadata_unet.install_embedding)."""
     from diffusers.utils import logging as diffusers_logging
+
+    from trainer.metadata_unet import install_embedding
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # else a UNet-only file gets a notice that it has no text-encoder keys
@@ -260,6 +263,8 @@ def load_lora(pipeline, source: ModelSource) -> None:
         pipeline.set_adapters([LORA_ADAPTER_NAME], adapter_weights=[source.lora_scale])
     if source.prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=source.prediction_type)
+    # After the adapters, so a target list naming e.g. linear_1 cannot put one on the embedding.
+    install_embedding(source.lora, pipeline.unet)
 
 
 def load_pipeline(model: str, base_model: Optional[str], device, dtype, scheduler: Optional[str] = None,

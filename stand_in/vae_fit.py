@@ -22,6 +22,7 @@ from PIL import Image
 
 from stand_in.fitting import fit_steps, replace_component
 from utils.cli import ArgumentParser, UsageError, check_at_least, run_main
+from utils.constants import CONDITIONING_DIRNAME
 from utils.logger import get_logger, setup_logging
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -32,8 +33,11 @@ MAX_IMAGES = 512
 
 
 def load_images(data_dir: Path, resolution: int, limit: int = MAX_IMAGES) -> torch.Tensor:
-    """Images under data_dir (recursively, sorted), resized to resolution x resolution, as N x 3 x H x W in [-1, 1]."""
-    paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    """Images under data_dir (recursively, sorted), resized to resolution x resolution, as N x 3 x H x W in [-1, 1].
+    A ControlNet folder's conditioning_images/ are left out: masks are not pictures the VAE will ever decode, and
+    they sort first, so they would fill the limit."""
+    paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and CONDITIONING_DIRNAME not in p.relative_to(data_dir).parts)[:limit]
     if not paths:
         raise UsageError(f"DATA_DIR {data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     arrays = []

@@ -1,6 +1,8 @@
 """Shared fixtures: the repository root, a subprocess runner for the entry scripts, a sample RSICD Parquet."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,7 +165,61 @@ def lora_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return output
 
 
-# --- Metadata fixtures (helper "metasample"): a pipeline whose UNet takes metadata, made without training.
+@pytest.fixture(scope="session")
+def lora_metadata_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA run's OUTPUT_DIR trained with --metadata_fields gsd,lat,lon,date, made without training: random
+    non-zero adapters and metadata embedding (last layer included), saved as trainer.lora writes them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer import lora
+    from trainer.metadata import MetadataEncoder
+    from trainer.metadata_unet import add_embedding
+    from trainer.models import load_components
+
+    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_model_dir), revision=None, variant=None,
+                           non_ema_revision=None, prediction_type=None, lora_rank=4, lora_alpha=4.0,
+                           lora_dropout=0.0, lora_target_modules="attention", use_dora=False,
+                           train_text_encoder_lora=False)
+    components = load_components(args, torch.float32, "cpu")
+    encoder = MetadataEncoder(("gsd", "lat", "lon", "date"))
+    add_embedding(components.unet, encoder.dim)
+    setup = lora.apply_lora(args, components, torch.float32, "cpu", encoder)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in setup.params:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    output = tmp_path_factory.mktemp("lora_metadata_run") / "run"
+    lora.save_diffusers_file(output, components.unet, None, setup)
+    lora.write_run_record(output, args)
+    return output
+
+
+# --- Metadata fixtures (helper "metasample"): a pipeline whose UNet takes metadata, made without training; a copy
+# of the tiny training folder whose rows carry metadata.
+
+# Rows of the tiny folder get these in turn; lat 95 is a bad value (absent, counted), the last row has none.
+TRAIN_METADATA = [{"gsd": 0.5, "lat": 37.77, "lon": -122.42, "date": "2021-07-01", "sensor": "naip"},
+                  {"gsd": 2.0, "lat": -33.9, "lon": 151.2, "date": "2019-01-15T10:32:22Z", "sensor": "WV3"},
+                  {"gsd": 8.0, "lat": 95.0, "lon": 10.0},
+                  None]
+
+
+@pytest.fixture(scope="session")
+def metadata_dir(tiny_data_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny data folder whose metadata.jsonl lines carry metadata, as format.py writes them."""
+    folder = tmp_path_factory.mktemp("metadata_data") / "data"
+    shutil.copytree(tiny_data_dir, folder)
+    path = folder / "metadata.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if TRAIN_METADATA[i % len(TRAIN_METADATA)] is not None:
+            line["metadata"] = TRAIN_METADATA[i % len(TRAIN_METADATA)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
 
 METADATA_FIELDS = ("gsd", "lat", "lon", "date")
 

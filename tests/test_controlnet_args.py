@@ -61,6 +61,7 @@ def test_validation_pairing_is_the_references(prompts, images, pairs):
     (["--validation_prompt", "a", "b", "--validation_image", "x", "y", "z"], "2 --validation_prompt values and 3"),
     (["--num_classes", "0"], "--num_classes must be at least 1, got 0"),
     (["--conditioning_channels", "0"], "--conditioning_channels must be at least 1"),
+    (["--max_train_steps", "-1"], "--max_train_steps must be at least 0, got -1"),
     (["--conditioning_type", "bands", "--num_classes", "3"], "--num_classes applies to --conditioning_type mask"),
     (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts must be in [0, 1], got 1.5"),
     (["--dream_training"], "--dream_training does not work with a ControlNet"),
@@ -73,3 +74,12 @@ def test_bad_values_are_one_line_exit_2(extra, fragment, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1, err
+
+
+def test_zero_steps_is_accepted_and_documented():
+    """--max_train_steps 0 (the initial ControlNet, as diffusers' script writes it) parses, and --help says what it
+    does; train_text_to_image.py still refuses 0 (tests/test_args.py)."""
+    from trainer.controlnet_args import build_parser
+
+    assert parse_args([*BASE, "--max_train_steps", "0"]).max_train_steps == 0
+    assert "0 trains nothing" in " ".join(build_parser().format_help().split())

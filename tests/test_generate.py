@@ -125,7 +125,7 @@ METADATA_RECORD = {"gsd": 0.5, "lat": 37.77, "lon": -122.42, "date": "2021-07-01
 
 
 @pytest.fixture(scope="module")
-def runs(trained_run, other_base, metadata_model_dir, tmp_path_factory):
+def runs(trained_run, other_base, metadata_model_dir, lora_metadata_run_dir, tmp_path_factory):
     """Every successful generate.py run: name -> (output folder, stdout or None when run in process)."""
     root = tmp_path_factory.mktemp("generated")
     prompts_file = root / "prompts.txt"
@@ -162,6 +162,9 @@ def runs(trained_run, other_base, metadata_model_dir, tmp_path_factory):
         "metadata_unguided": generate_command(metadata_model_dir, root / "metadata_unguided", *one,
                                               "--metadata", METADATA),
         "metadata_absent": generate_command(metadata_model_dir, root / "metadata_absent", *one),
+        # A LoRA run trained with --metadata_fields, sampled directly: its embedding goes into the base with the LoRA.
+        "lora_metadata": generate_command(lora_metadata_run_dir, root / "lora_metadata", *one, "--metadata", METADATA),
+        "lora_metadata_absent": generate_command(lora_metadata_run_dir, root / "lora_metadata_absent", *one),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run, command) for name, command in scripts.items()}
@@ -319,6 +322,14 @@ def test_metadata_model_without_metadata_samples_all_absent(runs, metadata_model
         image = pipeline(PROMPTS[0], negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, generator=generator,
                          num_inference_steps=STEPS, guidance_scale=GUIDANCE, metadata={}).images[0]
     assert np.array_equal(pixels(folder_of(runs, "metadata_absent") / "000000.png"), np.asarray(image))
+
+
+def test_lora_run_with_metadata_samples_directly(runs, lora_metadata_run_dir):
+    """generate.py --metadata on a LoRA + metadata run: recorded normalised, and the image follows the metadata."""
+    given, absent = folder_of(runs, "lora_metadata"), folder_of(runs, "lora_metadata_absent")
+    assert sidecar(given)["metadata"] == METADATA_RECORD and sidecar(absent)["metadata"] == {}
+    assert sidecar(given)["lora"] == str(lora_metadata_run_dir)
+    assert not np.array_equal(pixels(given / "000000.png"), pixels(absent / "000000.png"))
 
 
 # --- a checkpoint-N folder

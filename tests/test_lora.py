@@ -246,3 +246,60 @@ def test_saved_file_loads_without_dropout(tmp_path, tiny_model_dir):
                         generator=torch.Generator("cpu").manual_seed(0)).images[0]
 
     assert (draw() == draw()).all()
+
+
+def metadata_lora(targets: str = "attention", weight_dtype=torch.float16):
+    """Tiny components whose UNet carries a zero-initialised metadata embedding (gsd alone), then LoRA on it;
+    returns them, the encoder, the LoraSetup and a copy of the UNet as it was before both."""
+    import copy
+
+    from trainer.metadata import MetadataEncoder
+    from trainer.metadata_unet import add_embedding
+
+    components, encoder = tiny_components(), MetadataEncoder(("gsd",))
+    base = copy.deepcopy(components.unet)
+    add_embedding(components.unet, encoder.dim)
+    setup = lora.apply_lora(lora_args(lora_target_modules=targets), components, weight_dtype, "cpu", encoder)
+    return components, encoder, setup, base
+
+
+def test_metadata_embedding_trains_in_full_beside_the_adapters_and_step_zero_is_the_base():
+    """With --metadata_fields the embedding's weights train in fp32 with the adapters (none on it, even when a
+    target name matches its layers), and before training the UNet computes exactly what the base does."""
+    components, encoder, setup, base = metadata_lora("to_q,linear_1", torch.float32)
+    embedding = {id(p) for p in components.unet.class_embedding.parameters()}
+    assert embedding <= {id(p) for p in setup.params} and setup.metadata == encoder
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in components.unet.class_embedding.parameters())
+    assert not [n for n in adapted_names(components.unet) if n.startswith("class_embedding")]
+    assert "time_embedding.linear_1" in adapted_names(components.unet)  # the target did match elsewhere
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, base.config.cross_attention_dim)
+    labels = torch.randn(2, encoder.dim)
+    with torch.no_grad():
+        assert torch.equal(components.unet(sample, 10, text, class_labels=labels).sample, base(sample, 10, text).sample)
+    half = metadata_lora()[0].unet.class_embedding
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in half.parameters())  # on a fp16 base
+
+
+def test_embedding_saved_beside_the_lora_file_and_loaded_back(tmp_path):
+    """The LoRA file holds adapters only; metadata_embedding.safetensors (class_embedding.* keys) and
+    metadata_spec.json lie beside it, and load_adapters puts the embedding back (resume)."""
+    from safetensors.torch import load_file
+
+    from trainer.metadata import read_spec
+    from trainer.metadata_unet import EMBEDDING_FILENAME
+
+    components, encoder, setup, _ = metadata_lora()
+    for p in setup.params:
+        torch.nn.init.normal_(p, std=0.3)
+    lora.save_diffusers_file(tmp_path, components.unet, None, setup)
+    assert not [k for k in load_file(str(tmp_path / lora.LORA_WEIGHTS_FILENAME)) if "class_embedding" in k]
+    saved = load_file(str(tmp_path / EMBEDDING_FILENAME))
+    assert set(saved) == {f"class_embedding.{k}" for k in components.unet.class_embedding.state_dict()}
+    assert read_spec(tmp_path) == encoder
+    fresh, _, fresh_setup, _ = metadata_lora()
+    lora.load_adapters(tmp_path, fresh.unet, None, fresh_setup)
+    for mine, theirs in zip(setup.params, fresh_setup.params):
+        assert torch.equal(mine, theirs)
+    (tmp_path / EMBEDDING_FILENAME).unlink()
+    with pytest.raises(UsageError, match=EMBEDDING_FILENAME):
+        lora.load_adapters(tmp_path, fresh.unet, None, fresh_setup)

@@ -314,11 +314,14 @@ def test_nan_stop_in_lora_mode(runs):
         assert all(torch.isfinite(t).all() for t in tensors(output / name / LORA_WEIGHTS_FILENAME).values())
 
 
-def test_two_processes_with_text_encoder_lora(base_model, tiny_data_dir, tmp_path):
-    """torchrun, 2 CPU processes, text-encoder LoRA with EMA: DDP-wrapped UNet and text encoder, small checkpoints."""
+def test_two_processes_with_text_encoder_lora(base_model, metadata_dir, tmp_path):
+    """torchrun, 2 CPU processes, text-encoder LoRA with EMA and a metadata embedding (gsd): DDP-wrapped UNet and text
+    encoder, small checkpoints; the embedding trains and ships beside the adapters."""
+    from trainer.metadata_unet import EMBEDDING_FILENAME
+
     output = tmp_path / "out"
-    command = lora_command(base_model, tiny_data_dir, output, "--max_train_steps", 4, "--checkpointing_steps", 2,
-                           "--use_ema", "--train_text_encoder_lora")
+    command = lora_command(base_model, metadata_dir, output, "--max_train_steps", 4, "--checkpointing_steps", 2,
+                           "--use_ema", "--train_text_encoder_lora", "--metadata_fields", "gsd")
     command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     str(REPO_ROOT / "train_text_to_image.py")]
     done = subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
@@ -330,6 +333,9 @@ def test_two_processes_with_text_encoder_lora(base_model, tiny_data_dir, tmp_pat
     state = tensors(output / LORA_WEIGHTS_FILENAME)
     assert any(k.startswith("text_encoder.") for k in state)
     assert_same(state, tensors(output / "checkpoint-4" / EMA_LORA_DIRNAME / LORA_WEIGHTS_FILENAME))
+    embedding = tensors(output / EMBEDDING_FILENAME)
+    assert embedding["class_embedding.linear_2.weight"].abs().sum() > 0
+    assert_same(embedding, tensors(output / "checkpoint-4" / EMA_LORA_DIRNAME / EMBEDDING_FILENAME))
 
 
 def test_lora_usage_errors_are_one_line(runs):

@@ -2,7 +2,7 @@
 local stand-ins (tiny pipeline, tiny ControlNet, fill10), and a mask-conditioned run from a create.py folder that
 resumes exactly, validates, and loads with ControlNetModel.from_pretrained.
 
-Four trainer runs (~15 s each), two at a time, shared through module fixtures.
+Four trainer runs (~15 s each), two at a time, and a 0-step one beside the first two, shared through module fixtures.
 """
 
 import json
@@ -71,10 +71,13 @@ def mask_flags(data: Path) -> list:
 
 @pytest.fixture(scope="module")
 def first_runs(tiny_model_dir, stand_ins, mask_data_dir, tmp_path_factory) -> dict:
-    """fill10 for 6 steps without a limit; the mask recipe for 6 steps with limit 2: name -> output dir."""
+    """fill10 for 6 steps without a limit; the mask recipe for 6 steps with limit 2; the mask folder for 0 steps
+    (polynomial schedule, which divides by the run's length): name -> output dir."""
     root = tmp_path_factory.mktemp("controlnet_runs")
-    outputs = {"fill": root / "fill", "mask": root / "mask"}
+    outputs = {"fill": root / "fill", "mask": root / "mask", "zero": root / "zero"}
     results = run_parallel({
+        "zero": command(tiny_model_dir, outputs["zero"], "--train_data_dir", mask_data_dir, "--max_train_steps", 0,
+                        "--lr_scheduler", "polynomial", "--cache_latents"),
         "fill": command(tiny_model_dir, outputs["fill"], *fill_flags(stand_ins), "--max_train_steps", 6,
                         "--checkpointing_steps", 2),
         "mask": command(tiny_model_dir, outputs["mask"], *mask_flags(mask_data_dir)),
@@ -173,3 +176,21 @@ def test_cache_latents_trains_from_the_latent_cache(first_runs):
     fill run, without the flag, has none."""
     assert len(list((first_runs["mask"] / ".cache" / "latents").glob("*/manifest.json"))) == 1
     assert not (first_runs["fill"] / ".cache").exists()
+
+
+def test_zero_steps_write_the_initial_controlnet(first_runs, tiny_model_dir):
+    """--max_train_steps 0 writes the ControlNet as training would start it: the base UNet's encoder copied, every
+    output convolution zero (so it leaves the base's images unchanged: evaluate.py's untrained ControlNet), with its
+    conditioning.json, and no checkpoint."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    output = first_runs["zero"]
+    controlnet = ControlNetModel.from_pretrained(output)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    assert controlnet.config.conditioning_channels == MASK_CLASSES
+    for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]:
+        assert not block.weight.any() and not block.bias.any()
+    assert_same_weights(controlnet.down_blocks.state_dict(), unet.down_blocks.state_dict())
+    assert json.loads((output / "conditioning.json").read_text())["type"] == "mask"
+    assert not checkpoints(output)

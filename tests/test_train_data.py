@@ -241,3 +241,25 @@ def test_each_process_shard_gets_every_new_epoch():
     for epoch in (0, 1):
         assert len(draws[0, epoch]) == len(draws[1, epoch]) == 2
         assert not set(draws[0, epoch]) & set(draws[1, epoch]), "ranks drew the same rows"
+
+
+@pytest.mark.parametrize("cores,processes,workers,expected", [(2, 1, 1, 1), (2, 1, 0, 2), (16, 2, 7, 1),
+                                                               (64, 1, 8, 56), (8, 8, 0, 1), (2, 1, 4, 1)])
+def test_cpu_threads_leave_the_workers_their_cores(cores, processes, workers, expected):
+    """A process's share of the cores less its DataLoader workers, never below one."""
+    assert data.cpu_threads(cores, processes, workers) == expected
+
+
+def test_cpu_threads_are_set_on_the_cpu_unless_omp_num_threads_is():
+    """Set on the CPU from the usable cores; left alone on an accelerator or when OMP_NUM_THREADS is set."""
+    import os
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert data.limit_cpu_threads("cuda", 1, 0, {}) is None and torch.get_num_threads() == 3
+        assert data.limit_cpu_threads("cpu", 1, 0, {"OMP_NUM_THREADS": "1"}) is None and torch.get_num_threads() == 3
+        expected = data.cpu_threads(len(os.sched_getaffinity(0)), 1, 0)
+        assert data.limit_cpu_threads("cpu", 1, 0, {}) == expected and torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(previous)

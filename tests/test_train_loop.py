@@ -29,6 +29,18 @@ def test_plan_multiprocess_scales_scheduler_steps():
     assert (plan.scheduler_warmup_steps, plan.scheduler_total_steps) == (6, 8)
 
 
+def test_plan_of_zero_steps_builds_every_schedule():
+    """--max_train_steps 0 (train_controlnet.py's initial ControlNet): no step, no epoch, and a schedule of one step,
+    so even the polynomial schedule (which divides by its length) can be built."""
+    from diffusers.optimization import get_scheduler
+
+    plan = loop.plan_steps(3, 1, 1, max_train_steps=0, num_train_epochs=1, lr_warmup_steps=0)
+    assert (plan.max_train_steps, plan.num_epochs, plan.scheduler_total_steps) == (0, 0, 1)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    get_scheduler("polynomial", optimizer=optimizer, num_warmup_steps=plan.scheduler_warmup_steps,
+                  num_training_steps=plan.scheduler_total_steps)
+
+
 def options(**overrides) -> argparse.Namespace:
     """The optimizer-related flags with the reference's defaults."""
     values = dict(learning_rate=1e-4, scale_lr=False, gradient_accumulation_steps=4, train_batch_size=2,

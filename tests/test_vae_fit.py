@@ -35,6 +35,16 @@ def test_load_images_finds_images_recursively_resized_to_minus_one_one(images_di
     assert images[0, 0].mean() > 0.4 and images[1, 2].mean() > 0.4  # red first, then blue, in name order
 
 
+def test_a_controlnet_folders_conditioning_images_are_not_fitted_on(images_dir):
+    """create.py's conditioning_images/ (class masks, sorted before rsicd_images/) are left out of the fit."""
+    masks = images_dir / "conditioning_images"
+    masks.mkdir()
+    for i in range(4):
+        Image.new("L", (SIDE * 2, SIDE * 2), i).save(masks / f"scene_{i}.png")
+    images = vae_fit.load_images(images_dir, SIDE)
+    assert len(images) == 4 and images[0, 0].mean() > 0.4  # the four scenes, red first; no near-black mask
+
+
 def test_an_empty_folder_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="holds no images"):
         vae_fit.load_images(tmp_path, SIDE)

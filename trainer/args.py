@@ -129,8 +129,9 @@ def add_empty_prompts_arg(group) -> None:
                        help="Probability of replacing a row's caption by the empty prompt (text guidance), in [0, 1].")
 
 
-def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
-    """Flags for the run length, batch and learning-rate schedule."""
+def _add_optimisation_args(parser: argparse.ArgumentParser, zero_steps: str = "") -> None:
+    """Flags for the run length, batch and learning-rate schedule; zero_steps: what --max_train_steps 0 does, where
+    a trainer accepts it."""
     group = parser.add_argument_group("optimisation")
     group.add_argument("--output_dir", type=str, default="sd-model-finetuned",
                        help="Where checkpoints, logs and the final pipeline are written.")
@@ -139,7 +140,7 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num_train_epochs", type=int, default=100,
                        help="Epochs to train; ignored when --max_train_steps is given.")
     group.add_argument("--max_train_steps", type=int, default=None,
-                       help="Total optimizer steps; overrides --num_train_epochs.")
+                       help="Total optimizer steps; overrides --num_train_epochs." + zero_steps)
     group.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Batches accumulated before each optimizer step.")
     group.add_argument("--gradient_checkpointing", action="store_true",
@@ -283,7 +284,6 @@ def _positive_flags(args: argparse.Namespace) -> list:
         ("--checkpointing_steps", args.checkpointing_steps),
         ("--validation_epochs", args.validation_epochs),
         ("--num_train_epochs", args.num_train_epochs),
-        ("--max_train_steps", args.max_train_steps),
         ("--max_train_samples", args.max_train_samples),
         ("--checkpoints_total_limit", args.checkpoints_total_limit),
         ("--vae_batch_size", args.vae_batch_size),
@@ -293,8 +293,9 @@ def _positive_flags(args: argparse.Namespace) -> list:
     ]
 
 
-def check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject flag combinations the run could never use; each through parser.error (one line, exit 2)."""
+def check_args(parser: ArgumentParser, args: argparse.Namespace, fewest_steps: int = 1) -> None:
+    """Reject flag combinations the run could never use; each through parser.error (one line, exit 2).
+    fewest_steps: the smallest --max_train_steps the trainer accepts."""
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("Need either a dataset name or a training folder.")
     if args.hub_token is not None and args.report_to in WANDB_REPORTS:
@@ -303,6 +304,8 @@ def check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
     for flag, value in _positive_flags(args):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}.")
+    if args.max_train_steps is not None and args.max_train_steps < fewest_steps:
+        parser.error(f"--max_train_steps must be at least {fewest_steps}, got {args.max_train_steps}.")
     for flag, value in (("--lr_warmup_steps", args.lr_warmup_steps),
                         ("--dataloader_num_workers", args.dataloader_num_workers),
                         ("--text_cache_budget_gb", args.text_cache_budget_gb)):
@@ -341,7 +344,7 @@ def check_lora_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def check_metadata_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
-    """Known metadata fields, probabilities in [0, 1], and no mode the metadata embedding cannot train in yet."""
+    """Known metadata fields, probabilities in [0, 1], and no mode the metadata embedding cannot train in."""
     from trainer.metadata import parse_fields
 
     try:
@@ -352,9 +355,6 @@ def check_metadata_args(parser: ArgumentParser, args: argparse.Namespace) -> Non
                         ("--proportion_empty_prompts", args.proportion_empty_prompts)):
         if not 0.0 <= value <= 1.0:
             parser.error(f"{flag} must be in [0, 1], got {value}.")
-    if fields and args.lora_rank is not None:
-        parser.error("--metadata_fields does not work with --lora_rank yet: train the metadata embedding with a full "
-                     "fine-tune.")
     if fields and args.dream_training:
         parser.error("--metadata_fields does not work with --dream_training (diffusers' DREaM step calls the UNet "
                      "without the metadata).")

@@ -194,7 +194,7 @@ def after_steps(*hooks) -> Callable:
     return after_step
 
 
-def save_final(run, output_dir: Path, document: dict):
+def save_final(run, output_dir: Path, document: dict, global_step: int):
     """Write the ControlNet (EMA weights with --use_ema) and conditioning.json to output_dir; return the net."""
     from trainer.export import final_unet
     from utils.atomic import write_json_atomic
@@ -203,7 +203,8 @@ def save_final(run, output_dir: Path, document: dict):
     controlnet = final_unet(run.accelerator, run.unet, run.ema, run.trainable).controlnet
     controlnet.save_pretrained(output_dir, safe_serialization=True)
     write_json_atomic(Path(output_dir) / CONDITIONING_FILENAME, document)
-    get_logger().info("Saved the trained ControlNet to %s (load it with ControlNetModel.from_pretrained)", output_dir)
+    get_logger().info("Saved the ControlNet after %d optimizer steps to %s (load it with "
+                      "ControlNetModel.from_pretrained)", global_step, output_dir)
     return controlnet
 
 
@@ -217,7 +218,7 @@ def finish(run, global_step: int, hub_repo_id: Optional[str], document: dict, va
     if not accelerator.is_main_process:
         return
     output_dir = Path(args.output_dir)
-    controlnet = save_final(run, output_dir, document)
+    controlnet = save_final(run, output_dir, document, global_step)
     grid = validation.final(controlnet, global_step) if validation is not None else None
     write_controlnet_card(output_dir, args, hub_repo_id, document, grid)
     curve = write_loss_curve(output_dir)

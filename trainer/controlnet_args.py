@@ -5,6 +5,7 @@ Kept free of torch/diffusers imports so that `--help` and every usage error answ
 """
 
 import argparse
+from functools import partial
 from typing import Optional, Sequence
 
 from trainer import args as shared
@@ -14,6 +15,9 @@ from utils.constants import DEFAULT_GUIDANCE_SCALE
 DESCRIPTION = ("Train a ControlNet beside a frozen Stable Diffusion on image/conditioning/caption triples "
                "(drop-in for diffusers' controlnet example; masks, maps and multi-band sensors too).")
 CONDITIONING_TYPES = ("image", "mask", "bands")
+# As in diffusers' script, 0 steps trains nothing and writes the ControlNet as it starts: from the UNet, its outputs
+# zero, so it draws what the base draws; evaluate.py scores that as the untrained ControlNet.
+ZERO_STEPS = " 0 trains nothing and writes the ControlNet as initialised (its zero outputs leave the base unchanged)."
 
 # The reference ControlNet trainer's defaults where they differ from the text-to-image trainer's.
 CONTROLNET_DEFAULTS = {
@@ -86,7 +90,8 @@ def build_parser() -> ArgumentParser:
     shared._add_model_args(parser, unet_revisions=False)
     _add_controlnet_args(parser)
     shared._add_data_args(parser, crop_flag=False)
-    for add in (shared._add_cache_args, shared._add_optimisation_args, shared._add_optimizer_args,
+    for add in (shared._add_cache_args, partial(shared._add_optimisation_args, zero_steps=ZERO_STEPS),
+                shared._add_optimizer_args,
                 shared._add_ema_args, shared._add_checkpoint_args, _add_validation_args, shared._add_hub_args):
         add(parser)
     parser.set_defaults(**CONTROLNET_DEFAULTS, **FIXED_SETTINGS)
@@ -135,6 +140,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the ControlNet trainer's command line (sys.argv when argv is None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    shared.check_args(parser, args)
+    shared.check_args(parser, args, fewest_steps=0)
     check_controlnet_args(parser, args)
     return args

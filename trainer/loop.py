@@ -43,7 +43,9 @@ def plan_steps(num_batches: int, num_processes: int, gradient_accumulation_steps
         max_train_steps=total_steps,
         num_epochs=math.ceil(total_steps / steps_per_epoch),
         scheduler_warmup_steps=lr_warmup_steps * num_processes,
-        scheduler_total_steps=total_steps * num_processes,
+        # At least one: a 0-step run (the initial ControlNet) still builds its schedule, and a polynomial one divides
+        # by its length.
+        scheduler_total_steps=max(total_steps, 1) * num_processes,
     )
 
 

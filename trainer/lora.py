@@ -4,14 +4,16 @@ The base weights stay frozen in the run's weight dtype (fp16/bf16 under mixed pr
 accelerator, so an accelerate config asking for fp16 counts as much as the flag); only the adapters train, and
 they are kept in fp32 so the gradient scaler never sees half-precision gradients. A run writes
 pytorch_lora_weights.safetensors (diffusers' format, with its peft config as metadata so alpha != rank loads at
-the trained strength), a kohya-format copy for A1111/ComfyUI, and lora_run.json naming the base model.
+the trained strength), a kohya-format copy for A1111/ComfyUI, and lora_run.json naming the base model. With
+--metadata_fields the UNet's metadata embedding trains in full (fp32, no adapter on it) beside the adapters and is
+saved next to every LoRA file (trainer.metadata_unet.save_embedding).
 """
 
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -41,6 +43,7 @@ class LoraSetup:
     unet_config: object
     text_encoder_config: Optional[object] = None
     params: List[torch.nn.Parameter] = field(default_factory=list)
+    metadata: Optional[object] = None  # trainer.metadata.MetadataEncoder whose UNet embedding trains beside them
 
 
 def target_modules(value: str) -> List[str]:
@@ -56,12 +59,22 @@ def lora_alpha(args) -> float:
     return float(args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
 
 
-def make_config(args, targets: List[str]):
-    """peft LoraConfig for the flags: rank, alpha, dropout, targets, DoRA; Gaussian init like diffusers' script."""
+def make_config(args, targets: List[str], exclude: Sequence[str] = ()):
+    """peft LoraConfig for the flags: rank, alpha, dropout, targets, DoRA; Gaussian init like diffusers' script.
+    exclude: module names that get no adapter even when a target name matches them."""
     from peft import LoraConfig
 
     return LoraConfig(r=args.lora_rank, lora_alpha=lora_alpha(args), lora_dropout=args.lora_dropout,
-                      target_modules=targets, use_dora=args.use_dora, init_lora_weights="gaussian")
+                      target_modules=targets, use_dora=args.use_dora, init_lora_weights="gaussian",
+                      exclude_modules=list(exclude) or None)
+
+
+def embedding_modules(unet) -> List[str]:
+    """The metadata embedding's layers (class_embedding.linear_1, ...), kept free of adapters: it trains in full,
+    and a target list naming e.g. linear_1 would otherwise wrap it too."""
+    if unet.class_embedding is None:
+        return []
+    return [f"class_embedding.{name}" for name, _ in unet.class_embedding.named_modules() if name]
 
 
 def add_adapter(model, config, flag_value: str, what: str) -> None:
@@ -81,13 +94,19 @@ def upcast_adapters(*models) -> None:
     cast_training_params([m for m in models if m is not None], dtype=torch.float32)
 
 
-def apply_lora(args, components, weight_dtype: torch.dtype, device) -> LoraSetup:
-    """Freeze the UNet (and text encoder), add fp32 adapters per the flags; return what was added."""
+def apply_lora(args, components, weight_dtype: torch.dtype, device, metadata=None) -> LoraSetup:
+    """Freeze the UNet (and text encoder), add fp32 adapters per the flags; return what was added.
+
+    metadata: the run's MetadataEncoder (--metadata_fields), whose embedding, already in the UNet, trains in full.
+    """
     from trainer.models import freeze_and_cast, trainable_parameters
 
     freeze_and_cast(components.unet, weight_dtype, device)
-    unet_config = make_config(args, target_modules(args.lora_target_modules))
+    exclude = embedding_modules(components.unet) if metadata is not None else []
+    unet_config = make_config(args, target_modules(args.lora_target_modules), exclude)
     add_adapter(components.unet, unet_config, args.lora_target_modules, "UNet")
+    if metadata is not None:
+        components.unet.class_embedding.requires_grad_(True)  # peft froze every non-adapter weight
     text_encoder_config = None
     if args.train_text_encoder_lora:
         text_encoder_config = make_config(args, list(TEXT_ENCODER_TARGETS))
@@ -96,9 +115,10 @@ def apply_lora(args, components, weight_dtype: torch.dtype, device) -> LoraSetup
     trained_text_encoder = components.text_encoder if text_encoder_config else None
     upcast_adapters(components.unet, trained_text_encoder)
     params = trainable_parameters(components.unet, trained_text_encoder)
-    get_logger().info("LoRA rank %d, alpha %g on %s: %d trainable parameters", args.lora_rank, lora_alpha(args),
-                      ", ".join(sorted(unet_config.target_modules)), sum(p.numel() for p in params))
-    return LoraSetup(unet_config, text_encoder_config, params)
+    get_logger().info("LoRA rank %d, alpha %g on %s%s: %d trainable parameters", args.lora_rank, lora_alpha(args),
+                      ", ".join(sorted(unet_config.target_modules)),
+                      " and the metadata embedding" if metadata is not None else "", sum(p.numel() for p in params))
+    return LoraSetup(unet_config, text_encoder_config, params, metadata)
 
 
 def adapter_state(model) -> dict:
@@ -112,16 +132,18 @@ def config_metadata(config) -> Optional[dict]:
     """A LoraConfig as JSON-able metadata (diffusers reads rank, alpha, targets, DoRA from it when loading).
 
     Dropout is written as 0: it is a training setting, and diffusers' loader builds the dropout layers in
-    training mode, so every image drawn with the file would get random dropout noise.
+    training mode, so every image drawn with the file would get random dropout noise. The exclusions (the metadata
+    embedding) are left out too: loaded onto a base without that embedding, peft would warn that they match nothing.
     """
     if config is None:
         return None
     metadata = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    return {**metadata, "lora_dropout": 0.0}
+    return {**metadata, "lora_dropout": 0.0, "exclude_modules": None}
 
 
 def save_diffusers_file(folder: Path, unet, text_encoder, setup: LoraSetup) -> Path:
-    """Write FOLDER/pytorch_lora_weights.safetensors (temp name, then rename) with the adapter configs."""
+    """Write FOLDER/pytorch_lora_weights.safetensors (temp name, then rename) with the adapter configs, and the
+    metadata embedding and its spec beside it when the run trains one."""
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
@@ -133,6 +155,10 @@ def save_diffusers_file(folder: Path, unet, text_encoder, setup: LoraSetup) -> P
         unet_lora_adapter_metadata=config_metadata(setup.unet_config),
         text_encoder_lora_adapter_metadata=config_metadata(setup.text_encoder_config))
     os.replace(folder / tmp_name, folder / LORA_WEIGHTS_FILENAME)
+    if setup.metadata is not None:
+        from trainer.metadata_unet import save_embedding
+
+        save_embedding(folder, unet, setup.metadata)
     return folder / LORA_WEIGHTS_FILENAME
 
 
@@ -205,8 +231,9 @@ def read_run_record(folder: Path) -> Optional[dict]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def load_adapters(folder: Path, unet, text_encoder) -> None:
-    """Put FOLDER/pytorch_lora_weights.safetensors back into the wrapped models (resume)."""
+def load_adapters(folder: Path, unet, text_encoder, setup: Optional[LoraSetup] = None) -> None:
+    """Put FOLDER/pytorch_lora_weights.safetensors back into the wrapped models (resume), and the metadata
+    embedding beside it when the run (setup) trains one."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -217,6 +244,10 @@ def load_adapters(folder: Path, unet, text_encoder) -> None:
             result = set_peft_model_state_dict(model, part)
             if getattr(result, "unexpected_keys", None):
                 raise RuntimeError(f"{folder}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+    if setup is not None and setup.metadata is not None:
+        from trainer.metadata_unet import load_embedding
+
+        load_embedding(folder, unet)
 
 
 def ema_state_fields(ema) -> dict:
@@ -256,12 +287,12 @@ def make_state_hooks(accelerator, ema, setup: LoraSetup, args):
         unet, text_encoder = split(models)
         if ema is not None:
             ema.store(setup.params)
-            load_adapters(Path(input_dir) / EMA_LORA_DIRNAME, unet, text_encoder)
+            load_adapters(Path(input_dir) / EMA_LORA_DIRNAME, unet, text_encoder, setup)
             ema.shadow_params = [p.detach().clone() for p in setup.params]
             ema.restore(setup.params)
             ema.load_state_dict(json.loads((Path(input_dir) / EMA_LORA_DIRNAME / EMA_STATE_FILENAME).read_text()))
             place_ema(ema, args.offload_ema, accelerator.device)
-        load_adapters(Path(input_dir), unet, text_encoder)
+        load_adapters(Path(input_dir), unet, text_encoder, setup)
         models.clear()
 
     return save_hook, load_hook

@@ -2,13 +2,21 @@
 
 diffusers' projection class embedding is Linear-SiLU-Linear on the metadata vector, added to the timestep embedding.
 A new one starts with its last layer at zero, so the UNet computes exactly what the base does until it trains.
+A LoRA run ships the trained embedding beside its adapters as metadata_embedding.safetensors (the UNet's own
+class_embedding.* keys) plus metadata_spec.json; install_embedding puts it into a base UNet for sampling or merging.
 """
+
+import os
+from pathlib import Path
 
 import torch
 
 from utils.cli import UsageError
 
 PROJECTION = "projection"
+EMBEDDING_FILENAME = "metadata_embedding.safetensors"
+EMBEDDING_PREFIX = "class_embedding."
+SPEC_ATTRIBUTE = "metadata_spec"  # where install_embedding leaves the encoder on the UNet for the sampling pipeline
 
 
 def has_embedding(unet, dim: int) -> bool:
@@ -93,4 +101,55 @@ def prepare(unet, rows):
         get_logger().info("Added a zero-initialised metadata embedding (%d features -> %d) to the UNet", encoder.dim,
                           unet.class_embedding.linear_2.out_features)
     absent_by_default(unet, encoder.dim)
+    return encoder
+
+
+def embedding_state(unet) -> dict:
+    """The UNet's class_embedding weights under their UNet state-dict names, fp32 on the CPU."""
+    return {EMBEDDING_PREFIX + key: value.detach().to("cpu", torch.float32).contiguous()
+            for key, value in unet.class_embedding.state_dict().items()}
+
+
+def save_embedding(folder: Path, unet, encoder) -> Path:
+    """FOLDER/metadata_embedding.safetensors (temp name, then rename) and FOLDER/metadata_spec.json."""
+    from safetensors.torch import save_file
+
+    from trainer.metadata import write_spec
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{EMBEDDING_FILENAME}.tmp"
+    save_file(embedding_state(unet), str(tmp), metadata={"class_embed_type": PROJECTION,
+                                                         "projection_class_embeddings_input_dim": str(encoder.dim)})
+    os.replace(tmp, folder / EMBEDDING_FILENAME)
+    write_spec(encoder, folder)
+    return folder / EMBEDDING_FILENAME
+
+
+def load_embedding(folder: Path, unet) -> None:
+    """Copy FOLDER/metadata_embedding.safetensors into the UNet's class_embedding (resume); a folder without one was
+    saved by a run without --metadata_fields: a usage error."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / EMBEDDING_FILENAME
+    if not path.is_file():
+        raise UsageError(f"'{folder}' holds no {EMBEDDING_FILENAME}: it was saved by a run without "
+                         "--metadata_fields; resume it with the flags it was trained with.")
+    state = load_file(str(path))
+    unet.class_embedding.load_state_dict({key[len(EMBEDDING_PREFIX):]: value for key, value in state.items()})
+
+
+def install_embedding(folder: Path, unet):
+    """Give a UNet the metadata embedding saved in FOLDER (a LoRA run's) and attach its encoder as
+    unet.metadata_spec; return the encoder, or None (the UNet untouched) when FOLDER has no embedding."""
+    from trainer.metadata import read_spec
+
+    if not (Path(folder) / EMBEDDING_FILENAME).is_file():
+        return None
+    encoder = read_spec(folder)
+    if encoder is None:
+        raise UsageError(f"'{folder}' holds {EMBEDDING_FILENAME} but no metadata_spec.json describing its input.")
+    add_embedding(unet, encoder.dim)
+    load_embedding(folder, unet)
+    setattr(unet, SPEC_ATTRIBUTE, encoder)
     return encoder
