@@ -1,11 +1,11 @@
 """What evaluate.py writes besides the images: eval_report.json and an HTML sheet of real vs generated pairs."""
 
 import html
-from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
 from utils.atomic import open_text_atomic
+from utils.bad_rows import bad_rows_document
 from utils.grids import upscale_factor
 from evaluation.data import BadRow, EvalRow
 from evaluation.generation import GENERATED_DIRNAME, image_path, save_png
@@ -40,11 +40,7 @@ def scene_headline(scene: dict) -> dict:
 
 def bad_row_summary(bad: Sequence[BadRow]) -> dict:
     """Every left-out row with its reason, and counts by reason."""
-    return {
-        "count": len(bad),
-        "by_reason": dict(Counter(row.reason for row in bad)),
-        "rows": [{"row": row.number, "reason": row.reason, "detail": row.detail} for row in bad],
-    }
+    return bad_rows_document([{"row": row.number, "reason": row.reason, "detail": row.detail} for row in bad])
 
 
 def shown_size(size) -> str:

@@ -8,7 +8,6 @@ The conditioning comes from the data folder's `conditioning.json` (create.py + f
 import io
 import json
 import random
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,7 @@ import torch
 
 from trainer.data import BadRows, TrainingDataset
 from utils.atomic import write_json_atomic
+from utils.bad_rows import bad_rows_document
 from utils.cli import UsageError
 from utils.constants import BAD_CONDITIONING_REASON, BAD_ROWS_FILENAME, CONDITIONING_FILENAME, METADATA_FILENAME
 from utils.control_input import ControlInputError, ControlSpec, prepare, read_raw, resize_raw, spec_from_document
@@ -295,8 +295,7 @@ class BadRowsReport:
             return
         entries = [bad_row_entry(self.dataset, row) for row in bad_rows.flagged()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, {"count": len(entries), "by_reason": dict(Counter(e["reason"] for e in entries)),
-                                      "rows": entries})
+        write_json_atomic(self.path, bad_rows_document(entries))
         if final and entries:
             get_logger().warning("%d training row(s) had a conditioning file that cannot be read; the next readable "
                                  "row stood in for each: %s", len(entries), self.path)
