@@ -168,11 +168,12 @@ def create_stages(parquet: Path, data: Path, resolution: int) -> dict:
     return {"create": create, "format": formatted}
 
 
-def trainer_command(model: Path, data: Path, work: Path, name: str, resolution: int, steps: int) -> list:
-    """The trainer on the tiny model with the cache in work/cache, writing to work/name."""
+def trainer_command(model: Path, data: Path, work: Path, name: str, resolution: int, steps: int,
+                    cache: str = "cache") -> list:
+    """The trainer on the tiny model with the cache in work/cache (its folder name), writing to work/name."""
     return [sys.executable, str(TRAINER), "--pretrained_model_name_or_path", str(model), "--train_data_dir",
             str(data), "--output_dir", str(work / name), "--resolution", str(resolution), "--max_train_steps",
-            str(steps), "--latents_cache_dir", str(work / "cache"), *TRAIN_FLAGS]
+            str(steps), "--latents_cache_dir", str(work / cache), *TRAIN_FLAGS]
 
 
 def train_stages(model: Path, data: Path, work: Path, resolution: int, steps: int) -> dict:
@@ -249,11 +250,12 @@ def shard_stages(parquet: Path, model: Path, work: Path, resolution: int, steps:
 
 def shard_build_stage(model: Path, folder: Path, work: Path, resolution: int) -> dict:
     """The cache build from the shards (one step), timed by its "Latent cache built" line."""
-    build = run_stage(trainer_command(model, folder, work, "sbuild", resolution, 1), work / "hf_datasets")
+    # Its own cache folder: its bytes are not the image folder's cache's.
+    build = run_stage(trainer_command(model, folder, work, "sbuild", resolution, 1, "scache"), work / "hf_datasets")
     match = BUILD_RE.search(build["stderr"])
     if match is None:
         raise RuntimeError(f"no cache-build line in the trainer's log: {build['stderr'][-1500:]}")
-    build["seconds"], build["bytes"] = float(match.group(1)), folder_bytes(work / "cache")
+    build["seconds"], build["bytes"] = float(match.group(1)), folder_bytes(work / "scache")
     return build
 
 

@@ -165,6 +165,26 @@ def test_local_imagefolder_loads_without_datasets_bars(tmp_path, capfd):
     assert "Downloading data" not in err and "Generating train split" not in err, err
     assert not datasets.are_progress_bars_disabled() and are_progress_bars_disabled() == hub_bars_off
 
+def test_imagefolder_reads_metadata_jsonl_without_globbing_the_folder(tiny_data_dir, tmp_path, monkeypatch):
+    """DATA_DIR loads with the rows, columns and features of load_dataset("imagefolder", data_dir=DATA_DIR), without
+    datasets' split-pattern search, which stats every file of the folder once per pattern."""
+    import datasets
+    import datasets.load
+
+    def rows(table):
+        return table.cast_column("image", datasets.Image(decode=False)).to_list()
+
+    reference = datasets.load_dataset("imagefolder", data_dir=str(tiny_data_dir), cache_dir=str(tmp_path / "ref"),
+                                      split="train")
+
+    def no_glob(*args, **kwargs):
+        raise AssertionError("the folder was searched for split patterns")
+
+    monkeypatch.setattr(datasets.load, "get_data_patterns", no_glob)
+    table = data.load_raw_dataset(None, None, str(tiny_data_dir), str(tmp_path / "cache"))
+    assert table.features == reference.features and rows(table) == rows(reference) and len(table) == 8
+
+
 def test_saved_dataset_is_detected(tmp_path):
     """A save_to_disk folder is recognised (load_from_disk), a plain folder is not."""
     import datasets

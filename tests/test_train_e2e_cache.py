@@ -14,8 +14,11 @@ from test_train_e2e import (PROMPT, assert_same_weights, caption_list_command, c
                             load_weights, run_parallel, succeeded, trainer_command)
 
 CACHE_FLAGS = ["--cache_latents"]
-# Caption lists, flips, 2 rows (2 steps per epoch, so validation runs mid-training), checkpoint at step 2.
-SHARED = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_prompts", PROMPT]
+# Caption lists, flips, 2 rows in one batch of 2 (from batch 2 on, the VAE's CPU convolutions return channels_last
+# latents where the cache serves contiguous ones: the same noise must be drawn for both), so one step per epoch,
+# validation after the first epoch (step 1, mid-training) and the fourth (the last), checkpoint at step 2.
+SHARED = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_prompts", PROMPT, "--train_batch_size", 2,
+          "--validation_epochs", 3]
 
 
 def losses(output: Path) -> list:
@@ -65,7 +68,7 @@ def second_runs(first_runs, tiny_model_dir, tiny_data_dir, caption_list_dataset,
 
 
 def test_cached_losses_match_uncached(first_runs):
-    """Same seed: the cached run's per-step losses equal the uncached run's within float tolerance."""
+    """Same seed, batches of 2: the cached run's per-step losses equal the uncached run's within float tolerance."""
     uncached, cached = losses(first_runs["uncached"][0]), losses(first_runs["cached"][0])
     assert len(uncached) == len(cached) == 4
     assert cached == pytest.approx(uncached, rel=1e-4, abs=1e-6)
@@ -84,7 +87,7 @@ def test_cache_is_built_once_with_both_views_and_all_captions(first_runs):
         assert shard.get_slice("states").get_shape()[:2] == [4, 77]
     assert (folder / "index.parquet").is_file() and (folder / "captions.parquet").is_file()
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
-    assert (output / "validation" / "step-2" / "0.png").is_file()  # mid-run validation with the encoders brought back
+    assert (output / "validation" / "step-1" / "0.png").is_file()  # mid-run validation with the encoders brought back
 
 
 def test_resume_with_cache_is_exact_and_reuses_it(first_runs, second_runs):

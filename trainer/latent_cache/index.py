@@ -93,7 +93,9 @@ def index_captions(cells, column: str) -> CaptionIndex:
     if isinstance(cells, pa.ChunkedArray):
         cells = cells.combine_chunks() if cells.num_chunks else pa.array([], pa.string())
     values, offsets, is_list = (_arrow_cells if isinstance(cells, pa.Array) else _python_cells)(cells, column)
-    encoded = values.dictionary_encode()  # dictionary in first-seen order
+    # Dictionary in first-seen order. The system allocator, not pyarrow's mimalloc pool, which keeps the hash table's
+    # pages after the encode: +36 MiB of RSS at 100k distinct captions and +150 MiB at 1M, against +8 and +87.
+    encoded = pc.dictionary_encode(values, memory_pool=pa.system_memory_pool())
     return CaptionIndex(encoded.dictionary, encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32),
                         offsets, is_list)
 
