@@ -54,7 +54,8 @@ class EvalRow:
 
 class RawRow(NamedTuple):
     """A source row as read, before a caption is chosen: number, captions cell, image, class or why none, the
-    conditioning file a create.py folder names for it, and its metadata (metadata.jsonl only)."""
+    conditioning file a create.py folder names for it, and its metadata (a create.py folder's metadata.jsonl or shard
+    index only)."""
 
     number: int
     captions: object
@@ -144,8 +145,8 @@ def metadata_raw_rows(data_dir: Path, limit: Optional[int], class_column: Option
 
 
 def shard_raw_rows(folder: Path, limit: Optional[int], class_column: Optional[str] = None) -> Tuple[list, list]:
-    """The first rows of a sharded folder (create.py --output_format webdataset) as RawRows: captions and source file
-    from its index, image bytes read by offset from the tars; --class_column names an index column."""
+    """The first rows of a sharded folder (create.py --output_format webdataset) as RawRows: captions, source file and
+    metadata from its index, image bytes read by offset from the tars; --class_column names an index column."""
     import pyarrow.parquet as pq
 
     index = pq.ParquetFile(str(folder / SHARDS_INDEX_FILENAME))
@@ -160,8 +161,9 @@ def shard_raw_rows(folder: Path, limit: Optional[int], class_column: Optional[st
                 handle = handles.get(tar) or handles.setdefault(tar, open(tar, "rb"))
                 image = read_member(handle, record["image_offset"], record["image_size"])
                 label = record.get(class_column) if class_column else None
+                metadata = json.loads(record["metadata"]) if record.get("metadata") else None
                 raw_rows.append(RawRow(record["row"], record["text"], image,
-                                       *row_class(record["source_file"], label, class_column)))
+                                       *row_class(record["source_file"], label, class_column), None, metadata))
             if limit is not None and len(raw_rows) >= limit:
                 break
     finally:

@@ -265,7 +265,7 @@ def test_rows_without_a_class_say_why(tmp_path):
 def test_a_sharded_folder_is_read_through_its_index(sample_parquet, tmp_path, monkeypatch):
     """A create.py --output_format webdataset folder as --data_dir: source row numbers, first clean caption, the
     image's bytes from its tar, the class from the source file name; --num_samples stops early; a --class_column
-    the index lacks is a usage error."""
+    the index lacks is a usage error; each row's metadata come from the index (GSD corrected for the resize)."""
     from diffusion_model import create
 
     for name in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"):
@@ -273,7 +273,7 @@ def test_a_sharded_folder_is_read_through_its_index(sample_parquet, tmp_path, mo
     folder = tmp_path / "shards"
     assert create.main(["--input", str(sample_parquet), "--output_dir", str(folder), "--output_format", "webdataset",
                         "--shard_size", "2", "--resolution", "16", "--num_workers", "1", "--caption_mode", "all",
-                        "--limit", "7"]) == 0
+                        "--limit", "7", "--metadata", "gsd=1.0,sensor=naip"]) == 0
     rows, bad, read = load_rows(str(folder), None, 0, 5)
     table = pq.read_table(sample_parquet).slice(0, 5).to_pylist()
     assert read == 5 and not bad and [r.number for r in rows] == [1, 2, 3, 4, 5]
@@ -282,6 +282,8 @@ def test_a_sharded_folder_is_read_through_its_index(sample_parquet, tmp_path, mo
         assert row.caption == select_captions(source["captions"])[0]
         assert Image.open(io.BytesIO(row.image)).size == (16, 16)
         assert row.scene == Path(source["filename"]).name.split("_")[0]
+        side = min(Image.open(io.BytesIO(source["image"]["bytes"])).size)
+        assert row.metadata == {"gsd": pytest.approx(side / 16), "sensor": "naip"}
     assert len(load_rows(str(folder), None, 0, None)[0]) == 7
     with pytest.raises(UsageError, match="--class_column 'label' is not a column of"):
         load_rows(str(folder), None, 0, None, class_column="label")

@@ -106,7 +106,7 @@ TEXT_ENCODER = ["--train_text_encoder_lora", "--use_dora", "--mixed_precision", 
 
 
 @pytest.fixture(scope="module")
-def runs(base_model, tiny_data_dir, tmp_path_factory) -> dict:
+def runs(base_model, tiny_data_dir, metadata_dir, tmp_path_factory) -> dict:
     """The fresh runs, two at a time: name → (output dir, CompletedProcess)."""
     root = tmp_path_factory.mktemp("lora")
     data = tiny_data_dir
@@ -114,7 +114,9 @@ def runs(base_model, tiny_data_dir, tmp_path_factory) -> dict:
         "ref4": reference_command(base_model, data, root / "ref4", "--max_train_steps", 4),
         "ref6": reference_command(base_model, data, root / "ref6", "--max_train_steps", 6),
         "features": lora_command(base_model, data, root / "features", "--max_train_steps", 4, *FEATURES),
-        "text_encoder": lora_command(base_model, data, root / "text_encoder", *TEXT_ENCODER),
+        # With a metadata embedding (gsd) too: it trains in fp32 under the bf16 autocast.
+        "text_encoder": lora_command(base_model, metadata_dir, root / "text_encoder", *TEXT_ENCODER,
+                                     "--metadata_fields", "gsd"),
         "nan": lora_command(base_model, data, root / "nan", "--max_train_steps", 8, "--checkpointing_steps", 1,
                             "--max_grad_norm", "1e38", "--learning_rate", "1e35"),
         # The refused command lines, each exiting early.
@@ -287,15 +289,19 @@ def test_alpha_not_rank_loads_at_the_trained_strength(runs, base_model):
 
 
 def test_text_encoder_dora_bf16_run_loads_with_both_parts(runs, base_model):
-    """Text-encoder DoRA under bf16: the file carries unet. and text_encoder. adapters with DoRA magnitudes and
-    loads into the base; no kohya file, since DoRA has no kohya form the converter writes."""
+    """Text-encoder DoRA under bf16, with a metadata embedding: the file carries unet. and text_encoder. adapters
+    with DoRA magnitudes and loads into the base; the embedding trained beside it; no kohya file, since DoRA has no
+    kohya form the converter writes."""
     from diffusers import StableDiffusionPipeline
+
+    from trainer.metadata_unet import EMBEDDING_FILENAME
 
     output = ok(runs, "text_encoder")
     state = tensors(output / LORA_WEIGHTS_FILENAME)
     assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("unet.") for k in state)
     assert any("lora_magnitude_vector" in k for k in state)
     assert not (output / KOHYA_WEIGHTS_FILENAME).exists()
+    assert tensors(output / EMBEDDING_FILENAME)["class_embedding.linear_2.weight"].abs().sum() > 0
     pipeline = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None)
     prompt_embeds_before = pipeline.encode_prompt(PROMPT, "cpu", 1, False)[0]
     pipeline.load_lora_weights(output)
