@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     from diffusers.optimization import get_scheduler
 
     from trainer import controlnet, controlnet_data, data, latent_cache, loop, models
+    from trainer.bad_rows import BadRowsReport
     from trainer.controlnet_validation import ControlValidation
     from trainer.loss import LossOptions, SkippedSteps, TrainingDiverged
     from trainer.validation import load_inference_scheduler
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     with accelerator.main_process_first():
         dataset = controlnet_data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed), spec,
                                                       folder)
+    bad_rows = BadRowsReport(dataset, Path(args.output_dir), args.checkpointing_steps)  # also fed by the cache
     num_workers = data.resolve_num_workers(args.dataloader_num_workers, accelerator.num_processes)
     data.limit_cpu_threads(accelerator.device.type, accelerator.num_processes, num_workers, os.environ)
     collate = controlnet_data.collate
@@ -107,7 +109,6 @@ def main(argv=None) -> int:
     loop.init_trackers(accelerator, args)
     skipped = SkippedSteps()
     global_step = loop.resume_from(accelerator, args.output_dir, args.resume_from_checkpoint, [skipped])
-    bad_rows = controlnet_data.BadRowsReport(dataset, Path(args.output_dir), args.checkpointing_steps)
     bad_rows.restore(resumed=global_step > 0)
     logger.info("%d examples, %d optimizer steps (%d per epoch), %d process(es), starting at step %d; "
                 "conditioning: %s, %d channels", len(dataset), plan.max_train_steps, plan.steps_per_epoch,

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     from diffusers.optimization import get_scheduler
 
     from trainer import data, export, latent_cache, lora, loop, metadata_unet, models
+    from trainer.bad_rows import BadRowsReport
     from trainer.checkpoints import register_state_hooks
     from trainer.loss import LossOptions, SkippedSteps, TrainingDiverged
     from trainer.validation import load_inference_scheduler
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     components = models.load_components(args, weight_dtype, accelerator.device)
     with accelerator.main_process_first():
         dataset = data.build_train_dataset(args, components.tokenizer, data.data_seed(args.seed))
+    bad_rows = BadRowsReport(dataset, Path(args.output_dir), args.checkpointing_steps)  # also fed by the cache
     # With --metadata_fields: the UNet gains its zero-output metadata embedding before anything copies its weights
     # (under LoRA it then trains in full beside the adapters).
     encoder = metadata_unet.prepare(components.unet, dataset.metadata)
@@ -98,6 +100,7 @@ def main(argv=None) -> int:
     loop.init_trackers(accelerator, args)
     skipped = SkippedSteps()  # skipped updates consumed data: checkpoints keep their count for the resume position
     global_step = loop.resume_from(accelerator, args.output_dir, args.resume_from_checkpoint, [skipped])
+    bad_rows.restore(resumed=global_step > 0)
     logger.info("%d examples, %d optimizer steps (%d per epoch), %d process(es), starting at step %d",
                 len(dataset), plan.max_train_steps, plan.steps_per_epoch, accelerator.num_processes, global_step)
 
@@ -105,16 +108,19 @@ def main(argv=None) -> int:
     run = loop.TrainingRun(accelerator, args, components, unet, optimizer, lr_scheduler, dataloader, ema, plan,
                            weight_dtype, load_inference_scheduler(args.pretrained_model_name_or_path,
                                                                   args.revision, args.prediction_type),
-                           LossOptions.from_args(args), trainable, lora_setup, skipped, encoder)
+                           LossOptions.from_args(args), trainable, lora_setup, skipped, encoder,
+                           after_step=bad_rows.during_training)
     try:
         global_step = loop.train(run, global_step)
     except TrainingDiverged as err:
+        bad_rows.write(accelerator, final=True)
         if accelerator.is_main_process:
             logger.error("%s", err)
         accelerator.end_training()
         return 1
 
-    # Final pipeline, validation grid, model card, push
+    # Bad rows, final pipeline, validation grid, model card, push
+    bad_rows.write(accelerator, final=True)
     export.finish(run, global_step, checked.hub_repo_id)
     accelerator.end_training()
     return 0

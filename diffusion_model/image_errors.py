@@ -9,6 +9,7 @@ REASON_EMPTY = "empty_image"
 REASON_UNDECODABLE = "undecodable"
 REASON_TRUNCATED = "truncated"
 REASON_TOO_LARGE = "too_large"
+REASON_UNREADABLE = "unreadable"  # the file itself could not be read (gone, no permission): an OSError with an errno
 
 
 class ImageRejected(Exception):
@@ -19,3 +20,19 @@ class ImageRejected(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def load_failure(err: Exception) -> ImageRejected:
+    """Pillow's error on opening or decoding an image as a rejection: too large, truncated, unreadable or else
+    undecodable (Pillow's own decoding errors carry no errno; the operating system's do)."""
+    from PIL import Image
+
+    if isinstance(err, Image.DecompressionBombError):
+        reason = REASON_TOO_LARGE
+    elif "truncated" in str(err).lower():
+        reason = REASON_TRUNCATED
+    elif getattr(err, "errno", None) is not None:
+        reason = REASON_UNREADABLE
+    else:
+        reason = REASON_UNDECODABLE
+    return ImageRejected(reason, f"{type(err).__name__}: {err}")

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from diffusion_model.geotiff import MultibandSettings, tiff_to_rgb
-from diffusion_model.image_errors import (REASON_EMPTY, REASON_NULL, REASON_TOO_LARGE, REASON_TRUNCATED,
-                                          REASON_UNDECODABLE, ImageRejected)
+from diffusion_model.image_errors import (REASON_EMPTY, REASON_NULL, REASON_TOO_LARGE, REASON_UNDECODABLE,
+                                          ImageRejected, load_failure)
 from utils.constants import ALPHA_BACKGROUND
 
 RESIZE_MODES = ("center_crop", "stretch", "pad")
@@ -49,8 +49,7 @@ def decode(data: Optional[bytes], max_pixels: int) -> Image.Image:
     try:
         image.load()
     except Exception as err:
-        reason = REASON_TRUNCATED if "truncated" in str(err).lower() else REASON_UNDECODABLE
-        raise ImageRejected(reason, f"{type(err).__name__}: {err}") from None
+        raise load_failure(err) from None
     return image
 
 

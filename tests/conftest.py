@@ -313,3 +313,25 @@ def mask_controlnet_dir(tiny_model_dir, mask_data_dir, tmp_path_factory) -> Path
     document = json.loads((mask_data_dir / "conditioning.json").read_text())
     return save_test_controlnet(tiny_model_dir, tmp_path_factory.mktemp("mask_controlnet") / "run",
                                 {**document, "base_model": str(tiny_model_dir), "train_data_dir": str(mask_data_dir)})
+
+
+# --- Bad-rows fixture (helper "badrows"): a training folder with images that cannot be read.
+
+# Row 1's image is a truncated JPEG, row 2's a text file named .jpg; rows 0 and 3 are fine.
+BROKEN_ROWS = {1: "truncated", 2: "undecodable"}
+
+
+@pytest.fixture(scope="session")
+def broken_images_dir(tmp_path_factory) -> Path:
+    """A format.py-style folder of 4 rows at 32 px (images/N.jpg, metadata.jsonl) with BROKEN_ROWS' images broken."""
+    import odd_images as odd
+
+    folder = tmp_path_factory.mktemp("broken_images")
+    (folder / "images").mkdir()
+    lines = []
+    for row in range(4):
+        content = {1: odd.truncated_jpeg(), 2: odd.junk_bytes()}.get(row)
+        (folder / "images" / f"{row}.jpg").write_bytes(content or odd.save(odd.noisy_rgb(32, 32, row), "JPEG"))
+        lines.append(json.dumps({"file_name": f"images/{row}.jpg", "text": f"scene {row}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

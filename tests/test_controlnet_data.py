@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from trainer import controlnet_data
+from trainer.bad_rows import BadRowsReport
 from trainer.controlnet_args import parse_args
 from utils.cli import UsageError
 from utils.control_input import spec_from_document
@@ -244,26 +245,30 @@ def test_conditioning_paths_out_of_the_folder_are_refused(tmp_path, value):
 
 @pytest.fixture()
 def folder_with_bad_rows(mask_folder, tmp_path):
-    """mask_folder with row 1's conditioning file corrupt (not a PNG) and row 2's holding a class beyond the 4."""
+    """mask_folder with row 1's conditioning file corrupt (not a PNG), row 2's holding a class beyond the 4 and row
+    3's image (not its conditioning) truncated."""
     import shutil
 
     folder = tmp_path / "bad"
     shutil.copytree(mask_folder, folder)
     (folder / "conditioning_images" / "1.png").write_bytes(b"not a png at all")
+    image = (folder / "images" / "3.png").read_bytes()
+    (folder / "images" / "3.png").write_bytes(image[:len(image) // 2])
     Image.fromarray(np.full((64, 64), 9, np.uint8), mode="L").save(folder / "conditioning_images" / "2.png")
     return folder
 
 
 def test_bad_conditioning_rows_are_recorded_and_replaced_by_the_next_readable_row(folder_with_bad_rows):
     """No crash, no silent skip: through a DataLoader worker, a row whose conditioning is corrupt or holds a class
-    out of range yields the next readable row's item, and both bad rows reach the main process's record."""
+    out of range, or whose image is truncated, yields the next readable row's item, and all three bad rows reach
+    the main process's one record."""
     from stand_in.tiny_model import build_tokenizer
 
     args = cli(folder_with_bad_rows, "--resolution", 32)
     spec, _ = controlnet_data.conditioning_spec(args, folder_with_bad_rows)
     dataset = controlnet_data.build_train_dataset(args, build_tokenizer(), 0, spec, folder_with_bad_rows)
     files = [dataset.cell(row) for row in range(4)]
-    bad = sorted(files.index(f"conditioning_images/{n}.png") for n in (1, 2))
+    bad = sorted(files.index(f"conditioning_images/{n}.png") for n in (1, 2, 3))
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=controlnet_data.collate)
     batch = next(iter(loader))
     assert dataset.bad_rows.flagged() == bad
@@ -274,8 +279,8 @@ def test_bad_conditioning_rows_are_recorded_and_replaced_by_the_next_readable_ro
 
 
 def test_bad_rows_report_names_each_row_file_and_reason(folder_with_bad_rows, tmp_path):
-    """bad_rows.json: the count, each bad row with its file and the reader's complaint; a resumed run keeps the
-    rows recorded before it, a fresh one starts empty."""
+    """bad_rows.json: the count, each bad row with its file (the image's when the image is what failed) and the
+    reader's complaint; a resumed run keeps the rows recorded before it, a fresh one starts empty."""
     from accelerate import Accelerator
 
     from stand_in.tiny_model import build_tokenizer
@@ -285,16 +290,17 @@ def test_bad_rows_report_names_each_row_file_and_reason(folder_with_bad_rows, tm
     dataset = controlnet_data.build_train_dataset(args, build_tokenizer(), 0, spec, folder_with_bad_rows)
     for index in range(len(dataset)):
         dataset[index]
-    report = controlnet_data.BadRowsReport(dataset, tmp_path / "out", 2)
+    report = BadRowsReport(dataset, tmp_path / "out", 2)
     report.write(Accelerator(cpu=True), final=True)
     written = json.loads((tmp_path / "out" / "bad_rows.json").read_text())
-    assert written["count"] == 2 and written["by_reason"] == {"bad_conditioning_image": 2}
+    assert written["count"] == 3 and written["by_reason"] == {"bad_conditioning_image": 2, "truncated": 1}
     details = {entry["file"]: entry["detail"] for entry in written["rows"]}
     assert "cannot read conditioning file" in details["conditioning_images/1.png"]
     assert "class 9 is outside 0..3" in details["conditioning_images/2.png"]
+    assert "image file is truncated" in details["images/3.png"]
     again = controlnet_data.build_train_dataset(args, build_tokenizer(), 0, spec, folder_with_bad_rows)
     met_by_the_probe = again.bad_rows.flagged()
-    controlnet_data.BadRowsReport(again, tmp_path / "out", 2).restore(resumed=False)
+    BadRowsReport(again, tmp_path / "out", 2).restore(resumed=False)
     assert again.bad_rows.flagged() == met_by_the_probe
-    controlnet_data.BadRowsReport(again, tmp_path / "out", 2).restore(resumed=True)
+    BadRowsReport(again, tmp_path / "out", 2).restore(resumed=True)
     assert again.bad_rows.flagged() == dataset.bad_rows.flagged()

@@ -2,13 +2,16 @@
 
 import dataclasses
 import io
+import json
 import logging
 
 import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
+from diffusion_model.image_errors import ImageRejected
 from trainer import data
 from trainer import latent_cache as lc
 from utils.cli import UsageError
@@ -36,12 +39,12 @@ def png_bytes(seed: int, size=(20, 16)) -> bytes:
     return buffer.getvalue()
 
 
-def make_table(captions, image_seeds=None):
-    """A datasets table with an Image column (bytes) and a caption column."""
+def make_table(captions, image_seeds=None, images=None):
+    """A datasets table with an Image column (bytes: images, else PNGs of image_seeds) and a caption column."""
     import datasets
 
-    seeds = image_seeds or list(range(len(captions)))
-    table = datasets.Dataset.from_dict({"image": [{"bytes": png_bytes(s), "path": None} for s in seeds],
+    images = images or [png_bytes(s) for s in image_seeds or range(len(captions))]
+    table = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images],
                                         "text": captions})
     return table.cast_column("image", datasets.Image())
 
@@ -202,19 +205,52 @@ def test_cached_rows_equal_what_training_would_encode(tiny_parts, tmp_path):
                                  "image", "text", seed=5)
     views_seen = set()
     for epoch in range(3):
-        cached.set_epoch(epoch)
-        plain.set_epoch(epoch)
-        for row in range(len(table)):
-            got, want = cached[row], plain[row]
-            mean, std = lc.posterior(vae, want["pixel_values"].unsqueeze(0))
-            torch.testing.assert_close(got["latent_mean"], mean[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(got["latent_std"], std[0], rtol=1e-5, atol=1e-5)
-            with torch.no_grad():
-                states = text_encoder(want["input_ids"].unsqueeze(0), return_dict=False)[0]
-            torch.testing.assert_close(got["encoder_hidden_states"], states[0], rtol=1e-5, atol=1e-5)
-            views_seen.add(torch.equal(want["pixel_values"], plain.image_transform(table[row]["image"],
-                                                                                   _NoFlip())))
+        for row in assert_cached_serves_what_plain_serves(cached, plain, epoch, tiny_parts):
+            views_seen.add(torch.equal(plain[row]["pixel_values"], plain.image_transform(table[row]["image"],
+                                                                                          _NoFlip())))
     assert views_seen == {True, False}  # both the image and its mirror were drawn
+
+
+def assert_cached_serves_what_plain_serves(cached, plain, epoch: int, parts) -> range:
+    """At epoch, each row's cached posterior and caption states are those of the uncached item; returns the rows."""
+    vae, text_encoder, _ = parts
+    cached.set_epoch(epoch)
+    plain.set_epoch(epoch)
+    for row in range(len(plain)):
+        got, want = cached[row], plain[row]
+        mean, std = lc.posterior(vae, want["pixel_values"].unsqueeze(0))
+        torch.testing.assert_close(got["latent_mean"], mean[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["latent_std"], std[0], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            states = text_encoder(want["input_ids"].unsqueeze(0), return_dict=False)[0]
+        torch.testing.assert_close(got["encoder_hidden_states"], states[0], rtol=1e-5, atol=1e-5)
+    return range(len(plain))
+
+
+def test_unreadable_images_are_marked_and_served_as_without_the_cache(tiny_parts, tmp_path):
+    """A truncated JPEG and a non-image: the build goes on, records both, marks them in their chunks and the
+    manifest; the opened cache records them at once and serves each row what the uncached dataset serves (the next
+    readable row's item)."""
+    import odd_images as odd
+
+    from trainer.bad_rows import BadRows
+
+    table = make_table([["a field"], ["a road"], ["a pond"], ["a river", "a bridge"]],
+                       images=[png_bytes(0), odd.truncated_jpeg(), odd.junk_bytes(), png_bytes(3)])
+    met = BadRows(len(table), (ImageRejected,))
+    builder = dataclasses.replace(builder_for(tiny_parts, 2, chunk_rows=2), bad_rows=met)
+    folder, _ = lc.prepare_cache(tmp_path, key_of(table, tiny_parts), SETTINGS, table, builder)
+    assert met.flagged() == [1, 2]
+    assert json.loads((folder / lc.MANIFEST_FILENAME).read_text())["unreadable_rows"] == [1, 2]
+    with safe_open(str(folder / "latents-0000000-0000002.safetensors"), framework="pt") as chunk:
+        assert chunk.get_tensor("unreadable").tolist() == [False, True]
+    opened = BadRows(len(table), (ImageRejected,))
+    cached = lc.CachedDataset(folder, seed=5, random_flip=True, bad_rows=opened)
+    assert opened.flagged() == [1, 2]
+    plain = data.TrainingDataset(table, tiny_parts[2], data.make_image_transform(RESOLUTION, True, True, "lanczos"),
+                                 "image", "text", seed=5)
+    for epoch in range(2):
+        assert_cached_serves_what_plain_serves(cached, plain, epoch, tiny_parts)
 
 
 class _NoFlip:

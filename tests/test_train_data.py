@@ -127,6 +127,36 @@ def test_imagefolder_from_create_and_format_batches(tiny_data_dir, tiny_model_di
     assert batch["input_ids"].shape == (2, tokenizer.model_max_length)
 
 
+def test_unreadable_images_are_recorded_and_the_next_readable_row_stands_in(broken_images_dir, tmp_path):
+    """Through a DataLoader worker: a truncated JPEG's row and a non-image's row each yield row 3's item and reach the
+    main process's record; a folder with no readable image stops at build with one usage line."""
+    from conftest import BROKEN_ROWS
+
+    from stand_in.tiny_model import build_tokenizer
+    from trainer.args import parse_args
+
+    def build(folder):
+        """The dataset train_text_to_image.py builds for folder at 32 px."""
+        args = parse_args(["--pretrained_model_name_or_path", "base", "--train_data_dir", str(folder),
+                           "--resolution", "32"])
+        return data.build_train_dataset(args, build_tokenizer(), seed=0)
+
+    dataset = build(broken_images_dir)
+    batch = next(iter(data.build_dataloader(dataset, batch_size=4, num_workers=1, seed=0)))
+    assert dataset.bad_rows.flagged() == sorted(BROKEN_ROWS)
+    # The loader shuffles: each item is told by its caption's tokens (rows 1 and 2 carry row 3's).
+    ids = [tuple(row.tolist()) for row in batch["input_ids"]]
+    row_3 = data.tokenize(dataset.tokenizer, ["scene 3"])[0]
+    assert ids.count(tuple(row_3.tolist())) == 3
+    stand_ins = [i for i, row in enumerate(ids) if row == tuple(row_3.tolist())]
+    assert all(torch.equal(batch["pixel_values"][i], batch["pixel_values"][stand_ins[0]]) for i in stand_ins)
+    lone = tmp_path / "lone"
+    (lone / "images").mkdir(parents=True)
+    (lone / "images" / "0.jpg").write_bytes(b"no image here")
+    (lone / "metadata.jsonl").write_text('{"file_name": "images/0.jpg", "text": "t"}\n')
+    with pytest.raises(UsageError, match="none of the 1 training rows can be read"):
+        build(lone)
+
 
 @pytest.mark.parametrize("proportion", ["0", "1"])
 def test_proportion_empty_prompts_gives_the_empty_prompt(tiny_data_dir, tiny_model_dir, proportion):

@@ -50,6 +50,17 @@ def test_table_reads_rows_by_offset_like_a_datasets_table(shards_dir):
     assert row["text"] == table.with_format("arrow")["text"][4].as_py()
 
 
+def test_image_name_is_the_shard_and_member_holding_the_row_s_image(shards_dir):
+    """What bad_rows.json names for a sharded row: the tar (relative to the folder) and the image's member."""
+    import tarfile
+
+    table = ShardTable(shards_dir).select([4, 0])
+    tar, member = table.image_name(0).split(":")
+    assert member.startswith(table[0]["key"] + ".")
+    with tarfile.open(shards_dir / tar) as archive:
+        assert archive.extractfile(member).read() == table[0]["image"].fp.getvalue()
+
+
 def test_shuffle_select_and_arrow_columns_follow_the_rows(shards_dir):
     """A seeded shuffle then select keeps rows and their columns aligned; the caption index reads the Arrow column."""
     table = ShardTable(shards_dir)

@@ -15,13 +15,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from trainer.data import BadRows, TrainingDataset
-from utils.atomic import write_json_atomic
-from utils.bad_rows import bad_rows_document
+from diffusion_model.image_errors import ImageRejected
+from trainer.bad_rows import BadRows
+from trainer.data import TrainingDataset, cell_name, undecoded
 from utils.cli import UsageError
-from utils.constants import BAD_CONDITIONING_REASON, BAD_ROWS_FILENAME, CONDITIONING_FILENAME, METADATA_FILENAME
+from utils.constants import BAD_CONDITIONING_REASON, CONDITIONING_FILENAME, METADATA_FILENAME
 from utils.control_input import ControlInputError, ControlSpec, prepare, read_raw, resize_raw, spec_from_document
-from utils.logger import get_logger
 
 
 def data_folder(args) -> Optional[Path]:
@@ -137,34 +136,22 @@ class ConditioningReader:
         return conditioning_view(read_raw(source, self.spec), self.spec, self.resolution, flip, str(source))
 
 
-def undecoded(table, column: str):
-    """table with an Image column left as {bytes, path} (read by ConditioningReader, not decoded to RGB)."""
-    import datasets
-
-    if isinstance(table.features.get(column), datasets.Image):
-        return table.cast_column(column, datasets.Image(decode=False))
-    return table
-
-
 class ControlTrainingDataset:
     """Mixin for trainer.data.TrainingDataset: each item also holds "conditioning_pixel_values", flipped with the
     image. The flip is drawn from the row's RNG at the place the image transform draws it, so the data matches an
     uncached text-to-image run's and the cached run's views. A row whose conditioning cannot be read is recorded in
-    bad_rows and the next readable row stands in for it."""
+    bad_rows (the one that records unreadable images) and the next readable row stands in for it."""
+
+    row_errors = (ImageRejected, ControlInputError)
 
     def setup_conditioning(self, reader: ConditioningReader, column: str, random_flip: bool) -> None:
         """The reader, the conditioning column (its cells kept undecoded) and whether views may be flipped."""
         self.reader, self.conditioning_column, self.random_flip = reader, column, random_flip
         self.cells = self.table.select_columns([column])
-        self.bad_rows = BadRows(len(self.table), (ControlInputError,))
 
     def cell(self, row: int):
         """The row's conditioning cell (a path, or {bytes, path}), without reading the image."""
         return self.cells[int(row)][self.conditioning_column]
-
-    def __getitem__(self, index: int) -> dict:
-        """The row's item, or the next readable row's when its conditioning cannot be read."""
-        return self.bad_rows.first_good(int(index), super().__getitem__)
 
     def pixels(self, row: dict, rng: random.Random) -> dict:
         """The image (transformed without flip, then flipped as drawn) and its conditioning, aligned."""
@@ -173,6 +160,21 @@ class ControlTrainingDataset:
         conditioning = self.reader.view(row[self.conditioning_column], flip)
         return {"pixel_values": pixel_values.flip(-1) if flip else pixel_values,
                 "conditioning_pixel_values": conditioning}
+
+    def row_files(self, row: int) -> tuple:
+        """The row's image file and its conditioning file."""
+        return (*super().row_files(row), cell_name(self.cell(row)))
+
+    def row_problem(self, row: int) -> Optional[dict]:
+        """Why the row cannot be read now: its image's problem, else its conditioning's; None when both read."""
+        problem = super().row_problem(row)
+        if problem is not None:
+            return problem
+        try:
+            self.reader.view(self.cell(row), False)
+        except ControlInputError as err:
+            return {"reason": BAD_CONDITIONING_REASON, "file": cell_name(self.cell(row)), "detail": str(err)}
+        return None
 
 
 class ControlledTrainingDataset(ControlTrainingDataset, TrainingDataset):
@@ -183,16 +185,15 @@ def build_train_dataset(args, tokenizer, seed: int, spec: ControlSpec, folder: O
     """trainer.data's training dataset, each row with its conditioning."""
     from trainer import data
 
-    base = data.build_train_dataset(args, tokenizer, seed)
+    base = data.make_train_dataset(args, tokenizer, seed)
     column = data.check_column("--conditioning_image_column", args.conditioning_image_column,
                                base.table.column_names)
     transform = data.make_image_transform(args.resolution, True, False, args.image_interpolation_mode)
     dataset = ControlledTrainingDataset(undecoded(base.table, column), tokenizer, transform, base.image_column,
-                            base.caption_column, seed, base.metadata, base.dropout)
+                            base.caption_column, seed, base.metadata, base.dropout, base.folder)
     reader = ConditioningReader(spec, folder, args.resolution)
     dataset.setup_conditioning(reader, column, args.random_flip)
-    # One readable row must exist, or every row would look for a stand-in in vain inside a DataLoader worker.
-    dataset.bad_rows.first_good(0, lambda row: reader.view(dataset.cell(row), False))
+    dataset.check_readable()
     return dataset
 
 
@@ -206,7 +207,7 @@ class CachedWithConditioning(torch.utils.data.Dataset):
         self.cached, self.reader = cached, reader
         self.cells = undecoded(table.select_columns([column]), column)
         self.column = column
-        self.bad_rows = bad_rows or BadRows(len(self.cells), (ControlInputError,))
+        self.bad_rows = bad_rows or BadRows(len(self.cells), ControlTrainingDataset.row_errors)
 
     def __len__(self) -> int:
         """Number of rows."""
@@ -233,77 +234,6 @@ class CachedWithConditioning(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         """The row, or the next readable row when its conditioning cannot be read."""
         return self.bad_rows.first_good(int(index), self.load)
-
-
-def cell_name(cell) -> Optional[str]:
-    """The file a conditioning cell names (None for bytes without a path), for the report."""
-    if isinstance(cell, dict):
-        cell = cell.get("path")
-    return cell if isinstance(cell, str) else None
-
-
-def bad_row_entry(dataset, row: int) -> dict:
-    """A bad row's report line: its training row, file and the reader's complaint (read once more to get it)."""
-    cell = dataset.cell(row)
-    try:
-        dataset.reader.view(cell, False)
-        detail = "readable when read again for this report"
-    except ControlInputError as err:
-        detail = str(err)
-    return {"row": row, "reason": BAD_CONDITIONING_REASON, "file": cell_name(cell), "detail": detail}
-
-
-@dataclass
-class BadRowsReport:
-    """OUTPUT_DIR/bad_rows.json: every training row whose conditioning could not be read, and why. Written (0 rows
-    too) at each checkpoint and at the end, gathered from every process; a resumed run keeps the rows recorded
-    before it."""
-
-    dataset: object  # ControlledTrainingDataset or CachedWithConditioning: bad_rows, cell(row), reader
-    output_dir: Path
-    checkpointing_steps: int
-
-    @property
-    def path(self) -> Path:
-        """Where the report goes."""
-        return Path(self.output_dir) / BAD_ROWS_FILENAME
-
-    def restore(self, resumed: bool) -> None:
-        """When resuming, flag the rows the run recorded before (same row and file), so its record stays whole."""
-        if not resumed or not self.path.is_file():
-            return
-        try:
-            entries = json.loads(self.path.read_text(encoding="utf-8"))["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            get_logger().warning("%s cannot be read (%s): its rows are not carried into this run's report.",
-                                 self.path, err)
-            return
-        bad_rows = self.dataset.bad_rows
-        for entry in entries:
-            row = entry.get("row") if isinstance(entry, dict) else None
-            if isinstance(row, int) and 0 <= row < bad_rows.num_rows and \
-                    entry.get("file") == cell_name(self.dataset.cell(row)):
-                bad_rows.flags[row] = 1
-
-    def write(self, accelerator, final: bool = False) -> None:
-        """Gather every process's bad rows (all of them must call this), then the main one writes the report."""
-        bad_rows = self.dataset.bad_rows
-        flags = bad_rows.flags[:bad_rows.num_rows].to(device=accelerator.device, dtype=torch.int32)
-        gathered = accelerator.reduce(flags, "sum").cpu()
-        bad_rows.flags[:bad_rows.num_rows] |= (gathered > 0).to(torch.uint8)
-        if not accelerator.is_main_process:
-            return
-        entries = [bad_row_entry(self.dataset, row) for row in bad_rows.flagged()]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, bad_rows_document(entries))
-        if final and entries:
-            get_logger().warning("%d training row(s) had a conditioning file that cannot be read; the next readable "
-                                 "row stood in for each: %s", len(entries), self.path)
-
-    def during_training(self, run, step: int) -> None:
-        """After an optimizer step: rewrite the report beside each checkpoint."""
-        if step % self.checkpointing_steps == 0:
-            self.write(run.accelerator)
 
 
 def collate(examples) -> dict:

@@ -1,6 +1,7 @@
 """Training data: load image/caption pairs with `datasets`, transform them with Pillow + torch, batch them."""
 
 import contextlib
+import functools
 import os
 import random
 from pathlib import Path
@@ -10,9 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_model.image_errors import ImageRejected, load_failure
 from diffusion_model.shard_index import is_shards_dir
 from trainer.shards import ShardTable, group_sampler
 from utils.cli import UsageError
+from trainer.bad_rows import BadRows
 from utils.constants import METADATA_FILENAME
 from utils.logger import get_logger
 from utils.quiet import no_datasets_bars
@@ -29,6 +32,10 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
+
+# What Pillow raises for an image it cannot open or decode: UnidentifiedImageError and truncated data are OSErrors, as
+# are a file gone or unreadable; a decompression bomb has its own type. Anything else is a bug and stops the run.
+PILLOW_ERRORS = (OSError, Image.DecompressionBombError)
 
 # Shuffling and augmentation need a fixed seed even without --seed: every process must shuffle alike,
 # and a resumed run must replay the same epoch order.
@@ -168,56 +175,61 @@ class SharedEpoch:
         self.value[0] = epoch
 
 
-class BadRows:
-    """Training rows that could not be read: each is recorded, counted and replaced by the next readable row.
+def decoded_row(table, index: int, image_column: str) -> dict:
+    """Row index of table with its image decoded in full; an image Pillow cannot read raises ImageRejected."""
+    try:
+        row = table[int(index)]
+        row[image_column].load()  # a lazily opened image (a sharded table's) decodes here, not in the transform
+    except PILLOW_ERRORS as err:
+        raise load_failure(err) from None
+    return row
 
-    The flags live in shared memory, so rows met by DataLoader workers reach the main process's report. A bad row
-    always gets the same substitute (the next readable row), so a resumed run sees what an uninterrupted one saw.
-    """
 
-    def __init__(self, num_rows: int, errors: tuple):
-        """num_rows flags, all clear; errors: the exception types that mark a row as bad (any other one stops)."""
-        self.flags = torch.zeros(max(1, num_rows), dtype=torch.uint8).share_memory_()
-        self.num_rows, self.errors = num_rows, errors
+def undecoded(table, column: str):
+    """table with an Image column left as {bytes, path} (its files named and read without decoding them)."""
+    import datasets
 
-    def first_good(self, index: int, load: Callable[[int], dict]) -> dict:
-        """load(row) of the first readable row from index on (wrapping round); each bad row met is recorded."""
-        for offset in range(self.num_rows):
-            row = (index + offset) % self.num_rows
-            if self.flags[row]:
-                continue
-            try:
-                return load(row)
-            except self.errors as err:
-                self.record(row, err)
-        raise UsageError(f"none of the {self.num_rows} training rows can be read (each warning above names a "
-                         "row and why).")
+    if isinstance(table.features.get(column), datasets.Image):
+        return table.cast_column(column, datasets.Image(decode=False))
+    return table
 
-    def record(self, row: int, err: Exception) -> None:
-        """Flag row (a warning the first time this process meets it)."""
-        if not self.flags[row]:
-            self.flags[row] = 1
-            get_logger().warning("training row %d cannot be read, so the next readable row stands in for it "
-                                 "(counted in bad_rows.json): %s", row, err)
 
-    def flagged(self) -> list:
-        """The bad rows met so far, in order."""
-        return self.flags[:self.num_rows].nonzero().flatten().tolist()
+def cell_name(cell) -> Optional[str]:
+    """The file an image cell (a path, or {bytes, path}) names; None for bytes without a path."""
+    if isinstance(cell, dict):
+        cell = cell.get("path")
+    return cell if isinstance(cell, str) else None
+
+
+def relative_name(path: Optional[str], folder: Optional[Path]) -> Optional[str]:
+    """path relative to folder (as metadata.jsonl names it) when it lies inside it, else path as given."""
+    if path is None or folder is None:
+        return path
+    for base in (folder.absolute(), folder.resolve()):  # datasets may have stored it with symlinks resolved
+        try:
+            return Path(path).relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return path
 
 
 class TrainingDataset(torch.utils.data.Dataset):
     """Rows → pixel_values and input_ids, with crop/flip/caption drawn from a per-(seed, epoch, row) RNG.
 
     Global RNG state would make a resumed run see other augmentations than an uninterrupted one: accelerate
-    prefetches a batch before a checkpoint is saved, and workers each hold their own RNG.
+    prefetches a batch before a checkpoint is saved, and workers each hold their own RNG. A row whose image cannot
+    be read is recorded in bad_rows and the next readable row stands in for it.
     """
 
+    row_errors = (ImageRejected,)  # what makes a row bad (trainer.controlnet_data adds its conditioning's)
+
     def __init__(self, table, tokenizer, image_transform, image_column: str, caption_column: str, seed: int,
-                 metadata=None, dropout=None):
+                 metadata=None, dropout=None, folder: Optional[Path] = None):
         """Wrap a datasets table; seed fixes the augmentation of each (epoch, row).
 
         metadata: trainer.metadata.RowMetadata of the rows (each item then has a "metadata" vector), or None;
-        dropout: trainer.metadata.GuidanceDropout (none when None).
+        dropout: trainer.metadata.GuidanceDropout (none when None); folder: the data folder, whose image files
+        bad_rows.json names relative to it (None: as the table holds them).
         """
         from trainer.metadata import GuidanceDropout
 
@@ -225,6 +237,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.image_column, self.caption_column, self.seed = image_column, caption_column, seed
         self.metadata, self.dropout = metadata, dropout or GuidanceDropout()
         self.epoch = SharedEpoch()
+        self.bad_rows, self.folder = BadRows(len(table), self.row_errors), folder
 
     def __len__(self) -> int:
         """Number of rows."""
@@ -235,21 +248,53 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.epoch.set(epoch)
 
     def __getitem__(self, index: int) -> dict:
+        """The row's item, or the next readable row's when it cannot be read."""
+        return self.bad_rows.first_good(int(index), self.load)
+
+    def load(self, index: int) -> dict:
         """The transformed row; the same (seed, epoch, index) always gives the same sample."""
         from trainer.metadata import row_conditioning
 
         rng = random.Random(f"{self.seed}:{self.epoch.get()}:{index}")
-        row = self.table[int(index)]
+        row = decoded_row(self.table, index, self.image_column)
         caption = pick_caption(row[self.caption_column], self.caption_column, rng)
         item = self.pixels(row, rng)
         empty_caption, vector = row_conditioning(self.metadata, self.dropout, self.seed, self.epoch.get(), int(index))
         item["input_ids"] = tokenize(self.tokenizer, ["" if empty_caption else caption])[0]
         return item if vector is None else {**item, "metadata": vector}
 
-
     def pixels(self, row: dict, rng: random.Random) -> dict:
         """The row's training view ({"pixel_values"}); ControlNet data adds its conditioning, aligned."""
         return {"pixel_values": self.image_transform(row[self.image_column], rng)}
+
+    def check_readable(self) -> None:
+        """Read the first readable row here: with none, the run stops with one line in this process rather than
+        with a traceback from a DataLoader worker."""
+        if len(self):
+            self[0]
+
+    @functools.cached_property
+    def image_cells(self):
+        """The image column undecoded ({bytes, path} cells), to name a row's file without decoding it."""
+        return undecoded(self.table.select_columns([self.image_column]), self.image_column)
+
+    def image_file(self, row: int) -> Optional[str]:
+        """The file the row's image comes from (a sharded table names its tar member); None for bytes only."""
+        if hasattr(self.table, "image_name"):
+            return self.table.image_name(row)
+        return relative_name(cell_name(self.image_cells[int(row)][self.image_column]), self.folder)
+
+    def row_files(self, row: int) -> tuple:
+        """The files the row reads (for trainer.bad_rows: a report entry names one of them)."""
+        return (self.image_file(row),)
+
+    def row_problem(self, row: int) -> Optional[dict]:
+        """Why the row cannot be read now ({"reason", "file", "detail"} for bad_rows.json), or None if it can."""
+        try:
+            decoded_row(self.table, row, self.image_column)
+        except ImageRejected as err:
+            return {"reason": err.reason, "file": self.image_file(row), "detail": err.detail}
+        return None
 
 
 def set_epoch(dataloader, epoch: int) -> None:
@@ -289,6 +334,13 @@ def read_metadata(args, table):
 
 
 def build_train_dataset(args, tokenizer, seed: int) -> TrainingDataset:
+    """make_train_dataset's dataset, with a readable row found before any DataLoader worker starts."""
+    dataset = make_train_dataset(args, tokenizer, seed)
+    dataset.check_readable()
+    return dataset
+
+
+def make_train_dataset(args, tokenizer, seed: int) -> TrainingDataset:
     """Load, check and subsample the table; wrap it with the training transform."""
     raw = load_raw_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     image_column = check_column("--image_column", args.image_column, raw.column_names)
@@ -300,8 +352,9 @@ def build_train_dataset(args, tokenizer, seed: int) -> TrainingDataset:
     from trainer.metadata import GuidanceDropout
 
     dropout = GuidanceDropout(args.metadata_dropout, args.metadata_drop_all, args.proportion_empty_prompts)
+    folder = Path(args.train_data_dir).expanduser() if args.dataset_name is None else None
     return TrainingDataset(subset, tokenizer, transform, image_column, caption_column, seed,
-                           read_metadata(args, subset), dropout)
+                           read_metadata(args, subset), dropout, folder)
 
 
 # Enough to keep one GPU fed from JPEGs at 512 px; more workers mostly cost memory (each holds a dataset copy).

@@ -138,7 +138,7 @@ class TrainingRun:
     lora: object = None  # trainer.lora.LoraSetup in LoRA mode
     skipped: SkippedSteps = field(default_factory=SkippedSteps)
     metadata: object = None  # trainer.metadata.MetadataEncoder with --metadata_fields: its spec ships with the UNet
-    after_step: Optional[Callable] = None  # after_step(run, step) after each optimizer step (ControlNet validation)
+    after_step: Optional[Callable] = None  # after_step(run, step) after each optimizer step (bad_rows.json, ControlNet validation)
 
     def __post_init__(self):
         # Not given: the UNet's trainable weights, so clipping and EMA never silently get an empty list.

@@ -110,6 +110,14 @@ class ShardTable:
                 "key": record["key"], "row": record["row"], "source_file": record.get("source_file"),
                 "metadata": record.get("metadata")}
 
+    def image_name(self, index: int) -> str:
+        """Where row index's image lies, for reports: its tar and member name (read from the member's header)."""
+        row = int(self.rows[int(index)])
+        shard, offset = int(self.placement[0][row]), int(self.placement[1][row])
+        header = read_member(self._handle(shard), offset - TAR_BLOCK, TAR_BLOCK)
+        member = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").name
+        return f"{SHARDS_DIRNAME}/{shard_stem(shard)}.tar:{member}"
+
     def select(self, indices: Sequence[int]) -> "ShardTable":
         """A table of the given rows of this one, in that order."""
         return ShardTable(self.folder, self.rows[np.asarray(list(indices), dtype=np.int64)], self.placement)

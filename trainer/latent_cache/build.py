@@ -8,9 +8,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from trainer.latent_cache.chunks import (CAPTIONS_PREFIX, LATENTS_PREFIX, ChunkBatches, ChunkRows, ImageViews,
-                                         assigned, chunk_is_complete, chunk_name, chunk_ranges, encode_views,
-                                         save_chunk, stale_files)
+from trainer.latent_cache.chunks import (CAPTIONS_PREFIX, LATENTS_PREFIX, UNREADABLE, ChunkBatches, ChunkRows,
+                                         ImageViews, assigned, chunk_is_complete, chunk_name, chunk_ranges,
+                                         encode_views, save_chunk, stale_files, unreadable_rows)
 from trainer.latent_cache.index import CaptionIndex, caption_column, index_captions, write_index
 from trainer.latent_cache.keys import CACHE_VERSION, CacheSettings
 from utils.atomic import write_json_atomic
@@ -60,6 +60,7 @@ class Builder:
     chunk_rows: int = DEFAULT_CACHE_CHUNK_ROWS
     text: str = TEXT_STATES
     stats: BuildStats = field(default_factory=BuildStats)
+    bad_rows: object = None  # the training rows' trainer.bad_rows.BadRows: each unreadable image met is recorded
 
 
 def missing(folder: Path, prefix: str, ranges: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
@@ -80,7 +81,8 @@ def build_latent_chunks(builder: Builder, folder: Path, views: ImageViews, range
     held = ChunkRows()
     for start, end in ranges:
         while held.rows < end - start:
-            held.add(encode_views(builder.vae, next(batches), flip))
+            pixels, unreadable = next(batches)
+            held.add({**encode_views(builder.vae, pixels, flip), UNREADABLE: unreadable})
         name = chunk_name(LATENTS_PREFIX, start, end)
         save_chunk({**held.take(), **index.row_tensors(start, end)}, folder / name, start, end)
         builder.stats.chunks_built.append(name)
@@ -130,19 +132,20 @@ def build_chunks(builder: Builder, folder: Path, table, image_column: str, index
         get_logger().info("Process %d keeps %d finished chunk(s) and builds %d", builder.rank, kept,
                           len(todo_rows) + len(todo_captions))
     if todo_rows:
-        build_latent_chunks(builder, folder, ImageViews(table, image_column, builder.transform), todo_rows,
-                            index, flip)
+        build_latent_chunks(builder, folder, ImageViews(table, image_column, builder.transform, builder.bad_rows),
+                            todo_rows, index, flip)
     if todo_captions:
         build_caption_chunks(builder, folder, index, todo_captions)
 
 
 def manifest_for(key: str, settings: CacheSettings, num_rows: int, num_captions: int, chunk_rows: int,
-                 text: str) -> dict:
-    """The manifest: key, settings and counts; the index lives in the Parquet files."""
+                 text: str, unreadable: Sequence[int] = ()) -> dict:
+    """The manifest: key, settings, counts and the rows whose image could not be read; the index lives in the
+    Parquet files."""
     return {"version": CACHE_VERSION, "key": key, "settings": asdict(settings), "num_rows": num_rows,
             "num_captions": num_captions, "chunk_rows": chunk_rows, "text": text,
             "latent_chunks": len(chunk_ranges(num_rows, chunk_rows)),
-            "caption_chunks": len(chunk_ranges(num_captions, chunk_rows))}
+            "caption_chunks": len(chunk_ranges(num_captions, chunk_rows)), "unreadable_rows": list(unreadable)}
 
 
 def read_manifest(folder: Path, key: str) -> Optional[dict]:
@@ -162,8 +165,10 @@ def finish(folder: Path, key: str, settings: CacheSettings, num_rows: int, index
     if absent:
         raise RuntimeError(f"the latent cache {folder} lacks {len(absent)} chunk(s) after its build, e.g. {absent[0]}")
     write_index(folder, index, builder.chunk_rows)
+    # From the chunks, not from this process's record: other processes built some of them.
+    unreadable = unreadable_rows(folder, num_rows, builder.chunk_rows)
     write_json_atomic(folder / MANIFEST_FILENAME, manifest_for(key, settings, num_rows, len(index.captions),
-                                                               builder.chunk_rows, builder.text))
+                                                               builder.chunk_rows, builder.text, unreadable))
 
 
 def remove_stale(folder: Path, num_rows: int, num_captions: int, chunk_rows: int) -> None:

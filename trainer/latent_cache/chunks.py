@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
+from PIL import Image
 
+from diffusion_model.image_errors import ImageRejected
 from utils.constants import TMP_SUFFIX
 
 LATENTS_PREFIX = "latents"
+UNREADABLE = "unreadable"  # a latent chunk's (rows,) bool tensor: the row's image could not be read
 CAPTIONS_PREFIX = "captions"
 CHUNK_SUFFIX = ".safetensors"
 
@@ -79,19 +82,45 @@ def encode_views(vae, pixels: torch.Tensor, flip: bool) -> dict:
 
 
 class ImageViews(torch.utils.data.Dataset):
-    """Rows of the table (by global row id) as centre-cropped [-1, 1] tensors; the flip is added by the builder."""
+    """Rows of the table (by global row id) as centre-cropped [-1, 1] tensors, each with whether its image could not
+    be read; the flip is added by the builder.
 
-    def __init__(self, table, image_column: str, transform: Callable):
-        """transform: the training transform without flip (its RNG argument is unused under centre crop)."""
-        self.table, self.image_column, self.transform = table, image_column, transform
+    An unreadable row is encoded as a black image and marked, never served: training reads the mark and takes the
+    next readable row, as without the cache. A stand-in's latents stored in its place would carry its own caption's
+    image under this row's captions, and which rows stand in would depend on what else the run had met.
+    """
+
+    def __init__(self, table, image_column: str, transform: Callable, bad_rows=None):
+        """transform: the training transform without flip (its RNG argument is unused under centre crop);
+        bad_rows: the training rows' trainer.bad_rows.BadRows, where each unreadable image is recorded (or None)."""
+        self.table, self.image_column, self.transform, self.bad_rows = table, image_column, transform, bad_rows
 
     def __len__(self) -> int:
         """Rows in the table."""
         return len(self.table)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """The row's pixel tensor."""
-        return self.transform(self.table[int(index)][self.image_column], random.Random(0))
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, bool]:
+        """(the row's pixel tensor, False), or (a black image's, True) when its image cannot be read."""
+        from trainer.data import decoded_row
+
+        try:
+            image = decoded_row(self.table, index, self.image_column)[self.image_column]
+        except ImageRejected as err:
+            if self.bad_rows is not None:
+                self.bad_rows.record(int(index), err)
+            return self.transform(Image.new("RGB", (1, 1)), random.Random(0)), True
+        return self.transform(image, random.Random(0)), False
+
+
+def unreadable_rows(folder: Path, num_rows: int, chunk_rows: int) -> List[int]:
+    """The rows the latent chunks of a finished build mark unreadable, in order."""
+    from safetensors import safe_open
+
+    rows = []
+    for start, end in chunk_ranges(num_rows, chunk_rows):
+        with safe_open(str(folder / chunk_name(LATENTS_PREFIX, start, end)), framework="pt") as chunk:
+            rows += (chunk.get_tensor(UNREADABLE).nonzero().flatten() + start).tolist()
+    return rows
 
 
 class ChunkBatches(torch.utils.data.Sampler):

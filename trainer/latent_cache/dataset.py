@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion_model.image_errors import ImageRejected
+from trainer.bad_rows import BadRows
 from trainer.latent_cache.build import (MANIFEST_FILENAME, TEXT_STATES, Builder, cache_root, prepare_cache,
                                         text_kind, text_states_bytes)
 from trainer.latent_cache.chunks import CAPTIONS_PREFIX, LATENTS_PREFIX, chunk_name
@@ -28,18 +30,22 @@ class CachedDataset(torch.utils.data.Dataset):
     TrainingDataset.
 
     The per-(seed, epoch, row) RNG is consumed in the same order as TrainingDataset (caption choice, then flip),
-    so a cached run picks the same caption and view as an uncached one. Chunk files are opened lazily with
-    safe_open in each process (DataLoader workers too) and memory-mapped: only the rows read are paged in.
+    so a cached run picks the same caption and view as an uncached one; a row whose image could not be read when
+    the cache was built is replaced by the next readable row, as TrainingDataset replaces it. Chunk files are
+    opened lazily with safe_open in each process (DataLoader workers too) and memory-mapped: only the rows read are
+    paged in.
     """
 
     def __init__(self, folder: Path, seed: int, random_flip: bool, epoch=None, metadata=None, dropout=None,
-                 empty_text=None):
+                 empty_text=None, bad_rows=None):
         """folder: a complete cache; epoch: a shared SharedEpoch (a new one when None).
 
         metadata: trainer.metadata.RowMetadata of the table the cache was built from, row for row (the cache's
         row i is that table's row i), so the metadata need not be in the chunks and one cache serves any
         --metadata_fields; dropout: trainer.metadata.GuidanceDropout; empty_text: the empty prompt's cached
-        states or token ids, given when captions can be dropped.
+        states or token ids, given when captions can be dropped; bad_rows: the uncached dataset's
+        trainer.bad_rows.BadRows, carried on (a new one when None), where every row the cache marks unreadable is
+        recorded at once.
         """
         from trainer.data import SharedEpoch
         from trainer.metadata import GuidanceDropout
@@ -49,12 +55,21 @@ class CachedDataset(torch.utils.data.Dataset):
         manifest = json.loads((self.folder / MANIFEST_FILENAME).read_text(encoding="utf-8"))
         self.num_rows, self.num_captions = manifest["num_rows"], manifest["num_captions"]
         self.chunk_rows, self.text = manifest["chunk_rows"], manifest["text"]
+        self.unreadable = frozenset(manifest["unreadable_rows"])
         self.epoch = epoch if epoch is not None else SharedEpoch()
         self._handles, self._pid = OrderedDict(), None
         if metadata is not None and len(metadata.raw) != self.num_rows:
             raise ValueError(f"{len(metadata.raw)} metadata rows for a cache of {self.num_rows} rows")
         if self.dropout.caption and empty_text is None:
             raise ValueError("caption dropout needs the empty prompt's cached text")
+        self.bad_rows = bad_rows or BadRows(self.num_rows, (ImageRejected,))
+        for row in sorted(self.unreadable):
+            self.bad_rows.record(row, self.unreadable_error(row))
+
+    def unreadable_error(self, row: int) -> ImageRejected:
+        """What reading a row the cache marks unreadable raises (bad_rows.json reads its image again for why)."""
+        return ImageRejected("unreadable_in_cache", f"its image could not be read when the latent cache "
+                                                    f"{self.folder.name} was built")
 
     @property
     def served_models(self) -> tuple:
@@ -94,7 +109,12 @@ class CachedDataset(torch.utils.data.Dataset):
         return [handle.get_slice(name)[item - start] for name in names]
 
     def __getitem__(self, index: int) -> dict:
-        """The row's posterior of the view drawn for this epoch, and its drawn caption's states or token ids."""
+        """The row's posterior of the view drawn for this epoch, and its drawn caption's states or token ids (the
+        next readable row's when its image could not be read)."""
+        return self.bad_rows.first_good(int(index), self.item)
+
+    def item(self, index: int) -> dict:
+        """The row's item, whatever it holds."""
         return self.row(index)[0]
 
     def row(self, index: int) -> tuple:
@@ -102,6 +122,8 @@ class CachedDataset(torch.utils.data.Dataset):
         from trainer.metadata import row_conditioning
 
         index = int(index)
+        if index in self.unreadable:
+            raise self.unreadable_error(index)
         rng = random.Random(f"{self.seed}:{self.epoch.get()}:{index}")
         mean, std, ids, is_list = self._read(LATENTS_PREFIX, self.num_rows, index,
                                              ("mean", "std", "caption_ids", "caption_is_list"))
@@ -149,12 +171,12 @@ def cached_training_dataset(accelerator, args, components, dataset, weight_dtype
     builder = Builder(components.vae, components.text_encoder, components.tokenizer,
                       make_image_transform(args.resolution, True, False, args.image_interpolation_mode),
                       args.vae_batch_size, num_workers, accelerator.process_index, accelerator.num_processes,
-                      accelerator.wait_for_everyone, args.cache_chunk_rows, text)
+                      accelerator.wait_for_everyone, args.cache_chunk_rows, text, bad_rows=dataset.bad_rows)
     folder, _ = prepare_cache(cache_root(args.latents_cache_dir, args.output_dir), key, settings,
                               dataset.table, builder, index)
     empty = empty_prompt_text(components, text) if dataset.dropout.caption else None
     return CachedDataset(folder, dataset.seed, args.random_flip, metadata=dataset.metadata, dropout=dataset.dropout,
-                         empty_text=empty)
+                         empty_text=empty, bad_rows=dataset.bad_rows)
 
 
 def empty_prompt_text(components, text: str) -> dict:

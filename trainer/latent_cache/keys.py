@@ -10,8 +10,9 @@ import torch
 
 from utils.cli import UsageError
 
-# 2: chunked safetensors files, Parquet index, token ids when text states are not cached.
-CACHE_VERSION = 2
+# 2: chunked safetensors files, Parquet index, token ids when text states are not cached. 3: latent chunks mark the
+# rows whose image could not be read, and the manifest lists them.
+CACHE_VERSION = 3
 KEY_CHARS = 24
 
 
