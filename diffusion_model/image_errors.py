@@ -9,7 +9,8 @@ REASON_EMPTY = "empty_image"
 REASON_UNDECODABLE = "undecodable"
 REASON_TRUNCATED = "truncated"
 REASON_TOO_LARGE = "too_large"
-REASON_UNREADABLE = "unreadable"  # the file itself could not be read (gone, no permission): an OSError with an errno
+# The file itself could not be read (gone, no permission: an OSError with an errno); create.py's folder sources too.
+REASON_UNREADABLE = "unreadable_image"
 
 
 class ImageRejected(Exception):

@@ -53,7 +53,8 @@ MODEL_CARD_FILENAME = "README.md"
 TRAINING_STATE_FILENAME = "training_state.json"
 LOSS_LOG_FILENAME = "loss_log.csv"
 LOSS_CURVE_FILENAME = "loss_curve.png"
-# Training rows that could not be read (train_controlnet.py: a conditioning file), with why: OUTPUT_DIR/bad_rows.json.
+# Training rows that could not be read (an image; for train_controlnet.py also a conditioning file), with why:
+# OUTPUT_DIR/bad_rows.json.
 BAD_ROWS_FILENAME = "bad_rows.json"
 # The reason a row with an unreadable or malformed conditioning file gets, in training and evaluation reports.
 BAD_CONDITIONING_REASON = "bad_conditioning_image"

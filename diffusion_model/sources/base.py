@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from diffusion_model.geo_metadata import SIDECAR_PROBLEM, sidecar_raw
+from diffusion_model.image_errors import REASON_UNREADABLE
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import Row
 from utils.cli import UsageError
@@ -24,7 +25,6 @@ SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validati
 # Reasons a row fails before its image is decoded, as they appear in create_report.json.
 REASON_MISSING_IMAGE = "missing_image"
 REASON_UNSAFE_PATH = "unsafe_path"
-REASON_UNREADABLE = "unreadable_image"
 REASON_BAD_ENTRY = "bad_entry"
 REASON_NO_CAPTION = "no_caption"
 # Entries looked at to find where an index's images live (the folder itself or one of its subfolders).

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from diffusion_model.image_errors import ImageRejected
+from trainer.data import decoded_row
 from utils.constants import TMP_SUFFIX
 
 LATENTS_PREFIX = "latents"
@@ -101,8 +102,6 @@ class ImageViews(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, bool]:
         """(the row's pixel tensor, False), or (a black image's, True) when its image cannot be read."""
-        from trainer.data import decoded_row
-
         try:
             image = decoded_row(self.table, index, self.image_column)[self.image_column]
         except ImageRejected as err:
