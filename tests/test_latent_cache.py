@@ -247,6 +247,8 @@ def test_unreadable_images_are_marked_and_served_as_without_the_cache(tiny_parts
     opened = BadRows(len(table), (ImageRejected,))
     cached = lc.CachedDataset(folder, seed=5, random_flip=True, bad_rows=opened)
     assert opened.flagged() == [1, 2]
+    with pytest.raises(ImageRejected, match="could not be read when the latent cache"):
+        cached.row(2)  # what CachedWithConditioning reads: a marked row is never served, whatever its record
     plain = data.TrainingDataset(table, tiny_parts[2], data.make_image_transform(RESOLUTION, True, True, "lanczos"),
                                  "image", "text", seed=5)
     for epoch in range(2):

@@ -23,15 +23,19 @@ def loader_of(values: list):
 
 
 def test_each_bad_row_gets_the_next_readable_one_and_is_recorded_once(caplog):
-    """Rows 1 and 3 bad: 1 gets 2, 3 wraps round to 0; each warns once however often it is met; an error outside
+    """Rows 1 and 3 bad: 1 gets 2, 3 wraps round to 0; each warns once however often it is met (a cache build may
+    record it again); a row recorded without being read (a resume, the cache's mark) is not read; an error outside
     the given types stops; with no readable row, one usage line."""
     caplog.set_level(logging.WARNING, logger="rsdiff")
     bad_rows = BadRows(4, (ValueError,))
     load = loader_of(["a", ValueError("row 1 is junk"), "c", ValueError("row 3 is junk")])
     assert [bad_rows.first_good(row, load) for row in (0, 1, 2, 3, 1, 3)] == ["a", "c", "c", "a", "c", "a"]
+    bad_rows.record(3, ValueError("met again"))
     assert bad_rows.flagged() == [1, 3]
     assert caplog.text.count("cannot be read, so the next readable row stands in") == 2
-    assert "row 1 is junk" in caplog.text and "row 3 is junk" in caplog.text
+    assert "row 1 is junk" in caplog.text and "row 3 is junk" in caplog.text and "met again" not in caplog.text
+    bad_rows.record(2, ValueError("marked unreadable by the latent cache"))
+    assert bad_rows.first_good(1, load) == "a"
     with pytest.raises(KeyError):
         BadRows(2, (ValueError,)).first_good(0, loader_of([KeyError("a bug"), "b"]))
     with pytest.raises(UsageError, match="none of the 2 training rows can be read"):
