@@ -25,9 +25,13 @@ def pillow_error(path_or_bytes) -> Exception:
     raise AssertionError("Pillow read it")
 
 
-def test_pillow_failures_get_the_reason_the_report_counts(tmp_path):
+def test_pillow_failures_get_the_reason_the_report_counts(tmp_path, monkeypatch):
     """Truncated data, bytes that are no image, a file that is gone and a decompression bomb: four reasons, each
     detail naming Pillow's error."""
+    from PIL import Image
+
+    # create.py lifts Pillow's pixel limit process-wide (create_job), and in-process create tests may run first.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
     import odd_images as odd
     from diffusion_model.image_errors import REASON_UNDECODABLE, REASON_UNREADABLE, load_failure
 
