@@ -32,7 +32,7 @@ from diffusion_model.conditioning_io import SUFFIXES, prepare_conditioning, summ
 from diffusion_model.geo_metadata import FIELDS, row_metadata
 from diffusion_model.georef import locate, read_georef
 from diffusion_model.geotiff import MultibandSettings
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from diffusion_model.imaging import decode_rgb, encode, is_tiff, prepare, resize
 from diffusion_model.ledger import LEGACY
 from utils.cli import UsageError

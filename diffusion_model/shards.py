@@ -28,7 +28,7 @@ from tqdm import tqdm
 from diffusion_model import create_job
 from diffusion_model.create_job import (CHUNK_BYTES, CHUNK_ROWS, CHUNKS_IN_FLIGHT_PER_WORKER, REASON_NO_CAPTION,
                                         JobTally, MetadataPlan, chunked, guard_settings, metadata_values, plan_chunk)
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from diffusion_model.shard_index import (INDEX_SCHEMA, SETTINGS_FILENAME, SHARD_PREFIX, finished_stats, merge,
                                          shard_files, write_parquet_atomic)
 from utils.atomic import tmp_path_for, write_json_atomic

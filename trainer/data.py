@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_model.image_errors import ImageRejected, load_failure
 from diffusion_model.shard_index import is_shards_dir
 from trainer.shards import ShardTable, group_sampler
 from utils.cli import UsageError
 from trainer.bad_rows import BadRows
 from utils.constants import METADATA_FILENAME
+from utils.image_errors import PILLOW_ERRORS, ImageRejected, pillow_failure
 from utils.logger import get_logger
 from utils.quiet import no_datasets_bars
 
@@ -32,10 +32,6 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
-
-# What Pillow raises for an image it cannot open or decode: UnidentifiedImageError and truncated data are OSErrors, as
-# are a file gone or unreadable; a decompression bomb has its own type. Anything else is a bug and stops the run.
-PILLOW_ERRORS = (OSError, Image.DecompressionBombError)
 
 # Shuffling and augmentation need a fixed seed even without --seed: every process must shuffle alike,
 # and a resumed run must replay the same epoch order.
@@ -181,7 +177,7 @@ def decoded_row(table, index: int, image_column: str) -> dict:
         row = table[int(index)]
         row[image_column].load()  # a lazily opened image (a sharded table's) decodes here, not in the transform
     except PILLOW_ERRORS as err:
-        raise load_failure(err) from None
+        raise pillow_failure(err) from None
     return row
 
 
