@@ -108,14 +108,15 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
 def encode_chunk(items: list) -> list:
     """Worker: (number, outcome, detail, source facts, JPEG bytes) per row; nothing is written to disk here."""
     settings, results = create_job._worker_state["settings"], []
-    for number, data, wanted, _conditioning in items:
-        facts = create_job.source_facts(data, wanted) if data else None
-        try:
-            jpeg, _, _ = create_job.make_row(number, data, None, settings)
-        except ImageRejected as err:
-            results.append((number, err.reason, err.detail, None, None))
-            continue
-        results.append((number, create_job.WRITTEN, "", facts, jpeg))
+    with create_job.reading_rows():
+        for number, data, wanted, _conditioning in items:
+            facts = create_job.source_facts(data, wanted) if data else None
+            try:
+                jpeg, _, _ = create_job.make_row(number, data, None, settings)
+            except ImageRejected as err:
+                results.append((number, err.reason, err.detail, None, None))
+                continue
+            results.append((number, create_job.WRITTEN, "", facts, jpeg))
     return results
 
 

@@ -33,7 +33,7 @@ def test_pillow_failures_get_the_reason_the_report_counts(tmp_path, monkeypatch)
     detail naming Pillow's error."""
     from PIL import Image
 
-    # Pinned, so that the bomb case does not hang on Pillow's default limit.
+    # Pinned: the bomb case must not depend on the limit this process happens to have.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
     import odd_images as odd
     from utils.image_errors import REASON_UNDECODABLE, REASON_UNREADABLE, pillow_failure
@@ -65,3 +65,18 @@ def test_a_header_pillow_cannot_parse_is_undecodable_whatever_it_says(monkeypatc
     with pytest.raises(Image.DecompressionBombError) as bomb:
         Image.open(io.BytesIO(odd.png_claiming_size(20000, 20000)))
     assert pillow_failure(bomb.value, header_only=True).reason == REASON_TOO_LARGE
+
+
+def test_pixel_limit_holds_inside_the_block_only_even_when_it_raises(monkeypatch):
+    from PIL import Image
+
+    from utils.image_errors import pillow_pixel_limit
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1234)
+    with pillow_pixel_limit(None):
+        assert Image.MAX_IMAGE_PIXELS is None
+    assert Image.MAX_IMAGE_PIXELS == 1234
+    with pytest.raises(KeyError), pillow_pixel_limit(99):
+        assert Image.MAX_IMAGE_PIXELS == 99
+        raise KeyError("a bug inside the block")
+    assert Image.MAX_IMAGE_PIXELS == 1234

@@ -1,10 +1,14 @@
 """Why a row's bytes cannot become an image: ImageRejected, the reasons create_report.json and bad_rows.json count,
-and pillow_failure, the one rule that turns what Pillow raised into such a reason.
+pillow_failure, the one rule that turns what Pillow raised into such a reason, and pillow_pixel_limit, which sets
+Pillow's decompression-bomb limit for one block only.
 
 Its own module so that every reader (Pillow's in diffusion_model.imaging, the multi-band one in geotiff, the
 trainer's through datasets) raises the same error while imaging, which picks the reader for a row's bytes, imports
 geotiff and not the other way round; in utils/ because the trainer shares it and must not import data preparation.
 """
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from PIL import Image
 
@@ -49,3 +53,18 @@ def pillow_failure(err: Exception, header_only: bool = False) -> ImageRejected:
     else:
         reason = REASON_UNDECODABLE
     return ImageRejected(reason, f"{type(err).__name__}: {err}")
+
+
+@contextmanager
+def pillow_pixel_limit(limit: Optional[int]) -> Iterator[None]:
+    """Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; None: no limit) set to limit inside the block and
+    put back as it was afterwards, even on error.
+
+    Pillow keeps the limit in a module global, so it holds for the whole process (not thread-safe): only a
+    single-threaded worker should change it, and only around its own reads.
+    """
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
