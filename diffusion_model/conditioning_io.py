@@ -16,7 +16,7 @@ from PIL import Image
 from diffusion_model import conditioning as core
 from diffusion_model.conditioning import ConditioningSettings
 from diffusion_model.geotiff import MultibandSettings, read_tiff, valid_pixels
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from diffusion_model.imaging import RESAMPLE, decode, decode_rgb, is_tiff, orient
 from utils.constants import ALPHA_BACKGROUND
 

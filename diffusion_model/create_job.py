@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import re
 import time
-import warnings
 from collections import Counter, deque
 from itertools import zip_longest
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from diffusion_model.conditioning_io import SUFFIXES, prepare_conditioning, summ
 from diffusion_model.geo_metadata import FIELDS, row_metadata
 from diffusion_model.georef import locate, read_georef
 from diffusion_model.geotiff import MultibandSettings
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected, pillow_pixel_limit
 from diffusion_model.imaging import decode_rgb, encode, is_tiff, prepare, resize
 from diffusion_model.ledger import LEGACY
 from utils.cli import UsageError
@@ -202,11 +201,17 @@ def clear_conditioning(folder: Path, finished_too: bool, rows: Optional[range] =
 
 
 def init_worker(images_dir: str, settings: ImageSettings, overwrite: bool) -> None:
-    """Pool initializer: remember where to write and how; --max_pixels replaces Pillow's own bomb guard."""
+    """Pool initializer: remember where to write and how."""
     _worker_state.update(images_dir=Path(images_dir), settings=settings, overwrite=overwrite,
                          conditioning_dir=Path(images_dir).parent / CONDITIONING_DIRNAME)
-    Image.MAX_IMAGE_PIXELS = None
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def reading_rows():
+    """The block in which a worker reads its rows' images: Pillow's own bomb guard is off there, because
+    --max_pixels replaces it (imaging and geotiff refuse a larger image from its header, counted as too_large) and
+    may admit large GeoTIFF tiles beyond Pillow's default; restored afterwards, so nothing else in the process
+    (an in-process caller, a test) loses it."""
+    return pillow_pixel_limit(None)
 
 
 def source_facts(data: bytes, wanted: bool) -> Optional[tuple]:
@@ -265,23 +270,24 @@ def process_chunk(items: list) -> list:
     detail, source facts, conditioning sidecar record)."""
     settings, images_dir = _worker_state["settings"], _worker_state["images_dir"]
     statuses = []
-    for number, data, wanted, conditioning in items:
-        facts = source_facts(data, wanted) if data else None
-        # The existence check runs here rather than in the main process, so resuming costs the reader nothing.
-        reused, summary = reused_summary(number, settings)
-        if reused:
-            statuses.append((number, REUSED, "", facts, sidecar_record(number, settings, summary)))
-            continue
-        try:
-            jpeg, made, summary = make_row(number, data, conditioning, settings)
-        except ImageRejected as err:
-            statuses.append((number, err.reason, err.detail, None, None))
-            continue
-        if made is not None:
-            write_bytes_atomic(_worker_state["conditioning_dir"] / conditioning_name(number, settings.conditioning),
-                               made)
-        write_bytes_atomic(images_dir / image_name(number), jpeg)
-        statuses.append((number, WRITTEN, "", facts, sidecar_record(number, settings, summary)))
+    with reading_rows():
+        for number, data, wanted, conditioning in items:
+            facts = source_facts(data, wanted) if data else None
+            # The existence check runs here rather than in the main process, so resuming costs the reader nothing.
+            reused, summary = reused_summary(number, settings)
+            if reused:
+                statuses.append((number, REUSED, "", facts, sidecar_record(number, settings, summary)))
+                continue
+            try:
+                jpeg, made, summary = make_row(number, data, conditioning, settings)
+            except ImageRejected as err:
+                statuses.append((number, err.reason, err.detail, None, None))
+                continue
+            if made is not None:
+                write_bytes_atomic(_worker_state["conditioning_dir"] / conditioning_name(number, settings.conditioning),
+                                   made)
+            write_bytes_atomic(images_dir / image_name(number), jpeg)
+            statuses.append((number, WRITTEN, "", facts, sidecar_record(number, settings, summary)))
     return statuses
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from diffusion_model.image_errors import REASON_TOO_LARGE, REASON_TRUNCATED, REASON_UNDECODABLE, ImageRejected
+from utils.image_errors import REASON_TOO_LARGE, REASON_TRUNCATED, REASON_UNDECODABLE, ImageRejected
 
 STRETCH_MODES = ("auto", "percentile", "minmax", "none")
 DEFAULT_PERCENTILES = (2.0, 98.0)

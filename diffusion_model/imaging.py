@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from diffusion_model.geotiff import MultibandSettings, tiff_to_rgb
-from diffusion_model.image_errors import (REASON_EMPTY, REASON_NULL, REASON_TOO_LARGE, REASON_UNDECODABLE,
-                                          ImageRejected, load_failure)
+from utils.image_errors import (REASON_EMPTY, REASON_NULL, REASON_TOO_LARGE, REASON_UNDECODABLE, ImageRejected,
+                                pillow_failure)
 from utils.constants import ALPHA_BACKGROUND
 
 RESIZE_MODES = ("center_crop", "stretch", "pad")
@@ -33,10 +33,8 @@ def open_checked(data: Optional[bytes], max_pixels: int) -> Image.Image:
         raise ImageRejected(REASON_EMPTY)
     try:
         image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ImageRejected(REASON_TOO_LARGE, str(err)) from None
     except Exception as err:  # Pillow raises many types for junk headers; all mean the same to us.
-        raise ImageRejected(REASON_UNDECODABLE, f"{type(err).__name__}: {err}") from None
+        raise pillow_failure(err, header_only=True) from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageRejected(REASON_TOO_LARGE, f"{width}x{height} exceeds {max_pixels} pixels")
@@ -49,7 +47,7 @@ def decode(data: Optional[bytes], max_pixels: int) -> Image.Image:
     try:
         image.load()
     except Exception as err:
-        raise load_failure(err) from None
+        raise pillow_failure(err) from None
     return image
 
 

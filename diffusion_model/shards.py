@@ -28,7 +28,7 @@ from tqdm import tqdm
 from diffusion_model import create_job
 from diffusion_model.create_job import (CHUNK_BYTES, CHUNK_ROWS, CHUNKS_IN_FLIGHT_PER_WORKER, REASON_NO_CAPTION,
                                         JobTally, MetadataPlan, chunked, guard_settings, metadata_values, plan_chunk)
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from diffusion_model.shard_index import (INDEX_SCHEMA, SETTINGS_FILENAME, SHARD_PREFIX, finished_stats, merge,
                                          shard_files, write_parquet_atomic)
 from utils.atomic import tmp_path_for, write_json_atomic
@@ -108,14 +108,15 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
 def encode_chunk(items: list) -> list:
     """Worker: (number, outcome, detail, source facts, JPEG bytes) per row; nothing is written to disk here."""
     settings, results = create_job._worker_state["settings"], []
-    for number, data, wanted, _conditioning in items:
-        facts = create_job.source_facts(data, wanted) if data else None
-        try:
-            jpeg, _, _ = create_job.make_row(number, data, None, settings)
-        except ImageRejected as err:
-            results.append((number, err.reason, err.detail, None, None))
-            continue
-        results.append((number, create_job.WRITTEN, "", facts, jpeg))
+    with create_job.reading_rows():
+        for number, data, wanted, _conditioning in items:
+            facts = create_job.source_facts(data, wanted) if data else None
+            try:
+                jpeg, _, _ = create_job.make_row(number, data, None, settings)
+            except ImageRejected as err:
+                results.append((number, err.reason, err.detail, None, None))
+                continue
+            results.append((number, create_job.WRITTEN, "", facts, jpeg))
     return results
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from diffusion_model.captions import select_captions
 from diffusion_model.create_job import image_number
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from diffusion_model.imaging import decode_rgb, resize
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths

@@ -237,7 +237,7 @@ def plan_gsd(probe_dir: Optional[str], rows: Sequence, sweep_rows: int, sweep_po
 
 def probe_images(raw_rows: Sequence) -> Tuple[list, int]:
     """(image, GSD) of each probe row whose image decodes, and how many did not."""
-    from diffusion_model.image_errors import ImageRejected
+    from utils.image_errors import ImageRejected
     from evaluation.data import MAX_PIXELS
 
     images, failed = [], 0

@@ -6,7 +6,7 @@ from typing import List, Sequence, Tuple
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from evaluation.data import BadRow, EvalRow, real_image
 from evaluation.generation import image_path
 from evaluation.metrics import to_uint8_batch

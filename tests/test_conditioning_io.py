@@ -10,7 +10,7 @@ from PIL import Image
 
 from diffusion_model.conditioning import ConditioningSettings, palette_record
 from diffusion_model.conditioning_io import prepare_conditioning, summary_of_file
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from diffusion_model.imaging import resize
 
 BIG = 10**8

@@ -247,3 +247,19 @@ def test_usage_errors(tmp_path, run_script, extra, named):
     result = run_script(CREATE, ["--output_dir", "o", *extra], cwd=tmp_path)
     assert_usage_error(result, named)
     assert not (tmp_path / "o" / "rsicd_images").exists() or named == "squash"
+
+
+def test_in_process_run_keeps_pillow_s_limit_and_max_pixels_decides(sample_parquet, tmp_path, monkeypatch):
+    """create.main in a process whose Pillow limit the sample images exceed: every row is still made, as JPEGs and as
+    shards (--max_pixels is create's guard), and afterwards the process has the limit it had before."""
+    from diffusion_model import create
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for name in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    common = ["--input", str(sample_parquet), "--resolution", "16", "--limit", "4", "--num_workers", "1"]
+    assert create.main([*common, "--output_dir", str(tmp_path / "o")]) == 0
+    assert read_report(tmp_path / "o")["images_written"] == 4
+    assert create.main([*common, "--output_dir", str(tmp_path / "s"), "--output_format", "webdataset"]) == 0
+    assert pq.read_metadata(tmp_path / "s" / "shards_index.parquet").num_rows == 4
+    assert Image.MAX_IMAGE_PIXELS == 100

@@ -182,3 +182,23 @@ def test_kept_metadata_lines_are_those_outside_the_run(tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(lines))
     assert list(kept_source_lines(tmp_path / "m.jsonl", range(2, 5), True)) == lines[:1]
     assert list(kept_source_lines(tmp_path / "m.jsonl", range(2, 5), False)) == lines[2:]
+
+
+def test_workers_lift_pillow_s_pixel_limit_only_while_reading_and_apply_max_pixels(tmp_path, monkeypatch):
+    """--max_pixels, not Pillow's guard, decides what is too large; the process keeps Pillow's limit afterwards,
+    also when a row's write fails (a worker run in process: the way the suite once lost the limit)."""
+    from PIL import Image
+
+    import odd_images as odd
+    from diffusion_model.create_job import ImageSettings, init_worker, process_chunk
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 16x16 image is a "bomb" to Pillow at this limit
+    init_worker(str(tmp_path), ImageSettings(8, "center_crop", 90, 1000), False)
+    rows = [(1, odd.save(odd.noisy_rgb(16, 16), "PNG"), False, None), (2, odd.png_claiming_size(100, 100), False, None)]
+    statuses = process_chunk(rows)
+    assert [s[:3] for s in statuses] == [(1, "written", ""), (2, "too_large", "100x100 exceeds 1000 pixels")]
+    assert Image.MAX_IMAGE_PIXELS == 100
+    init_worker(str(tmp_path / "gone"), ImageSettings(8, "center_crop", 90, 1000), False)
+    with pytest.raises(OSError):
+        process_chunk(rows[:1])
+    assert Image.MAX_IMAGE_PIXELS == 100

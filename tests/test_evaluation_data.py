@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from diffusion_model.captions import select_captions
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from evaluation.data import EvalRow, load_rows, real_image
 from utils.cli import UsageError
 

@@ -13,7 +13,7 @@ import tifffile
 from diffusion_model import geotiff
 from diffusion_model.geotiff import (MultibandSettings, TiffBands, default_bands, multiband_to_rgb, parse_bands,
                                      parse_percentiles, read_tiff, tiff_to_rgb)
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from diffusion_model.sample_geotiff import SENTINEL2_BANDS, encode_geotiff, gdal_metadata
 
 BIG = 10**8

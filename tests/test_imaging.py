@@ -8,7 +8,7 @@ from PIL import Image, ImageFile
 
 import odd_images as odd
 from diffusion_model import imaging
-from diffusion_model.image_errors import REASON_TRUNCATED, ImageRejected
+from utils.image_errors import REASON_TRUNCATED, ImageRejected
 from diffusion_model.imaging import decode, encode, orient, prepare, resize, to_rgb
 from utils.constants import ALPHA_BACKGROUND
 
@@ -32,6 +32,7 @@ def near(actual, expected, tolerance: int = 12) -> bool:
         (b"", "empty_image"),
         (odd.junk_bytes(), "undecodable"),
         (odd.truncated_jpeg(), "truncated"),
+        (odd.save(odd.noisy_rgb(8, 8), "JPEG")[:30], "undecodable"),  # cut in its header: no pixel decoded
         (odd.png_claiming_size(50000, 50000), "too_large"),
         (odd.jpeg_claiming_size(5000, 4000), "too_large"),
     ],

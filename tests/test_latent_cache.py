@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from trainer import data
 from trainer import latent_cache as lc
 from utils.cli import UsageError

@@ -61,6 +61,15 @@ def test_image_name_is_the_shard_and_member_holding_the_row_s_image(shards_dir):
         assert archive.extractfile(member).read() == table[0]["image"].fp.getvalue()
 
 
+def test_the_training_dataset_names_a_sharded_row_s_file_as_the_table_does(shards_dir):
+    """bad_rows.json's file of a sharded row is the table's own image_name, not a datasets cell's path."""
+    from trainer.data import TrainingDataset
+
+    table = ShardTable(shards_dir).select([4, 0])
+    dataset = TrainingDataset(table, None, None, "image", "text", seed=0, folder=shards_dir)
+    assert [dataset.row_files(row) for row in range(2)] == [(table.image_name(0),), (table.image_name(1),)]
+
+
 def test_shuffle_select_and_arrow_columns_follow_the_rows(shards_dir):
     """A seeded shuffle then select keeps rows and their columns aligned; the caption index reads the Arrow column."""
     table = ShardTable(shards_dir)

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from trainer.bad_rows import BadRows
 from trainer.data import TrainingDataset, cell_name, undecoded
 from utils.cli import UsageError

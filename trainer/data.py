@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_model.image_errors import ImageRejected, load_failure
 from diffusion_model.shard_index import is_shards_dir
 from trainer.shards import ShardTable, group_sampler
 from utils.cli import UsageError
 from trainer.bad_rows import BadRows
 from utils.constants import METADATA_FILENAME
+from utils.image_errors import PILLOW_ERRORS, ImageRejected, pillow_failure
 from utils.logger import get_logger
 from utils.quiet import no_datasets_bars
 
@@ -32,10 +32,6 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
-
-# What Pillow raises for an image it cannot open or decode: UnidentifiedImageError and truncated data are OSErrors, as
-# are a file gone or unreadable; a decompression bomb has its own type. Anything else is a bug and stops the run.
-PILLOW_ERRORS = (OSError, Image.DecompressionBombError)
 
 # Shuffling and augmentation need a fixed seed even without --seed: every process must shuffle alike,
 # and a resumed run must replay the same epoch order.
@@ -181,7 +177,7 @@ def decoded_row(table, index: int, image_column: str) -> dict:
         row = table[int(index)]
         row[image_column].load()  # a lazily opened image (a sharded table's) decodes here, not in the transform
     except PILLOW_ERRORS as err:
-        raise load_failure(err) from None
+        raise pillow_failure(err) from None
     return row
 
 
@@ -213,6 +209,24 @@ def relative_name(path: Optional[str], folder: Optional[Path]) -> Optional[str]:
     return path
 
 
+class CellNames:
+    """The image files of a datasets table's rows (an image folder's, a saved or Hub dataset's), as bad_rows.json
+    names them: for such a table what ShardTable.image_name is for a sharded one."""
+
+    def __init__(self, table, image_column: str, folder: Optional[Path]):
+        """table's image_column names the files; those inside folder are named relative to it."""
+        self.table, self.image_column, self.folder = table, image_column, folder
+
+    @functools.cached_property
+    def cells(self):
+        """The image column undecoded ({bytes, path} cells), to name a row's file without decoding it."""
+        return undecoded(self.table.select_columns([self.image_column]), self.image_column)
+
+    def image_name(self, index: int) -> Optional[str]:
+        """Where row index's image lies, for reports: its file as metadata.jsonl names it; None for bytes only."""
+        return relative_name(cell_name(self.cells[int(index)][self.image_column]), self.folder)
+
+
 class TrainingDataset(torch.utils.data.Dataset):
     """Rows → pixel_values and input_ids, with crop/flip/caption drawn from a per-(seed, epoch, row) RNG.
 
@@ -238,6 +252,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.metadata, self.dropout = metadata, dropout or GuidanceDropout()
         self.epoch = SharedEpoch()
         self.bad_rows, self.folder = BadRows(len(table), self.row_errors), folder
+        self.image_names = table if isinstance(table, ShardTable) else CellNames(table, image_column, folder)
 
     def __len__(self) -> int:
         """Number of rows."""
@@ -273,16 +288,9 @@ class TrainingDataset(torch.utils.data.Dataset):
         if len(self):
             self[0]
 
-    @functools.cached_property
-    def image_cells(self):
-        """The image column undecoded ({bytes, path} cells), to name a row's file without decoding it."""
-        return undecoded(self.table.select_columns([self.image_column]), self.image_column)
-
     def image_file(self, row: int) -> Optional[str]:
         """The file the row's image comes from (a sharded table names its tar member); None for bytes only."""
-        if hasattr(self.table, "image_name"):
-            return self.table.image_name(row)
-        return relative_name(cell_name(self.image_cells[int(row)][self.image_column]), self.folder)
+        return self.image_names.image_name(row)
 
     def row_files(self, row: int) -> tuple:
         """The files the row reads (for trainer.bad_rows: a report entry names one of them)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from diffusion_model.geo_metadata import SIDECAR_PROBLEM, sidecar_raw
-from diffusion_model.image_errors import REASON_UNREADABLE
+from utils.image_errors import REASON_UNREADABLE
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import Row
 from utils.cli import UsageError

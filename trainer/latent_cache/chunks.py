@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Sequence, Tuple
 import torch
 from PIL import Image
 
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from trainer.data import decoded_row
 from utils.constants import TMP_SUFFIX
 

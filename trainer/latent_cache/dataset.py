@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_model.image_errors import ImageRejected
+from utils.image_errors import ImageRejected
 from trainer.bad_rows import BadRows
 from trainer.latent_cache.build import (MANIFEST_FILENAME, TEXT_STATES, Builder, cache_root, prepare_cache,
                                         text_kind, text_states_bytes)
