@@ -10,6 +10,7 @@ from trainer.data import load_raw_dataset
 from utils.cli import UsageError
 
 ROWS = 6
+PAD = "x" * (imagefolder.CHILD_MIN_BYTES // 2)  # long captions: two make a metadata.jsonl large enough for the child
 
 
 def write_folder(folder, captions) -> None:
@@ -40,7 +41,8 @@ def test_first_load_converts_in_a_child_then_maps_the_cache(cache_flag, tmp_path
     import datasets
 
     folder, cache = tmp_path / "data", tmp_path / "hf_datasets"
-    write_folder(folder, [f"caption {i}" for i in range(ROWS)])
+    captions = [f"caption {i} {PAD}" for i in range(ROWS)]
+    write_folder(folder, captions)
     if not cache_flag:  # the child reads the variable, this process the config datasets made of it at import
         monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
         monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
@@ -50,16 +52,16 @@ def test_first_load_converts_in_a_child_then_maps_the_cache(cache_flag, tmp_path
     table = load_raw_dataset(None, None, str(folder), cache_dir)
     assert imagefolder.arrow_cache_ready(files, cache_dir) and list(cache.rglob("*.arrow"))
     assert table.column_names == ["image", "text"] and len(table) == ROWS
-    assert [row["text"] for row in table] == [f"caption {i}" for i in range(ROWS)]
+    assert [row["text"] for row in table] == captions
     assert table[3]["image"].getpixel((0, 0))[0] == pytest.approx(120, abs=8)
     assert load_raw_dataset(None, None, str(folder), cache_dir)["text"] == table["text"]
 
 
-def test_a_table_datasets_cannot_read_is_one_usage_line(tmp_path):
+def test_a_table_datasets_cannot_read_is_one_usage_line(tmp_path, no_conversion_here):
     """A caption that is a string on one line and a list on the next passes the preflight's line checks but not
     datasets: the child's error comes back as a UsageError naming the file and the column."""
     folder = tmp_path / "data"
-    write_folder(folder, ["a farm", ["a river"], "a road"])
+    write_folder(folder, [f"a farm {PAD}", [f"a river {PAD}"], f"a road {PAD}"])
     with pytest.raises(UsageError) as raised:
         load_raw_dataset(None, None, str(folder), str(tmp_path / "hf_datasets"))
     message = str(raised.value)

@@ -20,6 +20,9 @@ from utils.quiet import no_datasets_bars
 IMAGEFOLDER = "imagefolder"
 # The child imports this package by name, from wherever the parent found it.
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
+# Below this size (about 400 lines of format.py's metadata.jsonl) the conversion leaves little behind, and a child's
+# start-up (about 1 s, importing datasets again) would cost more than it saves: the tests load dozens of such folders.
+CHILD_MIN_BYTES = 64 * 1024
 
 
 def data_files(data_dir: Path) -> dict:
@@ -67,12 +70,15 @@ def write_in_child(data_dir: Path, cache_dir: Optional[str]) -> None:
 
 
 def load_imagefolder(data_dir: Path, cache_dir: Optional[str]):
-    """The rows of DATA_DIR's metadata.jsonl, each with its image; a first load converts it in a child process."""
+    """DATA_DIR's metadata.jsonl rows with their images; a large file's first load converts it in a child process."""
     import datasets
 
     files = data_files(data_dir)
     if not arrow_cache_ready(files, cache_dir):
-        write_in_child(data_dir, cache_dir)
+        if (data_dir / METADATA_FILENAME).stat().st_size < CHILD_MIN_BYTES:
+            write_arrow_cache(files, cache_dir)
+        else:
+            write_in_child(data_dir, cache_dir)
     return datasets.load_dataset(IMAGEFOLDER, data_files=files, cache_dir=cache_dir)
 
 
