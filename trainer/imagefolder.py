@@ -62,8 +62,9 @@ def write_in_child(data_dir: Path, cache_dir: Optional[str]) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", __name__, str(data_dir), *([cache_dir] if cache_dir is not None else [])]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # its stderr is the user's
-    if done.returncode == USAGE_EXIT_CODE:
-        raise UsageError(done.stdout.strip().splitlines()[-1])
+    said = done.stdout.strip().splitlines()[-1:]
+    if done.returncode == USAGE_EXIT_CODE and said:
+        raise UsageError(said[0])
     if done.returncode != 0:
         raise RuntimeError(f"datasets' first load of {data_dir / METADATA_FILENAME} failed in a child process "
                            f"(exit code {done.returncode}; its error is above)")
