@@ -21,7 +21,7 @@ build, shards, merge, sbuild); steps/s within 1.3x; time to first step from shar
 machine's load (uptime) is printed; figures from a busy machine say "not quiet".
 
 Run: python bench/bench_scale.py [--sizes 1000 10000 100000] [--resolution 16] [--steps 6] [--work_dir DIR]
-         [--index_rows 1000000] [--skip_imagefolder] [--skip_cache_build]
+         [--index_rows 1000000] [--skip_imagefolder] [--skip_shards] [--skip_cache_build]
 """
 
 import sys
@@ -85,6 +85,8 @@ def parse_args(argv: Optional[Sequence[str]]):
                         help="Rows of the image-free sharded run (merge, read, time to first step); 0 skips it.")
     parser.add_argument("--skip_imagefolder", action="store_true",
                         help="Run only the sharded stages (not create/format/build/train on the image folder).")
+    parser.add_argument("--skip_shards", action="store_true",
+                        help="Run only the image-folder stages (create, format, build, train); pair with --index_rows 0.")
     parser.add_argument("--skip_cache_build", action="store_true",
                         help="Leave out the cache build from the shards (sbuild), the slowest stage on a busy box.")
     return parser.parse_args(argv)
@@ -300,7 +302,8 @@ def measure(rows: int, model: Path, work: Path, args) -> dict:
     if not args.skip_imagefolder:
         stages.update(create_stages(parquet, work / "data", args.resolution))
         stages.update(train_stages(model, work / "data", work, args.resolution, args.steps))
-    stages.update(shard_stages(parquet, model, work, args.resolution, args.steps, not args.skip_cache_build))
+    if not args.skip_shards:
+        stages.update(shard_stages(parquet, model, work, args.resolution, args.steps, not args.skip_cache_build))
     stages["source_bytes"] = parquet.stat().st_size
     return stages
 

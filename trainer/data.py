@@ -15,7 +15,7 @@ from diffusion_model.shard_index import is_shards_dir
 from trainer.shards import ShardTable, group_sampler
 from utils.cli import UsageError
 from trainer.bad_rows import BadRows
-from utils.constants import METADATA_FILENAME
+from trainer.imagefolder import load_imagefolder
 from utils.image_errors import PILLOW_ERRORS, ImageRejected, pillow_failure
 from utils.logger import get_logger
 from utils.quiet import no_datasets_bars
@@ -68,19 +68,6 @@ def load_raw_dataset(dataset_name: Optional[str], dataset_config_name: Optional[
         else:
             loaded = load_imagefolder(Path(train_data_dir), cache_dir)
     return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-
-
-def load_imagefolder(data_dir: Path, cache_dir: Optional[str]):
-    """The rows of DATA_DIR's metadata.jsonl, each with its image, through datasets' imagefolder loader.
-
-    Named as the only data file, so datasets does not glob the folder for its split patterns, which stats every
-    file once per pattern (6.5 million stats, 85 s and +240 MiB for 100k images); the rows, columns and features
-    are those of data_dir=DATA_DIR, and a metadata.jsonl beside split-named subfolders loads instead of failing.
-    """
-    import datasets
-
-    return datasets.load_dataset("imagefolder", data_files={"train": [str(data_dir / METADATA_FILENAME)]},
-                                 cache_dir=cache_dir)
 
 
 def check_column(flag: str, value: str, column_names: Sequence[str]) -> str:
