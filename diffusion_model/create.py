@@ -37,7 +37,7 @@ from diffusion_model.geotiff import (DEFAULT_PERCENTILES, STRETCH_MODES, Multiba
                                      parse_percentiles)
 from diffusion_model.imaging import RESIZE_MODES
 from diffusion_model.ledger import other_failures, place
-from diffusion_model.shard_index import merge
+from utils.shard_index import merge
 from diffusion_model.shards import create_shards
 from diffusion_model.sources import FORMATS, SPLITS, SourceOptions, open_source
 from utils.cli import ArgumentParser, UsageError, run_main

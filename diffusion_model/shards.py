@@ -6,7 +6,7 @@ last row. Each shard is written under a temporary name and renamed, then its ind
 shard is finished); a rerun skips finished shards, so a killed run redoes at most the shard it was writing. Tar
 members carry no time, owner or mode of their own, so a shard's bytes depend only on its rows and the settings:
 the union of the tasks' shards is byte for byte what one run writes. Workers encode the JPEGs and return their bytes;
-the main process appends them to the open shard in row order. See diffusion_model/shard_index.py for the layout.
+the main process appends them to the open shard in row order. See utils/shard_index.py for the layout.
 """
 
 import io
@@ -29,7 +29,7 @@ from diffusion_model import create_job
 from diffusion_model.create_job import (CHUNK_BYTES, CHUNK_ROWS, CHUNKS_IN_FLIGHT_PER_WORKER, REASON_NO_CAPTION,
                                         JobTally, MetadataPlan, chunked, guard_settings, metadata_values, plan_chunk)
 from utils.image_errors import ImageRejected
-from diffusion_model.shard_index import (INDEX_SCHEMA, SETTINGS_FILENAME, SHARD_PREFIX, finished_stats, merge,
+from utils.shard_index import (INDEX_SCHEMA, SETTINGS_FILENAME, SHARD_PREFIX, finished_stats, merge,
                                          shard_files, write_parquet_atomic)
 from utils.atomic import tmp_path_for, write_json_atomic
 from utils.cli import UsageError

@@ -23,7 +23,7 @@ from diffusion_model.imaging import decode_rgb, resize
 from diffusion_model.metadata import unsafe_name_reason
 from diffusion_model.parquet_source import inspect_sources, iter_rows, resolve_parquet_paths
 from diffusion_model.parquet_source import check_label_column
-from diffusion_model.shard_index import is_shards_dir, read_member, shard_files
+from utils.shard_index import is_shards_dir, read_member, shard_files
 from diffusion_model.sources import SourceOptions, open_source
 from evaluation.scene import class_from_filename, class_from_value
 from utils.cli import UsageError

@@ -1,4 +1,4 @@
-"""diffusion_model/shard_index.py: when a shard counts as finished, the merge's refusals, reading a member by offset."""
+"""utils/shard_index.py: when a shard counts as finished, the merge's refusals, reading a member by offset."""
 
 import io
 import json
@@ -6,7 +6,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from diffusion_model.shard_index import (INDEX_SCHEMA, finished_stats, is_shards_dir, merge, read_member,
+from utils.shard_index import (INDEX_SCHEMA, finished_stats, is_shards_dir, merge, read_member,
                                          shard_files, write_parquet_atomic)
 from utils.cli import UsageError
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_model.shard_index import is_shards_dir
+from utils.shard_index import is_shards_dir
 from trainer.shards import ShardTable, group_sampler
 from utils.cli import UsageError
 from trainer.bad_rows import BadRows

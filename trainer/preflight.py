@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from diffusion_model.shard_index import is_shards_dir
+from utils.shard_index import is_shards_dir
 from trainer.checkpoints import list_checkpoints
 from trainer.shards import check_shards_dir
 from utils.cli import UsageError

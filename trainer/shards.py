@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from diffusion_model.shard_index import read_json, read_member, shard_stem
+from utils.shard_index import read_json, read_member, shard_stem
 from utils.cli import UsageError
 from utils.constants import SHARDS_DIRNAME, SHARDS_INDEX_FILENAME, SHARDS_STATS_FILENAME
 
