@@ -43,14 +43,14 @@ def arrow_cache_ready(files: dict, cache_dir: Optional[str]) -> bool:
     return (Path(builder.cache_dir) / datasets.config.DATASET_INFO_FILENAME).is_file()
 
 
-def write_arrow_cache(files: dict, cache_dir: Optional[str]) -> None:
-    """Load the files once so datasets writes its Arrow cache (what the child process runs)."""
+def read_folder(files: dict, cache_dir: Optional[str]):
+    """datasets' load of the files: the first one converts them into its Arrow cache, a later one maps that cache."""
     import datasets
     from pyarrow import ArrowInvalid
 
     with no_datasets_bars():
         try:
-            datasets.load_dataset(IMAGEFOLDER, data_files=files, cache_dir=cache_dir)
+            return datasets.load_dataset(IMAGEFOLDER, data_files=files, cache_dir=cache_dir)
         except (ArrowInvalid, datasets.exceptions.DatasetGenerationError) as err:
             # A file the preflight's line checks pass can still not be one table (a column string here, list there).
             cause = str(err.__cause__ or err).splitlines()[0]
@@ -72,21 +72,17 @@ def write_in_child(data_dir: Path, cache_dir: Optional[str]) -> None:
 
 def load_imagefolder(data_dir: Path, cache_dir: Optional[str]):
     """DATA_DIR's metadata.jsonl rows with their images; a large file's first load converts it in a child process."""
-    import datasets
-
     files = data_files(data_dir)
-    if not arrow_cache_ready(files, cache_dir):
-        if (data_dir / METADATA_FILENAME).stat().st_size < CHILD_MIN_BYTES:
-            write_arrow_cache(files, cache_dir)
-        else:
-            write_in_child(data_dir, cache_dir)
-    return datasets.load_dataset(IMAGEFOLDER, data_files=files, cache_dir=cache_dir)
+    large = (data_dir / METADATA_FILENAME).stat().st_size >= CHILD_MIN_BYTES
+    if large and not arrow_cache_ready(files, cache_dir):
+        write_in_child(data_dir, cache_dir)
+    return read_folder(files, cache_dir)
 
 
 def main(argv: Sequence[str]) -> int:
     """The child: DATA_DIR [CACHE_DIR]; a usage error is one line on stdout and exit code 2."""
     try:
-        write_arrow_cache(data_files(Path(argv[0])), argv[1] if len(argv) > 1 else None)
+        read_folder(data_files(Path(argv[0])), argv[1] if len(argv) > 1 else None)
     except UsageError as err:
         print(err, flush=True)
         return USAGE_EXIT_CODE
