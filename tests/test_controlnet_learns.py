@@ -14,8 +14,6 @@ checked by breaking the code once (figures at MARGIN). Images are drawn in-proce
 is under test is the training.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -62,18 +60,6 @@ def train(script: str, base, data, output, steps: int, *extra) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def held_out_rows(folder):
-    """(captions, image paths, mask paths) of a create.py + format.py folder's metadata.jsonl."""
-    captions, images, masks = [], [], []
-    for line in (folder / "metadata.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        text = record["text"]
-        captions.append(text if isinstance(text, str) else text[0])
-        images.append(folder / record["file_name"])
-        masks.append(folder / record["conditioning_image"])
-    return captions, images, masks
-
-
 def draw(base, controlnet_dir, captions, views) -> list:
     """The base steered by the ControlNet, one image per caption and input view, from seeds 0, 1, ..."""
     from diffusers import StableDiffusionPipeline
@@ -95,10 +81,9 @@ def figures(tmp_path_factory):
     """Control mIoU of the trained ControlNet (own masks), the shuffled floor and the real ceiling."""
     from diffusion_model.sample_data import make_sample_parquet
     from evaluation import control
-    from evaluation.data import EvalRow, real_image
-    from inference.control import control_view, resolve_controlnet
+    from evaluation.data import load_rows, real_image
+    from inference.control import resolve_controlnet
     from stand_in.tiny_model import fit_to_data, save_tiny_pipeline
-    from utils.control_input import read_raw
 
     root = tmp_path_factory.mktemp("controlnet_learns")
     data = prepare(root, make_sample_parquet(root / "train.parquet", TRAIN_ROWS, seed=0, masks=True), "train")
@@ -111,16 +96,17 @@ def figures(tmp_path_factory):
     train("train_controlnet.py", root / "base", data, root / "controlnet", CONTROLNET_STEPS)
 
     spec = resolve_controlnet(str(root / "controlnet")).spec
-    captions, image_files, mask_files = held_out_rows(test)
-    views = [control_view(read_raw(path, spec), spec, RESOLUTION, RESOLUTION) for path in mask_files]
-    shuffled = [views[other] for other in control.derangement(len(views), SEED)]
-    targets = [view.argmax(axis=0) for view in views]
+    rows, no_caption, _ = load_rows(str(test), None, 0, None)  # as evaluate.py --data_dir reads held-out rows
+    rows, no_view, views = control.conditioning_views(rows, spec, RESOLUTION)
+    assert len(rows) == HELD_OUT and not no_caption and not no_view
+    captions, shuffled = [row.caption for row in rows], control.shuffled_views(rows, views, SEED)
+    targets = [views[row.number].argmax(axis=0) for row in rows]
     images, masks, _ = control.training_pairs(data, spec, RESOLUTION)
     segmenter = control.fit_segmenter(images, masks, SEED)
-    real = [np.asarray(real_image(EvalRow(number, caption, path), RESOLUTION))
-            for number, (caption, path) in enumerate(zip(captions, image_files))]
-    sets = {"trained": draw(root / "base", root / "controlnet", captions, views),
-            "shuffled": draw(root / "base", root / "controlnet", captions, shuffled), "real": real}
+    real = [np.asarray(real_image(row, RESOLUTION)) for row in rows]
+    sets = {"trained": draw(root / "base", root / "controlnet", captions, [views[row.number] for row in rows]),
+            "shuffled": draw(root / "base", root / "controlnet", captions, [shuffled[row.number] for row in rows]),
+            "real": real}
     return {name: control.mask_figures(segmenter, images, targets, CLASSES)["miou"] for name, images in sets.items()}
 
 
