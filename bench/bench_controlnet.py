@@ -13,7 +13,7 @@ and caption states come from the cache; the conditioning is still read every ste
                       dataset with an RGB view of each mask (it reads RGB conditioning only)
 Timing and peak memory as in bench_train.py (steps after the first, from the tensorboard stamps; peak RSS on CPU,
 peak CUDA memory on GPU). Not a timed test: run it on a quiet machine.
-Run: python bench/bench_controlnet.py [--configs vae_realistic] [--steps 2] [--max_attempts 2] [--vae_batch_size 8]
+Run: python bench/bench_controlnet.py [--configs vae_realistic] [--steps 2] [--max_attempts 2] [--vae_batch_size N]
 """
 
 import sys
@@ -56,9 +56,9 @@ def parse_args(argv: Optional[Sequence[str]]):
                         help="Runs of each pair before giving up waiting for a quiet one (default 2).")
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "bench_controlnet"),
                         help="Scratch folder, deleted and recreated (default: $TMPDIR/bench_controlnet).")
-    parser.add_argument("--vae_batch_size", type=int, default=8,
-                        help="The trainers' --vae_batch_size (default 8, theirs): on CPU the cached run's peak RSS is "
-                             "its cache build's, which encodes this many images at once.")
+    parser.add_argument("--vae_batch_size", type=int, default=None,
+                        help="The trainers' --vae_batch_size (default: theirs, the training batch size). The cache "
+                             "build encodes this many images at once.")
     parser.add_argument("--reference", default=None,
                         help="Path to a copy of diffusers' examples/controlnet/train_controlnet.py (sd15 only).")
     parser.add_argument("--model", default=None,
@@ -174,8 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = Path(args.model) if args.model else make_model(config.preset, work / "model")
         data = make_mask_data(config.images, config.resolution, work)
         try:
+            encoder_batch = [] if args.vae_batch_size is None else ["--vae_batch_size", str(args.vae_batch_size)]
             uncached, cached = quiet_pair(partial(controlnet_command, model, data, config, steps), work, args,
-                                          ["--vae_batch_size", str(args.vae_batch_size)])
+                                          encoder_batch)
         except RunFailed as failure:
             print(f"bench_controlnet: {name}: {failure}", file=sys.stderr)
             lines.append(f"  {name}: {failure.cell}")

@@ -154,7 +154,7 @@ def test_cache_and_memory_flags_parse():
     args = parse_args(REQUIRED + ["--cache_latents", "--center_crop", "--latents_cache_dir", "lc",
                                   "--optimizer_impl", "foreach", "--dataloader_num_workers", "3"])
     assert (args.cache_latents, args.latents_cache_dir, args.cache_dir) == (True, "lc", None)
-    assert (args.optimizer_impl, args.dataloader_num_workers, args.vae_batch_size) == ("foreach", 3, 8)
+    assert (args.optimizer_impl, args.dataloader_num_workers, args.vae_batch_size) == ("foreach", 3, None)
 
 
 def test_local_rank_accepted_and_args_not_mutated(monkeypatch):

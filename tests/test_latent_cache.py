@@ -151,6 +151,35 @@ def test_fingerprints_follow_content_not_objects(tiny_parts):
     assert lc.module_fingerprint(vae) == before
 
 
+def changed_fingerprint(vae, parameter_name: str) -> bool:
+    """Whether vae_fingerprint changes when one weight of the named parameter is nudged (then restored)."""
+    before = lc.vae_fingerprint(vae)
+    weight = dict(vae.named_parameters())[parameter_name]
+    with torch.no_grad():
+        saved = weight.clone()
+        weight.view(-1)[0] += 1.0
+        try:
+            return lc.vae_fingerprint(vae) != before
+        finally:
+            weight.copy_(saved)
+
+
+def test_the_vae_fingerprint_follows_the_encoder_and_config_not_the_decoder(tiny_parts):
+    """The cache holds encoder outputs: a changed decoder keeps the key (and hashing it would page it in)."""
+    vae = tiny_parts[0]
+    names = [name for name, _ in vae.named_parameters()]
+    assert changed_fingerprint(vae, next(n for n in names if n.startswith("encoder.")))
+    assert changed_fingerprint(vae, next(n for n in names if n.startswith("quant_conv.")))
+    assert not changed_fingerprint(vae, next(n for n in names if n.startswith("decoder.")))
+    assert not changed_fingerprint(vae, next(n for n in names if n.startswith("post_quant_conv.")))
+    before = lc.vae_fingerprint(vae)
+    vae.register_to_config(scaling_factor=vae.config.scaling_factor * 2)
+    try:
+        assert lc.vae_fingerprint(vae) != before
+    finally:
+        vae.register_to_config(scaling_factor=vae.config.scaling_factor / 2)
+
+
 def key_of(table, parts) -> str:
     """The cache key of table under SETTINGS with the tiny models."""
     return lc.cache_key(SETTINGS, lc.module_fingerprint(parts[0]), lc.module_fingerprint(parts[1]),
@@ -457,3 +486,14 @@ def test_reads_work_with_one_open_chunk(tiny_parts, tmp_path, monkeypatch):
         got = tight[i]
         assert len(tight._handles) == 1
         assert all(torch.equal(got[k], expected[i][k]) for k in got)
+
+
+def test_the_build_encodes_a_training_batch_at_a_time_unless_told():
+    """--vae_batch_size unset: the cache build's encoder batch is --train_batch_size (no larger peak than an uncached
+    step's encode); set: it wins."""
+    from types import SimpleNamespace
+
+    from trainer.latent_cache.dataset import encode_batch_size
+
+    assert encode_batch_size(SimpleNamespace(vae_batch_size=None, train_batch_size=3)) == 3
+    assert encode_batch_size(SimpleNamespace(vae_batch_size=16, train_batch_size=3)) == 16

@@ -79,7 +79,7 @@ def test_cache_is_built_once_with_both_views_and_all_captions(first_runs):
     from safetensors import safe_open
 
     output, done = first_runs["cached"]
-    assert "Building the latent cache" in done.stderr
+    assert "Building the latent cache" in done.stderr and "encoder batch 2)" in done.stderr  # --train_batch_size
     (folder,) = (output / ".cache" / "latents").iterdir()
     with safe_open(str(folder / "latents-0000000-0000002.safetensors"), framework="pt") as shard:
         assert shard.get_slice("mean").get_shape() == [2, 2, 4, 32, 32]

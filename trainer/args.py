@@ -89,8 +89,10 @@ def _add_cache_args(parser: argparse.ArgumentParser) -> None:
                        help="Folder of the latent cache (not --cache_dir, which is the datasets/models download "
                             "cache). Unset: OUTPUT_DIR/.cache/latents. A rerun with the same model, data and image "
                             "settings reuses it; any change builds a new one.")
-    group.add_argument("--vae_batch_size", type=int, default=8,
-                       help="Images (and captions) per encoder batch while building the latent cache.")
+    group.add_argument("--vae_batch_size", type=int, default=None,
+                       help="Images (and captions) per encoder batch while building the latent cache. Default: "
+                            "--train_batch_size, so the build never encodes more images at once than an uncached "
+                            "step does; raise it for a faster build where memory allows.")
     group.add_argument("--cache_chunk_rows", type=int, default=DEFAULT_CACHE_CHUNK_ROWS,
                        help="Rows per chunk file of the latent cache. A build holds one chunk in memory at a time, "
                             "and an interrupted build redoes at most one chunk per process.")

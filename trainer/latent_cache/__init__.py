@@ -24,7 +24,7 @@ from trainer.latent_cache.chunks import (CAPTIONS_PREFIX, LATENTS_PREFIX, ImageV
 from trainer.latent_cache.dataset import CachedDataset, cached_training_dataset, collate_cached, sample_posterior
 from trainer.latent_cache.index import CAPTIONS_FILENAME, INDEX_FILENAME, CaptionIndex, index_captions
 from trainer.latent_cache.keys import (CACHE_VERSION, KEY_CHARS, CacheSettings, cache_key, data_fingerprint,
-                                       image_bytes, module_fingerprint)
+                                       image_bytes, module_fingerprint, vae_fingerprint)
 from utils.atomic import write_json_atomic
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "CacheSettings", "CachedDataset", "CaptionIndex", "ImageViews", "assigned", "build_chunks", "cache_key",
     "cache_root", "cached_training_dataset", "chunk_is_complete", "chunk_name", "chunk_ranges", "collate_cached",
     "data_fingerprint", "image_bytes", "index_captions", "manifest_for", "module_fingerprint", "posterior",
-    "prepare_cache", "read_manifest", "sample_posterior", "text_kind", "text_states_bytes", "write_json_atomic",
+    "prepare_cache", "read_manifest", "sample_posterior", "text_kind", "text_states_bytes", "vae_fingerprint",
+    "write_json_atomic",
 ]

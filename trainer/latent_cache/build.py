@@ -184,8 +184,8 @@ def prepare_cache(root: Path, key: str, settings: CacheSettings, table, builder:
     if read_manifest(folder, key) is not None:
         get_logger().info("Reusing the latent cache %s", folder)
         return folder, False
-    get_logger().info("Building the latent cache %s (%d images, flip=%s, text %s)", folder, len(table),
-                      settings.random_flip, builder.text)
+    get_logger().info("Building the latent cache %s (%d images, flip=%s, text %s, encoder batch %d)", folder,
+                      len(table), settings.random_flip, builder.text, builder.batch_size)
     started = time.perf_counter()
     if index is None:
         index = index_captions(caption_column(table, settings.caption_column), settings.caption_column)

@@ -14,7 +14,8 @@ from trainer.latent_cache.build import (MANIFEST_FILENAME, TEXT_STATES, Builder,
                                         text_kind, text_states_bytes)
 from trainer.latent_cache.chunks import CAPTIONS_PREFIX, LATENTS_PREFIX, chunk_name
 from trainer.latent_cache.index import caption_column, index_captions
-from trainer.latent_cache.keys import CacheSettings, cache_key, data_fingerprint, module_fingerprint
+from trainer.latent_cache.keys import (CacheSettings, cache_key, data_fingerprint, module_fingerprint,
+                                      vae_fingerprint)
 from utils.logger import get_logger
 
 MAX_OPEN_CHUNKS = 32  # safe_open handles kept per process (each maps one chunk file); older ones are closed
@@ -158,6 +159,11 @@ def decide_text(args, components, num_captions: int, weight_dtype: torch.dtype) 
     return kind
 
 
+def encode_batch_size(args) -> int:
+    """Images per encoder batch in the cache build: --vae_batch_size, else the training batch size."""
+    return args.vae_batch_size or args.train_batch_size
+
+
 def cached_training_dataset(accelerator, args, components, dataset, weight_dtype: torch.dtype,
                             num_workers: int) -> CachedDataset:
     """Key the cache on settings, frozen models, data and text kind; reuse or build it (chunked); open it."""
@@ -166,11 +172,11 @@ def cached_training_dataset(accelerator, args, components, dataset, weight_dtype
     settings = CacheSettings.from_args(args, weight_dtype)
     index = index_captions(caption_column(dataset.table, dataset.caption_column), dataset.caption_column)
     text = decide_text(args, components, len(index.captions), weight_dtype)
-    key = cache_key(settings, module_fingerprint(components.vae), module_fingerprint(components.text_encoder),
+    key = cache_key(settings, vae_fingerprint(components.vae), module_fingerprint(components.text_encoder),
                     data_fingerprint(dataset.table, dataset.image_column, dataset.caption_column), text)
     builder = Builder(components.vae, components.text_encoder, components.tokenizer,
                       make_image_transform(args.resolution, True, False, args.image_interpolation_mode),
-                      args.vae_batch_size, num_workers, accelerator.process_index, accelerator.num_processes,
+                      encode_batch_size(args), num_workers, accelerator.process_index, accelerator.num_processes,
                       accelerator.wait_for_everyone, args.cache_chunk_rows, text, bad_rows=dataset.bad_rows)
     folder, _ = prepare_cache(cache_root(args.latents_cache_dir, args.output_dir), key, settings,
                               dataset.table, builder, index)

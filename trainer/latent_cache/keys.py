@@ -4,7 +4,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -14,6 +14,9 @@ from utils.cli import UsageError
 # rows whose image could not be read, and the manifest lists them.
 CACHE_VERSION = 3
 KEY_CHARS = 24
+# The cache holds the VAE encoder's output, so the decoder's weights do not key it. Hashing them would also read a
+# memory-mapped decoder (SD1.5's: 198 MiB) into the process, which the cached loop never uses otherwise.
+VAE_DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 
 
 @dataclass(frozen=True)
@@ -40,17 +43,26 @@ class CacheSettings:
                    args.image_interpolation_mode, args.image_column, args.caption_column, str(dtype))
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 of a model's class, config and every weight's name, dtype, shape and bytes."""
+def module_fingerprint(module: torch.nn.Module, skip: Tuple[str, ...] = ()) -> str:
+    """sha256 of a model's class, config and every weight's name, dtype, shape and bytes, less the weights whose
+    names start with a prefix in skip."""
     digest = hashlib.sha256(type(module).__name__.encode())
     config = getattr(module, "config", None)
     if config is not None:
         as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
+        if name.startswith(skip):
+            continue
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+        # Hashed in place: a copy of the largest weight (CLIP-L's token embedding, 145 MiB) would raise the peak.
+        digest.update(memoryview(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """The VAE's fingerprint over what the cached latents depend on: its config and encoder, not its decoder."""
+    return module_fingerprint(vae, skip=VAE_DECODER_PREFIXES)
 
 
 def image_bytes(cell) -> bytes:
