@@ -138,7 +138,7 @@ def fidelity(generated: Sequence[np.ndarray], real: Sequence[np.ndarray]) -> dic
 
 def conditioning_views(rows: Sequence[EvalRow], spec: ControlSpec, resolution: int) -> Tuple[list, list, dict]:
     """(usable rows, BadRows, number -> prepared (C, H, W) input at the resolution) of rows' conditioning files."""
-    from inference.control import control_view
+    from utils.control_input import control_view
 
     good, bad, views = [], [], {}
     for row in rows:
@@ -171,7 +171,7 @@ def training_pairs(folder: Path, spec: ControlSpec, resolution: int) -> Tuple[li
     """(images, class masks, lines skipped) of a folder's rows at the resolution: image centre-cropped and resized as
     evaluate.py's real images are, mask through the ControlNet's preprocessing (nearest neighbour)."""
     from diffusion_model.imaging import resize
-    from inference.control import control_view
+    from utils.control_input import control_view
 
     images, masks, skipped = [], [], 0
     for line in (folder / METADATA_FILENAME).read_text(encoding="utf-8").splitlines():

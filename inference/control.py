@@ -18,7 +18,7 @@ import torch
 
 from utils.cli import UsageError
 from utils.constants import CONDITIONING_FILENAME
-from utils.control_input import ControlInputError, ControlSpec, load_spec, prepare, read_raw, resize_raw
+from utils.control_input import ControlInputError, ControlSpec, control_view, load_spec, prepare, read_raw
 
 CONFIG_FILENAME = "config.json"
 CONTROLNET_CLASS = "ControlNetModel"
@@ -125,26 +125,6 @@ def read_controls(files: Sequence[Path], spec: ControlSpec) -> Dict[Path, np.nda
         except ControlInputError as err:
             raise UsageError(f"--control_image: {err}.") from None
     return raws
-
-
-def raw_size(raw: np.ndarray, spec: ControlSpec) -> Tuple[int, int]:
-    """(width, height) of raw values: bands are (B, H, W), the others (H, W[, 3])."""
-    height, width = raw.shape[1:3] if spec.type == "bands" else raw.shape[:2]
-    return int(width), int(height)
-
-
-def control_view(raw: np.ndarray, spec: ControlSpec, width: int, height: int) -> np.ndarray:
-    """(C, height, width) input: scaled to cover the size (the shorter side, for a square, as in training), then
-    centre-cropped and prepared."""
-    old_width, old_height = raw_size(raw, spec)
-    scale = max(width / old_width, height / old_height)
-    target = (max(width, round(old_width * scale)), max(height, round(old_height * scale)))
-    if target != (old_width, old_height):
-        raw = resize_raw(raw, spec, target)
-    left, top = (target[0] - width) // 2, (target[1] - height) // 2
-    window = (raw[:, top:top + height, left:left + width] if spec.type == "bands"
-              else raw[top:top + height, left:left + width])
-    return prepare(window, spec)
 
 
 def default_size(pipeline) -> int:

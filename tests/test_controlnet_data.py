@@ -115,6 +115,17 @@ def test_mask_view_is_nearest_one_hot_and_crops_like_the_image():
     assert torch.equal(classes, torch.from_numpy(np.asarray(expected).astype(np.int64)))
 
 
+def test_a_wide_validation_image_is_cropped_as_training_crops_it(tmp_path):
+    """--validation_image 96 x 48 (four stripes): the validation input is the training view (shorter side, centre
+    crop), not the whole image squeezed into a square."""
+    spec = spec_from_document(MASK_DOCUMENT)
+    raw = np.repeat(np.arange(4), 24)[None, :].repeat(48, axis=0)
+    Image.fromarray(raw.astype(np.uint8), mode="L").save(tmp_path / "wide.png")
+    (validation,) = controlnet_data.validation_arrays([str(tmp_path / "wide.png")], spec, 32)
+    training = controlnet_data.conditioning_view(raw, spec, 32, flip=False).numpy()
+    assert np.array_equal(validation, training) and set(np.unique(validation.argmax(0))) == {1, 2}
+
+
 def decoded(item) -> tuple:
     """(image as uint8 HWC, classes HW) of a dataset item."""
     image = ((item["pixel_values"] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()

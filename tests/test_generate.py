@@ -600,9 +600,8 @@ def test_pairing_follows_diffusers_validation():
 
 def test_control_view_is_the_training_view_for_a_square_and_centre_crops_otherwise():
     """Sampling prepares a control image exactly as training does (shorter side, centre crop, one-hot)."""
-    from inference.control import control_view
     from trainer.controlnet_data import conditioning_view
-    from utils.control_input import ControlSpec
+    from utils.control_input import ControlSpec, control_view
 
     spec = ControlSpec(type="mask", num_classes=6)
     raw = np.random.default_rng(0).integers(0, 6, (30, 50))

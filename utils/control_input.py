@@ -12,7 +12,7 @@ Resizing keeps classes: masks are resized with nearest neighbour, everything els
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -170,13 +170,34 @@ def prepare(raw: np.ndarray, spec: ControlSpec, source: str = "conditioning") ->
     return (raw.astype(np.float32) / 255.0).transpose(2, 0, 1).copy()
 
 
+def raw_size(raw: np.ndarray, spec: ControlSpec) -> Tuple[int, int]:
+    """(width, height) of raw values: bands are (B, H, W), the others (H, W[, 3])."""
+    height, width = raw.shape[1:3] if spec.type == "bands" else raw.shape[:2]
+    return int(width), int(height)
+
+
+def control_view(raw: np.ndarray, spec: ControlSpec, width: int, height: int,
+                 source: str = "conditioning") -> np.ndarray:
+    """(C, height, width) input: scaled to cover the size (the shorter side, for a square, as in training), then
+    centre-cropped and prepared."""
+    old_width, old_height = raw_size(raw, spec)
+    scale = max(width / old_width, height / old_height)
+    target = (max(width, round(old_width * scale)), max(height, round(old_height * scale)))
+    if target != (old_width, old_height):
+        raw = resize_raw(raw, spec, target)
+    left, top = (target[0] - width) // 2, (target[1] - height) // 2
+    window = (raw[:, top:top + height, left:left + width] if spec.type == "bands"
+              else raw[top:top + height, left:left + width])
+    return prepare(window, spec, source)
+
+
 def control_array(path, spec: ControlSpec, size: Optional[int] = None) -> np.ndarray:
-    """A conditioning file as the ControlNet's (C, H, W) float32 input, resized to size x size when given."""
+    """A conditioning file as the ControlNet's (C, H, W) float32 input; at size x size when given, scaled and
+    centre-cropped as training prepares it."""
     raw = read_raw(path, spec)
-    height_width = raw.shape[1:] if spec.type == "bands" else raw.shape[:2]
-    if size is not None and tuple(height_width) != (size, size):
-        raw = resize_raw(raw, spec, size)
-    return prepare(raw, spec, str(path))
+    if size is None:
+        return prepare(raw, spec, str(path))
+    return control_view(raw, spec, size, size, str(path))
 
 
 # Colours of classes without a palette: distinct, the first the dark "background" of many land-cover schemes.
