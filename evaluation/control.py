@@ -34,8 +34,10 @@ SEGMENTER_ITERATIONS = 100
 SEGMENTER = ("scikit-learn HistGradientBoostingClassifier per pixel on 12 features (RGB, RGB means over two windows of "
              "about 1/16 and 1/6 of the side, RGB standard deviation over the smaller), fitted on up to "
              f"{SEGMENTER_PIXELS:,} pixels of the real training pairs at the evaluation resolution")
-SHUFFLE_NOTE = ("each row drawn with its caption and seed but another row's conditioning (a seeded derangement), "
-                "scored against its own conditioning: the floor")
+SHUFFLE_NOTE = {"mask": "each row drawn with its caption and seed but another row's conditioning (a seeded "
+                         "derangement), segmented and scored against its own mask: the floor",
+                "other": "each row drawn with its caption and seed but another row's conditioning (a seeded "
+                         "derangement), scored against its own real image: the floor"}
 
 
 # --- pure metrics
@@ -294,7 +296,8 @@ class ControlEvaluation:
         generated, shuffled = ([load_rgb(image_path(eval_dir / name, row), resolution) for row in rows]
                                for name in (GENERATED_DIRNAME, SHUFFLED_DIRNAME))
         details = {"controlnet": str(self.source.folder), "conditioning_type": self.spec.type,
-                   "controlnet_conditioning_scale": self.scale, "num_samples": len(rows), "shuffled": SHUFFLE_NOTE}
+                   "controlnet_conditioning_scale": self.scale, "num_samples": len(rows),
+                   "shuffled": SHUFFLE_NOTE["mask" if self.spec.type == "mask" else "other"]}
         segmenter, targets = None, [self.views[row.number].argmax(axis=0) for row in rows]
         if self.spec.type == "mask":
             images, masks, skipped = training_pairs(self.train_dir, self.spec, resolution)

@@ -335,7 +335,7 @@ def test_a_mask_controlnet_reports_control_miou_with_ceiling_and_floor(runs, mas
     details = report["control_details"]
     assert details["segmenter_train_dir"] == str(mask_data_dir) and details["segmenter_train_pairs"] == 8
     assert details["controlnet"] == str(mask_controlnet_dir) and details["conditioning_type"] == "mask"
-    assert len(details["per_class_iou"]["generated"]) == 5
+    assert len(details["per_class_iou"]["generated"]) == 5 and "against its own mask" in details["shuffled"]
     assert report["settings"]["controlnet"] == str(mask_controlnet_dir)
     assert report["settings"]["controlnet_conditioning_scale"] == 1.0
     # The added line without a conditioning image is left out, counted with its reason.

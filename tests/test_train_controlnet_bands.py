@@ -173,4 +173,5 @@ def test_evaluate_reports_psnr_and_ssim_with_the_shuffled_floor(bands_runs):
     assert (report["control_psnr"], report["control_ssim"]) != (report["control_psnr_shuffled"],
                                                                 report["control_ssim_shuffled"])
     assert report["control_details"]["conditioning_type"] == "bands"
+    assert "against its own real image" in report["control_details"]["shuffled"]  # PSNR/SSIM: no mask to score
     assert report["bad_rows"]["by_reason"] == {"bad_conditioning_image": 2} and report["num_samples"] == ROWS - 2
