@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import warm  # noqa: E402
 from diffusion_model.sample_data import make_sample_parquet  # noqa: E402
 
 SAMPLE_ROWS = 24
@@ -24,10 +25,11 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-def run_script_at(script: str, args, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run repo script (path relative to the repo root) with this interpreter; capture text output."""
+def run_script_at(script: str, args, cwd=None, timeout: float = 120, cold=False) -> subprocess.CompletedProcess:
+    """Run repo script (path relative to the repo root) with this interpreter, from the warm zygote unless cold
+    (tests/warm.py); capture text output."""
     command = [sys.executable, str(REPO_ROOT / script), *[str(a) for a in args]]
-    return subprocess.run(command, cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return warm.run(command, cwd=cwd or REPO_ROOT, timeout=timeout, warm=not cold)
 
 
 @pytest.fixture(scope="session")
@@ -99,8 +101,10 @@ def stand_in_models(tmp_path_factory) -> dict:
 
 
 def single_thread_env() -> dict:
-    """The environment with one thread per process, so subprocess runs do not fight over the two cores."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    """The environment of the end-to-end runs: one thread per process, so two runs share the two cores without
+    spinning, offline (no Hub, wandb without login). Every run in it goes to one zygote (tests/warm.py)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 
 
 # --- Wrapped-model fixture (helper "h9a"): what accelerate.prepare gives with several processes and dynamo on.

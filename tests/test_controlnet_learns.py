@@ -50,13 +50,14 @@ def prepare(root, parquet, name: str):
 
 
 def train(script: str, base, data, output, steps: int, *extra) -> None:
-    """One trainer run as a user runs it, with the demo's CPU settings."""
+    """One trainer run as a user runs it, with the demo's CPU settings; train_controlnet.py's cold (imports and all:
+    tests/warm.py), the only full run of it that is."""
     done = run_script_at(script, [
         "--pretrained_model_name_or_path", base, "--train_data_dir", data, "--output_dir", output,
         "--resolution", RESOLUTION, "--random_flip", "--cache_latents", "--mixed_precision", "no",
         "--train_batch_size", BATCH, "--learning_rate", "2e-3", "--max_train_steps", steps, "--seed", SEED,
         "--checkpointing_steps", 10_000, "--dataloader_num_workers", 0, "--report_to", "tensorboard", *extra],
-        timeout=600)
+        timeout=600, cold=script == "train_controlnet.py")
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from utils.cli import UsageError
 
+import warm
 from conftest import REPO_ROOT, single_thread_env
 from evaluation.generation import SETTINGS_FILENAME
 from test_evaluation_gsd import gsd_folder
@@ -37,8 +38,7 @@ def evaluate_command(model, source_flag, source, stand_ins, out, *extra) -> list
 
 def start(command) -> subprocess.Popen:
     """Start a run single-threaded, so two can share the two cores."""
-    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=single_thread_env())
+    return warm.start(command, cwd=REPO_ROOT, env=single_thread_env())
 
 
 def wait(process: subprocess.Popen) -> subprocess.CompletedProcess:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import warm
 from conftest import REPO_ROOT, single_thread_env
 from inference.args import build_parser
 from inference.schedulers import SCHEDULERS
@@ -40,9 +41,7 @@ PER_PROMPT = 2
 
 def run(command) -> subprocess.CompletedProcess:
     """A repo script as users run it from the repo root: offline, one thread, wandb without login."""
-    environment = {**single_thread_env(), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, *map(str, command)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env=environment, timeout=300)
+    return warm.run([sys.executable, *map(str, command)], cwd=REPO_ROOT, env=single_thread_env(), timeout=300)
 
 
 def run_two_at_a_time(commands: dict) -> dict:

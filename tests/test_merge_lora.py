@@ -17,7 +17,7 @@ def test_merged_pipeline_draws_what_base_plus_lora_draws(run_script, lora_run_di
     """Fused at --lora_scale 0.5, the saved pipeline matches base + adapters at 0.5 (to a pixel level)."""
     merged = tmp_path / "merged"
     done = run_script("merge_lora.py", ["--model", lora_run_dir, "--output_dir", merged, "--lora_scale", 0.5],
-                      timeout=300)
+                      timeout=300, cold=True)  # merge_lora.py's one run with its own imports (tests/warm.py)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (merged / "model_index.json").is_file() and not list(merged.rglob("*lora*"))
     torch.set_num_threads(1)

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import warm
 from conftest import REPO_ROOT, run_script_at, single_thread_env
 
 PROMPT = "a satellite image of a crop field"
@@ -30,13 +31,12 @@ DATA_ROWS = 8
 
 def offline_env() -> dict:
     """One thread per process (two share the two cores), no Hub, wandb without login."""
-    return {**single_thread_env(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return single_thread_env()
 
 
 def run(command: list, **env) -> subprocess.CompletedProcess:
     """Run a command from the repo root, capturing its output."""
-    return subprocess.run([str(c) for c in command], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env={**offline_env(), **env}, timeout=600)
+    return warm.run([str(c) for c in command], cwd=REPO_ROOT, env={**offline_env(), **env}, timeout=600)
 
 
 def run_two_at_a_time(commands: dict) -> dict:

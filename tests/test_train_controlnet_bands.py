@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import warm
 from conftest import REPO_ROOT
 from test_evaluate import evaluate_command
 from test_train_controlnet import command
@@ -93,9 +94,8 @@ def bands_runs(tiny_model_dir, bands_data, stand_in_models, tmp_path_factory) ->
     shutil.copytree(full, resumed)
     (resumed / "diffusion_pytorch_model.safetensors").unlink()
     shutil.rmtree(resumed / "checkpoint-4")
-    resuming = subprocess.Popen(train_command(tiny_model_dir, bands_data, resumed, "--resume_from_checkpoint",
-                                              "checkpoint-2"), cwd=REPO_ROOT, env=trainer_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    resuming = warm.start(train_command(tiny_model_dir, bands_data, resumed, "--resume_from_checkpoint", "checkpoint-2"),
+                          cwd=REPO_ROOT, env=trainer_env())
     controls = root / "controls"
     controls.mkdir()
     for index in (1, 2):

@@ -6,7 +6,6 @@ and finished output folders are copied to test resuming.
 
 import functools
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
+import warm
+from conftest import single_thread_env
 from utils import grids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +30,7 @@ PROMPT = "A satellite image of a crop field"
 
 def trainer_env() -> dict:
     """Offline environment: wandb without login, no Hub; one thread, since two spin badly on a busy 2-core box."""
-    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1"}
+    return single_thread_env()
 
 
 def trainer_command(model, data, output, *extra) -> list:
@@ -42,9 +42,9 @@ def trainer_command(model, data, output, *extra) -> list:
             "--seed", "0", *[str(e) for e in extra]]
 
 
-def run_command(command: list, timeout=300) -> subprocess.CompletedProcess:
-    """Run one trainer command line, capturing its output."""
-    return subprocess.run(command, capture_output=True, text=True, env=trainer_env(), timeout=timeout, cwd=REPO_ROOT)
+def run_command(command: list, timeout=300, cold=False) -> subprocess.CompletedProcess:
+    """Run one trainer command line, capturing its output; from the warm zygote unless cold (tests/warm.py)."""
+    return warm.run(command, cwd=REPO_ROOT, env=trainer_env(), timeout=timeout, warm=not cold)
 
 
 def run_parallel(commands: dict) -> dict:
