@@ -1,7 +1,6 @@
 """Shared fixtures: the repository root, a subprocess runner for the entry scripts, a sample RSICD Parquet."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import warm  # noqa: E402
+from warm import single_thread_env  # noqa: E402,F401 (shared with the test files)
 from diffusion_model.sample_data import make_sample_parquet  # noqa: E402
 
 SAMPLE_ROWS = 24
@@ -98,13 +98,6 @@ def stand_in_models(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("stand_ins")
     assert main([str(out)]) == 0
     return {"inception_weights": out / "inception_random.pth", "clip_model": out / "clip_tiny"}
-
-
-def single_thread_env() -> dict:
-    """The environment of the end-to-end runs: one thread per process, so two runs share the two cores without
-    spinning, offline (no Hub, wandb without login). Every run in it goes to one zygote (tests/warm.py)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 
 
 # --- Wrapped-model fixture (helper "h9a"): what accelerate.prepare gives with several processes and dynamo on.

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import warm
-from conftest import single_thread_env
+from warm import single_thread_env
 from utils import grids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

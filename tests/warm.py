@@ -40,6 +40,13 @@ _lock = threading.Lock()
 _folder = None
 
 
+def single_thread_env() -> dict:
+    """The environment of the end-to-end runs: one thread per process, so two runs share the two cores without
+    spinning, offline (no Hub, wandb without login). Every run in it goes to one zygote."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
 def goes_warm(command, env) -> bool:
     """True when command is this interpreter running one of WARM_SCRIPTS and warm runs are not switched off."""
     environment = os.environ if env is None else env
