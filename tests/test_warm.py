@@ -96,3 +96,17 @@ def test_warm_runs_0_runs_everything_cold(probe):
     command = [sys.executable, str(script), "0"]
     assert warm.goes_warm(command, {"WARM_RUNS": "1"})
     assert not warm.goes_warm(command, {"WARM_RUNS": "0"})
+
+
+def test_a_zygote_that_cannot_start_turns_warm_runs_off_with_a_warning(probe, tmp_path, monkeypatch):
+    script, work = probe
+    monkeypatch.setattr(warm, "ZYGOTE", tmp_path / "missing_zygote.py")
+    monkeypatch.setattr(warm, "_unavailable", None)
+    command = [sys.executable, str(script), "4"]
+    environment = {**os.environ, "A_NEW_ENVIRONMENT": "so a new zygote is asked for"}
+    with pytest.warns(UserWarning, match="every run starts cold"):
+        first = warm.run(command, cwd=work, env=environment, timeout=60)
+    second = warm.start(command, cwd=work, env=environment)
+    assert first.returncode == 4 and "to stderr" in first.stderr
+    second.communicate(timeout=60)
+    assert not isinstance(second, warm.WarmProcess) and second.returncode == 4

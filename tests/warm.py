@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ VOLATILE = {"PYTEST_CURRENT_TEST"}
 _zygotes = {}  # frozenset(environment items but VOLATILE) -> (Popen, socket path), least recently used first
 _lock = threading.Lock()
 _folder = None
+_unavailable = None  # why warm runs are off, once a zygote failed to start
 
 
 def single_thread_env() -> dict:
@@ -70,7 +72,7 @@ def _zygote_for(environment: dict) -> str:
                                            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                            stderr=log, text=True)
             if process.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"tests/zygote.py did not start: see {name}.log")
+                raise ZygoteUnavailable(f"{ZYGOTE} did not start: see {name}.log")
             _zygotes[key] = (process, f"{name}.sock")
         _zygotes[key] = _zygotes.pop(key)  # now the most recently used
         return _zygotes[key][1]
@@ -140,11 +142,21 @@ class WarmProcess:
             pass
 
 
+class ZygoteUnavailable(RuntimeError):
+    """A zygote did not start."""
+
+
 def start(command, cwd=None, env=None, warm=True):
-    """A WarmProcess for command when it goes warm (and warm is not False), else a Popen capturing text output."""
+    """A WarmProcess for command when it goes warm (and warm is not False), else a Popen capturing text output.
+    If a zygote cannot start, this and every later run go cold, with one warning: slower, never wrong."""
+    global _unavailable
     command = [str(c) for c in command]
-    if warm and goes_warm(command, env):
-        return WarmProcess(command, cwd, env)
+    if warm and goes_warm(command, env) and _unavailable is None:
+        try:
+            return WarmProcess(command, cwd, env)
+        except ZygoteUnavailable as error:
+            _unavailable = str(error)
+            warnings.warn(f"warm runs are off for this session, every run starts cold: {error}")
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
