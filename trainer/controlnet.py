@@ -89,7 +89,8 @@ def load_controlnet(args, unet, channels: int, scale_factor: int = 8):
                                                      variant=args.variant)
         widen_conditioning(controlnet, channels)
     else:
-        get_logger().info("Initialising the ControlNet from the UNet (%d conditioning channels)", channels)
+        # Resuming builds it this way too, then loads the checkpoint over it: "initialising" would mislead there.
+        get_logger().info("Building the ControlNet from the UNet's encoder (%d conditioning channels)", channels)
         controlnet = ControlNetModel.from_unet(unet, conditioning_channels=channels,
                                                conditioning_embedding_out_channels=embedding_channels(scale_factor))
     controlnet.to(dtype=torch.float32)
