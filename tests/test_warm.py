@@ -33,8 +33,10 @@ sys.exit(int(sys.argv[1]))
 
 
 @pytest.fixture()
-def probe(tmp_path):
-    """The probe script, saved as generate.py in its own folder, and a work folder to run it from."""
+def probe(tmp_path, monkeypatch):
+    """The probe script, saved as generate.py in its own folder, and a work folder to run it from; warm runs on,
+    even in a WARM_RUNS=0 session, since they are what these tests test."""
+    monkeypatch.delenv("WARM_RUNS", raising=False)
     folder = tmp_path / "scripts"
     folder.mkdir()
     (folder / "generate.py").write_text(PROBE)
