@@ -13,7 +13,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import warm  # noqa: E402
-from warm import single_thread_env  # noqa: E402,F401 (shared with the test files)
 from diffusion_model.sample_data import make_sample_parquet  # noqa: E402
 
 SAMPLE_ROWS = 24
@@ -29,7 +28,7 @@ def run_script_at(script: str, args, cwd=None, timeout: float = 120, cold=False)
     """Run repo script (path relative to the repo root) with this interpreter, from the warm zygote unless cold
     (tests/warm.py); capture text output."""
     command = [sys.executable, str(REPO_ROOT / script), *[str(a) for a in args]]
-    return warm.run(command, cwd=cwd or REPO_ROOT, timeout=timeout, warm=not cold)
+    return warm.run(command, cwd=cwd or REPO_ROOT, timeout=timeout, cold=cold)
 
 
 @pytest.fixture(scope="session")

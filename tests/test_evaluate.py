@@ -17,7 +17,8 @@ from PIL import Image
 from utils.cli import UsageError
 
 import warm
-from conftest import REPO_ROOT, single_thread_env
+from conftest import REPO_ROOT
+from warm import single_thread_env
 from evaluation.generation import SETTINGS_FILENAME
 from test_evaluation_gsd import gsd_folder
 

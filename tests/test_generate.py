@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 import warm
-from conftest import REPO_ROOT, single_thread_env
+from conftest import REPO_ROOT
+from warm import single_thread_env
 from inference.args import build_parser
 from inference.schedulers import SCHEDULERS
 from utils import grids

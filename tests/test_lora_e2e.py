@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_e2e import checkpoints, free_port, run_command, succeeded, trainer_command, trainer_env
+from test_train_e2e import checkpoints, free_port, run_command, succeeded, trainer_command
+from warm import single_thread_env
 from trainer.lora import EMA_LORA_DIRNAME, KOHYA_WEIGHTS_FILENAME, LORA_RUN_FILENAME, LORA_WEIGHTS_FILENAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +333,7 @@ def test_two_processes_with_text_encoder_lora(base_model, metadata_dir, tmp_path
                            "--use_ema", "--train_text_encoder_lora", "--metadata_fields", "gsd")
     command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     str(REPO_ROOT / "train_text_to_image.py")]
-    done = subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
+    done = subprocess.run(command, capture_output=True, text=True, env={**single_thread_env(), "ACCELERATE_USE_CPU": "1"},
                           timeout=RUN_TIMEOUT_S, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "2 process(es)" in done.stderr

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from test_train_e2e import (TWO_PROCESS_FLAGS, assert_same_weights, checkpoints, free_port, load_weights,
-                            rank_torch_rng_states, trainer_env)
+                            rank_torch_rng_states)
+from warm import single_thread_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO_ROOT / "scripts" / "slurm" / "train_multinode.sbatch"
@@ -80,7 +81,7 @@ def two_node_run(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("two_nodes")
     output, nodes = root / "shared" / "out", root / "nodes"
     bin_dir = fake_slurm(root)
-    env = {**trainer_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+    env = {**single_thread_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
            "SLURM_NNODES": "2", "GPUS_PER_NODE": "1", "MAIN_PROCESS_PORT": str(free_port()),
            "REPO_DIR": str(REPO_ROOT), "MODEL_NAME": str(tiny_model_dir), "DATA_DIR": str(tiny_data_dir),
            "OUTPUT_DIR": str(output), "REPORT_TO": "tensorboard", "PUSH_TO_HUB": "0", "PYTHON": sys.executable,

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 import warm
-from conftest import REPO_ROOT, run_script_at, single_thread_env
+from conftest import REPO_ROOT, run_script_at
+from warm import single_thread_env
 
 PROMPT = "a satellite image of a crop field"
 BASE_RESOLUTION = 32  # the 2.1-base stand-in trains at 32 px here, as 2.1-base does at 512
@@ -29,14 +30,9 @@ V_RESOLUTION = 48  # and the 768 model's stand-in at 1.5x that, as 2.1 does at 7
 DATA_ROWS = 8
 
 
-def offline_env() -> dict:
-    """One thread per process (two share the two cores), no Hub, wandb without login."""
-    return single_thread_env()
-
-
 def run(command: list, **env) -> subprocess.CompletedProcess:
     """Run a command from the repo root, capturing its output."""
-    return warm.run([str(c) for c in command], cwd=REPO_ROOT, env={**offline_env(), **env}, timeout=600)
+    return warm.run([str(c) for c in command], cwd=REPO_ROOT, env={**single_thread_env(), **env}, timeout=600)
 
 
 def run_two_at_a_time(commands: dict) -> dict:

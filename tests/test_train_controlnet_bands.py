@@ -19,7 +19,8 @@ import warm
 from conftest import REPO_ROOT
 from test_evaluate import evaluate_command
 from test_train_controlnet import command
-from test_train_e2e import assert_same_weights, load_weights, run_command, succeeded, trainer_env
+from test_train_e2e import assert_same_weights, load_weights, run_command, succeeded
+from warm import single_thread_env
 
 BANDS = "2,3,4,8"  # Sentinel-2 blue, green, red, near-infrared
 ROWS = 6
@@ -95,7 +96,7 @@ def bands_runs(tiny_model_dir, bands_data, stand_in_models, tmp_path_factory) ->
     (resumed / "diffusion_pytorch_model.safetensors").unlink()
     shutil.rmtree(resumed / "checkpoint-4")
     resuming = warm.start(train_command(tiny_model_dir, bands_data, resumed, "--resume_from_checkpoint", "checkpoint-2"),
-                          cwd=REPO_ROOT, env=trainer_env())
+                          cwd=REPO_ROOT, env=single_thread_env())
     controls = root / "controls"
     controls.mkdir()
     for index in (1, 2):

@@ -28,11 +28,6 @@ SCRIPT = REPO_ROOT / "train_text_to_image.py"
 PROMPT = "A satellite image of a crop field"
 
 
-def trainer_env() -> dict:
-    """Offline environment: wandb without login, no Hub; one thread, since two spin badly on a busy 2-core box."""
-    return single_thread_env()
-
-
 def trainer_command(model, data, output, *extra) -> list:
     """The reference's example-test flags: tiny model, 64 px, bs1, GA1, lr 5e-4 --scale_lr, constant LR."""
     return [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(model),
@@ -44,7 +39,7 @@ def trainer_command(model, data, output, *extra) -> list:
 
 def run_command(command: list, timeout=300, cold=False) -> subprocess.CompletedProcess:
     """Run one trainer command line, capturing its output; from the warm zygote unless cold (tests/warm.py)."""
-    return warm.run(command, cwd=REPO_ROOT, env=trainer_env(), timeout=timeout, warm=not cold)
+    return warm.run(command, cwd=REPO_ROOT, env=single_thread_env(), timeout=timeout, cold=cold)
 
 
 def run_parallel(commands: dict) -> dict:
@@ -93,7 +88,7 @@ KILL_FLAGS = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--gradient_ac
 
 def kill_at_first_checkpoint(command: list, output: Path) -> subprocess.CompletedProcess:
     """Start a trainer run and SIGKILL it as soon as output/checkpoint-2 exists (or it ends, or 5 minutes pass)."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=trainer_env(),
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=single_thread_env(),
                                cwd=REPO_ROOT)
     deadline = time.monotonic() + 300
     while not (output / "checkpoint-2").is_dir() and process.poll() is None and time.monotonic() < deadline:
@@ -378,7 +373,7 @@ def run_two_processes_with_torchrun(model, data, output) -> subprocess.Completed
     command = trainer_command(model, data, output, *TWO_PROCESS_FLAGS)
     command[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     str(SCRIPT)]
-    return subprocess.run(command, capture_output=True, text=True, env={**trainer_env(), "ACCELERATE_USE_CPU": "1"},
+    return subprocess.run(command, capture_output=True, text=True, env={**single_thread_env(), "ACCELERATE_USE_CPU": "1"},
                           timeout=400, cwd=REPO_ROOT)
 
 

@@ -5,7 +5,7 @@ Only `[sys.executable, SCRIPT, ...]` for a script in WARM_SCRIPTS goes warm; any
 WARM_RUNS=0 is set, runs as a plain subprocess. A run still is its own process executing the script file as
 `__main__` on real files, with its exit status, stdout and stderr; what it does not see is its own import of the
 third-party stack, so import-time noise and import failures are covered by the plain runs: test_quiet, train.sh,
-demo.sh, accelerate launch, torchrun and the two-node runs never go warm, and `warm=False` keeps one full run of
+demo.sh, accelerate launch, torchrun and the two-node runs never go warm, and `cold=True` keeps one full run of
 each other script cold (train_controlnet.py in test_controlnet_learns, train_text_to_image_lora.py's ref6 run,
 merge_lora.py's merge). One zygote serves one environment.
 """
@@ -93,14 +93,16 @@ class WarmProcess:
     def __init__(self, command, cwd=None, env=None):
         self.args = command
         self.returncode = None
-        self._outputs = [tempfile.NamedTemporaryFile(prefix="warm-", delete=False) for _ in range(2)]
-        for handle in self._outputs:
-            handle.close()
+        self._outputs = []  # the stdout and stderr files the run writes, read back by communicate
+        for _ in range(2):
+            handle, path = tempfile.mkstemp(prefix="warm-")
+            os.close(handle)
+            self._outputs.append(path)
         self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         environment = dict(os.environ if env is None else env)
         self._connection.connect(_zygote_for(environment))
-        request = {"argv": [str(c) for c in command[1:]], "cwd": str(cwd or os.getcwd()), "env": environment,
-                   "stdout": self._outputs[0].name, "stderr": self._outputs[1].name}
+        request = {"argv": command[1:], "cwd": str(cwd or os.getcwd()), "env": environment,
+                   "stdout": self._outputs[0], "stderr": self._outputs[1]}
         self._connection.sendall((json.dumps(request) + "\n").encode())
         self._received = b""
         self.pid = int(self._reply(None).split()[1])
@@ -129,9 +131,9 @@ class WarmProcess:
     def communicate(self, timeout=None):
         """(stdout, stderr) as text once the run ends."""
         self.wait(timeout)
-        texts = [Path(handle.name).read_text(errors="strict") for handle in self._outputs]
-        for handle in self._outputs:
-            os.unlink(handle.name)
+        texts = [Path(path).read_text() for path in self._outputs]
+        for path in self._outputs:
+            os.unlink(path)
         return texts[0], texts[1]
 
     def kill(self) -> None:
@@ -146,12 +148,12 @@ class ZygoteUnavailable(RuntimeError):
     """A zygote did not start."""
 
 
-def start(command, cwd=None, env=None, warm=True):
-    """A WarmProcess for command when it goes warm (and warm is not False), else a Popen capturing text output.
-    If a zygote cannot start, this and every later run go cold, with one warning: slower, never wrong."""
+def start(command, cwd=None, env=None, cold=False):
+    """A WarmProcess for command when it goes warm (and is not asked to run cold), else a Popen capturing text
+    output. If a zygote cannot start, this and every later run go cold, with one warning: slower, never wrong."""
     global _unavailable
     command = [str(c) for c in command]
-    if warm and goes_warm(command, env) and _unavailable is None:
+    if not cold and goes_warm(command, env) and _unavailable is None:
         try:
             return WarmProcess(command, cwd, env)
         except ZygoteUnavailable as error:
@@ -160,12 +162,13 @@ def start(command, cwd=None, env=None, warm=True):
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run(command, cwd=None, env=None, timeout=None, warm=True) -> subprocess.CompletedProcess:
+def run(command, cwd=None, env=None, timeout=None, cold=False) -> subprocess.CompletedProcess:
     """subprocess.run(command, capture_output=True, text=True, ...), warm when the command allows it."""
-    process = start(command, cwd, env, warm)
+    process = start(command, cwd, env, cold)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.communicate()  # as subprocess.run does: reap it (and here, remove its output files)
         raise
-    return subprocess.CompletedProcess([str(c) for c in command], process.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -1,17 +1,17 @@
 """A warm interpreter for the end-to-end tests: imports the third-party stack once, then forks one run per request.
 
 Each entry-script process spends about 6.5 s of its 7-10 s importing torch, diffusers, transformers and the rest,
-and the suite starts about 80 of them, so that import was most of the suite's CPU time. Run as
+and the suite starts about 110 of them, so that import was most of the suite's CPU time. Run as
 `python tests/zygote.py SOCKET`, it imports PRELOAD (nothing of ours, and no computation, so no thread pool exists to
 be broken by fork), listens on the Unix socket SOCKET, and for each connection forks a watcher that forks the run.
 The run executes the script as `python script.py ARGS` would (a new `__main__`, sys.argv, sys.path[0], cwd,
-environment, fds 0-2 redirected), and ends by unwinding to the interpreter's normal exit (atexit handlers, non-daemon threads, flushes),
-whose status the watcher reports. Several of these libraries read environment variables at import, so a zygote
-serves only the environment it was started with (tests/warm.py keeps one per environment, less pytest's per-test
-variable); each run then gets its requested environment in full.
+environment, fds 0-2 redirected), and ends by unwinding to the interpreter's normal exit (atexit handlers,
+non-daemon threads, flushes), whose status the watcher reports. Several of these libraries read environment
+variables at import, so a zygote serves only the environment it was started with (tests/warm.py keeps one per
+environment, less pytest's per-test variable); each run then gets its requested environment in full.
+
 Protocol, one JSON line per connection: {"argv", "cwd", "env", "stdout", "stderr"} (the last two are file paths);
-replies "pid N" and then
-"exit CODE" (a negative signal number, as subprocess reports it).
+the replies are "pid N", then "exit CODE" (a negative signal number, as subprocess reports it).
 """
 
 import builtins
@@ -67,8 +67,6 @@ def run_script(request: dict) -> None:
 def watch(connection: socket.socket) -> None:
     """In the forked watcher: fork the run, report its pid and then its exit status, and leave."""
     request = json.loads(connection.makefile("r").readline())
-    sys.stdout.flush()
-    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         connection.close()
